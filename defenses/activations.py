@@ -1,0 +1,85 @@
+"""Stream the activations at a named depth, batch by batch, never holding the whole set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["ActivationBatch", "stream_activations", "batches"]
+
+
+@dataclass(frozen=True)
+class ActivationBatch:
+    """One batch: flattened activations [b, d] (row-major per sample), labels and predictions [b].
+
+    ``inputs`` is kept only when asked for (``keep_inputs=True``), e.g. to attack the same samples.
+    """
+
+    activations: torch.Tensor
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    inputs: torch.Tensor | None = None
+
+
+def batches(data: Dataset | DataLoader | Iterable, batch_size: int = 256
+            ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches from a Dataset (in order, not shuffled) or any batch iterable."""
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    return data
+
+
+def _depth_module(model: nn.Module, depth: str) -> nn.Module:
+    modules = model.depth_modules()
+    if depth not in modules:
+        raise ValueError(f"unknown depth {depth!r} for {type(model).__name__}; "
+                         f"allowed: {', '.join(modules)}")
+    return modules[depth]
+
+
+@torch.no_grad()
+def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader | Iterable,
+                       batch_size: int = 256, device: str | torch.device | None = None,
+                       only_correct: bool = False, keep_inputs: bool = False,
+                       dtype: torch.dtype = torch.float32) -> Iterator[ActivationBatch]:
+    """Yield the activations at ``depth`` for each batch of ``data``, in eval mode.
+
+    Args:
+        model: a model of ``defenses.models`` (it lists its named depths).
+        depth: a name of ``model.depth_modules()``.
+        data: a Dataset (read in order) or an iterable of (images, labels) batches.
+        device: where the forward runs and the activations live (default: the model's device).
+        only_correct: keep only the samples the model classifies correctly (LESCI's samples).
+        keep_inputs: also return the input images of the kept samples.
+
+    Memory: one batch of inputs and one of activations at a time.
+    """
+    module = _depth_module(model, depth)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in batches(data, batch_size):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            captured.clear()
+            predictions = model(images).argmax(dim=1)
+            if len(captured) != 1:
+                raise RuntimeError(f"depth {depth!r} ran {len(captured)} times in one forward")
+            activations = captured[0].reshape(images.shape[0], -1).to(dtype)
+            if only_correct:
+                keep = predictions == labels
+                if not bool(keep.any()):
+                    continue
+                activations, labels, predictions = activations[keep], labels[keep], predictions[keep]
+                images = images[keep]
+            yield ActivationBatch(activations, labels, predictions, images if keep_inputs else None)
+    finally:
+        handle.remove()
+        model.train(was_training)

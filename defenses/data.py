@@ -1,0 +1,430 @@
+"""Datasets by name, as pixel tensors in [0, 1] with integer labels.
+
+Normalisation is a layer of each model (``defenses.models.Normalize``), so attacks and interval
+bounds work in pixel space. Every loader reads the dataset's own published format from a folder
+the user mounts; nothing is downloaded. A missing or malformed file raises ``DatasetError`` naming
+the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DatasetName",
+    "DatasetError",
+    "Splits",
+    "ArrayDataset",
+    "ImageFolderDataset",
+    "Augmentation",
+    "augment_batch",
+    "load_dataset",
+    "read_idx",
+]
+
+
+class DatasetName(str, enum.Enum):
+    DIGITS = "digits"
+    MNIST = "mnist"
+    CIFAR10 = "cifar10"
+    TINY_IMAGENET = "tiny-imagenet"
+    SYNTHETIC = "synthetic"
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing or not in the expected format."""
+
+
+class ArrayDataset(Dataset):
+    """Images held as an array ([n, c, h, w], uint8 0..255 or float 0..1) with int labels.
+
+    uint8 storage keeps CIFAR-sized sets at a quarter of the float32 footprint; items come out as
+    float32 tensors in [0, 1].
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor):
+        images = torch.as_tensor(images)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if images.ndim != 4:
+            raise ValueError(f"images must be [n, c, h, w], got shape {tuple(images.shape)}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if image.dtype == torch.uint8:
+            image = image.float().div_(255.0)
+        return image, self.labels[index]
+
+
+class ImageFolderDataset(Dataset):
+    """Image files decoded on access (Tiny ImageNet is 100,000 JPEGs: never all in memory)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], image_size: int):
+        self.paths = list(paths)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if img.size != (self.image_size, self.image_size):
+                    raise DatasetError(
+                        f"{path}: expected a {self.image_size}x{self.image_size} image, got "
+                        f"{img.size[0]}x{img.size[1]}"
+                    )
+                array = np.asarray(img, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DatasetError(f"{path}: not a readable image ({exc})") from exc
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return image, self.labels[index]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A dataset's train and validation splits with what a model needs to know about them."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (channels, height, width)
+    mean: tuple[float, ...]  # per-channel, pixel units; used by the model's Normalize layer
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = field(default=())
+
+
+# ----------------------------------------------------------------------------------------------
+# digits: scikit-learn's bundled 8x8 digits, the embedded real dataset
+
+
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+def _load_digits() -> Splits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    # Fixed, stratified split: every run and every node sees the same validation set.
+    x_train, x_val, y_train, y_val = train_test_split(
+        images, labels, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
+        stratify=labels,
+    )
+    mean, std = float(x_train.mean()), float(x_train.std())
+    return Splits(
+        "digits", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10, (1, 8, 8),
+        (mean,), (std,), tuple(str(i) for i in range(10)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST: the four IDX files, gzipped or not
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (LeCun's MNIST format), plain or gzipped."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DatasetError(f"{path}: corrupt gzip stream ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DatasetError(
+            f"{path}: IDX header promises shape {shape} ({expected} bytes of data), "
+            f"file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_file(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise DatasetError(f"{root}: missing {stem} (or {stem}.gz), expected the four MNIST IDX files")
+
+
+def _load_mnist(root: Path) -> Splits:
+    parts = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = read_idx(_find_file(root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_file(root, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DatasetError(
+                f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match "
+                "(expected [n, 28, 28] images and [n] labels)"
+            )
+        if labels.size and labels.max() > 9:
+            raise DatasetError(f"{root}: {prefix} labels must be 0..9, found {labels.max()}")
+        parts[split] = ArrayDataset(images[:, None].copy(), labels.astype(np.int64))
+    h, w = parts["train"].images.shape[2:]
+    return Splits("mnist", parts["train"], parts["val"], 10, (1, h, w), (0.1307,), (0.3081,),
+                  tuple(str(i) for i in range(10)))
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10: the python pickle batches
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches only: dicts of bytes, lists and numpy arrays, nothing callable."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing, expected a CIFAR-10 python batch file")
+    try:
+        with path.open("rb") as fh:
+            batch = _CifarUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # any unpickling failure is a malformed file
+        raise DatasetError(f"{path}: not a CIFAR-10 python batch ({exc})") from exc
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{path}: not a CIFAR-10 python batch (no dict inside)")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise DatasetError(f"{path}: CIFAR-10 batch without 'data' and 'labels'")
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise DatasetError(
+            f"{path}: expected data [n, 3072] and n labels, got {data.shape} and {labels.shape}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar10(root: Path) -> Splits:
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    x_val, y_val = _read_cifar_batch(folder / "test_batch")
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    classes: tuple[str, ...] = ()
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        try:
+            with meta.open("rb") as fh:
+                names = _CifarUnpickler(fh, encoding="bytes").load().get(b"label_names", [])
+            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        except Exception as exc:
+            raise DatasetError(f"{meta}: not a CIFAR-10 batches.meta file ({exc})") from exc
+    return Splits("cifar10", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
+                  (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny ImageNet: wnids.txt, train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt
+
+
+def _load_tiny_imagenet(root: Path) -> Splits:
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.is_file():
+        raise DatasetError(f"{root}: missing wnids.txt, expected the Tiny ImageNet layout")
+    wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
+    if not wnids:
+        raise DatasetError(f"{wnids_file}: empty, expected one WordNet id per line")
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    train_paths: list[Path] = []
+    train_labels: list[int] = []
+    for wnid in wnids:
+        folder = root / "train" / wnid / "images"
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: missing, expected the training images of {wnid}")
+        files = sorted(folder.glob("*.JPEG"))
+        if not files:
+            raise DatasetError(f"{folder}: no *.JPEG images")
+        train_paths += files
+        train_labels += [index[wnid]] * len(files)
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise DatasetError(f"{annotations}: missing, expected '<file>\\t<wnid>\\t...' lines")
+    val_paths: list[Path] = []
+    val_labels: list[int] = []
+    for lineno, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise DatasetError(
+                f"{annotations}:{lineno}: expected '<file>\\t<wnid from wnids.txt>\\t...', "
+                f"got {line[:80]!r}"
+            )
+        path = root / "val" / "images" / fields[0]
+        if not path.is_file():
+            raise DatasetError(f"{path}: listed in {annotations.name} line {lineno} but missing")
+        val_paths.append(path)
+        val_labels.append(index[fields[1]])
+    return Splits("tiny-imagenet", ImageFolderDataset(train_paths, train_labels, 64),
+                  ImageFolderDataset(val_paths, val_labels, 64), len(wnids), (3, 64, 64),
+                  (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), tuple(wnids))
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic: class-conditional patterns, for tests
+
+
+def _load_synthetic(num_classes: int = 4, input_shape: tuple[int, int, int] = (1, 8, 8),
+                    train_size: int = 256, val_size: int = 64, seed: int = 0,
+                    noise: float = 0.15) -> Splits:
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand((num_classes, *input_shape), generator=gen)
+
+    def draw(n: int) -> ArrayDataset:
+        labels = torch.arange(n) % num_classes
+        images = prototypes[labels] + noise * torch.randn((n, *input_shape), generator=gen)
+        return ArrayDataset(images.clamp_(0.0, 1.0), labels)
+
+    train = draw(train_size)
+    return Splits("synthetic", train, draw(val_size), num_classes, input_shape,
+                  tuple(train.images.mean(dim=(0, 2, 3)).tolist()),
+                  tuple(train.images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+
+
+def load_dataset(name: str | DatasetName, root: str | Path | None = None, **options) -> Splits:
+    """Load a dataset by name.
+
+    Args:
+        name: one of ``digits``, ``mnist``, ``cifar10``, ``tiny-imagenet``, ``synthetic``.
+        root: the folder holding the files (``mnist``, ``cifar10``, ``tiny-imagenet``).
+        options: for ``synthetic`` only: num_classes, input_shape, train_size, val_size, seed.
+
+    Raises:
+        ValueError: unknown name, or options given to a dataset that takes none.
+        DatasetError: the folder or a file is missing or malformed.
+    """
+    try:
+        dataset = DatasetName(name)
+    except ValueError:
+        allowed = ", ".join(d.value for d in DatasetName)
+        raise ValueError(f"unknown dataset {name!r}; allowed: {allowed}") from None
+    if options and dataset is not DatasetName.SYNTHETIC:
+        raise ValueError(f"dataset {dataset.value!r} takes no options, got {sorted(options)}")
+    if dataset is DatasetName.DIGITS:
+        return _load_digits()
+    if dataset is DatasetName.SYNTHETIC:
+        return _load_synthetic(**options)
+    if root is None:
+        raise DatasetError(f"dataset {dataset.value!r} needs a data folder (root)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such directory (data folder of {dataset.value!r})")
+    loaders = {DatasetName.MNIST: _load_mnist, DatasetName.CIFAR10: _load_cifar10,
+               DatasetName.TINY_IMAGENET: _load_tiny_imagenet}
+    return loaders[dataset](root)
+
+
+# ----------------------------------------------------------------------------------------------
+# train-time augmentation (off by default), applied to a batch on its own device
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Train-time augmentation; every field off by default.
+
+    crop_padding: pad each side by this many pixels (reflect) and crop back at a random offset.
+    flip: random horizontal flip with probability 0.5.
+    gaussian_std: add N(0, std^2) pixel noise.
+    salt_pepper: fraction of pixels set to 0 or 1.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    gaussian_std: float = 0.0
+    salt_pepper: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if self.gaussian_std < 0:
+            raise ValueError(f"gaussian_std must be >= 0, got {self.gaussian_std}")
+        if not 0.0 <= self.salt_pepper <= 1.0:
+            raise ValueError(f"salt_pepper must be in [0, 1], got {self.salt_pepper}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.gaussian_std or self.salt_pepper)
+
+
+def augment_batch(x: torch.Tensor, aug: Augmentation,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Augment a batch [b, c, h, w] of pixels in [0, 1]; returns a new tensor in [0, 1]."""
+    if not aug.enabled:
+        return x
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator).to(x.device)
+
+    b, _, h, w = x.shape
+    out = x
+    if aug.crop_padding:
+        p = aug.crop_padding
+        padded = torch.nn.functional.pad(out, (p, p, p, p), mode="reflect")
+        dy = (rand(b) * (2 * p + 1)).long()
+        dx = (rand(b) * (2 * p + 1)).long()
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # [b, h]
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # [b, w]
+        out = padded[torch.arange(b, device=x.device)[:, None, None, None],
+                     torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                     rows[:, None, :, None], cols[:, None, None, :]]
+    if aug.flip:
+        flip = rand(b) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if aug.gaussian_std:
+        noise = torch.randn(out.shape, generator=generator).to(x.device)
+        out = out + aug.gaussian_std * noise
+    if aug.salt_pepper:
+        u = rand(*out.shape)
+        out = torch.where(u < aug.salt_pepper / 2, torch.zeros_like(out), out)
+        out = torch.where(u > 1 - aug.salt_pepper / 2, torch.ones_like(out), out)
+    return out.clamp(0.0, 1.0)
