@@ -1,0 +1,218 @@
+"""Each loader on small files written in the dataset's real format, plus broken ones."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defenses.data import (Augmentation, DatasetError, augment_batch, load_dataset, read_idx)
+
+
+def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
+    code = {np.uint8: 0x08}[array.dtype.type]
+    raw = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw += array.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def make_mnist(root, n_train=12, n_val=6, gz=False, rng=np.random.default_rng(0)):
+    root.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}",
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}",
+                  rng.integers(0, 10, (n,), dtype=np.uint8), gz)
+    return root
+
+
+def test_digits_is_a_fixed_stratified_split_in_pixel_range():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert (len(a.train), len(a.val)) == (1437, 360)
+    assert torch.equal(a.val.images, b.val.images)  # fixed split
+    assert a.input_shape == (1, 8, 8) and a.num_classes == 10
+    assert 0.0 <= float(a.train.images.min()) and float(a.train.images.max()) <= 1.0
+    counts = torch.bincount(a.val.labels, minlength=10)
+    assert int(counts.min()) >= 34  # stratified: every class ~36 times
+    x, y = a.train[0]
+    assert x.dtype == torch.float32 and x.shape == (1, 8, 8) and y.dtype == torch.long
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_files(tmp_path, gz):
+    make_mnist(tmp_path, gz=gz)
+    s = load_dataset("mnist", tmp_path)
+    assert (len(s.train), len(s.val)) == (12, 6)
+    x, y = s.train[3]
+    raw = read_idx(next(tmp_path.glob("train-images*")))
+    assert torch.allclose(x[0], torch.from_numpy(raw[3].copy()).float() / 255)
+    assert s.input_shape == (1, 28, 28)
+
+
+def test_mnist_missing_file_names_path(tmp_path):
+    make_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_mnist_truncated_file(tmp_path):
+    make_mnist(tmp_path)
+    f = tmp_path / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.*file holds"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_mnist_bad_magic(tmp_path):
+    make_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DatasetError, match="bad magic"):
+        load_dataset("mnist", tmp_path)
+
+
+def make_cifar(root, n=4, rng=np.random.default_rng(1)):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [f"img{i}.png".encode() for i in range(n)]}
+        with (folder / name).open("wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    with (folder / "batches.meta").open("wb") as fh:
+        pickle.dump({b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer",
+                                      b"dog", b"frog", b"horse", b"ship", b"truck"]}, fh)
+    return folder
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    folder = make_cifar(tmp_path)
+    s = load_dataset("cifar10", tmp_path)
+    assert (len(s.train), len(s.val)) == (20, 4)
+    assert s.class_names[0] == "airplane"
+    with (folder / "test_batch").open("rb") as fh:
+        raw = pickle.load(fh)
+    x, y = s.val[2]
+    assert x.shape == (3, 32, 32)
+    # Row-major channel planes: the first 1024 bytes are the red plane.
+    assert torch.allclose(x[0].flatten(), torch.from_numpy(raw[b"data"][2][:1024]).float() / 255)
+    assert int(y) == raw[b"labels"][2]
+
+
+def test_cifar10_refuses_code_in_pickle(tmp_path):
+    folder = make_cifar(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with (folder / "data_batch_3").open("wb") as fh:
+        pickle.dump({b"data": Evil(), b"labels": []}, fh)
+    with pytest.raises(DatasetError, match=r"data_batch_3.*refusing to load builtins.print"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar10_wrong_shape(tmp_path):
+    folder = make_cifar(tmp_path)
+    with (folder / "data_batch_1").open("wb") as fh:
+        pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, fh)
+    with pytest.raises(DatasetError, match=r"data_batch_1.*\[n, 3072\]"):
+        load_dataset("cifar10", tmp_path)
+
+
+def make_tiny_imagenet(root, wnids=("n01443537", "n01629819"), per_class=3):
+    rng = np.random.default_rng(2)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for wnid in wnids:
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+                folder / f"{wnid}_{i}.JPEG", format="JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(4):
+        name = f"val_{i}.JPEG"
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(
+            root / "val" / "images" / name, format="JPEG")
+        lines.append(f"{name}\t{wnids[i % len(wnids)]}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    make_tiny_imagenet(tmp_path)
+    s = load_dataset("tiny-imagenet", tmp_path)
+    assert (len(s.train), len(s.val), s.num_classes) == (6, 4, 2)
+    x, y = s.val[1]
+    assert x.shape == (3, 64, 64) and int(y) == 1
+    assert abs(float(x.mean()) - 40 / 255) < 0.02  # JPEG of a flat image stays flat
+    assert [int(s.train[i][1]) for i in range(6)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_tiny_imagenet_bad_annotation_line(tmp_path):
+    make_tiny_imagenet(tmp_path)
+    ann = tmp_path / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text() + "val_9.JPEG\tn99999999\t0\t0\t1\t1\n")
+    with pytest.raises(DatasetError, match=r"val_annotations.txt:5"):
+        load_dataset("tiny-imagenet", tmp_path)
+
+
+def test_tiny_imagenet_corrupt_image_is_named_on_access(tmp_path):
+    make_tiny_imagenet(tmp_path)
+    bad = tmp_path / "val" / "images" / "val_0.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    s = load_dataset("tiny-imagenet", tmp_path)
+    with pytest.raises(DatasetError, match="val_0.JPEG"):
+        s.val[0]
+
+
+def test_missing_directory_and_unknown_name(tmp_path):
+    with pytest.raises(DatasetError, match=r"nowhere: no such directory"):
+        load_dataset("cifar10", tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="wnids.txt"):
+        load_dataset("tiny-imagenet", tmp_path)
+    with pytest.raises(ValueError, match="allowed: digits, mnist, cifar10, tiny-imagenet"):
+        load_dataset("imagenet")
+
+
+def test_synthetic_is_seeded():
+    a = load_dataset("synthetic", num_classes=3, input_shape=(2, 4, 4), seed=5)
+    b = load_dataset("synthetic", num_classes=3, input_shape=(2, 4, 4), seed=5)
+    assert torch.equal(a.train.images, b.train.images)
+    assert a.input_shape == (2, 4, 4) and int(a.train.labels.max()) == 2
+
+
+def test_augmentation_off_by_default_and_stays_in_pixel_range():
+    x = torch.rand(8, 3, 6, 6)
+    assert augment_batch(x, Augmentation()) is x
+    aug = Augmentation(crop_padding=2, flip=True, gaussian_std=0.3, salt_pepper=0.2)
+    out = augment_batch(x, aug, torch.Generator().manual_seed(0))
+    again = augment_batch(x, aug, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out, again)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert not torch.equal(out, x)
+
+
+def test_crop_is_a_shifted_window_and_flip_mirrors():
+    x = torch.arange(16.0).view(1, 1, 4, 4) / 16
+    out = augment_batch(x, Augmentation(crop_padding=1), torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    windows = [padded[..., i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
+    assert any(torch.equal(out, w) for w in windows)
+    flips = [augment_batch(x, Augmentation(flip=True), torch.Generator().manual_seed(s))
+             for s in range(8)]
+    assert all(torch.equal(f, x) or torch.equal(f, x.flip(-1)) for f in flips)
+    assert any(torch.equal(f, x.flip(-1)) for f in flips)
+
+
+def test_augmentation_rejects_bad_values():
+    with pytest.raises(ValueError, match="salt_pepper"):
+        Augmentation(salt_pepper=1.5)
