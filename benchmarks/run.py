@@ -1,0 +1,224 @@
+"""Performance comparisons, side by side in one run, printed as a table and JSON.
+
+    python -m benchmarks.run                 # every comparison
+    python -m benchmarks.run --only pca --dims 65536 262144 --batches 8
+
+Shared CPU machines are noisy: read the ratios, not the absolute times. Each measured backend
+runs in its own fresh process, so its peak resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming PCA: torch backend vs scikit-learn IncrementalPCA on the same stream
+
+
+def _pca_batch(d: int, batch: int, index: int, rank: int):
+    """Batch ``index`` of a seeded low-rank-plus-noise float32 stream (same in every process).
+
+    The signal has ``rank`` = n_components directions with variances 100 .. 1, far above the
+    noise bulk (with d >> samples the noise's sample eigenvalues sit near 1e-4 * d / n), so the
+    retained subspace is well defined and two correct solvers must agree on it.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    basis = torch.linalg.qr(torch.randn(d, rank, generator=gen))[0].T
+    scales = torch.logspace(1, 0, rank)
+    gen = torch.Generator().manual_seed(10_000 + index)
+    x = (torch.randn(batch, rank, generator=gen) * scales) @ basis
+    for start in range(0, batch, 32):  # noise a few rows at a time: no extra full-size temp
+        x[start:start + 32] += 0.01 * torch.randn(x[start:start + 32].shape, generator=gen)
+    return x
+
+
+def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
+               device: str | None) -> None:
+    import torch
+
+    from defenses.pca import StreamingPCA
+
+    pca = StreamingPCA(k, backend=backend, device=device)
+    times = []
+    for i in range(batches):
+        x = _pca_batch(d, batch, i, rank=k)
+        if device:
+            x = x.to(device)
+            torch.cuda.synchronize() if x.is_cuda else None
+        start = time.perf_counter()
+        pca.partial_fit(x)
+        if device and x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        del x
+    np.save(out, pca.components_.cpu().numpy())
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    # the first update has no history to stack: report the steady state when there is one
+    steady = times[1:] if len(times) > 1 else times
+    print(json.dumps({"sec_per_batch": float(np.mean(steady)), "peak_rss_gb": peak_gb}))
+
+
+def _run_worker(args: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {args} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | None) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in dims:
+            result = {"benchmark": "streaming_pca", "dims": d, "n_components": k,
+                      "batch": batch, "samples": batch * batches}
+            components = {}
+            backends = ["torch", "sklearn"]
+            for backend in backends:
+                out = f"{tmp}/{backend}_{d}.npy"
+                dev = device if backend == "torch" else None
+                measured = _run_worker(["pca", backend, str(d), str(k), str(batch), str(batches),
+                                        out, dev or ""])
+                result[f"{backend}_sec_per_batch"] = measured["sec_per_batch"]
+                result[f"{backend}_peak_rss_gb"] = measured["peak_rss_gb"]
+                components[backend] = np.load(out).astype(np.float64)
+            qa = np.linalg.qr(components["torch"].T)[0]
+            qb = np.linalg.qr(components["sklearn"].T)[0]
+            result["subspace_agreement"] = float(np.linalg.svd(qa.T @ qb, compute_uv=False).min())
+            result["speedup_vs_sklearn"] = (result["sklearn_sec_per_batch"]
+                                            / result["torch_sec_per_batch"])
+            if device:
+                result["torch_device"] = device
+            rows.append(result)
+            print(json.dumps(result), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# training steps: IBP and PGD-k adversarial training vs a nominal step, same model and batch
+
+
+def _step_seconds(model, objective, x, y, repeats: int) -> float:
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = objective.loss(model, x, y, 10_000, gen)
+        loss.backward()
+        optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_training_steps(models: list[str], input_shape: tuple[int, int, int], batch: int,
+                         pgd_steps: int, repeats: int, device: str | None) -> list[dict]:
+    import torch
+
+    from defenses.models import build_model
+    from defenses.training import make_objective
+
+    torch.manual_seed(0)
+    rows = []
+    x = torch.rand(batch, *input_shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    objectives = {
+        "nominal": make_objective("standard"),
+        "ibp": make_objective("ibp", eps_train=0.1, kappa_final=0.5),
+        f"pgd{pgd_steps}": make_objective("pgd", eps=0.1, alpha=0.025, steps=pgd_steps),
+    }
+    for name in models:
+        model = build_model(name, 10, input_shape, (0.5,) * input_shape[0],
+                            (0.25,) * input_shape[0]).to(device or "cpu").train()
+        # interleave the objectives so machine noise hits them alike
+        seconds = {key: [] for key in objectives}
+        for _ in range(3):
+            for key, objective in objectives.items():
+                seconds[key].append(_step_seconds(model, objective, x, y, repeats))
+        med = {key: float(np.median(v)) for key, v in seconds.items()}
+        row = {"benchmark": "training_step", "model": name, "batch": batch,
+               "input": "x".join(map(str, input_shape)), "nominal_sec": med["nominal"],
+               "ibp_sec": med["ibp"], "ibp_ratio": med["ibp"] / med["nominal"],
+               f"pgd{pgd_steps}_sec": med[f"pgd{pgd_steps}"],
+               f"pgd{pgd_steps}_ratio": med[f"pgd{pgd_steps}"] / med["nominal"],
+               "device": device or "cpu"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One markdown table per benchmark, columns in first-seen order."""
+    for bench in dict.fromkeys(row["benchmark"] for row in rows):
+        group = [row for row in rows if row["benchmark"] == bench]
+        keys = [k for k in dict.fromkeys(k for row in group for k in row) if k != "benchmark"]
+        print(f"\n{bench}\n| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for row in group:
+            cells = [f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
+                     for k in keys]
+            print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        name, *rest = argv[1:]
+        if name == "pca":
+            backend, d, k, batch, batches, out, device = rest
+            pca_worker(backend, int(d), int(k), int(batch), int(batches), out, device or None)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["pca", "steps"], action="append",
+                        help="run only these comparisons (default: all)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[65_536, 262_144])
+    parser.add_argument("--n-components", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--device", default=None, help="torch device for the torch backends")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
+    args = parser.parse_args(argv)
+    step_models, step_batch, step_repeats = ["ibp_small", "ibp_medium", "ibp_large"], 200, 3
+    if args.smoke_test:
+        args.dims, args.n_components, args.batch, args.batches = [4096], 8, 64, 3
+        step_models, step_batch, step_repeats = ["ibp_small"], 16, 1
+    only = set(args.only or ["pca", "steps"])
+    rows: list[dict] = []
+    if "pca" in only:
+        rows += bench_pca(args.dims, args.n_components, args.batch, args.batches, args.device)
+    if "steps" in only:
+        rows += bench_training_steps(step_models, (1, 28, 28), step_batch, 7, step_repeats,
+                                     args.device)
+    print_table(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
