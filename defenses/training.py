@@ -383,6 +383,10 @@ class Trainer:
         out.update(epoch=float(self.epoch), lr=learning_rate(cfg, self.step, self.total_steps))
         return out
 
+    def fit(self) -> list[dict[str, float]]:
+        """Run the remaining epochs; returns each epoch's metrics."""
+        return [self.run_epoch() for _ in range(self.epoch, self.config.epochs)]
+
     def _train_step(self, indices: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         lr = learning_rate(cfg, self.step, self.total_steps)

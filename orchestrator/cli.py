@@ -49,9 +49,7 @@ def run_demo(smoke_test: bool, seed: int) -> list[dict[str, float | str]]:
                         splits.std)
     config = TrainConfig(epochs=3 if smoke_test else 15, batch_size=64, lr=3e-3, seed=seed)
     start = time.perf_counter()
-    trainer = Trainer(model, splits.train, config)
-    for _ in range(config.epochs):
-        trainer.run_epoch()
+    Trainer(model, splits.train, config).fit()
     model.eval()
     log(f"base model: resnet_digits, validation accuracy {accuracy(model, splits.val):.4f} "
         f"after {config.epochs} epochs ({time.perf_counter() - start:.1f} s)")

@@ -18,6 +18,5 @@ def trained_digits_resnet(digits):
     model = build_model("resnet_digits", digits.num_classes, digits.input_shape, digits.mean,
                         digits.std)
     trainer = Trainer(model, digits.train, TrainConfig(epochs=15, batch_size=64, lr=3e-3))
-    for _ in range(trainer.config.epochs):
-        trainer.run_epoch()
+    trainer.fit()
     return model.eval()

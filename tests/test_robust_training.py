@@ -15,10 +15,8 @@ def train_small_cnn(digits, objective, epochs):
     torch.manual_seed(0)
     model = build_model("ibp_small", digits.num_classes, digits.input_shape, digits.mean,
                         digits.std, padding="same")
-    trainer = Trainer(model, digits.train, TrainConfig(epochs=epochs, batch_size=64, lr=1e-3),
-                      objective)
-    for _ in range(epochs):
-        trainer.run_epoch()
+    Trainer(model, digits.train, TrainConfig(epochs=epochs, batch_size=64, lr=1e-3),
+            objective).fit()
     return model.eval()
 
 
