@@ -80,28 +80,36 @@ class EmbeddingSpace:
             raise ValueError(f"embedding size must be in 1..{len(self)}, got {n}")
         return EmbeddingSpace(self.embeddings[:n, :m], self.labels[:n], self.depth)
 
-    def save(self, path: str | Path) -> None:
-        """Write as a ``.npz`` of plain arrays, atomically."""
+    def to_bytes(self) -> bytes:
+        """``.npz`` bytes of plain arrays (no pickle)."""
         buffer = io.BytesIO()
         np.savez(buffer, format=np.array(_SPACE_FORMAT), depth=np.array(self.depth),
                  embeddings=self.embeddings.cpu().numpy(), labels=self.labels.cpu().numpy())
-        atomic_write_bytes(path, buffer.getvalue())
+        return buffer.getvalue()
+
+    def save(self, path: str | Path) -> None:
+        """Write ``to_bytes()`` to ``path`` atomically."""
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "EmbeddingSpace":
-        """Read a space written by ``save`` (plain arrays, no pickle)."""
+        """Read a space written by ``save``."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such embedding-space file")
+        return cls.from_bytes(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<embedding-space bytes>") -> "EmbeddingSpace":
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 if str(npz["format"]) != _SPACE_FORMAT:
                     raise ValueError(f"format {npz['format']} is not {_SPACE_FORMAT}")
                 embeddings, labels, depth = npz["embeddings"], npz["labels"], str(npz["depth"])
         except Exception as exc:
-            raise ValueError(f"{path}: not an embedding-space file ({exc})") from exc
+            raise ValueError(f"{source}: not an embedding-space file ({exc})") from exc
         if not np.isfinite(embeddings).all():
-            raise ValueError(f"{path}: embeddings are not finite")
+            raise ValueError(f"{source}: embeddings are not finite")
         return cls(torch.from_numpy(embeddings), torch.from_numpy(labels).long(), depth)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "IBPCNN",
     "build_model",
     "depth_shapes",
+    "checkpoint_bytes",
     "save_checkpoint",
     "load_checkpoint",
     "load_weights",
@@ -423,62 +424,73 @@ def depth_shapes(model: nn.Module) -> "OrderedDict[str, tuple[int, ...]]":
 CHECKPOINT_FORMAT = "robust-sweeps-model/1"
 
 
-def save_checkpoint(model: nn.Module, path: str | Path,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Save a model made by ``build_model`` with its build arguments, atomically.
+def checkpoint_bytes(model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
+    """A model made by ``build_model`` with its build arguments, as ``torch.save`` bytes.
 
     ``extra`` holds plain values (metrics, training config) returned again by load_checkpoint.
     """
     config = getattr(model, "build_config", None)
     if config is None:
-        raise ValueError("save_checkpoint needs a model made by build_model")
-    path = Path(path)
+        raise ValueError("checkpoints need a model made by build_model")
     payload = {"format": CHECKPOINT_FORMAT, **config, "extra": dict(extra or {}),
                "state_dict": model.state_dict()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def _read(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def save_checkpoint(model: nn.Module, path: str | Path,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write ``checkpoint_bytes`` to ``path`` atomically (temp file, then rename)."""
+    atomic_write_bytes(path, checkpoint_bytes(model, extra))
+
+
+def _read(source: str | Path | bytes, name: str | None = None) -> tuple[Any, str]:
+    """(payload, name for messages), loaded with weights_only=True."""
+    if isinstance(source, bytes):
+        name, stream = name or "<checkpoint bytes>", io.BytesIO(source)
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise CheckpointError(f"{name}: no such checkpoint file")
+        stream = path.open("rb")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with stream:
+            return torch.load(stream, map_location="cpu", weights_only=True), name
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({reason})") from exc
+        raise CheckpointError(f"{name}: not a loadable weights-only checkpoint ({reason})") from exc
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
-                    ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by ``save_checkpoint``; returns (model, extra)."""
-    path = Path(path)
-    payload = _read(path)
+def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu",
+                    name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by ``save_checkpoint`` (a path, or ``checkpoint_bytes``);
+    returns (model, extra)."""
+    payload, name = _read(source, name)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint written by save_checkpoint "
+        raise CheckpointError(f"{name}: not a checkpoint written by save_checkpoint "
                               "(use load_weights for a bare state_dict)")
     model = build_model(payload["model"], payload["num_classes"], payload["input_shape"],
                         payload["mean"], payload["std"], **payload["options"])
-    _load_state(model, payload["state_dict"], path, payload["model"])
+    _load_state(model, payload["state_dict"], name, payload["model"])
     return model.to(map_location), payload["extra"]
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state_dict (ours, or a torchvision one) into ``model``; clear error on mismatch."""
-    path = Path(path)
-    payload = _read(path)
+    payload, name = _read(path)
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         state, arch = payload["state_dict"], payload["model"]
     else:
         state, arch = payload, "a bare state_dict"
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: holds no state_dict of tensors")
-    _load_state(model, state, path, arch)
+        raise CheckpointError(f"{name}: holds no state_dict of tensors")
+    _load_state(model, state, name, arch)
     return model
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, arch: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -492,6 +504,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ar
             parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
         if wrong:
             parts.append(f"shape {wrong[:2]}{' ...' if len(wrong) > 2 else ''}")
-        raise CheckpointError(f"{path}: checkpoint of {arch} does not fit "
+        raise CheckpointError(f"{name}: checkpoint of {arch} does not fit "
                               f"{type(model).__name__}: {'; '.join(parts)}")
     model.load_state_dict(state)

@@ -322,13 +322,17 @@ class StreamingPCA:
             "explained_variance_ratio": arr(self.explained_variance_ratio_).astype(np.float64),
         }
 
-    def save(self, path: str | Path) -> None:
-        """Write the fitted state as a ``.npz`` of plain arrays, atomically."""
+    def to_bytes(self) -> bytes:
+        """The fitted state as ``.npz`` bytes of plain arrays (no pickle)."""
         if self._pending:
             raise PCAError(f"{self.n_samples_pending_} samples are pending: call flush() first")
         buffer = io.BytesIO()
         np.savez(buffer, **self._arrays())
-        atomic_write_bytes(path, buffer.getvalue())
+        return buffer.getvalue()
+
+    def save(self, path: str | Path) -> None:
+        """Write ``to_bytes()`` to ``path`` atomically."""
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None,
@@ -337,23 +341,30 @@ class StreamingPCA:
         path = Path(path)
         if not path.is_file():
             raise PCAError(f"{path}: no such PCA file")
+        return cls.from_bytes(path.read_bytes(), str(path), device, n_components)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<PCA bytes>",
+                   device: str | torch.device | None = None,
+                   n_components: int | None = None) -> "StreamingPCA":
+        """Rebuild from ``to_bytes()``; every array is checked for shape and finiteness."""
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
         except Exception as exc:
-            raise PCAError(f"{path}: not a PCA file ({exc})") from exc
+            raise PCAError(f"{source}: not a PCA file ({exc})") from exc
         if str(arrays.get("format", "")) != FILE_FORMAT:
-            raise PCAError(f"{path}: not a PCA file of format {FILE_FORMAT}")
+            raise PCAError(f"{source}: not a PCA file of format {FILE_FORMAT}")
         k, d = arrays["components"].shape
         for key, shape in (("mean", (d,)), ("var", (d,)), ("singular_values", (k,)),
                            ("explained_variance", (k,)), ("explained_variance_ratio", (k,))):
             if arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
-                raise PCAError(f"{path}: {key} should be finite with shape {shape}")
+                raise PCAError(f"{source}: {key} should be finite with shape {shape}")
         if not np.isfinite(arrays["components"]).all():
-            raise PCAError(f"{path}: components are not finite")
+            raise PCAError(f"{source}: components are not finite")
         m = k if n_components is None else int(n_components)
         if not 1 <= m <= k:
-            raise PCAError(f"{path}: holds {k} components, {m} asked for")
+            raise PCAError(f"{source}: holds {k} components, {m} asked for")
         return cls._from_arrays(arrays, m, torch.device(device) if device is not None else None)
 
     @classmethod

@@ -1,0 +1,151 @@
+"""The sweep's storage: a local folder or an ``s3://`` prefix, through pyarrow's filesystems.
+
+S3-compatible servers (MinIO, moto) are reached with the standard ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``) variable; credentials come from the usual AWS chain. Writes are atomic
+(a local temp file renamed into place; an S3 PUT is atomic by nature) and every blob is stored
+with its SHA-256, checked when read back, so a half-written file is never taken for a whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+__all__ = ["Storage", "StorageError", "redact"]
+
+
+class StorageError(RuntimeError):
+    """The storage is unreachable, unwritable, or a blob failed its checksum."""
+
+
+def redact(uri: str) -> str:
+    """A URI with any ``user:password@`` removed, for logs and MLflow."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        host = rest.split("@", 1)[1]
+        return f"{scheme}://***@{host}"
+    return uri
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A root (local absolute path or ``s3://bucket/prefix``) and paths below it."""
+
+    uri: str
+
+    @classmethod
+    def from_uri(cls, uri: str | Path) -> "Storage":
+        text = str(uri)
+        if "://" not in text:
+            text = str(Path(text).expanduser().resolve())
+        return cls(text.rstrip("/"))
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def _fs_and_root(self) -> tuple[pafs.FileSystem, str]:
+        if self.is_s3:
+            endpoint = _endpoint()
+            kwargs: dict[str, Any] = {}
+            if endpoint:
+                scheme, _, host = endpoint.partition("://")
+                kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+            kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+            return pafs.S3FileSystem(**kwargs), self.uri[len("s3://"):]
+        return pafs.LocalFileSystem(), self.uri
+
+    def child(self, *parts: str) -> "Storage":
+        return Storage("/".join([self.uri, *parts]))
+
+    def join(self, relative: str) -> str:
+        return f"{self.uri}/{relative}"
+
+    # -- bytes -----------------------------------------------------------------------------
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        fs, root = self._fs_and_root()
+        path = f"{root}/{relative}"
+        try:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            if self.is_s3:
+                with fs.open_output_stream(path) as out:
+                    out.write(data)
+            else:
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with fs.open_output_stream(tmp) as out:
+                    out.write(data)
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"{redact(self.uri)}/{relative}: cannot write ({exc})") from exc
+
+    def read_bytes(self, relative: str) -> bytes | None:
+        """The blob's bytes, or None if it does not exist."""
+        fs, root = self._fs_and_root()
+        path = f"{root}/{relative}"
+        try:
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        except OSError as exc:
+            raise StorageError(f"{redact(self.uri)}/{relative}: cannot read ({exc})") from exc
+
+    def exists(self, relative: str) -> bool:
+        fs, root = self._fs_and_root()
+        try:
+            return fs.get_file_info(f"{root}/{relative}").type != pafs.FileType.NotFound
+        except OSError as exc:
+            raise StorageError(f"{redact(self.uri)}/{relative}: unreachable ({exc})") from exc
+
+    def list(self, relative: str) -> list[str]:
+        fs, root = self._fs_and_root()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(f"{root}/{relative}", allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(f"{redact(self.uri)}/{relative}: unreachable ({exc})") from exc
+        return sorted(info.base_name for info in infos)
+
+    def check_writable(self) -> None:
+        """Write and delete a probe, raising one clear ``StorageError`` if that fails."""
+        probe = f".probe-{uuid.uuid4().hex[:8]}"
+        self.write_bytes(probe, b"ok")
+        fs, root = self._fs_and_root()
+        try:
+            fs.delete_file(f"{root}/{probe}")
+        except OSError as exc:
+            raise StorageError(f"{redact(self.uri)}: cannot delete ({exc})") from exc
+
+    # -- checksummed blobs -----------------------------------------------------------------
+
+    def put_verified(self, relative: str, data: bytes, meta: dict[str, Any]) -> None:
+        """Write ``data`` then its manifest (sha256 + meta): a blob without a manifest, or one
+        that does not match it, does not count as written."""
+        self.write_bytes(relative, data)
+        manifest = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **meta}
+        self.write_bytes(relative + ".json", json.dumps(manifest, sort_keys=True).encode())
+
+    def get_verified(self, relative: str) -> tuple[bytes, dict[str, Any]] | None:
+        """(data, manifest) if both exist and the checksum matches, else None."""
+        raw_manifest = self.read_bytes(relative + ".json")
+        if raw_manifest is None:
+            return None
+        try:
+            manifest = json.loads(raw_manifest)
+        except ValueError:
+            return None
+        data = self.read_bytes(relative)
+        if data is None or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+            return None
+        return data, manifest
