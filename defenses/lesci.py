@@ -37,6 +37,8 @@ __all__ = [
     "collect_votes",
     "evaluate_lesci",
     "METRIC_NAMES",
+    "vote_surrogate_scores",
+    "adaptive_attack",
 ]
 
 METRIC_NAMES = ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity")
@@ -296,3 +298,76 @@ def evaluate_lesci(model: nn.Module, depth: str, pca: StreamingPCA, space: Embed
     """The four LESCI metrics of SPEC.md section 1 on ``data`` (usually the validation split)."""
     project_mask(torch.zeros(1), threshold)  # validates threshold before any work
     return collect_votes(model, depth, pca, space, k, data, batch_size, device).metrics(threshold)
+
+
+# ------------------------------------------------------------------------------------------------
+# attacking the vote itself
+
+
+def _codes_and_logits(model: nn.Module, depth: str, pca: StreamingPCA, n_components: int,
+                      x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compressed activation [b, m], logits [b, classes]) with gradients w.r.t. x."""
+    captured: list[torch.Tensor] = []
+    module = model.depth_modules()[depth]
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    components = pca.components_[:n_components].to(x.device)
+    mean = pca.mean_.to(x.device, components.dtype)
+    codes = (captured[0].reshape(x.shape[0], -1).to(components.dtype) - mean) @ components.T
+    return codes, logits
+
+
+def vote_surrogate_scores(codes: torch.Tensor, space: EmbeddingSpace, k: int,
+                          num_classes: int) -> torch.Tensor:
+    """A differentiable stand-in for the vote: per class, the mean cosine similarity of the
+    query to its k most similar embeddings of that class. [b, classes]."""
+    q = F.normalize(codes, dim=1)
+    e = F.normalize(space.embeddings.to(codes.device, codes.dtype), dim=1)
+    sims = q @ e.T  # [b, n]
+    labels = space.labels.to(codes.device)
+    scores = []
+    for c in range(num_classes):
+        own = sims[:, labels == c]
+        if own.shape[1] == 0:
+            scores.append(torch.full((codes.shape[0],), -1.0, device=codes.device))
+        else:
+            scores.append(own.topk(min(k, own.shape[1]), dim=1).values.mean(dim=1))
+    return torch.stack(scores, dim=1)
+
+
+def adaptive_attack(model: nn.Module, depth: str, pca: StreamingPCA, space: EmbeddingSpace,
+                    k: int, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+                    steps: int, temperature: float = 0.05,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD against LESCI itself: push the compressed activation away from its class's
+    embeddings and towards another's (and the model's own logits along), in the eps-ball.
+
+    The loss ascended is ``CE(scores / temperature, y) + CE(logits, y)``, with ``scores`` from
+    ``vote_surrogate_scores``: the vote is not differentiable, its nearest-neighbour
+    similarities are.
+    """
+    if eps < 0 or steps < 0:
+        raise ValueError(f"eps and steps must be >= 0, got {eps} and {steps}")
+    num_classes = int(space.labels.max()) + 1
+    was_training = model.training
+    model.eval()
+    x = x.detach()
+    noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
+    adv = (x + eps * noise).clamp(0.0, 1.0)
+    try:
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            with torch.enable_grad():
+                codes, logits = _codes_and_logits(model, depth, pca, space.n_components, adv)
+                scores = vote_surrogate_scores(codes, space, k, num_classes)
+                loss = (F.cross_entropy(scores / temperature, y, reduction="sum")
+                        + F.cross_entropy(logits, y, reduction="sum"))
+                (grad,) = torch.autograd.grad(loss, adv)
+            adv = adv.detach() + alpha * grad.sign()
+            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0)
+    finally:
+        model.train(was_training)
+    return adv.detach()

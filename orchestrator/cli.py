@@ -1,39 +1,46 @@
-"""``python search.py``: the command-line entry point.
+"""``python search.py``: validate a search space, run its sweep on Ray Tune, track it in MLflow,
+and print the Pareto front.
 
-Until the Ray Tune orchestrator lands, this runs the embedded demo directly: train the small
-ResNet on scikit-learn's digits, evaluate LESCI at every named depth over a grid of ``k`` and
-``threshold``, and print the results with their Pareto front (accuracy vs projection_rate).
+Exit codes: 0 done, 2 bad input (one line saying what and where), 1 failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import os
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
-
-from defenses.data import load_dataset
-from defenses.lesci import build_embedding_space, collect_votes, fit_pca_at_depth
-from defenses.models import build_model, depth_shapes
-from defenses.training import TrainConfig, Trainer, accuracy
-from orchestrator.pareto import hypervolume, pareto_mask
-
-DEMO_GRID = {"k": (1, 10, 20), "threshold": (0.5, 0.7, 0.9), "n_components": 32}
-SMOKE_GRID = {"k": (10,), "threshold": (0.5, 0.9), "n_components": 8}
+from orchestrator.space import SpaceError, load_space, shipped_spaces
+from orchestrator.storage import Storage, StorageError, redact
+from orchestrator.tracking import TrackingError, check_tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    shipped = ", ".join(sorted(shipped_spaces()))
     parser = argparse.ArgumentParser(
         prog="search.py",
-        description="LESCI demo on scikit-learn's bundled digits: train a small ResNet, then "
-                    "evaluate the LESCI layer at every named depth over k and threshold and "
-                    "print the Pareto front of accuracy vs projection_rate.")
+        description="Search defense hyperparameters (LESCI, IBP, adversarial training) with "
+                    "Ray Tune and Optuna, tracked in MLflow. With no arguments: the embedded "
+                    "LESCI demo on scikit-learn's digits.")
+    parser.add_argument("--space", default="demo",
+                        help=f"a shipped space ({shipped}) or a YAML file (default: demo)")
+    parser.add_argument("--name", help="sweep name: MLflow experiment and storage folder "
+                                       "(default: the space's name and the start time)")
+    parser.add_argument("--num-samples", type=int, help="trials to run (overrides the space)")
+    parser.add_argument("--max-concurrent", type=int,
+                        help="trials at once (overrides the space)")
+    parser.add_argument("--storage", default="sweeps",
+                        help="local folder or s3://bucket/prefix for sweep state, checkpoints "
+                             "and shared stages (default: ./sweeps)")
+    parser.add_argument("--mlflow-uri",
+                        help="MLflow tracking URI (default: sqlite:///mlflow.db in the working "
+                             "directory)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sweep --name after a crash, Ctrl-C or lost head node")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="tiny and fast: 3 epochs, two depths, a 2-point grid")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training (default 0)")
+                        help="tiny and fast: the space's smoke_test overrides")
     return parser.parse_args(argv)
 
 
@@ -41,61 +48,64 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_demo(smoke_test: bool, seed: int) -> list[dict[str, float | str]]:
-    torch.manual_seed(seed)
-    grid = SMOKE_GRID if smoke_test else DEMO_GRID
-    splits = load_dataset("digits")
-    model = build_model("resnet_digits", splits.num_classes, splits.input_shape, splits.mean,
-                        splits.std)
-    config = TrainConfig(epochs=3 if smoke_test else 15, batch_size=64, lr=3e-3, seed=seed)
-    start = time.perf_counter()
-    Trainer(model, splits.train, config).fit()
-    model.eval()
-    log(f"base model: resnet_digits, validation accuracy {accuracy(model, splits.val):.4f} "
-        f"after {config.epochs} epochs ({time.perf_counter() - start:.1f} s)")
-    depths = list(depth_shapes(model).items())
-    if smoke_test:
-        depths = [depths[0], depths[-1]]
-    rows: list[dict[str, float | str]] = []
-    for depth, shape in depths:
-        start = time.perf_counter()
-        pca = fit_pca_at_depth(model, depth, splits.train, grid["n_components"])
-        space = build_embedding_space(model, depth, pca, splits.train)
-        for k in grid["k"]:
-            votes = collect_votes(model, depth, pca, space, k, splits.val)
-            for threshold in grid["threshold"]:
-                rows.append({"depth": depth, "dims": int(np.prod(shape)), "k": k,
-                             "threshold": threshold, **votes.metrics(threshold)})
-        log(f"depth {depth:7s} {int(np.prod(shape)):6d} dims: PCA + embedding space of "
-            f"{len(space)} + {len(grid['k'])} votes in {time.perf_counter() - start:.1f} s")
-    return rows
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise SpaceError(f"{flag}: must be a positive integer, got {value}")
 
 
-def format_table(rows: list[dict[str, float | str]]) -> str:
-    header = ("depth", "dims", "k", "threshold", "accuracy", "projection_rate",
-              "accuracy_projected", "accuracy_identity")
-    lines = ["  ".join(f"{h:>18s}" if i >= 4 else f"{h:>9s}" for i, h in enumerate(header))]
-    for row in rows:
+def format_front(result, spec) -> str:
+    columns = [*sorted(spec.searched()), *spec.metric_names]
+    widths = [max(len(c), 10) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    for row in sorted(result.front, key=lambda r: [-r[m] if spec.objectives[m] == "max"
+                                                   else r[m] for m in spec.metric_names]):
         cells = []
-        for i, h in enumerate(header):
-            value = row[h]
-            text = f"{value:.4f}" if isinstance(value, float) and h != "threshold" else str(value)
-            cells.append(f"{text:>18s}" if i >= 4 else f"{text:>9s}")
+        for column, width in zip(columns, widths):
+            value = row[column]
+            cells.append((f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(width))
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = run_demo(args.smoke_test, args.seed)
-    values = np.array([[r["accuracy"], r["projection_rate"]] for r in rows])
-    front = pareto_mask(values, [True, True])
-    log(f"\nAll {len(rows)} configurations:\n{format_table(rows)}")
-    log(f"\nPareto front (accuracy vs projection_rate, both maximised), {int(front.sum())} "
-        f"point(s), hypervolume {hypervolume(values, [True, True], [0.0, 0.0]):.4f}:")
-    log(format_table([r for r, on in zip(rows, front) if on]))
-    return 0
+    try:
+        _positive("--num-samples", args.num_samples)
+        _positive("--max-concurrent", args.max_concurrent)
+        overrides: dict = {}
+        if args.num_samples or args.max_concurrent:
+            overrides["search"] = {k: v for k, v in (("num_samples", args.num_samples),
+                                                     ("max_concurrent", args.max_concurrent))
+                                   if v is not None}
+        spec = load_space(args.space, smoke_test=args.smoke_test, overrides=overrides)
+        if args.resume and not args.name:
+            raise SpaceError("--resume: needs --name of the sweep to continue")
+        name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise SpaceError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
+        storage = Storage.from_uri(args.storage)
+        mlflow_uri = args.mlflow_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        from orchestrator.sweep import run_sweep
+
+        check_tracking_uri(mlflow_uri)
+        log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
+            f"{spec.search.num_samples} trial(s), storage {redact(storage.uri)}")
+        result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log)
+    except (SpaceError, StorageError, TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.objectives.items())}"
+        f"), {len(result.front)} of {len(result.rows)} finished trials, hypervolume "
+        f"{result.hypervolume:.4f}:")
+    log(format_front(result, spec))
+    ui = (f"mlflow ui --backend-store-uri {mlflow_uri}" if mlflow_uri.startswith("sqlite")
+          else f"open {redact(mlflow_uri)}")
+    log(f"\nBrowse the runs: {ui}  (experiment {name!r})")
+    log(f"Continue after an interruption: python search.py --space {args.space} --name {name} "
+        f"--resume{' --smoke-test' if args.smoke_test else ''}")
+    return 1 if result.failed and not result.rows else 0
 
 
 def entry_point() -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     sys.exit(main())

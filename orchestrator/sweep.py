@@ -1,0 +1,249 @@
+"""A sweep: the space to a ``tune.Tuner`` (Optuna or grid/random search), MLflow tracking, the
+shared-stage coordinator, resume with ``Tuner.restore``, and the Pareto front at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestrator.pareto import hypervolume, pareto_mask
+from orchestrator.space import (Algorithm, Choice, Grid, IntRange, LogUniform, SpaceError,
+                                SweepSpec, Uniform)
+from orchestrator.stages import StageCoordinator, coordinator_name
+from orchestrator.storage import Storage, redact
+from orchestrator.tracking import MLflowTracking, ensure_experiment, ensure_parent_run
+from orchestrator.trainables import make_trainable
+
+__all__ = ["SweepResult", "param_space", "run_sweep", "pareto_rows"]
+
+SPACE_FILE = "space.json"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    rows: list[dict[str, Any]]  # one per finished trial: trial_id, run_id, params, metrics
+    front: list[dict[str, Any]]
+    hypervolume: float
+    failed: int
+    experiment_id: str
+    parent_run_id: str
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param_space: fixed values as constants, each distribution as a Tune domain."""
+    space: dict[str, Any] = dict(spec.fixed())
+    for key, dist in spec.searched().items():
+        if isinstance(dist, Grid) or (isinstance(dist, Choice)
+                                      and spec.search.algorithm is Algorithm.GRID):
+            values = dist.grid if isinstance(dist, Grid) else dist.choice
+            space[key] = tune.grid_search(list(values))
+        elif isinstance(dist, Choice):
+            space[key] = tune.choice(list(dist.choice))
+        elif isinstance(dist, Uniform):
+            space[key] = tune.uniform(*dist.uniform)
+        elif isinstance(dist, LogUniform):
+            space[key] = tune.loguniform(*dist.loguniform)
+        elif isinstance(dist, IntRange):
+            low, high = dist.int
+            space[key] = tune.lograndint(low, high + 1) if dist.log else tune.randint(low, high + 1)
+    return space
+
+
+def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    metrics, modes = spec.metric_names, spec.modes
+    single = len(metrics) == 1
+    search_alg = None
+    if spec.search.algorithm in (Algorithm.TPE, Algorithm.NSGA2) and spec.searched():
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed)
+                   if spec.search.algorithm is Algorithm.TPE
+                   else optuna.samplers.NSGAIISampler(seed=spec.search.seed))
+        # metric/mode go to the searcher only: TuneConfig's would make it single-objective
+        search_alg = OptunaSearch(metric=metrics[0] if single else metrics,
+                                  mode=modes[0] if single else modes, sampler=sampler)
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = int(spec.training.get("epochs", 20))
+        scheduler = ASHAScheduler(metric=metrics[0], mode=modes[0], max_t=epochs,
+                                  grace_period=max(1, epochs // 8))
+    grid_only = spec.search.algorithm is Algorithm.GRID or not spec.searched()
+    return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
+                           num_samples=1 if grid_only else spec.search.num_samples,
+                           max_concurrent_trials=spec.search.max_concurrent)
+
+
+def _init_ray() -> None:
+    if ray.is_initialized():
+        return
+    # No resource arguments: on a cluster this attaches to the running Ray (ray submit),
+    # elsewhere it starts a local one.
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+
+
+def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str,
+              resume: bool = False, log=print) -> SweepResult:
+    """Run (or, with ``resume``, continue) the sweep ``name`` of ``spec``."""
+    sweep_storage = storage_root.child(name)
+    experiment_path = storage_root.join(name)
+    stored = sweep_storage.read_bytes(SPACE_FILE)
+    exists = tune.Tuner.can_restore(experiment_path) if stored is not None else False
+    if resume:
+        if not exists:
+            raise SpaceError(f"--resume: no sweep named {name!r} in {redact(storage_root.uri)}")
+        if json.loads(stored) != spec.as_dict():
+            raise SpaceError(f"--resume: sweep {name!r} was started with another space (or "
+                             f"other --num-samples/--max-concurrent/--smoke-test); resume it "
+                             "with the same arguments")
+    elif stored is not None:
+        raise SpaceError(f"--name {name}: a sweep of that name exists in "
+                         f"{redact(storage_root.uri)}; pass --resume to continue it or choose "
+                         "another --name")
+    else:
+        storage_root.check_writable()
+        sweep_storage.write_bytes(SPACE_FILE, json.dumps(spec.as_dict(), indent=2).encode())
+
+    client = MlflowClient(mlflow_uri)
+    experiment_id = ensure_experiment(client, name)
+    parent_run_id = ensure_parent_run(
+        client, experiment_id, name,
+        params={"space": spec.name, "family": spec.family.value,
+                "dataset": spec.dataset.name, "model": spec.model.name,
+                "objectives": json.dumps(spec.objectives),
+                "algorithm": spec.search.algorithm.value,
+                "num_samples": str(spec.search.num_samples),
+                "storage": redact(storage_root.uri)},
+        tags={"family": spec.family.value})
+    log(f"MLflow: experiment {name!r} ({experiment_id}), parent run {parent_run_id}")
+
+    _init_ray()
+    coordinator = StageCoordinator.options(name=coordinator_name(name),
+                                           get_if_exists=True).remote()
+    trainable = make_trainable(spec, sweep_storage)
+    if resume:
+        log(f"resuming sweep {name!r} from {redact(experiment_path)}")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
+                                   param_space=param_space(spec))
+    else:
+        callback = MLflowTracking(mlflow_uri, experiment_id, parent_run_id, name,
+                                  spec.family.value, sorted(spec.searched()))
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(spec), tune_config=_tune_config(spec),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_root.uri,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[callback], verbose=1))
+    grid = tuner.fit()
+    del coordinator
+    return _finish(spec, name, grid, client, experiment_id, parent_run_id, log)
+
+
+def pareto_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[np.ndarray, float]:
+    """(on-front mask, hypervolume) of the finished trials' objective values.
+
+    Hypervolume reference: 0 for maximised and 1 for minimised objectives (all of this
+    project's metrics are accuracies or rates in [0, 1]).
+    """
+    if not rows:
+        return np.zeros(0, dtype=bool), 0.0
+    values = np.array([[row[m] for m in spec.metric_names] for row in rows], dtype=float)
+    maximize = [mode == "max" for mode in spec.modes]
+    reference = [0.0 if up else 1.0 for up in maximize]
+    return pareto_mask(values, maximize), hypervolume(values, maximize, reference)
+
+
+def _finish(spec: SweepSpec, name: str, grid, client: MlflowClient, experiment_id: str,
+            parent_run_id: str, log) -> SweepResult:
+    runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=10_000)}
+    rows, failed = [], 0
+    searched = sorted(spec.searched())
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id")
+        if result.error is not None or any(
+                not isinstance(metrics.get(m), (int, float)) or math.isnan(metrics[m])
+                for m in spec.metric_names):
+            failed += 1
+            continue
+        run = runs.get(trial_id)
+        row = {"trial_id": trial_id, "run_id": run.info.run_id if run else "",
+               **{k: result.config.get(k) for k in searched},
+               **{m: float(metrics[m]) for m in spec.metric_names}}
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])
+    mask, volume = pareto_rows(spec, rows)
+    for row, on in zip(rows, mask):
+        row["pareto_optimal"] = bool(on)
+        if row["run_id"]:
+            client.set_tag(row["run_id"], "pareto_optimal", "true" if on else "false")
+    front = [row for row in rows if row["pareto_optimal"]]
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = Path(folder) / "pareto_front.csv"
+        columns = ["trial_id", "run_id", *searched, *spec.metric_names, "pareto_optimal"]
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        png_path = Path(folder) / "pareto_front.png"
+        _plot_front(spec, rows, png_path, name)
+        client.log_artifact(parent_run_id, str(csv_path))
+        client.log_artifact(parent_run_id, str(png_path))
+    client.log_metric(parent_run_id, "hypervolume", volume)
+    client.log_metric(parent_run_id, "finished_trials", len(rows))
+    client.log_metric(parent_run_id, "failed_trials", failed)
+    client.set_terminated(parent_run_id, status="FINISHED")
+    log(f"sweep {name!r}: {len(rows)} finished, {failed} failed; Pareto front of "
+        f"{len(front)} point(s), hypervolume {volume:.4f}")
+    return SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id)
+
+
+def _plot_front(spec: SweepSpec, rows: list[dict[str, Any]], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = spec.metric_names
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if rows:
+        x = [row[metrics[0]] for row in rows]
+        y = [row[metrics[1]] if len(metrics) > 1 else i for i, row in enumerate(rows)]
+        colour = [row[metrics[2]] for row in rows] if len(metrics) > 2 else None
+        points = ax.scatter(x, y, c=colour if colour else "lightgray", cmap="viridis", s=40,
+                            edgecolors="gray", label="all trials")
+        if colour:
+            fig.colorbar(points, ax=ax, label=metrics[2])
+        front = [(a, b) for a, b, row in zip(x, y, rows) if row["pareto_optimal"]]
+        if front:
+            fx, fy = zip(*sorted(front))
+            ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="red", linewidths=2,
+                       label="Pareto front")
+            if len(metrics) == 2:
+                ax.plot(fx, fy, color="red", alpha=0.5)
+    ax.set_xlabel(f"{metrics[0]} ({spec.objectives[metrics[0]]})")
+    ax.set_ylabel(f"{metrics[1]} ({spec.objectives[metrics[1]]})" if len(metrics) > 1
+                  else "trial")
+    ax.set_title(f"{name}: {len(rows)} trials")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -1,0 +1,169 @@
+"""MLflow tracking of a sweep: one experiment, one parent run, one child run per Ray trial.
+
+Ray's stock ``MLflowLoggerCallback`` keeps its trial-to-run map in memory and has no parent run,
+so a restored sweep would open second runs. Here child runs are keyed by the ``ray_trial_id``
+tag and found again on resume (the map is also saved with the experiment through
+``get_state``/``set_state``); the parent is found again by its ``sweep`` tag.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+__all__ = ["MLflowTracking", "TrackingError", "check_tracking_uri", "ensure_experiment",
+           "ensure_parent_run", "child_run_name"]
+
+
+class TrackingError(ValueError):
+    """The MLflow tracking URI is unusable (unreachable server, unwritable file)."""
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, before any Ray work, on a tracking URI that cannot be used."""
+    import os
+
+    from orchestrator.storage import redact
+
+    if uri.startswith(("http://", "https://")):
+        # one quick try instead of MLflow's minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise TrackingError(f"--mlflow-uri {redact(uri)}: unreachable ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise TrackingError(f"--mlflow-uri {uri}: folder {folder} is missing or unwritable")
+
+# Values Tune adds to every result: bookkeeping, not the trial's metrics.
+_TUNE_KEYS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+              "pid", "time_since_restore", "iterations_since_restore", "timesteps_total",
+              "episodes_total", "timesteps_since_restore", "warmup_time", "should_checkpoint"}
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return client.create_experiment(name)
+
+
+def ensure_parent_run(client: MlflowClient, experiment_id: str, sweep: str,
+                      params: dict[str, str], tags: dict[str, str]) -> str:
+    """The sweep's parent run: found by its ``sweep`` tag, created once."""
+    for run in client.search_runs([experiment_id], filter_string=f"tags.sweep = '{sweep}'"):
+        if "mlflow.parentRunId" not in run.data.tags:
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+    run = client.create_run(experiment_id, run_name=sweep, tags={"sweep": sweep, **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def child_run_name(family: str, config: dict[str, Any], searched: list[str]) -> str:
+    """``lesci depth=layer1 k=5 threshold=0.42``: the family and the searched values."""
+    parts = [family]
+    for key in searched:
+        value = config.get(key)
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class MLflowTracking(tune.Callback):
+    """Logs each trial to its own child run under the sweep's parent run, idempotently."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
+                 family: str, searched: list[str]):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self.family = family
+        self.searched = searched
+        self._runs: dict[str, str] = {}
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:  # the client does not pickle; it is rebuilt
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def get_state(self) -> dict[str, Any]:
+        return {"runs": dict(self._runs)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._runs = dict(state.get("runs", {}))
+
+    def run_id(self, trial) -> str:
+        """The trial's child run: from the map, else found by tag, else created."""
+        trial_id = trial.trial_id
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(f"tags.ray_trial_id = '{trial_id}' and "
+                           f"tags.mlflow.parentRunId = '{self.parent_run_id}'"))
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            config = dict(trial.config)
+            run = self.client.create_run(
+                self.experiment_id, run_name=child_run_name(self.family, config, self.searched),
+                tags={"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
+                      "sweep": self.sweep, "family": self.family})
+            run_id = run.info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in sorted(config.items())]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[start:start + 100])
+        self._runs[trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        self.client.update_run(run_id, status="RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_id(trial)
+        step = int(result.get("training_iteration", 0))
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in result.items()
+                   if key not in _TUNE_KEYS and isinstance(value, (int, float))
+                   and not isinstance(value, bool) and not math.isinf(float(value))]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        error = ""
+        if getattr(trial, "error_file", None):
+            try:
+                with open(trial.error_file) as fh:
+                    error = fh.read()
+            except OSError:
+                error = ""
+        lines = [line for line in error.strip().splitlines() if line.strip()]
+        self.client.log_batch(run_id, tags=[RunTag("error", (lines[-1] if lines else
+                                                             "trial failed")[:5000])])
+        self.client.set_terminated(run_id, status="FAILED")

@@ -1,0 +1,231 @@
+"""Ray Tune function trainables for the three families.
+
+Each is a plain ``fn(config)`` that calls ``tune.report``; ``make_trainable`` binds the
+validated space and the sweep's storage with ``tune.with_parameters`` and its resources with
+``tune.with_resources``. Training trials checkpoint every epoch and continue from
+``tune.get_checkpoint()``; LESCI trials take their shared stages from the ``StageCache``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from defenses.attacks import pgd
+from defenses.data import ArrayDataset, Augmentation, Splits, load_dataset
+from defenses.lesci import (EmbeddingSpace, adaptive_attack, build_embedding_space,
+                            collect_votes, fit_pca_at_depth)
+from defenses.models import build_model, checkpoint_bytes, load_checkpoint
+from defenses.pca import StreamingPCA
+from defenses.training import (ObjectiveName, TrainConfig, Trainer, evaluate_robustness,
+                               make_objective, _OBJECTIVES)
+from orchestrator.space import FAMILY_METRICS, Family, SweepSpec, _TRAIN_FIELDS
+from orchestrator.stages import StageCache, coordinator_name
+from orchestrator.storage import Storage
+
+__all__ = ["make_trainable", "lesci_trial", "training_trial"]
+
+
+def make_trainable(spec: SweepSpec, sweep_storage: Storage):
+    fn = lesci_trial if spec.family is Family.LESCI else training_trial
+    bound = tune.with_parameters(fn, spec_json=spec.as_dict(), storage_uri=sweep_storage.uri)
+    return tune.with_resources(bound, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _device(spec: SweepSpec) -> torch.device:
+    return torch.device("cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
+
+
+def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
+    spec = SweepSpec(**spec_json)
+    # a trial gets spec.resources.cpu cores: no more threads than that (no oversubscription)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+    return spec, splits, _device(spec)
+
+
+def _train_config(spec: SweepSpec, params: dict[str, Any]) -> TrainConfig:
+    values = dict(spec.training)
+    values.update({k: v for k, v in params.items() if k in _TRAIN_FIELDS})
+    if isinstance(values.get("augmentation"), dict):
+        values["augmentation"] = Augmentation(**values["augmentation"])
+    return TrainConfig(**values)
+
+
+def _build(spec: SweepSpec, splits: Splits) -> torch.nn.Module:
+    return build_model(spec.model.name, splits.num_classes, splits.input_shape, splits.mean,
+                       splits.std, **spec.model.options)
+
+
+def _log(message: str) -> None:
+    print(f"[{tune.get_context().get_trial_name() or 'trial'}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# LESCI
+
+
+def _largest(spec: SweepSpec, key: str, default: Any) -> Any:
+    values = spec.values_of(key)
+    if values is None:
+        return default
+    return max(values) if isinstance(values, list) else values[1]
+
+
+def _stage_cache(storage: Storage) -> StageCache:
+    sweep = storage.uri.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        coordinator = ray.get_actor(coordinator_name(sweep))
+    except ValueError:
+        coordinator = None  # running outside a sweep driver: storage alone dedups across runs
+    return StageCache(storage, coordinator, owner=tune.get_context().get_trial_id() or "", log=_log)
+
+
+def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
+    spec, splits, device = _setup(spec_json)
+    cache = _stage_cache(Storage(storage_uri))
+    depth, k, threshold = config["depth"], int(config["k"]), float(config["threshold"])
+    n_components = int(config["n_components"])
+    size = config.get("embedding_size")
+
+    # Stage 1: the base model (trained once, or loaded from the space's checkpoint).
+    base_inputs = {"dataset": spec.dataset.model_dump(), "model": spec.model.model_dump(),
+                   "training": spec.training}
+
+    def train_base() -> bytes:
+        if spec.model.checkpoint:
+            model, extra = load_checkpoint(spec.model.checkpoint)
+            return checkpoint_bytes(model, extra)
+        torch.manual_seed(int(spec.training.get("seed", 0)))
+        model = _build(spec, splits)
+        Trainer(model, splits.train, _train_config(spec, {}), device=device).fit()
+        return checkpoint_bytes(model.cpu())
+
+    model, _ = load_checkpoint(cache.get("base", base_inputs, train_base), map_location=device,
+                               name="base model stage")
+    model.eval()
+
+    # Stage 2: PCA at this depth with the largest n_components of the space (nested).
+    max_components = int(_largest(spec, "n_components", n_components))
+    pca_inputs = {"base": base_inputs, "depth": depth, "n_components": max_components}
+
+    def fit_pca() -> bytes:
+        logged = [0]
+
+        def progress(seen: int) -> None:  # early layers take long: say how far the fit is
+            if seen - logged[0] >= 10_000:
+                logged[0] = seen
+                _log(f"PCA at {depth} ({max_components} components): {seen} samples folded")
+
+        pca = fit_pca_at_depth(model, depth, splits.train, max_components, device=device,
+                               progress=progress)
+        return pca.to_bytes()
+
+    pca = StreamingPCA.from_bytes(cache.get("pca", pca_inputs, fit_pca), "PCA stage",
+                                  device=device, n_components=n_components)
+
+    # Stage 3: the embedding space of that PCA, at the largest embedding size of the space.
+    max_size = _largest(spec, "embedding_size", None)
+    space_inputs = {"pca": pca_inputs, "embedding_size": max_size}
+
+    def build_space() -> bytes:
+        full = StreamingPCA.from_bytes(cache.get("pca", pca_inputs, fit_pca), device=device)
+        return build_embedding_space(model, depth, full, splits.train,
+                                     None if max_size is None else int(max_size),
+                                     device=device).to_bytes()
+
+    space = EmbeddingSpace.from_bytes(cache.get("space", space_inputs, build_space),
+                                      "embedding-space stage")
+    space = space.truncate(n_components, None if size is None else min(int(size), len(space)))
+    if k > len(space):
+        raise ValueError(f"k={k} exceeds the embedding space's {len(space)} samples")
+
+    votes = collect_votes(model, depth, pca, space, k, splits.val, device=device)
+    metrics = votes.metrics(threshold)
+
+    if spec.attack is not None:
+        attack = spec.attack
+        x_val, y_val = _validation_tensors(splits)
+
+        # Stage 4: PGD examples crafted against the base model (a transfer attack).
+        def craft() -> bytes:
+            gen = torch.Generator().manual_seed(0)
+            advs = [pgd(model, x.to(device), y.to(device), attack.eps, attack.step_size,
+                        attack.steps, restarts=attack.restarts, generator=gen).cpu()
+                    for x, y in zip(x_val.split(256), y_val.split(256))]
+            buffer = io.BytesIO()
+            torch.save({"adversarial": torch.cat(advs), "labels": y_val}, buffer)
+            return buffer.getvalue()
+
+        transfer = torch.load(io.BytesIO(cache.get("transfer", {"base": base_inputs,
+                                                                "attack": attack.model_dump()},
+                                                   craft)), weights_only=True)
+        robust = collect_votes(model, depth, pca, space, k,
+                               ArrayDataset(transfer["adversarial"], transfer["labels"]),
+                               device=device)
+        metrics["robust_accuracy"] = robust.metrics(threshold)["accuracy"]
+        gen = torch.Generator().manual_seed(1)
+        adaptive = torch.cat([
+            adaptive_attack(model, depth, pca, space, k, x.to(device), y.to(device), attack.eps,
+                            attack.step_size, attack.steps, generator=gen).cpu()
+            for x, y in zip(x_val.split(256), y_val.split(256))])
+        metrics["adaptive_robust_accuracy"] = collect_votes(
+            model, depth, pca, space, k, ArrayDataset(adaptive, y_val),
+            device=device).metrics(threshold)["accuracy"]
+    tune.report({name: float(value) for name, value in metrics.items()})
+
+
+def _validation_tensors(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(splits.val[i] for i in range(len(splits.val))))
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+# ------------------------------------------------------------------------------------------------
+# IBP and adversarial training
+
+
+def _objective(spec: SweepSpec, params: dict[str, Any]):
+    if spec.family is Family.IBP:
+        name = ObjectiveName.IBP.value
+    else:
+        name = str(params["objective"])
+    accepted = set(inspect.signature(_OBJECTIVES[ObjectiveName(name)]).parameters)
+    return make_objective(name, **{k: v for k, v in params.items() if k in accepted})
+
+
+def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
+    spec, splits, device = _setup(spec_json)
+    seed = int(config.get("seed", spec.training.get("seed", 0)))
+    torch.manual_seed(seed)
+    model = _build(spec, splits)
+    trainer = Trainer(model, splits.train, _train_config(spec, config), _objective(spec, config),
+                      device=device)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "trainer.pt", map_location=device, weights_only=True)
+        trainer.load_state_dict(state)
+        _log(f"resumed from epoch {trainer.epoch}")
+    attack = spec.attack
+    wanted = FAMILY_METRICS[spec.family]
+    while trainer.epoch < trainer.config.epochs:
+        train_metrics = trainer.run_epoch()
+        model.eval()
+        evaluated = evaluate_robustness(model, splits.val, attack.eps, attack.steps,
+                                        attack.step_size, attack.restarts,
+                                        verify=spec.family is Family.IBP, seed=trainer.epoch)
+        model.train()
+        metrics = {k: v for k, v in evaluated.items() if k in wanted}
+        metrics.update(train_metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(trainer.state_dict(), os.path.join(folder, "trainer.pt"))
+            tune.report({k: float(v) for k, v in metrics.items()},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
