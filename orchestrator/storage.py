@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,13 @@ class StorageError(RuntimeError):
     """The storage is unreachable, unwritable, or a blob failed its checksum."""
 
 
-def redact(uri: str) -> str:
-    """A URI with any ``user:password@`` removed, for logs and MLflow."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        host = rest.split("@", 1)[1]
-        return f"{scheme}://***@{host}"
-    return uri
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URI in it replaced by ``***@`` (for
+    logs, errors and MLflow)."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def _endpoint() -> str | None:

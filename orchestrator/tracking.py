@@ -37,7 +37,7 @@ def check_tracking_uri(uri: str) -> None:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as exc:
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            reason = redact(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
             raise TrackingError(f"--mlflow-uri {redact(uri)}: unreachable ({reason})") from None
     elif uri.startswith("sqlite:///"):
         folder = os.path.dirname(uri[len("sqlite:///"):]) or "."

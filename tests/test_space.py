@@ -1,0 +1,147 @@
+"""Search spaces: the shipped ones validate; bad ones give one clear line and exit code 2."""
+
+import textwrap
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.space import SpaceError, load_space, shipped_spaces
+
+GOOD = textwrap.dedent("""
+    name: t
+    family: lesci
+    dataset: {name: digits}
+    model: {name: resnet_digits}
+    training: {epochs: 2}
+    params:
+      depth: {choice: [stem, pool]}
+      n_components: 8
+      k: {int: [1, 8]}
+      threshold: {uniform: [0.0, 0.9]}
+    objectives: {accuracy: max, projection_rate: max}
+""")
+
+
+def variant(path_updates=None, drop=None, raw=None):
+    data = yaml.safe_load(GOOD)
+    for dotted, value in (path_updates or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    for dotted in drop or []:
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        del node[last]
+    return raw if raw is not None else yaml.safe_dump(data)
+
+
+BAD = [
+    ("malformed yaml", variant(raw="name: t\nparams: {k: [1, 2\n"), r"not valid YAML"),
+    ("empty file", variant(raw=""), r"empty file"),
+    ("a list", variant(raw="- 1\n- 2\n"), r"expected a mapping at the top level"),
+    ("unknown top key", variant({"budget": 3}), r"budget: Extra inputs are not permitted"),
+    ("unknown family", variant({"family": "crown"}), r"family: Input should be 'lesci', 'ibp'"),
+    ("bad name", variant({"name": "a b/c"}), r"name: String should match pattern"),
+    ("unknown dataset", variant({"dataset.name": "imagenet"}),
+     r"dataset.name: unknown dataset 'imagenet'; allowed: digits, mnist"),
+    ("missing root", variant({"dataset.name": "mnist"}), r"dataset.root: required"),
+    ("unknown model", variant({"model.name": "vgg"}), r"model.name: unknown model 'vgg'"),
+    ("bad model option", variant({"model.options": {"stem": "x"}}),
+     r"model: model 'resnet_digits' takes no option"),
+    ("unknown param", variant({"params.temperature": 2}),
+     r"params.temperature: not a parameter of family 'lesci'"),
+    ("missing param", variant(drop=["params.k"]), r"params.k: required for family 'lesci'"),
+    ("two distributions", variant({"params.k": {"int": [1, 2], "choice": [1]}}),
+     r"params.k: a distribution needs exactly one of"),
+    ("wrong type in range", variant({"params.threshold": {"uniform": ["a", 1]}}),
+     r"params.threshold: uniform.0: Input should be a valid number"),
+    ("inverted range", variant({"params.threshold": {"uniform": [0.9, 0.1]}}),
+     r"params.threshold.uniform: \[0.9, 0.1\] is empty or inverted"),
+    ("empty range", variant({"params.threshold": {"uniform": [0.5, 0.5]}}),
+     r"is empty or inverted"),
+    ("inverted int range", variant({"params.k": {"int": [9, 2]}}),
+     r"params.k.int: \[9, 2\] is inverted"),
+    ("loguniform at 0", variant({"params.threshold": {"loguniform": [0.0, 1.0]}}),
+     r"loguniform: bounds must be > 0"),
+    ("k < 1", variant({"params.k": {"int": [0, 5]}}), r"params.k: must be whole numbers >= 1"),
+    ("threshold > 1", variant({"params.threshold": {"uniform": [0.0, 1.5]}}),
+     r"params.threshold: must be <= 1"),
+    ("n_components > activation", variant({"params.n_components": 100, "params.depth": "pool"}),
+     r"params.n_components: 100 exceeds the 64 dimensions of depth 'pool'"),
+    ("unknown depth", variant({"params.depth": {"choice": ["stem", "layer9"]}}),
+     r"params.depth: 'layer9' is not a depth of resnet_digits; allowed: stem, layer1"),
+    ("embedding smaller than k", variant({"params.embedding_size": 4}),
+     r"params.embedding_size: 4 is smaller than the largest k \(8\)"),
+    ("unknown metric", variant({"objectives": {"acc": "max"}}),
+     r"objectives.acc: not a metric of family 'lesci'"),
+    ("bad mode", variant({"objectives": {"accuracy": "up"}}),
+     r"objectives.accuracy: Input should be 'max' or 'min'"),
+    ("robust objective without attack", variant({"objectives": {"robust_accuracy": "max"}}),
+     r"objectives.robust_accuracy: needs an attack"),
+    ("asha with two objectives", variant({"scheduler": "asha"}),
+     r"scheduler: asha takes one objective"),
+    ("grid with a range", variant({"search": {"algorithm": "grid"}}),
+     r"params.k: the grid algorithm needs choice or grid values"),
+    ("bad training field", variant({"training": {"epochs": 0}}),
+     r"training: epochs must be >= 1"),
+    ("unknown training field", variant({"training": {"epoch": 3}}),
+     r"training.epoch: unknown"),
+    ("num_samples 0", variant({"search": {"num_samples": 0}}),
+     r"search.num_samples: Input should be greater than or equal to 1"),
+    ("negative gpu", variant({"resources": {"gpu": -1}}), r"resources.gpu"),
+]
+
+
+@pytest.mark.parametrize("case, text, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_space_is_one_clear_line(tmp_path, capsys, case, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=message) as info:
+        load_space(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    # the CLI: exit code 2, one line on stderr, no traceback, and nothing stored
+    storage = tmp_path / "store"
+    assert main(["--space", str(path), "--storage", str(storage),
+                 "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not storage.exists() and not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("name", sorted(shipped_spaces()))
+def test_shipped_spaces_validate(name):
+    full, smoke = load_space(name), load_space(name, smoke_test=True)
+    assert full.family == smoke.family
+    assert smoke.search.num_samples <= full.search.num_samples
+
+
+def test_cli_input_errors(tmp_path, capsys):
+    args = ["--storage", str(tmp_path / "s"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    cases = [
+        (["--space", "nope"], "--space nope: no such file, and not a shipped space"),
+        (["--num-samples", "0"], "--num-samples: must be a positive integer"),
+        (["--resume"], "--resume: needs --name"),
+        (["--name", "a b"], "--name 'a b': use letters"),
+        (["--mlflow-uri", "sqlite:////nonexistent/dir/m.db"], "folder /nonexistent/dir"),
+        (["--mlflow-uri", "http://127.0.0.1:9"], "--mlflow-uri http://127.0.0.1:9: unreachable"),
+        (["--name", "absent", "--resume"], "--resume: no sweep named 'absent'"),
+    ]
+    for extra, message in cases:
+        argv = [*args, *extra]
+        if "--mlflow-uri" in extra:
+            argv = ["--storage", str(tmp_path / "s"), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_mlflow_uri_password_is_redacted(tmp_path, capsys):
+    assert main(["--storage", str(tmp_path / "s"),
+                 "--mlflow-uri", "http://alice:s3cret@127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "***@127.0.0.1:9" in err

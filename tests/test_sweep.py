@@ -1,0 +1,207 @@
+"""Sweeps end to end: the real CLI in a subprocess, local Ray, an MLflow SQLite store, local or
+S3-compatible storage (moto_server on 127.0.0.1)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.space import load_space
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILY_METRICS = {"lesci": ["accuracy", "projection_rate", "accuracy_projected",
+                            "accuracy_identity"],
+                  "ibp": ["nominal_accuracy", "verified_accuracy", "pgd_accuracy"],
+                  "adversarial": ["clean_accuracy", "pgd_accuracy"]}
+
+pytestmark = pytest.mark.slow
+
+
+def cli(args, tmp_path, env=None, timeout=600, **popen):
+    command = [sys.executable, str(ROOT / "search.py"), *args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", **(env or {}))
+    if popen:
+        return subprocess.Popen(command, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def runs_of(mlflow_uri, sweep):
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(sweep)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def check_tracked(mlflow_uri, sweep, family, trials):
+    client, parents, children = runs_of(mlflow_uri, sweep)
+    assert len(parents) == 1 and parents[0].data.tags["sweep"] == sweep
+    parent = parents[0]
+    assert parent.info.run_name == sweep and parent.info.status == "FINISHED"
+    assert "hypervolume" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto_front.csv", "pareto_front.png"} <= artifacts
+    assert len(children) == trials
+    assert len({c.data.tags["ray_trial_id"] for c in children}) == trials
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.info.run_name.startswith(family)
+        assert child.data.tags["pareto_optimal"] in ("true", "false")
+        assert set(FAMILY_METRICS[family]) <= set(child.data.metrics)
+    assert any(c.data.tags["pareto_optimal"] == "true" for c in children)
+    return client, parent, children
+
+
+@pytest.mark.parametrize("space", ["demo", "lesci", "ibp", "adversarial", "ibp_mnist_paper"])
+def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
+    spec = load_space(space, smoke_test=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli(["--space", space, "--smoke-test", "--name", "smoke", "--storage",
+                str(tmp_path / "sweeps"), "--mlflow-uri", uri], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Pareto front of" in done.stdout
+    trials = 1 if spec.search.algorithm.value == "grid" else spec.search.num_samples
+    client, parent, children = check_tracked(uri, "smoke", spec.family.value, trials)
+    if spec.family.value != "lesci":  # training trials log one step per epoch
+        history = client.get_metric_history(children[0].info.run_id, spec.metric_names[0])
+        assert [m.step for m in history] == list(range(1, spec.training["epochs"] + 1))
+
+
+LESCI_GRID = textwrap.dedent("""
+    name: grid
+    family: lesci
+    dataset: {name: digits}
+    model: {name: resnet_digits}
+    training: {epochs: 2, batch_size: 128}
+    params:
+      depth: layer1
+      n_components: 8
+      k: {grid: [1, 3, 5]}
+      threshold: {grid: [0.3, 0.6]}
+    attack: {eps: 0.1, steps: 2}
+    objectives: {accuracy: max, projection_rate: max}
+    search: {algorithm: grid, max_concurrent: 2}
+""")
+
+
+def computed_records(sweep_folder: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in (sweep_folder / "stages" / "computed").glob("*.json"):
+        kind = json.loads(record.read_text())["key"].split("-")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
+    (tmp_path / "grid.yaml").write_text(LESCI_GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli(["--space", "grid.yaml", "--name", "g", "--storage", "sweeps",
+                "--mlflow-uri", uri], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    check_tracked(uri, "g", "lesci", 6)
+    # six trials, two at a time: one base model, one PCA, one embedding space, one transfer set
+    assert computed_records(tmp_path / "sweeps" / "g") == {"base": 1, "pca": 1, "space": 1,
+                                                           "transfer": 1}
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    space = LESCI_GRID.replace("max_concurrent: 2", "max_concurrent: 1")
+    (tmp_path / "grid.yaml").write_text(space)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--space", "grid.yaml", "--name", "r", "--storage", "sweeps", "--mlflow-uri", uri]
+    driver = cli(args, tmp_path, start_new_session=True)
+    deadline = time.time() + 300
+    finished = 0
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        try:
+            _, _, children = runs_of(uri, "r")
+        except Exception:  # the store is still being created
+            continue
+        finished = sum(c.info.status == "FINISHED" for c in children)
+        if finished >= 2:
+            break
+    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGKILL)  # as when the head machine dies
+    driver.wait()
+    before = {c.data.tags["ray_trial_id"]: c.info.run_id for c in runs_of(uri, "r")[2]
+              if c.info.status == "FINISHED"}
+    assert len(before) >= 2
+
+    resumed = cli([*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, parent, children = check_tracked(uri, "r", "lesci", 6)  # exactly one run per trial
+    assert parent.data.metrics["finished_trials"] == 6
+    for child in children:
+        # finished trials were not rerun: their metrics were logged once
+        assert len(client.get_metric_history(child.info.run_id, "accuracy")) == 1
+        if child.data.tags["ray_trial_id"] in before:
+            assert before[child.data.tags["ray_trial_id"]] == child.info.run_id
+    # and a second --resume of a finished sweep changes nothing
+    again = cli([*args, "--resume"], tmp_path)
+    assert again.returncode == 0
+    assert len(runs_of(uri, "r")[2]) == 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        import boto3
+
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing",
+                          aws_secret_access_key="testing-secret-key")
+        s3.create_bucket(Bucket="sweeps")
+        yield env, s3
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+
+
+def test_sweep_with_storage_on_s3(tmp_path, s3_server):
+    env, s3 = s3_server
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli(["--smoke-test", "--name", "on-s3", "--storage", "s3://sweeps/runs",
+                "--mlflow-uri", uri], tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="sweeps")
+            for o in page.get("Contents", [])]
+    assert "runs/on-s3/space.json" in keys
+    assert any(k.startswith("runs/on-s3/experiment_state") for k in keys)  # Tune's state
+    assert any(k.startswith("runs/on-s3/stages/pca-") for k in keys)
+    assert not (tmp_path / "sweeps").exists()  # nothing went to a local default
+    check_tracked(uri, "on-s3", "lesci", 3)
+    # the secret key never reached MLflow
+    client, parents, children = runs_of(uri, "on-s3")
+    for run in parents + children:
+        text = json.dumps([run.data.params, run.data.tags])
+        assert "testing-secret-key" not in text
