@@ -140,7 +140,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                                    param_space=param_space(spec))
     else:
         callback = MLflowTracking(mlflow_uri, experiment_id, parent_run_id, name,
-                                  spec.family.value, sorted(spec.searched()))
+                                  spec.family.value, sorted(spec.searched()), spec.metric_names)
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec), tune_config=_tune_config(spec),
             run_config=tune.RunConfig(

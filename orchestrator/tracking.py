@@ -86,14 +86,17 @@ class MLflowTracking(tune.Callback):
     """Logs each trial to its own child run under the sweep's parent run, idempotently."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
-                 family: str, searched: list[str]):
+                 family: str, searched: list[str], metric_names: list[str]):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
         self.family = family
         self.searched = searched
+        self.metric_names = metric_names
         self._runs: dict[str, str] = {}
+        # last step logged per trial: a trial re-reported after a restore is not logged twice
+        self._logged_step: dict[str, int] = {}
         self._client: MlflowClient | None = None
 
     @property
@@ -108,10 +111,11 @@ class MLflowTracking(tune.Callback):
         return state
 
     def get_state(self) -> dict[str, Any]:
-        return {"runs": dict(self._runs)}
+        return {"runs": dict(self._runs), "logged_step": dict(self._logged_step)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._runs = dict(state.get("runs", {}))
+        self._logged_step = dict(state.get("logged_step", {}))
 
     def run_id(self, trial) -> str:
         """The trial's child run: from the map, else found by tag, else created."""
@@ -124,6 +128,9 @@ class MLflowTracking(tune.Callback):
                            f"tags.mlflow.parentRunId = '{self.parent_run_id}'"))
         if found:
             run_id = found[0].info.run_id
+            # the experiment state may be older than the run: read what it already holds
+            history = self.client.get_metric_history(run_id, self.metric_names[0])
+            self._logged_step[trial_id] = max((m.step for m in history), default=-1)
         else:
             config = dict(trial.config)
             run = self.client.create_run(
@@ -143,7 +150,11 @@ class MLflowTracking(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id(trial)
-        step = int(result.get("training_iteration", 0))
+        # training trials report their epoch; LESCI trials report once (step 1)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._logged_step.get(trial.trial_id, -1):
+            return
+        self._logged_step[trial.trial_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, step) for key, value in result.items()
                    if key not in _TUNE_KEYS and isinstance(value, (int, float))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -89,9 +90,26 @@ def _stage_cache(storage: Storage) -> StageCache:
     return StageCache(storage, coordinator, owner=tune.get_context().get_trial_id() or "", log=_log)
 
 
+def _stored_result(storage: Storage) -> tuple[str, dict[str, float] | None]:
+    """(path, metrics a previous run of this trial already finished with, if any).
+
+    Tune saves its experiment state every few seconds: a trial that finished after the last
+    save is launched again on resume. Its stored result is reported instead of recomputed.
+    """
+    path = f"results/{tune.get_context().get_trial_id()}.json"
+    found = storage.get_verified(path)
+    return path, (json.loads(found[0]) if found is not None else None)
+
+
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
+    storage = Storage(storage_uri)
+    result_path, done = _stored_result(storage)
+    if done is not None:
+        _log("finished in an earlier run: reporting its stored result")
+        tune.report(done)
+        return
     spec, splits, device = _setup(spec_json)
-    cache = _stage_cache(Storage(storage_uri))
+    cache = _stage_cache(storage)
     depth, k, threshold = config["depth"], int(config["k"]), float(config["threshold"])
     n_components = int(config["n_components"])
     size = config.get("embedding_size")
@@ -180,7 +198,9 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
         metrics["adaptive_robust_accuracy"] = collect_votes(
             model, depth, pca, space, k, ArrayDataset(adaptive, y_val),
             device=device).metrics(threshold)["accuracy"]
-    tune.report({name: float(value) for name, value in metrics.items()})
+    metrics = {name: float(value) for name, value in metrics.items()}
+    storage.put_verified(result_path, json.dumps(metrics).encode(), {"config": config})
+    tune.report(metrics)
 
 
 def _validation_tensors(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,8 +232,12 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / "trainer.pt", map_location=device, weights_only=True)
+            last_metrics = json.loads((Path(folder) / "metrics.json").read_text())
         trainer.load_state_dict(state)
         _log(f"resumed from epoch {trainer.epoch}")
+        if trainer.epoch >= trainer.config.epochs:  # finished after Tune's last state save
+            tune.report(last_metrics, checkpoint=checkpoint)
+            return
     attack = spec.attack
     wanted = FAMILY_METRICS[spec.family]
     while trainer.epoch < trainer.config.epochs:
@@ -225,7 +249,8 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         model.train()
         metrics = {k: v for k, v in evaluated.items() if k in wanted}
         metrics.update(train_metrics)
+        metrics = {k: float(v) for k, v in metrics.items()}
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), os.path.join(folder, "trainer.pt"))
-            tune.report({k: float(v) for k, v in metrics.items()},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            Path(folder, "metrics.json").write_text(json.dumps(metrics))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
