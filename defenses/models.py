@@ -139,7 +139,27 @@ class DepthsMixin:
         return list(self.depth_modules())
 
 
-class ResNet(DepthsMixin, nn.Module):
+class _ResidualDepths(DepthsMixin):
+    """Depths of the residual nets: ``stem``, ``layer1`` .. ``layerN``, ``pool``."""
+
+    num_layers: int
+    flatten: nn.Module
+
+    def _stem(self) -> nn.Module:
+        raise NotImplementedError
+
+    def layers(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_layers)]
+
+    def depth_modules(self) -> "OrderedDict[str, nn.Module]":
+        named: OrderedDict[str, nn.Module] = OrderedDict(stem=self._stem())
+        for i, layer in enumerate(self.layers()):
+            named[f"layer{i + 1}"] = layer
+        named["pool"] = self.flatten
+        return named
+
+
+class ResNet(_ResidualDepths, nn.Module):
     """ResNet with torchvision parameter names.
 
     stem="imagenet": 7x7/2 convolution and 3x3/2 max pool (torchvision). stem="small": 3x3/1
@@ -193,15 +213,8 @@ class ResNet(DepthsMixin, nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def layers(self) -> list[nn.Sequential]:
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_layers)]
-
-    def depth_modules(self) -> "OrderedDict[str, nn.Module]":
-        named: OrderedDict[str, nn.Module] = OrderedDict(stem=self.maxpool)
-        for i, layer in enumerate(self.layers()):
-            named[f"layer{i + 1}"] = layer
-        named["pool"] = self.flatten
-        return named
+    def _stem(self) -> nn.Module:
+        return self.maxpool  # the identity with the small stem
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
@@ -232,7 +245,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(DepthsMixin, nn.Module):
+class PreActResNet(_ResidualDepths, nn.Module):
     """Pre-activation ResNet-18 with a 3x3 stem (the adversarial-training workhorse on CIFAR)."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, input_shape: tuple[int, int, int],
@@ -257,15 +270,8 @@ class PreActResNet(DepthsMixin, nn.Module):
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(cin, num_classes)
 
-    def layers(self) -> list[nn.Sequential]:
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_layers)]
-
-    def depth_modules(self) -> "OrderedDict[str, nn.Module]":
-        named: OrderedDict[str, nn.Module] = OrderedDict(stem=self.conv1)
-        for i, layer in enumerate(self.layers()):
-            named[f"layer{i + 1}"] = layer
-        named["pool"] = self.flatten
-        return named
+    def _stem(self) -> nn.Module:
+        return self.conv1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(self.normalize(x))
