@@ -1,0 +1,239 @@
+"""The user's cluster path on loopback, for real.
+
+- sshd on 127.0.0.1:22 with a key of the test's own;
+- an S3-compatible server (moto_server) and ``mlflow server`` (SQLite backend, artifacts proxied
+  to S3);
+- ``ray up docker/cluster-local.yaml``, then ``ray submit ... search.py -- --smoke-test --storage
+  s3://... --mlflow-uri http://...``, then ``ray down``;
+- headless Chromium (through chromedriver) on the MLflow UI.
+
+Every process started here is stopped at the end, also on failure. Without sshd, rsync,
+Chromium or a free port 22 these tests skip, unless REQUIRE_SYSTEM_SERVICES=1 (CI), where they
+fail instead.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+BUCKET = "cluster-test"
+
+pytestmark = pytest.mark.slow
+
+
+def _missing(reason: str):
+    if os.environ.get("REQUIRE_SYSTEM_SERVICES") == "1":
+        pytest.fail(f"{reason} (REQUIRE_SYSTEM_SERVICES=1: .ci/run installs it)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+class Processes:
+    """Processes started in their own sessions, stopped as whole groups."""
+
+    def __init__(self):
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, command, log: Path, env=None) -> subprocess.Popen:
+        proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """Services up, a sweep submitted through ``ray submit``; yields what the tests check."""
+    for tool in ("sshd", "rsync", "ray"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            _missing(f"{tool} is not installed")
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 22)) == 0:
+            _missing("port 22 is taken: the loopback cluster needs it for sshd")
+    tmp = tmp_path_factory.mktemp("cluster")
+    procs = Processes()
+    s3_port, mlflow_port = free_port(), free_port()
+    s3_env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
+              "AWS_SECRET_ACCESS_KEY": "cluster-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
+    config = tmp / "cluster.yaml"
+    try:
+        procs.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                    tmp / "moto.log")
+        wait_for_port(s3_port)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing",
+                          aws_secret_access_key="cluster-secret-key")
+        s3.create_bucket(Bucket=BUCKET)
+        server_env = dict(os.environ, **s3_env,
+                          MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"])
+        procs.start(["mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                     "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                     "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
+                    tmp / "mlflow.log", env=server_env)
+
+        # sshd of the test's own: its key, its host key, and the environment a user's shell on
+        # the head would have (PATH to this Python, the S3 endpoint and credentials).
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key")],
+                       check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(tmp / "hostkey")], check=True)
+        shutil.copy(tmp / "key.pub", tmp / "authorized_keys")
+        env_line = " ".join(f"{k}={v}" for k, v in {
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            **s3_env}.items())
+        (tmp / "sshd_config").write_text(
+            f"Port 22\nListenAddress 127.0.0.1\nHostKey {tmp / 'hostkey'}\n"
+            f"PidFile {tmp / 'sshd.pid'}\nAuthorizedKeysFile {tmp / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            f"SetEnv {env_line}\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        procs.start([sshd, "-D", "-e", "-f", str(tmp / "sshd_config")], tmp / "sshd.log")
+        wait_for_port(22)
+        wait_for_port(mlflow_port, 120)
+
+        cluster = yaml.safe_load((ROOT / "docker" / "cluster-local.yaml").read_text())
+        cluster["auth"]["ssh_private_key"] = str(tmp / "key")
+        config.write_text(yaml.safe_dump(cluster))
+        up = subprocess.run(["ray", "up", "-y", "--no-config-cache", str(config)],
+                            capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        submit = subprocess.run(
+            ["ray", "submit", "--no-config-cache", str(config), str(ROOT / "search.py"), "--",
+             "--smoke-test", "--name", "submitted", "--storage", f"s3://{BUCKET}/sweeps",
+             "--mlflow-uri", f"http://127.0.0.1:{mlflow_port}"],
+            capture_output=True, text=True, timeout=600)
+        (tmp / "submit.log").write_text(submit.stdout + submit.stderr)
+        yield {"submit": submit, "s3": s3, "mlflow": f"http://127.0.0.1:{mlflow_port}",
+               "tmp": tmp}
+    finally:
+        if config.exists():
+            subprocess.run(["ray", "down", "-y", str(config)], capture_output=True, timeout=300)
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        procs.stop_all()
+
+
+def test_ray_up_submit_down_with_s3_storage_and_mlflow_server(submitted):
+    submit = submitted["submit"]
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "Pareto front of demo" in submit.stdout
+    # the sweep's state is in the bucket
+    s3 = submitted["s3"]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])]
+    assert "sweeps/submitted/space.json" in keys
+    assert any(k.startswith("sweeps/submitted/experiment_state") for k in keys)
+    assert any(k.startswith("sweeps/submitted/stages/pca-") for k in keys)
+    # runs, metrics and artifacts are in MLflow (artifacts proxied to the bucket)
+    client = MlflowClient(submitted["mlflow"])
+    experiment = client.get_experiment_by_name("submitted")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4  # the demo's smoke grid
+    assert all({"accuracy", "projection_rate", "robust_accuracy"} <= set(c.data.metrics)
+               for c in children)
+    parent = parents[0]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "pareto_front.csv", "pareto_front.png"}
+    assert any(k.startswith("mlflow/") and k.endswith("pareto_front.png") for k in keys)
+    # no secret in what MLflow holds or what the sweep printed
+    for run in runs:
+        assert "cluster-secret-key" not in str(run.data.params) + str(run.data.tags)
+    assert "cluster-secret-key" not in submit.stdout + submit.stderr
+
+
+def test_mlflow_ui_lists_child_runs_with_metrics(submitted):
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        _missing("chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(submitted["mlflow"])
+    experiment = client.get_experiment_by_name("submitted")
+    parent = [r for r in client.search_runs([experiment.experiment_id])
+              if "mlflow.parentRunId" not in r.data.tags][0]
+    # the parent's plot is served by the tracking server
+    with urllib.request.urlopen(f"{submitted['mlflow']}/get-artifact?path=pareto_front.png"
+                                f"&run_uuid={parent.info.run_id}", timeout=30) as response:
+        assert response.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=2400,1000",
+                 f"--user-data-dir={submitted['tmp'] / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(f"{submitted['mlflow']}/#/experiments/{experiment.experiment_id}/runs")
+        expander = 'button[data-component-id*="runnamecellrenderer"]'
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, expander))
+        driver.find_element(By.CSS_SELECTOR, expander).click()  # show the parent's children
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").text.count("lesci depth=") == 4)
+        # add every metric column
+        driver.find_element(By.XPATH, "//*[contains(text(),'Show more columns')]").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(
+            By.XPATH, "//*[starts-with(normalize-space(text()),'Metrics (')]"))
+        driver.find_element(By.XPATH,
+                            "//*[starts-with(normalize-space(text()),'Metrics (')]").click()
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        cells = 'div.ag-cell[col-id="metrics.`accuracy`"]'  # the first metric: rendered
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, cells)) >= 5)
+        values = [c.text for c in driver.find_elements(By.CSS_SELECTOR, cells)]
+        numbers = [float(v) for v in values if v not in ("", "-")]
+        assert len(numbers) == 4 and all(0.0 <= v <= 1.0 for v in numbers)
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "mlflow_ui.png"))
+    finally:
+        driver.quit()
+    assert (ARTIFACTS / "mlflow_ui.png").stat().st_size > 10_000
