@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["search"] = {k: v for k, v in (("num_samples", args.num_samples),
                                                      ("max_concurrent", args.max_concurrent))
                                    if v is not None}
-        spec = load_space(args.space, smoke_test=args.smoke_test, overrides=overrides)
+        spec = load_space(args.space, smoke_test=args.smoke_test, overrides=overrides,
+                          check_data=True)
         if args.resume and not args.name:
             raise SpaceError("--resume: needs --name of the sweep to continue")
         name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -238,10 +238,13 @@ def shipped_spaces() -> dict[str, Path]:
 
 
 def load_space(name_or_path: str | Path, smoke_test: bool = False,
-               overrides: dict[str, Any] | None = None, check_model: bool = True) -> SweepSpec:
+               overrides: dict[str, Any] | None = None, check_model: bool = True,
+               check_data: bool = False) -> SweepSpec:
     """Read, merge the smoke-test overrides (if asked) and validate a space.
 
     ``name_or_path``: a shipped space's name (``lesci``) or a YAML file.
+    ``check_data``: also open the dataset files and the model checkpoint (the CLI does, so a
+    missing folder or a corrupt file is exit 2 before Ray starts, not a failed trial).
     Raises ``SpaceError`` with one line naming the file, the key and what is allowed.
     """
     shipped = shipped_spaces()
@@ -277,9 +280,38 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
         raise SpaceError(f"{path}: {exc}") from None
     try:
         _check_semantics(spec, check_model)
+        if check_data:
+            _check_data(spec)
     except ValueError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     return spec
+
+
+def _check_data(spec: SweepSpec) -> None:
+    """Open the dataset (every loader checks its files' format) and the checkpoint."""
+    from defenses.data import load_dataset
+    from defenses.models import load_checkpoint
+
+    try:
+        splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+        if len(splits.val):
+            splits.val[0]  # decodes one image: a corrupt file format shows now, not in a trial
+    except ValueError as exc:  # DatasetError included
+        raise ValueError(f"dataset: {exc}") from None
+    if spec.model.checkpoint:
+        try:
+            model, _ = load_checkpoint(spec.model.checkpoint)
+        except ValueError as exc:  # CheckpointError included
+            raise ValueError(f"model.checkpoint: {exc}") from None
+        built = model.build_config
+        if built["model"] != spec.model.name:
+            raise ValueError(f"model.checkpoint: {spec.model.checkpoint} holds a "
+                             f"{built['model']}, the space's model is {spec.model.name}")
+        if (built["num_classes"], tuple(built["input_shape"])) != (splits.num_classes,
+                                                                   splits.input_shape):
+            raise ValueError(f"model.checkpoint: {spec.model.checkpoint} was built for "
+                             f"{built['num_classes']} classes of {tuple(built['input_shape'])}"
+                             f", the dataset has {splits.num_classes} of {splits.input_shape}")
 
 
 # ------------------------------------------------------------------------------------------------

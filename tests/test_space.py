@@ -145,3 +145,45 @@ def test_mlflow_uri_password_is_redacted(tmp_path, capsys):
                  "--mlflow-uri", "http://alice:s3cret@127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "s3cret" not in err and "***@127.0.0.1:9" in err
+
+
+def _space_with(tmp_path, **updates):
+    data = yaml.safe_load(GOOD)
+    for dotted, value in updates.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
+    from defenses.models import build_model, save_checkpoint
+    from tests.test_data import make_mnist
+
+    args = ["--storage", str(tmp_path / "s"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    make_mnist(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x01" * 9)
+    save_checkpoint(build_model("resnet18", 10, (1, 8, 8), (0.5,), (0.2,)), tmp_path / "r18.pt")
+    save_checkpoint(build_model("resnet_digits", 4, (1, 8, 8), (0.5,), (0.2,)), tmp_path / "c4.pt")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    cases = [
+        ({"dataset": {"name": "mnist", "root": str(tmp_path / "absent")}},
+         "absent: no such directory"),
+        ({"dataset": {"name": "mnist", "root": str(tmp_path / "mnist")}},
+         "t10k-images-idx3-ubyte: truncated IDX header"),
+        ({"model__checkpoint": str(tmp_path / "r18.pt")},
+         "holds a resnet18, the space's model is resnet_digits"),
+        ({"model__checkpoint": str(tmp_path / "c4.pt")}, "was built for 4 classes"),
+        ({"model__checkpoint": str(tmp_path / "broken.pt")},
+         "broken.pt: not a loadable weights-only checkpoint"),
+    ]
+    for updates, message in cases:
+        path = _space_with(tmp_path, **updates)
+        assert main(["--space", str(path), *args]) == 2, updates
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (updates, err)
+    assert not (tmp_path / "s").exists()
