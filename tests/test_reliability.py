@@ -1,0 +1,109 @@
+"""Trial crashes: a trial killed mid-epoch continues from its checkpoint; a trial that fails
+every time is recorded as failed and does not stop the sweep."""
+
+import os
+import re
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.test_sweep import cli, runs_of
+
+pytestmark = pytest.mark.slow
+
+TRAINING = textwrap.dedent("""
+    name: crash
+    family: adversarial
+    dataset: {name: synthetic, options: {num_classes: 4, input_shape: [1, 16, 16],
+                                         train_size: 3000, val_size: 64}}
+    model: {name: ibp_small, options: {padding: same}}
+    training: {epochs: 6, batch_size: 64, lr: 0.001}
+    params: {objective: pgd, eps: 0.1, alpha: 0.03, steps: 4}
+    attack: {eps: 0.1, steps: 2}
+    objectives: {pgd_accuracy: max}
+    search: {algorithm: grid, max_concurrent: 1}
+    max_failures: 2
+""")
+
+
+def trial_workers() -> list[int]:
+    """PIDs of Ray worker processes running a trial (Tune's function trainables)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::ImplicitFunc" in line]
+
+
+def test_trial_killed_mid_epoch_continues_from_its_checkpoint(tmp_path):
+    (tmp_path / "space.yaml").write_text(TRAINING)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = cli(["--space", "space.yaml", "--name", "crash", "--storage", "sweeps",
+                  "--mlflow-uri", uri], tmp_path, start_new_session=True)
+    try:
+        deadline, killed = time.time() + 300, False
+        while time.time() < deadline and driver.poll() is None and not killed:
+            time.sleep(0.5)
+            try:
+                client, _, children = runs_of(uri, "crash")
+            except Exception:
+                continue
+            if children and len(client.get_metric_history(children[0].info.run_id,
+                                                          "pgd_accuracy")) >= 2:
+                time.sleep(0.5)  # into the third epoch
+                workers = trial_workers()
+                assert workers, "no trial process found to kill"
+                for pid in workers:
+                    os.kill(pid, signal.SIGKILL)  # the trial's process dies mid-epoch
+                killed = True
+        assert killed, "the trial finished before it could be killed"
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, output[-3000:]
+    # killed in the third epoch: continued from the second's checkpoint (or the third's, if it
+    # was written in the moment before the kill)
+    assert re.search(r"resumed from epoch [23]", output), output[-3000:]
+    client, parents, children = runs_of(uri, "crash")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    # epochs continue after the crash: each logged once, 1..6, none restarted from 1
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "pgd_accuracy")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert parents[0].data.metrics["finished_trials"] == 1
+
+
+FAILING = textwrap.dedent("""
+    name: failing
+    family: lesci
+    dataset: {name: digits}
+    model: {name: resnet_digits}
+    training: {epochs: 2, batch_size: 128}
+    params:
+      depth: pool
+      n_components: 8
+      k: {grid: [3, 5000]}
+      threshold: 0.5
+    objectives: {accuracy: max, projection_rate: max}
+    search: {algorithm: grid, max_concurrent: 1}
+    max_failures: 1
+""")
+
+
+def test_a_trial_that_always_fails_is_recorded_and_the_sweep_finishes(tmp_path):
+    (tmp_path / "space.yaml").write_text(FAILING)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli(["--space", "space.yaml", "--name", "failing", "--storage", "sweeps",
+                "--mlflow-uri", uri], tmp_path)
+    # k = 5000 exceeds the embedding space (the correctly classified training digits)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client, parents, children = runs_of(uri, "failing")
+    by_k = {c.data.params["k"]: c for c in children}
+    assert set(by_k) == {"3", "5000"} and len(children) == 2
+    assert by_k["3"].info.status == "FINISHED"
+    assert by_k["5000"].info.status == "FAILED"
+    assert "exceeds the embedding space" in by_k["5000"].data.tags["error"]
+    assert parents[0].data.metrics["failed_trials"] == 1
+    assert parents[0].data.metrics["finished_trials"] == 1
+    assert "1 finished, 1 failed" in done.stdout
