@@ -130,11 +130,14 @@ def test_cli_input_errors(tmp_path, capsys):
         (["--mlflow-uri", "sqlite:////nonexistent/dir/m.db"], "folder /nonexistent/dir"),
         (["--mlflow-uri", "http://127.0.0.1:9"], "--mlflow-uri http://127.0.0.1:9: unreachable"),
         (["--name", "absent", "--resume"], "--resume: no sweep named 'absent'"),
+        (["--storage", "/proc/forbidden"], "/proc/forbidden/.probe-"),
     ]
     for extra, message in cases:
         argv = [*args, *extra]
         if "--mlflow-uri" in extra:
             argv = ["--storage", str(tmp_path / "s"), *extra]
+        if "--storage" in extra:
+            argv = ["--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", *extra]
         assert main(argv) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)

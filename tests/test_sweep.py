@@ -156,6 +156,14 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     again = cli([*args, "--resume"], tmp_path)
     assert again.returncode == 0
     assert len(runs_of(uri, "r")[2]) == 6
+    # resuming with another space is refused before any Ray work, and nothing is touched
+    (tmp_path / "other.yaml").write_text(space.replace("threshold: {grid: [0.3, 0.6]}",
+                                                       "threshold: {grid: [0.3]}"))
+    other = cli(["--space", "other.yaml", *args[2:], "--resume"], tmp_path)
+    assert other.returncode == 2
+    assert "was started with another space" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert len(runs_of(uri, "r")[2]) == 6
 
 
 def free_port() -> int:
