@@ -92,6 +92,9 @@ def submitted(tmp_path_factory):
         if s.connect_ex(("127.0.0.1", 22)) == 0:
             _missing("port 22 is taken: the loopback cluster needs it for sshd")
     tmp = tmp_path_factory.mktemp("cluster")
+    # `ray up` may write an auth token for the cluster: leave the machine as it was found
+    token = Path.home() / ".ray" / "auth_token"
+    token_existed = token.exists()
     procs = Processes()
     s3_port, mlflow_port = free_port(), free_port()
     s3_env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
@@ -155,6 +158,8 @@ def submitted(tmp_path_factory):
             subprocess.run(["ray", "down", "-y", str(config)], capture_output=True, timeout=300)
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
         procs.stop_all()
+        if not token_existed:
+            token.unlink(missing_ok=True)
 
 
 def test_ray_up_submit_down_with_s3_storage_and_mlflow_server(submitted):

@@ -9,7 +9,6 @@ import textwrap
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tests.test_sweep import cli, runs_of
 
