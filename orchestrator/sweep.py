@@ -15,6 +15,7 @@ import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.pareto import hypervolume, pareto_mask
 from orchestrator.space import (Algorithm, Choice, Grid, IntRange, LogUniform, SpaceError,
@@ -131,8 +132,10 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
     log(f"MLflow: experiment {name!r} ({experiment_id}), parent run {parent_run_id}")
 
     _init_ray()
-    coordinator = StageCoordinator.options(name=coordinator_name(name),
-                                           get_if_exists=True).remote()
+    # On the driver's node: losing a worker node must not take the coordinator with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator = StageCoordinator.options(name=coordinator_name(name), get_if_exists=True,
+                                           scheduling_strategy=here).remote()
     trainable = make_trainable(spec, sweep_storage)
     if resume:
         log(f"resuming sweep {name!r} from {redact(experiment_path)}")

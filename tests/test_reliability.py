@@ -3,10 +3,13 @@ every time is recorded as failed and does not stop the sweep."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import textwrap
 import time
+import uuid
 
 import pytest
 
@@ -31,7 +34,7 @@ TRAINING = textwrap.dedent("""
 
 def trial_workers() -> list[int]:
     """PIDs of Ray worker processes running a trial (Tune's function trainables)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "ray::ImplicitFunc" in line]
 
 
@@ -106,3 +109,104 @@ def test_a_trial_that_always_fails_is_recorded_and_the_sweep_finishes(tmp_path):
     assert parents[0].data.metrics["failed_trials"] == 1
     assert parents[0].data.metrics["finished_trials"] == 1
     assert "1 finished, 1 failed" in done.stdout
+
+
+def raylet_of(temp_dir: str) -> int:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return next(int(line.split()[0]) for line in out.splitlines()
+                if "raylet/raylet" in line and f"{temp_dir}/" in line)
+
+
+def kill_node(temp_dir: str) -> int:
+    """SIGKILL a node: its raylet, the workers it spawned, and its other processes."""
+    raylet = raylet_of(temp_dir)
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    victims = set()
+    for line in out.splitlines()[1:]:
+        pid, ppid, args = line.split(maxsplit=2)
+        if int(ppid) == raylet or f"{temp_dir}/" in args:
+            victims.add(int(pid))
+    trials = sum("ray::ImplicitFunc" in line for line in out.splitlines()[1:]
+                 if int(line.split()[1]) == raylet)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return trials
+
+
+NODE_LOSS = textwrap.dedent("""
+    name: nodes
+    family: adversarial
+    dataset: {name: synthetic, options: {num_classes: 4, input_shape: [1, 16, 16],
+                                         train_size: 1500, val_size: 64}}
+    model: {name: ibp_small, options: {padding: same}}
+    training: {epochs: 4, batch_size: 64, lr: 0.001}
+    params: {objective: pgd, eps: 0.1, alpha: 0.03, steps: 3, seed: {grid: [1, 2, 3, 4]}}
+    attack: {eps: 0.1, steps: 2}
+    objectives: {pgd_accuracy: max}
+    search: {algorithm: grid, max_concurrent: 2}
+    resources: {cpu: 1}
+    max_failures: 3
+""")
+
+
+def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
+    from tests.test_sweep import free_port
+
+    port = free_port()
+    # short paths: Ray's Unix sockets live below the temp dir (a socket path has ~107 bytes)
+    head_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    worker_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    # Ray 2.60 turns token authentication on by default: one token for every process of this
+    # cluster, given through the environment (the home folder's token file is not touched)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    env = dict(os.environ, **auth)
+    try:
+        subprocess.run(["ray", "start", "--head", f"--port={port}", f"--temp-dir={head_dir}",
+                        "--include-dashboard=false", *common], check=True, capture_output=True,
+                       env=env)
+        subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}",
+                        f"--temp-dir={worker_dir}", *common], check=True, capture_output=True,
+                       env=env)
+        (tmp_path / "space.yaml").write_text(NODE_LOSS)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        driver = cli(["--space", "space.yaml", "--name", "nodes", "--storage", "sweeps",
+                      "--mlflow-uri", uri], tmp_path, env={"RAY_ADDRESS": f"127.0.0.1:{port}", **auth},
+                     start_new_session=True)
+        try:
+            deadline, killed = time.time() + 300, 0
+            while time.time() < deadline and driver.poll() is None and not killed:
+                time.sleep(0.5)
+                try:
+                    client, _, children = runs_of(uri, "nodes")
+                except Exception:
+                    continue
+                # a trial is training on the worker node and has logged an epoch: kill the node
+                if any(client.get_metric_history(c.info.run_id, "pgd_accuracy")
+                       for c in children):
+                    out = subprocess.run(["ps", "-ww", "-eo", "ppid,args"], capture_output=True,
+                                         text=True).stdout
+                    raylet = raylet_of(worker_dir)
+                    if any(line.split()[0] == str(raylet) and "ray::ImplicitFunc" in line
+                           for line in out.splitlines()[1:]):
+                        killed = kill_node(worker_dir)
+            assert killed, "no trial ran on the worker node before the sweep ended"
+            output, _ = driver.communicate(timeout=600)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        assert driver.returncode == 0, output[-3000:]
+        client, parents, children = runs_of(uri, "nodes")
+        assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+        for child in children:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id,
+                                                               "pgd_accuracy")]
+            assert steps == [1, 2, 3, 4]
+        assert parents[0].data.metrics["finished_trials"] == 4
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(head_dir, ignore_errors=True)
+        shutil.rmtree(worker_dir, ignore_errors=True)
