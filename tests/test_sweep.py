@@ -193,14 +193,14 @@ def s3_server(tmp_path):
                           aws_access_key_id="testing",
                           aws_secret_access_key="testing-secret-key")
         s3.create_bucket(Bucket="sweeps")
-        yield env, s3
+        yield env, s3, server
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=10)
 
 
 def test_sweep_with_storage_on_s3(tmp_path, s3_server):
-    env, s3 = s3_server
+    env, s3, _ = s3_server
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = cli(["--smoke-test", "--name", "on-s3", "--storage", "s3://sweeps/runs",
                 "--mlflow-uri", uri], tmp_path, env=env)
