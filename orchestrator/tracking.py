@@ -97,6 +97,9 @@ class MLflowTracking(tune.Callback):
         self._runs: dict[str, str] = {}
         # last step logged per trial: a trial re-reported after a restore is not logged twice
         self._logged_step: dict[str, int] = {}
+        # trials whose run this process has read back from MLflow (not saved: after a restore
+        # the saved state may be older than the runs, so each run is read again once)
+        self._checked: set[str] = set()
         self._client: MlflowClient | None = None
 
     @property
@@ -108,6 +111,7 @@ class MLflowTracking(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:  # the client does not pickle; it is rebuilt
         state = dict(self.__dict__)
         state["_client"] = None
+        state["_checked"] = set()
         return state
 
     def get_state(self) -> dict[str, Any]:
@@ -116,21 +120,27 @@ class MLflowTracking(tune.Callback):
     def set_state(self, state: dict[str, Any]) -> None:
         self._runs = dict(state.get("runs", {}))
         self._logged_step = dict(state.get("logged_step", {}))
+        self._checked = set()
 
     def run_id(self, trial) -> str:
         """The trial's child run: from the map, else found by tag, else created."""
         trial_id = trial.trial_id
-        if trial_id in self._runs:
+        if trial_id in self._checked:
             return self._runs[trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(f"tags.ray_trial_id = '{trial_id}' and "
-                           f"tags.mlflow.parentRunId = '{self.parent_run_id}'"))
-        if found:
-            run_id = found[0].info.run_id
-            # the experiment state may be older than the run: read what it already holds
+        if trial_id in self._runs:
+            found_id: str | None = self._runs[trial_id]
+        else:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=(f"tags.ray_trial_id = '{trial_id}' and "
+                               f"tags.mlflow.parentRunId = '{self.parent_run_id}'"))
+            found_id = found[0].info.run_id if found else None
+        if found_id is not None:
+            run_id = found_id
+            # the saved state may be older than the run: read back what it already holds
             history = self.client.get_metric_history(run_id, self.metric_names[0])
-            self._logged_step[trial_id] = max((m.step for m in history), default=-1)
+            self._logged_step[trial_id] = max([self._logged_step.get(trial_id, -1),
+                                               *(m.step for m in history)])
         else:
             config = dict(trial.config)
             run = self.client.create_run(
@@ -142,6 +152,7 @@ class MLflowTracking(tune.Callback):
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start:start + 100])
         self._runs[trial_id] = run_id
+        self._checked.add(trial_id)
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):

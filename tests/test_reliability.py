@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.test_sweep import cli, runs_of
+from tests.test_sweep import cli, logged, poll_sweep, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -44,22 +44,13 @@ def test_trial_killed_mid_epoch_continues_from_its_checkpoint(tmp_path):
     driver = cli(["--space", "space.yaml", "--name", "crash", "--storage", "sweeps",
                   "--mlflow-uri", uri], tmp_path, start_new_session=True)
     try:
-        deadline, killed = time.time() + 300, False
-        while time.time() < deadline and driver.poll() is None and not killed:
-            time.sleep(0.5)
-            try:
-                client, _, children = runs_of(uri, "crash")
-            except Exception:
-                continue
-            if children and len(client.get_metric_history(children[0].info.run_id,
-                                                          "pgd_accuracy")) >= 2:
-                time.sleep(0.5)  # into the third epoch
-                workers = trial_workers()
-                assert workers, "no trial process found to kill"
-                for pid in workers:
-                    os.kill(pid, signal.SIGKILL)  # the trial's process dies mid-epoch
-                killed = True
-        assert killed, "the trial finished before it could be killed"
+        assert poll_sweep(driver, uri, "crash", lambda client, children: children and logged(
+            client, children[0], "pgd_accuracy") >= 2), "the trial ended before the kill"
+        time.sleep(0.5)  # into the third epoch
+        workers = trial_workers()
+        assert workers, "no trial process found to kill"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)  # the trial's process dies mid-epoch
         output, _ = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:
@@ -176,24 +167,19 @@ def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
         driver = cli(["--space", "space.yaml", "--name", "nodes", "--storage", "sweeps",
                       "--mlflow-uri", uri], tmp_path, env={"RAY_ADDRESS": f"127.0.0.1:{port}", **auth},
                      start_new_session=True)
+        def trial_on_worker_node(client, children) -> bool:
+            if not any(logged(client, c, "pgd_accuracy") for c in children):
+                return False  # wait until training is under way
+            out = subprocess.run(["ps", "-ww", "-eo", "ppid,args"], capture_output=True,
+                                 text=True).stdout
+            raylet = raylet_of(worker_dir)
+            return any(line.split()[0] == str(raylet) and "ray::ImplicitFunc" in line
+                       for line in out.splitlines()[1:])
+
         try:
-            deadline, killed = time.time() + 300, 0
-            while time.time() < deadline and driver.poll() is None and not killed:
-                time.sleep(0.5)
-                try:
-                    client, _, children = runs_of(uri, "nodes")
-                except Exception:
-                    continue
-                # a trial is training on the worker node and has logged an epoch: kill the node
-                if any(client.get_metric_history(c.info.run_id, "pgd_accuracy")
-                       for c in children):
-                    out = subprocess.run(["ps", "-ww", "-eo", "ppid,args"], capture_output=True,
-                                         text=True).stdout
-                    raylet = raylet_of(worker_dir)
-                    if any(line.split()[0] == str(raylet) and "ray::ImplicitFunc" in line
-                           for line in out.splitlines()[1:]):
-                        killed = kill_node(worker_dir)
-            assert killed, "no trial ran on the worker node before the sweep ended"
+            assert poll_sweep(driver, uri, "nodes", trial_on_worker_node), \
+                "no trial ran on the worker node before the sweep ended"
+            assert kill_node(worker_dir) >= 1
             output, _ = driver.communicate(timeout=600)
         finally:
             if driver.poll() is None:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_sweep import cli, runs_of, s3_server  # noqa: F401  (fixture)
+from tests.test_sweep import cli, logged, poll_sweep, runs_of, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +40,11 @@ def test_sweep_survives_an_s3_outage(tmp_path, s3_server):  # noqa: F811
             "--mlflow-uri", uri]
     driver = cli(args, tmp_path, env=env, start_new_session=True)
     try:
-        deadline, stopped = time.time() + 300, False
-        while time.time() < deadline and driver.poll() is None and not stopped:
-            time.sleep(0.5)
-            try:
-                client, _, children = runs_of(uri, "outage")
-            except Exception:
-                continue
-            if any(client.get_metric_history(c.info.run_id, "pgd_accuracy") for c in children):
-                os.killpg(server.pid, signal.SIGSTOP)  # the endpoint stops answering
-                time.sleep(20)
-                os.killpg(server.pid, signal.SIGCONT)
-                stopped = True
-        assert stopped, "the sweep ended before the outage"
+        assert poll_sweep(driver, uri, "outage", lambda client, children: any(
+            logged(client, c, "pgd_accuracy") for c in children)), "the sweep ended too soon"
+        os.killpg(server.pid, signal.SIGSTOP)  # the endpoint stops answering
+        time.sleep(20)
+        os.killpg(server.pid, signal.SIGCONT)
         output, _ = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:

@@ -45,6 +45,26 @@ def runs_of(mlflow_uri, sweep):
     return client, parents, children
 
 
+def poll_sweep(driver, mlflow_uri, sweep, ready, timeout=300) -> bool:
+    """While ``driver`` runs, read the sweep's child runs every half second until
+    ``ready(client, children)`` holds; False if the sweep ended or time ran out first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        try:
+            client, _, children = runs_of(mlflow_uri, sweep)
+        except Exception:  # the store is still being created
+            continue
+        if ready(client, children):
+            return True
+    return False
+
+
+def logged(client, run, metric) -> int:
+    """How many values of ``metric`` the run has logged (its epochs, for training trials)."""
+    return len(client.get_metric_history(run.info.run_id, metric))
+
+
 def check_tracked(mlflow_uri, sweep, family, trials):
     client, parents, children = runs_of(mlflow_uri, sweep)
     assert len(parents) == 1 and parents[0].data.tags["sweep"] == sweep
@@ -125,18 +145,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", "grid.yaml", "--name", "r", "--storage", "sweeps", "--mlflow-uri", uri]
     driver = cli(args, tmp_path, start_new_session=True)
-    deadline = time.time() + 300
-    finished = 0
-    while time.time() < deadline and driver.poll() is None:
-        time.sleep(1)
-        try:
-            _, _, children = runs_of(uri, "r")
-        except Exception:  # the store is still being created
-            continue
-        finished = sum(c.info.status == "FINISHED" for c in children)
-        if finished >= 2:
-            break
-    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    assert poll_sweep(driver, uri, "r", lambda client, children: sum(
+        c.info.status == "FINISHED" for c in children) >= 2), "the sweep ended too soon"
     os.killpg(driver.pid, signal.SIGKILL)  # as when the head machine dies
     driver.wait()
     before = {c.data.tags["ray_trial_id"]: c.info.run_id for c in runs_of(uri, "r")[2]
