@@ -174,11 +174,16 @@ def knn_vote(queries: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tens
     return majority, fraction
 
 
+def check_threshold(threshold: float) -> None:
+    """A vote fraction is at most 1; a negative threshold means "always project"."""
+    if threshold > 1:
+        raise ValueError(f"threshold must be at most 1, got {threshold}")
+
+
 def project_mask(vote_fraction: torch.Tensor, threshold: float) -> torch.Tensor:
     """Which samples LESCI projects: ``vote_fraction >= threshold``; a negative threshold
     projects everything (SPEC.md section 1, step 4)."""
-    if threshold > 1:
-        raise ValueError(f"threshold must be at most 1, got {threshold}")
+    check_threshold(threshold)
     if threshold < 0:
         return torch.ones_like(vote_fraction, dtype=torch.bool)
     return vote_fraction >= threshold - _THRESHOLD_SLACK
@@ -296,7 +301,7 @@ def evaluate_lesci(model: nn.Module, depth: str, pca: StreamingPCA, space: Embed
                    threshold: float, data: Dataset | DataLoader | Iterable, batch_size: int = 256,
                    device: str | torch.device | None = None) -> dict[str, float]:
     """The four LESCI metrics of SPEC.md section 1 on ``data`` (usually the validation split)."""
-    project_mask(torch.zeros(1), threshold)  # validates threshold before any work
+    check_threshold(threshold)  # before any work
     return collect_votes(model, depth, pca, space, k, data, batch_size, device).metrics(threshold)
 
 

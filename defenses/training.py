@@ -35,6 +35,7 @@ __all__ = [
     "IBPObjective",
     "ObjectiveName",
     "make_objective",
+    "objective_parameters",
     "evaluate_robustness",
     "Trainer",
     "learning_rate",
@@ -277,14 +278,23 @@ _OBJECTIVES = {ObjectiveName.STANDARD: StandardObjective, ObjectiveName.FGSM: FG
                ObjectiveName.ADV_REG: AdversarialRegularization, ObjectiveName.IBP: IBPObjective}
 
 
-def make_objective(name: str | ObjectiveName, **params: Any) -> Objective:
-    """Build an objective by name; unknown names or parameters raise ``ValueError``."""
+def _objective_class(name: str | ObjectiveName) -> type:
     try:
-        cls = _OBJECTIVES[ObjectiveName(name)]
+        return _OBJECTIVES[ObjectiveName(name)]
     except ValueError:
         allowed = ", ".join(o.value for o in ObjectiveName)
         raise ValueError(f"unknown objective {name!r}; allowed: {allowed}") from None
-    accepted = set(inspect.signature(cls).parameters)
+
+
+def objective_parameters(name: str | ObjectiveName) -> set[str]:
+    """The parameters ``make_objective(name, ...)`` accepts."""
+    return set(inspect.signature(_objective_class(name)).parameters)
+
+
+def make_objective(name: str | ObjectiveName, **params: Any) -> Objective:
+    """Build an objective by name; unknown names or parameters raise ``ValueError``."""
+    cls = _objective_class(name)
+    accepted = objective_parameters(name)
     unknown = set(params) - accepted
     if unknown:
         raise ValueError(f"objective {cls.name!r} takes no parameter(s) {sorted(unknown)}; "

@@ -61,13 +61,13 @@ FAMILY_METRICS: dict[Family, tuple[str, ...]] = {
 }
 
 # Parameters a trial of each family takes (searched or fixed), besides TrainConfig fields.
-_TRAIN_FIELDS = ("epochs", "batch_size", "physical_batch_size", "lr", "optimizer", "momentum",
+TRAIN_FIELDS = ("epochs", "batch_size", "physical_batch_size", "lr", "optimizer", "momentum",
                  "weight_decay", "lr_schedule", "lr_milestones", "lr_gamma", "seed")
 FAMILY_PARAMS: dict[Family, tuple[str, ...]] = {
     Family.LESCI: ("depth", "n_components", "embedding_size", "k", "threshold"),
-    Family.IBP: ("eps_train", "warmup", "rampup", "kappa_final", "ramp") + _TRAIN_FIELDS,
+    Family.IBP: ("eps_train", "warmup", "rampup", "kappa_final", "ramp") + TRAIN_FIELDS,
     Family.ADVERSARIAL: ("objective", "eps", "alpha", "steps", "restarts", "mix", "multiplier",
-                         "adv_step_size", "norm") + _TRAIN_FIELDS,
+                         "adv_step_size", "norm") + TRAIN_FIELDS,
 }
 _REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k", "threshold"),
                     Family.IBP: ("eps_train",), Family.ADVERSARIAL: ("objective",)}
@@ -408,10 +408,10 @@ def _check_distribution(key: str, dist: Distribution, algorithm: Algorithm) -> N
 def _check_training(spec: SweepSpec) -> None:
     from defenses.training import TrainConfig
 
-    unknown = set(spec.training) - set(_TRAIN_FIELDS) - {"augmentation"}
+    unknown = set(spec.training) - set(TRAIN_FIELDS) - {"augmentation"}
     if unknown:
         raise ValueError(f"training.{sorted(unknown)[0]}: unknown; allowed: "
-                         f"{', '.join(_TRAIN_FIELDS)}, augmentation")
+                         f"{', '.join(TRAIN_FIELDS)}, augmentation")
     try:
         TrainConfig(**{k: v for k, v in spec.training.items() if k != "augmentation"})
     except (ValueError, TypeError) as exc:

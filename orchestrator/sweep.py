@@ -134,7 +134,8 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
     _init_ray()
     # On the driver's node: losing a worker node must not take the coordinator with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coordinator = StageCoordinator.options(name=coordinator_name(name), get_if_exists=True,
+    # the handle is held for the whole sweep, so the named actor lives as long as the trials
+    _coordinator = StageCoordinator.options(name=coordinator_name(name), get_if_exists=True,
                                            scheduling_strategy=here).remote()
     trainable = make_trainable(spec, sweep_storage)
     if resume:
@@ -152,7 +153,6 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[callback], verbose=1))
     grid = tuner.fit()
-    del coordinator
     return _finish(spec, name, grid, client, experiment_id, parent_run_id, log)
 
 

@@ -8,7 +8,6 @@ validated space and the sweep's storage with ``tune.with_parameters`` and its re
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
@@ -27,8 +26,8 @@ from defenses.lesci import (EmbeddingSpace, adaptive_attack, build_embedding_spa
 from defenses.models import build_model, checkpoint_bytes, load_checkpoint
 from defenses.pca import StreamingPCA
 from defenses.training import (ObjectiveName, TrainConfig, Trainer, evaluate_robustness,
-                               make_objective, _OBJECTIVES)
-from orchestrator.space import FAMILY_METRICS, Family, SweepSpec, _TRAIN_FIELDS
+                               make_objective, objective_parameters)
+from orchestrator.space import FAMILY_METRICS, TRAIN_FIELDS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
@@ -55,7 +54,7 @@ def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
 
 def _train_config(spec: SweepSpec, params: dict[str, Any]) -> TrainConfig:
     values = dict(spec.training)
-    values.update({k: v for k, v in params.items() if k in _TRAIN_FIELDS})
+    values.update({k: v for k, v in params.items() if k in TRAIN_FIELDS})
     if isinstance(values.get("augmentation"), dict):
         values["augmentation"] = Augmentation(**values["augmentation"])
     return TrainConfig(**values)
@@ -217,7 +216,8 @@ def _objective(spec: SweepSpec, params: dict[str, Any]):
         name = ObjectiveName.IBP.value
     else:
         name = str(params["objective"])
-    accepted = set(inspect.signature(_OBJECTIVES[ObjectiveName(name)]).parameters)
+    # the space's params mix training fields and objective parameters: pass the objective its own
+    accepted = objective_parameters(name)
     return make_objective(name, **{k: v for k, v in params.items() if k in accepted})
 
 

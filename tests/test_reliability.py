@@ -12,24 +12,33 @@ import time
 import uuid
 
 import pytest
+import yaml
 
 from tests.test_sweep import cli, logged, poll_sweep, runs_of
 
 pytestmark = pytest.mark.slow
 
-TRAINING = textwrap.dedent("""
-    name: crash
-    family: adversarial
-    dataset: {name: synthetic, options: {num_classes: 4, input_shape: [1, 16, 16],
-                                         train_size: 3000, val_size: 64}}
-    model: {name: ibp_small, options: {padding: same}}
-    training: {epochs: 6, batch_size: 64, lr: 0.001}
-    params: {objective: pgd, eps: 0.1, alpha: 0.03, steps: 4}
-    attack: {eps: 0.1, steps: 2}
-    objectives: {pgd_accuracy: max}
-    search: {algorithm: grid, max_concurrent: 1}
-    max_failures: 2
-""")
+def training_space(epochs: int, train_size: int, pgd_steps: int, seeds: list[int] | None,
+                   max_concurrent: int, max_failures: int) -> str:
+    """A small PGD-training sweep on synthetic 16x16 images (one trial per seed), long enough
+    per epoch to break something in the middle of one."""
+    space = {
+        "name": "faults", "family": "adversarial",
+        "dataset": {"name": "synthetic", "options": {"num_classes": 4, "input_shape": [1, 16, 16],
+                                                     "train_size": train_size, "val_size": 64}},
+        "model": {"name": "ibp_small", "options": {"padding": "same"}},
+        "training": {"epochs": epochs, "batch_size": 64, "lr": 0.001},
+        "params": {"objective": "pgd", "eps": 0.1, "alpha": 0.03, "steps": pgd_steps},
+        "attack": {"eps": 0.1, "steps": 2},
+        "objectives": {"pgd_accuracy": "max"},
+        "search": {"algorithm": "grid", "max_concurrent": max_concurrent},
+        "resources": {"cpu": 1},
+        "max_failures": max_failures,
+    }
+    if seeds:
+        space["params"]["seed"] = {"grid": seeds}
+    return yaml.safe_dump(space)
+
 
 
 def trial_workers() -> list[int]:
@@ -39,7 +48,9 @@ def trial_workers() -> list[int]:
 
 
 def test_trial_killed_mid_epoch_continues_from_its_checkpoint(tmp_path):
-    (tmp_path / "space.yaml").write_text(TRAINING)
+    (tmp_path / "space.yaml").write_text(training_space(epochs=6, train_size=3000, pgd_steps=4,
+                                                        seeds=None, max_concurrent=1,
+                                                        max_failures=2))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     driver = cli(["--space", "space.yaml", "--name", "crash", "--storage", "sweeps",
                   "--mlflow-uri", uri], tmp_path, start_new_session=True)
@@ -127,22 +138,6 @@ def kill_node(temp_dir: str) -> int:
     return trials
 
 
-NODE_LOSS = textwrap.dedent("""
-    name: nodes
-    family: adversarial
-    dataset: {name: synthetic, options: {num_classes: 4, input_shape: [1, 16, 16],
-                                         train_size: 1500, val_size: 64}}
-    model: {name: ibp_small, options: {padding: same}}
-    training: {epochs: 4, batch_size: 64, lr: 0.001}
-    params: {objective: pgd, eps: 0.1, alpha: 0.03, steps: 3, seed: {grid: [1, 2, 3, 4]}}
-    attack: {eps: 0.1, steps: 2}
-    objectives: {pgd_accuracy: max}
-    search: {algorithm: grid, max_concurrent: 2}
-    resources: {cpu: 1}
-    max_failures: 3
-""")
-
-
 def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
     from tests.test_sweep import free_port
 
@@ -162,7 +157,9 @@ def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}",
                         f"--temp-dir={worker_dir}", *common], check=True, capture_output=True,
                        env=env)
-        (tmp_path / "space.yaml").write_text(NODE_LOSS)
+        (tmp_path / "space.yaml").write_text(training_space(
+            epochs=4, train_size=1500, pgd_steps=3, seeds=[1, 2, 3, 4], max_concurrent=2,
+            max_failures=3))
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         driver = cli(["--space", "space.yaml", "--name", "nodes", "--storage", "sweeps",
                       "--mlflow-uri", uri], tmp_path, env={"RAY_ADDRESS": f"127.0.0.1:{port}", **auth},

@@ -8,33 +8,20 @@ completion; either way every trial ends once, with every epoch logged once.
 
 import os
 import signal
-import textwrap
 import time
 
 import pytest
 
+from tests.test_reliability import training_space
 from tests.test_sweep import cli, logged, poll_sweep, runs_of, s3_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
-SPACE = textwrap.dedent("""
-    name: outage
-    family: adversarial
-    dataset: {name: synthetic, options: {num_classes: 4, input_shape: [1, 16, 16],
-                                         train_size: 1500, val_size: 64}}
-    model: {name: ibp_small, options: {padding: same}}
-    training: {epochs: 6, batch_size: 64, lr: 0.001}
-    params: {objective: pgd, eps: 0.1, alpha: 0.03, steps: 3, seed: {grid: [1, 2]}}
-    attack: {eps: 0.1, steps: 2}
-    objectives: {pgd_accuracy: max}
-    search: {algorithm: grid, max_concurrent: 2}
-    max_failures: 5
-""")
-
 
 def test_sweep_survives_an_s3_outage(tmp_path, s3_server):  # noqa: F811
     env, s3, server = s3_server
-    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "space.yaml").write_text(training_space(
+        epochs=6, train_size=1500, pgd_steps=3, seeds=[1, 2], max_concurrent=2, max_failures=5))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", "space.yaml", "--name", "outage", "--storage", "s3://sweeps/runs",
             "--mlflow-uri", uri]
