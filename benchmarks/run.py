@@ -111,6 +111,85 @@ def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | N
 
 
 # ------------------------------------------------------------------------------------------------
+# kNN vote: knn_vote / KnnIndex vs faiss-cpu IndexFlatIP search plus a vectorised vote
+
+
+def _numpy_vote(neighbour_labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Majority label (lowest on ties) and its fraction, per row, with one bincount."""
+    q, k = neighbour_labels.shape
+    offsets = neighbour_labels + num_classes * np.arange(q)[:, None]
+    counts = np.bincount(offsets.ravel(), minlength=q * num_classes).reshape(q, num_classes)
+    return counts.argmax(1), counts.max(1) / k
+
+
+def _best_of(fn, repeats: int) -> float:
+    fn()  # warm-up: thread pools, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(min(times))
+
+
+def bench_knn(n: int, dim: int, queries: int, k: int, num_classes: int, repeats: int,
+              device: str | None) -> list[dict]:
+    import faiss
+    import torch
+
+    from defenses.lesci import KnnIndex, knn_vote
+
+    gen = torch.Generator().manual_seed(0)
+    # clustered data, like an embedding space: class centres plus spread
+    centres = torch.randn(num_classes, dim, generator=gen)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    emb = centres[labels] + 1.5 * torch.randn(n, dim, generator=gen)
+    q_labels = torch.randint(0, num_classes, (queries,), generator=gen)
+    qs = centres[q_labels] + 1.5 * torch.randn(queries, dim, generator=gen)
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    emb_n = torch.nn.functional.normalize(emb, dim=1).numpy()
+    qs_n = torch.nn.functional.normalize(qs, dim=1).numpy()
+    labels_np = labels.numpy()
+    reference = faiss.IndexFlatIP(dim)
+    reference.add(emb_n)
+
+    def faiss_vote():
+        _, idx = reference.search(qs_n, k)
+        return _numpy_vote(labels_np[idx], num_classes)
+
+    row = {"benchmark": "knn_vote", "embeddings": n, "dim": dim, "queries": queries, "k": k,
+           "threads": torch.get_num_threads()}
+    row["faiss_sec"] = _best_of(faiss_vote, repeats)
+    expected = faiss_vote()
+    backends = {"auto": KnnIndex(emb, labels, num_classes=num_classes),
+                "torch": KnnIndex(emb, labels, backend="torch", num_classes=num_classes)}
+    row["auto_backend"] = backends["auto"].backend
+    for name, index in backends.items():
+        row[f"{name}_sec"] = _best_of(lambda: index.vote(qs, k), repeats)
+        majority, fraction = index.vote(qs, k)
+        row[f"{name}_same_answers"] = float(np.mean(
+            (majority.numpy() == expected[0]) & np.isclose(fraction.numpy(), expected[1])))
+    # the one-shot function: normalises and indexes the embedding space on every call
+    row["knn_vote_oneshot_sec"] = _best_of(lambda: knn_vote(qs, emb, labels, k), repeats)
+    row["faiss_over_auto"] = row["faiss_sec"] / row["auto_sec"]
+    row["faiss_over_torch"] = row["faiss_sec"] / row["torch_sec"]
+    if device and device != "cpu":
+        index = KnnIndex(emb, labels, num_classes=num_classes, device=device)
+        q_dev = qs.to(device)
+
+        def on_device():
+            index.vote(q_dev, k)
+            torch.cuda.synchronize()
+
+        row["device"] = device
+        row["device_torch_sec"] = _best_of(on_device, repeats)
+        row["faiss_cpu_over_device_torch"] = row["faiss_sec"] / row["device_torch_sec"]
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+# ------------------------------------------------------------------------------------------------
 # training steps: IBP and PGD-k adversarial training vs a nominal step, same model and batch
 
 
@@ -169,6 +248,103 @@ def bench_training_steps(models: list[str], input_shape: tuple[int, int, int], b
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# sweep overhead: a 24-trial LESCI sweep vs its distinct stages and evaluations run directly
+
+SWEEP_SPACE = {
+    "name": "overhead", "family": "lesci",
+    "dataset": {"name": "digits"}, "model": {"name": "resnet_digits"},
+    "training": {"epochs": 5, "batch_size": 64, "lr": 0.003, "seed": 0},
+    "params": {"depth": {"grid": ["layer1", "layer2"]}, "n_components": 16,
+               "k": {"grid": [3, 5, 10]}, "threshold": {"grid": [0.5, 0.6, 0.8, 0.9]}},
+    "objectives": {"accuracy": "max", "projection_rate": "max"},
+    "search": {"algorithm": "grid", "max_concurrent": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+}
+
+
+def sweep_direct_worker(space_file: str) -> None:
+    """The sweep's work without Ray or MLflow: each distinct stage once, then every trial's
+    evaluation, one after another in this process."""
+    import itertools
+
+    import torch
+    import yaml
+
+    from defenses.data import load_dataset
+    from defenses.lesci import build_embedding_space, collect_votes, fit_pca_at_depth
+    from defenses.models import build_model
+    from defenses.training import TrainConfig, Trainer
+
+    space = yaml.safe_load(Path(space_file).read_text())
+    params = space["params"]
+    start = time.perf_counter()
+    splits = load_dataset("digits")
+    torch.manual_seed(space["training"]["seed"])
+    model = build_model("resnet_digits", splits.num_classes, splits.input_shape, splits.mean,
+                        splits.std)
+    Trainer(model, splits.train, TrainConfig(**space["training"])).fit()
+    model.eval()
+    stages = time.perf_counter() - start
+    evaluations, trials = 0.0, 0
+    for depth in params["depth"]["grid"]:
+        t0 = time.perf_counter()
+        pca = fit_pca_at_depth(model, depth, splits.train, params["n_components"])
+        space_ = build_embedding_space(model, depth, pca, splits.train)
+        stages += time.perf_counter() - t0
+        for k, threshold in itertools.product(params["k"]["grid"], params["threshold"]["grid"]):
+            t0 = time.perf_counter()
+            collect_votes(model, depth, pca, space_, k, splits.val).metrics(threshold)
+            evaluations += time.perf_counter() - t0
+            trials += 1
+    print(json.dumps({"stages_sec": stages, "evaluations_sec": evaluations, "trials": trials}))
+
+
+def bench_sweep() -> list[dict]:
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        space_file = Path(tmp, "overhead.yaml")
+        space_file.write_text(yaml.safe_dump(SWEEP_SPACE))
+        direct = _run_worker(["sweep_direct", str(space_file)])
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AIR_NEW_OUTPUT="1")
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--name",
+             "overhead", "--storage", f"{tmp}/sweeps", "--mlflow-uri",
+             f"sqlite:///{tmp}/mlflow.db"], capture_output=True, text=True, cwd=tmp, env=env)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark sweep failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    trials = direct["trials"]
+    work = direct["stages_sec"] + direct["evaluations_sec"]
+    row = {"benchmark": "sweep_overhead", "trials": trials,
+           "direct_stages_sec": direct["stages_sec"],
+           "direct_evaluations_sec": direct["evaluations_sec"], "direct_sec": work,
+           "sweep_wall_sec": wall, "sweep_over_direct": wall / work,
+           "overhead_per_trial_sec": (wall - work) / trials}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def bench_demo() -> list[dict]:
+    """``python search.py`` as a user runs it: the embedded demo, end to end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "search.py")], capture_output=True,
+                              text=True, cwd=tmp, env=env)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"the demo failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    front = next((line for line in proc.stdout.splitlines() if line.startswith("Pareto front")),
+                 "")
+    row = {"benchmark": "demo", "command": "python search.py", "wall_sec": wall,
+           "cpus": os.cpu_count(), "front": front.split(", ", 1)[-1].rstrip(":")}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def print_table(rows: list[dict]) -> None:
     """One markdown table per benchmark, columns in first-seen order."""
     for bench in dict.fromkeys(row["benchmark"] for row in rows):
@@ -182,6 +358,9 @@ def print_table(rows: list[dict]) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
+COMPARISONS = ["pca", "knn", "steps", "sweep", "demo"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -189,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "pca":
             backend, d, k, batch, batches, out, device = rest
             pca_worker(backend, int(d), int(k), int(batch), int(batches), out, device or None)
+        elif name == "sweep_direct":
+            sweep_direct_worker(*rest)
         return 0
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["pca", "steps"], action="append",
+    parser.add_argument("--only", choices=COMPARISONS, action="append",
                         help="run only these comparisons (default: all)")
     parser.add_argument("--dims", type=int, nargs="+", default=[65_536, 262_144])
     parser.add_argument("--n-components", type=int, default=64)
@@ -203,16 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
     args = parser.parse_args(argv)
     step_models, step_batch, step_repeats = ["ibp_small", "ibp_medium", "ibp_large"], 200, 3
+    knn_size, knn_queries, knn_repeats = 100_000, 4096, 5
     if args.smoke_test:
         args.dims, args.n_components, args.batch, args.batches = [4096], 8, 64, 3
         step_models, step_batch, step_repeats = ["ibp_small"], 16, 1
-    only = set(args.only or ["pca", "steps"])
+        knn_size, knn_queries, knn_repeats = 5_000, 256, 1
+    # the smoke test leaves out the two that run whole sweeps (minutes)
+    only = set(args.only or (["pca", "knn", "steps"] if args.smoke_test else COMPARISONS))
     rows: list[dict] = []
     if "pca" in only:
         rows += bench_pca(args.dims, args.n_components, args.batch, args.batches, args.device)
+    if "knn" in only:
+        rows += bench_knn(knn_size, 128, knn_queries, 10, 200, knn_repeats, args.device)
     if "steps" in only:
         rows += bench_training_steps(step_models, (1, 28, 28), step_batch, 7, step_repeats,
                                      args.device)
+    if "sweep" in only:
+        rows += bench_sweep()
+    if "demo" in only:
+        rows += bench_demo()
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ library to distributed trials.
 from defenses.activations import ActivationBatch, stream_activations
 from defenses.data import Augmentation, DatasetError, DatasetName, Splits, load_dataset
 from defenses.lesci import (EmbeddingSpace, build_embedding_space, evaluate_lesci,
-                            fit_pca_at_depth, knn_vote)
+                            KnnIndex, fit_pca_at_depth, knn_vote)
 from defenses.models import (CheckpointError, ModelName, build_model, depth_shapes,
                              load_checkpoint, load_weights, save_checkpoint)
 from defenses.pca import PCAError, StreamingPCA
@@ -17,7 +17,8 @@ from defenses.training import TrainConfig, Trainer, accuracy
 __all__ = [
     "ActivationBatch", "stream_activations",
     "Augmentation", "DatasetError", "DatasetName", "Splits", "load_dataset",
-    "EmbeddingSpace", "build_embedding_space", "evaluate_lesci", "fit_pca_at_depth", "knn_vote",
+    "EmbeddingSpace", "build_embedding_space", "evaluate_lesci", "KnnIndex",
+    "fit_pca_at_depth", "knn_vote",
     "CheckpointError", "ModelName", "build_model", "depth_shapes", "load_checkpoint",
     "load_weights", "save_checkpoint",
     "PCAError", "StreamingPCA",

@@ -80,7 +80,10 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
         from ray.tune.schedulers import ASHAScheduler
 
         epochs = int(spec.training.get("epochs", 20))
-        scheduler = ASHAScheduler(metric=metrics[0], mode=modes[0], max_t=epochs,
+        # rungs by epoch, not by report: a trial resumed after a crash reports its last
+        # epoch again
+        scheduler = ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
+                                  max_t=epochs,
                                   grace_period=max(1, epochs // 8))
     grid_only = spec.search.algorithm is Algorithm.GRID or not spec.searched()
     return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
@@ -172,6 +175,7 @@ def pareto_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[np.ndarray
 
 def _finish(spec: SweepSpec, name: str, grid, client: MlflowClient, experiment_id: str,
             parent_run_id: str, log) -> SweepResult:
+    log(f"sweep {name!r}: every trial ended; logging the Pareto front to MLflow")
     runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         max_results=10_000)}

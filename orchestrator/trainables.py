@@ -8,6 +8,7 @@ validated space and the sweep's storage with ``tune.with_parameters`` and its re
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -221,6 +223,59 @@ def _objective(spec: SweepSpec, params: dict[str, Any]):
     return make_objective(name, **{k: v for k, v in params.items() if k in accepted})
 
 
+_STATE_FILE = "trainer.pt"
+_MANIFEST_FILE = "manifest.json"  # epoch, the state's sha256 and the epoch's metrics
+
+
+def _read_checkpoint(fs, folder: str) -> tuple[int, bytes, dict[str, float]] | None:
+    """(epoch, trainer state, metrics) of a checkpoint folder, or None if it is incomplete or
+    its state does not match its manifest (a copy cut short)."""
+    try:
+        with fs.open_input_stream(f"{folder}/{_MANIFEST_FILE}") as fh:
+            manifest = json.loads(fh.read())
+        with fs.open_input_stream(f"{folder}/{_STATE_FILE}") as fh:
+            state = fh.read()
+    except (OSError, ValueError):
+        return None
+    if hashlib.sha256(state).hexdigest() != manifest.get("sha256"):
+        return None
+    return int(manifest["epoch"]), state, manifest["metrics"]
+
+
+def _newest_checkpoint() -> tuple[int, bytes, dict[str, float]] | None:
+    """The newest intact checkpoint of this trial.
+
+    Tune restores a trial from the checkpoint named in its last saved experiment state, which
+    it writes every few seconds; a driver that died later leaves newer checkpoints in the
+    trial's folder. Both are read and the later epoch wins, so no finished epoch is redone.
+    """
+    found = []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        found.append(_read_checkpoint(checkpoint.filesystem, checkpoint.path))
+    try:
+        storage = tune.get_context().get_storage()
+        fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+    except (OSError, RuntimeError, AttributeError):
+        infos = []
+    for info in infos:
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            found.append(_read_checkpoint(fs, info.path))
+    found = [f for f in found if f is not None]
+    return max(found, key=lambda f: f[0]) if found else None
+
+
+def _checkpoint(trainer: Trainer, metrics: dict[str, float], folder: str) -> tune.Checkpoint:
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    state = buffer.getvalue()
+    Path(folder, _STATE_FILE).write_bytes(state)
+    Path(folder, _MANIFEST_FILE).write_text(json.dumps({
+        "epoch": trainer.epoch, "sha256": hashlib.sha256(state).hexdigest(), "metrics": metrics}))
+    return tune.Checkpoint.from_directory(folder)
+
+
 def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     spec, splits, device = _setup(spec_json)
     seed = int(config.get("seed", spec.training.get("seed", 0)))
@@ -228,16 +283,17 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     model = _build(spec, splits)
     trainer = Trainer(model, splits.train, _train_config(spec, config), _objective(spec, config),
                       device=device)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "trainer.pt", map_location=device, weights_only=True)
-            last_metrics = json.loads((Path(folder) / "metrics.json").read_text())
-        trainer.load_state_dict(state)
+    newest = _newest_checkpoint()
+    if newest is not None:
+        _, state, last_metrics = newest
+        trainer.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
+                                           weights_only=True))
         _log(f"resumed from epoch {trainer.epoch}")
-        if trainer.epoch >= trainer.config.epochs:  # finished after Tune's last state save
-            tune.report(last_metrics, checkpoint=checkpoint)
-            return
+        # that epoch's result again: a driver that died may not have tracked it yet (the MLflow
+        # callback skips epochs it has), and a trial that finished after Tune's last state
+        # save ends here
+        with tempfile.TemporaryDirectory() as folder:
+            tune.report(last_metrics, checkpoint=_checkpoint(trainer, last_metrics, folder))
     attack = spec.attack
     wanted = FAMILY_METRICS[spec.family]
     while trainer.epoch < trainer.config.epochs:
@@ -251,6 +307,4 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         metrics.update(train_metrics)
         metrics = {k: float(v) for k, v in metrics.items()}
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(trainer.state_dict(), os.path.join(folder, "trainer.pt"))
-            Path(folder, "metrics.json").write_text(json.dumps(metrics))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(metrics, checkpoint=_checkpoint(trainer, metrics, folder))

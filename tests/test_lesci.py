@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from defenses.lesci import (EmbeddingSpace, build_embedding_space, collect_votes, evaluate_lesci,
-                            fit_pca_at_depth, knn_vote, lesci_metrics, lesci_predict,
-                            project_mask)
+from defenses.lesci import (EmbeddingSpace, KnnIndex, build_embedding_space, collect_votes,
+                            evaluate_lesci, fit_pca_at_depth, knn_vote, lesci_metrics,
+                            lesci_predict, project_mask)
 from defenses.models import depth_shapes
 from defenses.training import accuracy
 
@@ -20,22 +20,26 @@ def unit(angle_deg):
 # Embeddings on the unit circle at known angles: cosine similarity orders them by angle distance.
 EMB = torch.tensor([unit(0), unit(10), unit(20), unit(30), unit(90), unit(100)])
 LAB = torch.tensor([2, 2, 1, 1, 0, 0])
+# faiss-cpu is a dependency: both backends are always tested
+BACKENDS = ["torch", "faiss"]
 
 
-def test_vote_counts_nearest_by_cosine_and_scale_does_not_matter():
-    majority, fraction = knn_vote(torch.tensor([[5.0, 0.0]]), EMB * 3, LAB, k=3)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vote_counts_nearest_by_cosine_and_scale_does_not_matter(backend):
+    majority, fraction = knn_vote(torch.tensor([[5.0, 0.0]]), EMB * 3, LAB, k=3, backend=backend)
     # neighbours of 0 degrees: 0 (2), 10 (2), 20 (1) -> label 2, 2/3
     assert majority.tolist() == [2] and fraction.tolist() == pytest.approx([2 / 3])
-    majority, fraction = knn_vote(torch.tensor([unit(95)]), EMB, LAB, k=2)
+    majority, fraction = knn_vote(torch.tensor([unit(95)]), EMB, LAB, k=2, backend=backend)
     assert majority.tolist() == [0] and fraction.tolist() == [1.0]
 
 
-def test_ties_go_to_the_lowest_label():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_lowest_label(backend):
     # neighbours of 15 degrees with k=4: 10 (2), 20 (1), 0 (2), 30 (1): two each -> label 1
-    majority, fraction = knn_vote(torch.tensor([unit(15)]), EMB, LAB, k=4)
+    majority, fraction = knn_vote(torch.tensor([unit(15)]), EMB, LAB, k=4, backend=backend)
     assert majority.tolist() == [1] and fraction.tolist() == [0.5]
     # k = n: 2, 2, 2 votes for labels 0, 1, 2 -> label 0
-    majority, fraction = knn_vote(torch.tensor([unit(45)]), EMB, LAB, k=6)
+    majority, fraction = knn_vote(torch.tensor([unit(45)]), EMB, LAB, k=6, backend=backend)
     assert majority.tolist() == [0] and fraction.tolist() == pytest.approx([1 / 3])
 
 
@@ -43,8 +47,9 @@ def test_chunked_equals_unchunked():
     gen = torch.Generator().manual_seed(0)
     queries, emb = torch.randn(37, 5, generator=gen), torch.randn(203, 5, generator=gen)
     labels = torch.randint(0, 4, (203,), generator=gen)
-    full = knn_vote(queries, emb, labels, k=7)
-    chunked = knn_vote(queries, emb, labels, k=7, query_chunk=5, embedding_chunk=16)
+    full = knn_vote(queries, emb, labels, k=7, backend="torch")
+    chunked = knn_vote(queries, emb, labels, k=7, query_chunk=5, embedding_chunk=16,
+                       backend="torch")
     assert torch.equal(full[0], chunked[0]) and torch.equal(full[1], chunked[1])
     # against a brute-force reference
     sims = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(
@@ -53,6 +58,31 @@ def test_chunked_equals_unchunked():
     counts = torch.stack([(top == c).sum(1) for c in range(4)], dim=1)
     assert torch.equal(full[0], counts.argmax(1))
     assert torch.allclose(full[1], counts.max(1).values / 7)
+
+
+def test_faiss_and_torch_backends_find_the_same_neighbours_and_votes():
+    gen = torch.Generator().manual_seed(1)
+    emb, queries = torch.randn(3000, 32, generator=gen), torch.randn(500, 32, generator=gen)
+    labels = torch.randint(0, 10, (3000,), generator=gen)
+    torch_index = KnnIndex(emb, labels, backend="torch", embedding_chunk=700)
+    faiss_index = KnnIndex(emb, labels, backend="faiss")
+    assert KnnIndex(emb, labels).backend == "faiss"  # the CPU default
+    assert KnnIndex(emb.double(), labels).backend == "torch"  # float64 stays exact
+    sims_t, idx_t = torch_index.search(queries, 10, query_chunk=128)
+    sims_f, idx_f = faiss_index.search(queries, 10)
+    assert torch.equal(idx_t, idx_f)
+    assert torch.allclose(sims_t, sims_f, atol=1e-5)
+    for backend_votes in zip(torch_index.vote(queries, 10), faiss_index.vote(queries, 10)):
+        assert torch.equal(*backend_votes)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, faiss"):
+        KnnIndex(EMB, LAB, backend="annoy")
+    with pytest.raises(ValueError, match="float32 embeddings on the CPU"):
+        KnnIndex(EMB.double(), LAB, backend="faiss")
+    with pytest.raises(ValueError, match=r"queries \[q, 2\] expected"):
+        KnnIndex(EMB, LAB).vote(torch.rand(3, 5), k=1)
 
 
 def test_vote_fraction_exactly_at_threshold_projects():
@@ -87,11 +117,12 @@ def test_lesci_predict_and_metrics_by_hand():
     assert math.isnan(none["accuracy_projected"]) and none["accuracy_identity"] == pytest.approx(3 / 5)
 
 
-def test_bad_k():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_k(backend):
     with pytest.raises(ValueError, match=r"k must be an integer in 1..6"):
-        knn_vote(torch.rand(2, 2), EMB, LAB, k=7)
+        knn_vote(torch.rand(2, 2), EMB, LAB, k=7, backend=backend)
     with pytest.raises(ValueError, match=r"k must be an integer in 1..6"):
-        knn_vote(torch.rand(2, 2), EMB, LAB, k=0)
+        knn_vote(torch.rand(2, 2), EMB, LAB, k=0, backend=backend)
 
 
 def test_embedding_space_truncate_and_save(tmp_path):
