@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -264,67 +265,80 @@ SWEEP_SPACE = {
 
 
 def sweep_direct_worker(space_file: str) -> None:
-    """The sweep's work without Ray or MLflow: each distinct stage once, then every trial's
-    evaluation, one after another in this process."""
+    """The sweep's work without Ray or MLflow: each distinct stage once (base model, PCA and
+    embedding space per depth, transfer set), then every trial's evaluation, one after another
+    in this process, with the trials' own functions."""
+    import io
     import itertools
 
     import torch
-    import yaml
 
     from defenses.data import load_dataset
-    from defenses.lesci import build_embedding_space, collect_votes, fit_pca_at_depth
-    from defenses.models import build_model
-    from defenses.training import TrainConfig, Trainer
+    from defenses.lesci import build_embedding_space, fit_pca_at_depth
+    from orchestrator.space import load_space
+    from orchestrator.trainables import (craft_transfer_set, lesci_trial_metrics,
+                                         train_base_model)
 
-    space = yaml.safe_load(Path(space_file).read_text())
-    params = space["params"]
+    spec = load_space(space_file)
+    searched = spec.searched()
     start = time.perf_counter()
-    splits = load_dataset("digits")
-    torch.manual_seed(space["training"]["seed"])
-    model = build_model("resnet_digits", splits.num_classes, splits.input_shape, splits.mean,
-                        splits.std)
-    Trainer(model, splits.train, TrainConfig(**space["training"])).fit()
-    model.eval()
+    splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+    model = train_base_model(spec, splits, None).eval()
+    transfer = None
+    if spec.attack is not None:
+        transfer = torch.load(io.BytesIO(craft_transfer_set(model, splits, spec.attack, None)),
+                              weights_only=True)
     stages = time.perf_counter() - start
     evaluations, trials = 0.0, 0
-    for depth in params["depth"]["grid"]:
+    n_components = spec.fixed()["n_components"]
+    for depth in searched["depth"].grid:
         t0 = time.perf_counter()
-        pca = fit_pca_at_depth(model, depth, splits.train, params["n_components"])
-        space_ = build_embedding_space(model, depth, pca, splits.train)
+        pca = fit_pca_at_depth(model, depth, splits.train, n_components)
+        space = build_embedding_space(model, depth, pca, splits.train)
         stages += time.perf_counter() - t0
-        for k, threshold in itertools.product(params["k"]["grid"], params["threshold"]["grid"]):
+        for k, threshold in itertools.product(searched["k"].grid, searched["threshold"].grid):
             t0 = time.perf_counter()
-            collect_votes(model, depth, pca, space_, k, splits.val).metrics(threshold)
+            lesci_trial_metrics(spec, model, depth, pca, space, k, threshold, splits, transfer,
+                                None)
             evaluations += time.perf_counter() - t0
             trials += 1
     print(json.dumps({"stages_sec": stages, "evaluations_sec": evaluations, "trials": trials}))
 
 
 def bench_sweep() -> list[dict]:
+    """The overhead sweep twice: without an attack (evaluations of milliseconds: the fixed
+    costs show) and with the demo's attack (each trial also scores two PGD attacks)."""
     import yaml
 
-    with tempfile.TemporaryDirectory() as tmp:
-        space_file = Path(tmp, "overhead.yaml")
-        space_file.write_text(yaml.safe_dump(SWEEP_SPACE))
-        direct = _run_worker(["sweep_direct", str(space_file)])
-        env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AIR_NEW_OUTPUT="1")
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--name",
-             "overhead", "--storage", f"{tmp}/sweeps", "--mlflow-uri",
-             f"sqlite:///{tmp}/mlflow.db"], capture_output=True, text=True, cwd=tmp, env=env)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark sweep failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    trials = direct["trials"]
-    work = direct["stages_sec"] + direct["evaluations_sec"]
-    row = {"benchmark": "sweep_overhead", "trials": trials,
-           "direct_stages_sec": direct["stages_sec"],
-           "direct_evaluations_sec": direct["evaluations_sec"], "direct_sec": work,
-           "sweep_wall_sec": wall, "sweep_over_direct": wall / work,
-           "overhead_per_trial_sec": (wall - work) / trials}
-    print(json.dumps(row), flush=True)
-    return [row]
+    rows = []
+    for attack in (None, {"eps": 0.1, "steps": 20}):
+        space = dict(SWEEP_SPACE, **({"attack": attack} if attack else {}))
+        with tempfile.TemporaryDirectory() as tmp:
+            space_file = Path(tmp, "overhead.yaml")
+            space_file.write_text(yaml.safe_dump(space))
+            direct = _run_worker(["sweep_direct", str(space_file)])
+            env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AIR_NEW_OUTPUT="1")
+            start = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "search.py"), "--space", str(space_file), "--name",
+                 "overhead", "--storage", f"{tmp}/sweeps", "--mlflow-uri",
+                 f"sqlite:///{tmp}/mlflow.db"], capture_output=True, text=True, cwd=tmp, env=env)
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark sweep failed:\n{proc.stdout[-3000:]}"
+                                   f"{proc.stderr[-3000:]}")
+        trials = direct["trials"]
+        work = direct["stages_sec"] + direct["evaluations_sec"]
+        fit = float(re.search(r"trials ran for ([\d.]+) s", proc.stdout).group(1))
+        row = {"benchmark": "sweep_overhead", "attack": "pgd20" if attack else "none",
+               "trials": trials, "direct_stages_sec": direct["stages_sec"],
+               "direct_evaluations_sec": direct["evaluations_sec"], "direct_sec": work,
+               "sweep_trials_sec": fit, "sweep_wall_sec": wall,
+               "trials_over_direct": fit / work, "wall_over_direct": wall / work,
+               "fixed_sec": wall - fit, "overhead_per_trial_sec": (fit - work) / trials}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def bench_demo() -> list[dict]:
@@ -337,10 +351,10 @@ def bench_demo() -> list[dict]:
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"the demo failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    front = next((line for line in proc.stdout.splitlines() if line.startswith("Pareto front")),
-                 "")
+    found = re.search(r"(\d+) of (\d+) finished trials, hypervolume ([\d.]+)", proc.stdout)
     row = {"benchmark": "demo", "command": "python search.py", "wall_sec": wall,
-           "cpus": os.cpu_count(), "front": front.split(", ", 1)[-1].rstrip(":")}
+           "cpus": os.cpu_count(), "trials": int(found.group(2)),
+           "front_points": int(found.group(1)), "hypervolume": float(found.group(3))}
     print(json.dumps(row), flush=True)
     return [row]
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_tracking_uri(mlflow_uri)
         log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
-            f"{spec.search.num_samples} trial(s), storage {redact(storage.uri)}")
+            f"{spec.trial_count} trial(s), storage {redact(storage.uri)}")
         result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log)
     except (SpaceError, StorageError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

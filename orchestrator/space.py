@@ -187,6 +187,15 @@ class SweepSpec(_Strict):
     def searched(self) -> dict[str, Distribution]:
         return {k: v for k, v in self.params.items() if isinstance(v, _DIST_TYPES)}
 
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: every grid combination (times num_samples for a sampled
+        search over a grid), or num_samples."""
+        grid = self.search.algorithm is Algorithm.GRID
+        sizes = [len(self.values_of(k)) for k, d in self.searched().items()
+                 if isinstance(d, Grid) or (grid and isinstance(d, Choice))]
+        return math.prod(sizes) * (1 if grid or not self.searched() else self.search.num_samples)
+
     def fixed(self) -> dict[str, Any]:
         return {k: v for k, v in self.params.items() if not isinstance(v, _DIST_TYPES)}
 

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
                                   max_t=epochs,
                                   grace_period=max(1, epochs // 8))
     grid_only = spec.search.algorithm is Algorithm.GRID or not spec.searched()
-    return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
+    return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, reuse_actors=True,
                            num_samples=1 if grid_only else spec.search.num_samples,
                            max_concurrent_trials=spec.search.max_concurrent)
 
@@ -155,7 +156,9 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[callback], verbose=1))
+    start = time.perf_counter()
     grid = tuner.fit()
+    log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
     return _finish(spec, name, grid, client, experiment_id, parent_run_id, log)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ from orchestrator.space import FAMILY_METRICS, TRAIN_FIELDS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
-__all__ = ["make_trainable", "lesci_trial", "training_trial"]
+__all__ = ["make_trainable", "lesci_trial", "training_trial", "train_base_model",
+           "craft_transfer_set", "lesci_trial_metrics"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -102,6 +102,52 @@ def _stored_result(storage: Storage) -> tuple[str, dict[str, float] | None]:
     return path, (json.loads(found[0]) if found is not None else None)
 
 
+def train_base_model(spec: SweepSpec, splits: Splits, device) -> torch.nn.Module:
+    """The LESCI base model, trained with the space's ``training`` settings and seed."""
+    torch.manual_seed(int(spec.training.get("seed", 0)))
+    model = _build(spec, splits)
+    Trainer(model, splits.train, _train_config(spec, {}), device=device).fit()
+    return model
+
+
+def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
+    """PGD examples of the validation split crafted against the base model (``torch.save``
+    bytes of plain tensors): the transfer attack every LESCI trial of a sweep is scored on."""
+    x_val, y_val = _validation_tensors(splits)
+    gen = torch.Generator().manual_seed(0)
+    advs = [pgd(model, x.to(device), y.to(device), attack.eps, attack.step_size, attack.steps,
+                restarts=attack.restarts, generator=gen).cpu()
+            for x, y in zip(x_val.split(256), y_val.split(256))]
+    buffer = io.BytesIO()
+    torch.save({"adversarial": torch.cat(advs), "labels": y_val}, buffer)
+    return buffer.getvalue()
+
+
+def lesci_trial_metrics(spec: SweepSpec, model: torch.nn.Module, depth: str, pca: StreamingPCA,
+                        space: EmbeddingSpace, k: int, threshold: float, splits: Splits,
+                        transfer: dict[str, torch.Tensor] | None, device) -> dict[str, float]:
+    """A LESCI trial's metrics: the four of SPEC.md on the validation split, and with an attack
+    in the space, accuracy under the transfer set and under the adaptive attack on the vote."""
+    metrics = collect_votes(model, depth, pca, space, k, splits.val, device=device
+                            ).metrics(threshold)
+    if spec.attack is not None and transfer is not None:
+        attack = spec.attack
+        robust = collect_votes(model, depth, pca, space, k,
+                               ArrayDataset(transfer["adversarial"], transfer["labels"]),
+                               device=device)
+        metrics["robust_accuracy"] = robust.metrics(threshold)["accuracy"]
+        x_val, y_val = _validation_tensors(splits)
+        gen = torch.Generator().manual_seed(1)
+        adaptive = torch.cat([
+            adaptive_attack(model, depth, pca, space, k, x.to(device), y.to(device), attack.eps,
+                            attack.step_size, attack.steps, generator=gen).cpu()
+            for x, y in zip(x_val.split(256), y_val.split(256))])
+        metrics["adaptive_robust_accuracy"] = collect_votes(
+            model, depth, pca, space, k, ArrayDataset(adaptive, y_val),
+            device=device).metrics(threshold)["accuracy"]
+    return {name: float(value) for name, value in metrics.items()}
+
+
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     storage = Storage(storage_uri)
     result_path, done = _stored_result(storage)
@@ -123,10 +169,7 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
         if spec.model.checkpoint:
             model, extra = load_checkpoint(spec.model.checkpoint)
             return checkpoint_bytes(model, extra)
-        torch.manual_seed(int(spec.training.get("seed", 0)))
-        model = _build(spec, splits)
-        Trainer(model, splits.train, _train_config(spec, {}), device=device).fit()
-        return checkpoint_bytes(model.cpu())
+        return checkpoint_bytes(train_base_model(spec, splits, device).cpu())
 
     model, _ = load_checkpoint(cache.get("base", base_inputs, train_base), map_location=device,
                                name="base model stage")
@@ -167,39 +210,14 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     if k > len(space):
         raise ValueError(f"k={k} exceeds the embedding space's {len(space)} samples")
 
-    votes = collect_votes(model, depth, pca, space, k, splits.val, device=device)
-    metrics = votes.metrics(threshold)
-
+    transfer = None
     if spec.attack is not None:
-        attack = spec.attack
-        x_val, y_val = _validation_tensors(splits)
-
         # Stage 4: PGD examples crafted against the base model (a transfer attack).
-        def craft() -> bytes:
-            gen = torch.Generator().manual_seed(0)
-            advs = [pgd(model, x.to(device), y.to(device), attack.eps, attack.step_size,
-                        attack.steps, restarts=attack.restarts, generator=gen).cpu()
-                    for x, y in zip(x_val.split(256), y_val.split(256))]
-            buffer = io.BytesIO()
-            torch.save({"adversarial": torch.cat(advs), "labels": y_val}, buffer)
-            return buffer.getvalue()
-
-        transfer = torch.load(io.BytesIO(cache.get("transfer", {"base": base_inputs,
-                                                                "attack": attack.model_dump()},
-                                                   craft)), weights_only=True)
-        robust = collect_votes(model, depth, pca, space, k,
-                               ArrayDataset(transfer["adversarial"], transfer["labels"]),
-                               device=device)
-        metrics["robust_accuracy"] = robust.metrics(threshold)["accuracy"]
-        gen = torch.Generator().manual_seed(1)
-        adaptive = torch.cat([
-            adaptive_attack(model, depth, pca, space, k, x.to(device), y.to(device), attack.eps,
-                            attack.step_size, attack.steps, generator=gen).cpu()
-            for x, y in zip(x_val.split(256), y_val.split(256))])
-        metrics["adaptive_robust_accuracy"] = collect_votes(
-            model, depth, pca, space, k, ArrayDataset(adaptive, y_val),
-            device=device).metrics(threshold)["accuracy"]
-    metrics = {name: float(value) for name, value in metrics.items()}
+        stored = cache.get("transfer", {"base": base_inputs, "attack": spec.attack.model_dump()},
+                           lambda: craft_transfer_set(model, splits, spec.attack, device))
+        transfer = torch.load(io.BytesIO(stored), weights_only=True)
+    metrics = lesci_trial_metrics(spec, model, depth, pca, space, k, threshold, splits, transfer,
+                                  device)
     storage.put_verified(result_path, json.dumps(metrics).encode(), {"config": config})
     tune.report(metrics)
 

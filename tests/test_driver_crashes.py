@@ -100,6 +100,19 @@ def results_by_config(mlflow_uri: str, sweep: str, keys: list[str], metrics: lis
             for c in children}
 
 
+def on_s3(tmp_path, space: str):
+    """(command-line arguments of sweep ``name`` of ``space``, on the bucket, tracked in a
+    SQLite MLflow store; the MLflow URI)."""
+    (tmp_path / "space.yaml").write_text(space)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def args(name: str) -> list[str]:
+        return ["--space", "space.yaml", "--name", name, "--storage", "s3://sweeps/runs",
+                "--mlflow-uri", uri]
+
+    return args, uri
+
+
 def run_uninterrupted(args, tmp_path, env) -> None:
     done = cli(args, tmp_path, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -108,14 +121,7 @@ def run_uninterrupted(args, tmp_path, env) -> None:
 def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(tmp_path, s3_server):  # noqa: F811
     env, s3, _ = s3_server
     # long enough a base model (8 epochs) to kill the driver while it is being trained
-    space = LESCI_GRID.replace("epochs: 2", "epochs: 8")
-    (tmp_path / "grid.yaml").write_text(space)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def args(name):
-        return ["--space", "grid.yaml", "--name", name, "--storage", "s3://sweeps/runs",
-                "--mlflow-uri", uri]
-
+    args, uri = on_s3(tmp_path, LESCI_GRID.replace("epochs: 2", "epochs: 8"))
     run_uninterrupted(args("reference"), tmp_path, env)
 
     # 1. while the shared base-model stage is being computed
@@ -169,14 +175,8 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(tmp_pa
 
 def test_driver_killed_mid_epoch_resumes_training_from_checkpoints(tmp_path, s3_server):  # noqa: F811
     env, s3, _ = s3_server
-    (tmp_path / "space.yaml").write_text(training_space(
+    args, uri = on_s3(tmp_path, training_space(
         epochs=4, train_size=1500, pgd_steps=3, seeds=[1, 2], max_concurrent=2, max_failures=2))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def args(name):
-        return ["--space", "space.yaml", "--name", name, "--storage", "s3://sweeps/runs",
-                "--mlflow-uri", uri]
-
     run_uninterrupted(args("reference"), tmp_path, env)
 
     driver = Driver(args("crashed"), tmp_path, env)
