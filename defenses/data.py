@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DatasetName",
     "DatasetError",
+    "INPUT_SHAPES",
     "Splits",
     "ArrayDataset",
     "ImageFolderDataset",
@@ -39,6 +40,15 @@ class DatasetName(str, enum.Enum):
     CIFAR10 = "cifar10"
     TINY_IMAGENET = "tiny-imagenet"
     SYNTHETIC = "synthetic"
+
+
+# Image shape of each dataset with a fixed format (synthetic: its options say).
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    DatasetName.DIGITS.value: (1, 8, 8),
+    DatasetName.MNIST.value: (1, 28, 28),
+    DatasetName.CIFAR10.value: (3, 32, 32),
+    DatasetName.TINY_IMAGENET.value: (3, 64, 64),
+}
 
 
 class DatasetError(ValueError):
@@ -138,7 +148,8 @@ def _load_digits() -> Splits:
     )
     mean, std = float(x_train.mean()), float(x_train.std())
     return Splits(
-        "digits", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10, (1, 8, 8),
+        "digits", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
+        INPUT_SHAPES["digits"],
         (mean,), (std,), tuple(str(i) for i in range(10)),
     )
 
@@ -241,7 +252,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(
             f"{path}: expected data [n, 3072] and n labels, got {data.shape} and {labels.shape}"
         )
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, *INPUT_SHAPES["cifar10"]), labels
 
 
 def _load_cifar10(root: Path) -> Splits:
@@ -260,7 +271,7 @@ def _load_cifar10(root: Path) -> Splits:
         except Exception as exc:
             raise DatasetError(f"{meta}: not a CIFAR-10 batches.meta file ({exc})") from exc
     return Splits("cifar10", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
-                  (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), classes)
+                  INPUT_SHAPES["cifar10"], (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +317,8 @@ def _load_tiny_imagenet(root: Path) -> Splits:
         val_paths.append(path)
         val_labels.append(index[fields[1]])
     return Splits("tiny-imagenet", ImageFolderDataset(train_paths, train_labels, 64),
-                  ImageFolderDataset(val_paths, val_labels, 64), len(wnids), (3, 64, 64),
+                  ImageFolderDataset(val_paths, val_labels, 64), len(wnids),
+                  INPUT_SHAPES["tiny-imagenet"],
                   (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), tuple(wnids))
 
 

@@ -413,22 +413,29 @@ def _codes_and_logits(model: nn.Module, depth: str, pca: StreamingPCA, n_compone
     return codes, logits
 
 
+def _embeddings_by_class(space: EmbeddingSpace, num_classes: int, device: torch.device,
+                         dtype: torch.dtype) -> list[torch.Tensor]:
+    """The space's normalised embeddings, one [n_c, m] block per class."""
+    e = F.normalize(space.embeddings.to(device, dtype), dim=1)
+    labels = space.labels.to(device)
+    return [e[labels == c] for c in range(num_classes)]
+
+
+def _surrogate_scores(codes: torch.Tensor, by_class: list[torch.Tensor], k: int) -> torch.Tensor:
+    q = F.normalize(codes, dim=1)
+    scores = [(q @ e.T).topk(min(k, e.shape[0]), dim=1).values.mean(dim=1) if e.shape[0]
+              else torch.full((codes.shape[0],), -1.0, device=codes.device, dtype=codes.dtype)
+              for e in by_class]
+    return torch.stack(scores, dim=1)
+
+
 def vote_surrogate_scores(codes: torch.Tensor, space: EmbeddingSpace, k: int,
                           num_classes: int) -> torch.Tensor:
     """A differentiable stand-in for the vote: per class, the mean cosine similarity of the
-    query to its k most similar embeddings of that class. [b, classes]."""
-    q = F.normalize(codes, dim=1)
-    e = F.normalize(space.embeddings.to(codes.device, codes.dtype), dim=1)
-    sims = q @ e.T  # [b, n]
-    labels = space.labels.to(codes.device)
-    scores = []
-    for c in range(num_classes):
-        own = sims[:, labels == c]
-        if own.shape[1] == 0:
-            scores.append(torch.full((codes.shape[0],), -1.0, device=codes.device))
-        else:
-            scores.append(own.topk(min(k, own.shape[1]), dim=1).values.mean(dim=1))
-    return torch.stack(scores, dim=1)
+    query to its k most similar embeddings of that class (-1 for a class with none).
+    [b, classes]."""
+    return _surrogate_scores(codes, _embeddings_by_class(space, num_classes, codes.device,
+                                                         codes.dtype), k)
 
 
 def adaptive_attack(model: nn.Module, depth: str, pca: StreamingPCA, space: EmbeddingSpace,
@@ -450,12 +457,14 @@ def adaptive_attack(model: nn.Module, depth: str, pca: StreamingPCA, space: Embe
     x = x.detach()
     noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
     adv = (x + eps * noise).clamp(0.0, 1.0)
+    # normalised and split by class once, not at every step
+    by_class = _embeddings_by_class(space, num_classes, x.device, pca.components_.dtype)
     try:
         for _ in range(steps):
             adv.requires_grad_(True)
             with torch.enable_grad():
                 codes, logits = _codes_and_logits(model, depth, pca, space.n_components, adv)
-                scores = vote_surrogate_scores(codes, space, k, num_classes)
+                scores = _surrogate_scores(codes, by_class, k)
                 loss = (F.cross_entropy(scores / temperature, y, reduction="sum")
                         + F.cross_entropy(logits, y, reduction="sum"))
                 (grad,) = torch.autograd.grad(loss, adv)

@@ -188,13 +188,22 @@ class SweepSpec(_Strict):
         return {k: v for k, v in self.params.items() if isinstance(v, _DIST_TYPES)}
 
     @property
-    def trial_count(self) -> int:
-        """Trials the sweep runs: every grid combination (times num_samples for a sampled
-        search over a grid), or num_samples."""
+    def grid_only(self) -> bool:
+        """Each combination runs once: the grid algorithm, or nothing to search."""
+        return self.search.algorithm is Algorithm.GRID or not self.searched()
+
+    def grid_values(self) -> dict[str, list[Any]]:
+        """The params Tune runs as a grid: grid values, and choices under the grid algorithm."""
         grid = self.search.algorithm is Algorithm.GRID
-        sizes = [len(self.values_of(k)) for k, d in self.searched().items()
-                 if isinstance(d, Grid) or (grid and isinstance(d, Choice))]
-        return math.prod(sizes) * (1 if grid or not self.searched() else self.search.num_samples)
+        return {k: list(d.grid if isinstance(d, Grid) else d.choice)
+                for k, d in self.searched().items()
+                if isinstance(d, Grid) or (grid and isinstance(d, Choice))}
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: every grid combination, times num_samples unless grid_only."""
+        combinations = math.prod(len(v) for v in self.grid_values().values())
+        return combinations * (1 if self.grid_only else self.search.num_samples)
 
     def fixed(self) -> dict[str, Any]:
         return {k: v for k, v in self.params.items() if not isinstance(v, _DIST_TYPES)}
@@ -455,20 +464,17 @@ def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
                          f"k ({int(k[1])})")
     if not check_model:
         return
-    from defenses.data import load_dataset
+    from defenses.data import INPUT_SHAPES, load_dataset
     from defenses.models import build_model, depth_shapes
 
-    if spec.dataset.name == "digits":
-        shape, classes, mean, std = (1, 8, 8), 10, (0.5,), (0.25,)
-    elif spec.dataset.name == "synthetic":
-        splits = load_dataset("synthetic", **spec.dataset.options)
-        shape, classes, mean, std = splits.input_shape, splits.num_classes, splits.mean, splits.std
+    if spec.dataset.name == "synthetic":
+        shape = load_dataset("synthetic", **spec.dataset.options).input_shape
     else:
-        shape = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32),
-                 "tiny-imagenet": (3, 64, 64)}[spec.dataset.name]
-        classes, mean, std = 10, (0.5,) * shape[0], (0.25,) * shape[0]
+        shape = INPUT_SHAPES[spec.dataset.name]
+    # the depths' shapes depend on the input shape only: any class count and normalisation do
     try:
-        model = build_model(spec.model.name, classes, shape, mean, std, **spec.model.options)
+        model = build_model(spec.model.name, 10, shape, (0.5,) * shape[0], (0.25,) * shape[0],
+                            **spec.model.options)
     except ValueError as exc:
         raise ValueError(f"model: {exc}") from None
     shapes = depth_shapes(model)

@@ -8,6 +8,7 @@ with its SHA-256, checked when read back, so a half-written file is never taken 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +40,17 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    """One S3 client per endpoint and region in a process (building one sets up the AWS SDK
+    and resolves credentials: too slow to do for every read and write)."""
+    kwargs: dict[str, Any] = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
 @dataclass(frozen=True)
 class Storage:
     """A root (local absolute path or ``s3://bucket/prefix``) and paths below it."""
@@ -58,13 +70,8 @@ class Storage:
 
     def _fs_and_root(self) -> tuple[pafs.FileSystem, str]:
         if self.is_s3:
-            endpoint = _endpoint()
-            kwargs: dict[str, Any] = {}
-            if endpoint:
-                scheme, _, host = endpoint.partition("://")
-                kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-            kwargs["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-            return pafs.S3FileSystem(**kwargs), self.uri[len("s3://"):]
+            region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+            return _s3(_endpoint(), region), self.uri[len("s3://"):]
         return pafs.LocalFileSystem(), self.uri
 
     def child(self, *parts: str) -> "Storage":
@@ -103,17 +110,12 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"{redact(self.uri)}/{relative}: cannot read ({exc})") from exc
 
-    def exists(self, relative: str) -> bool:
-        fs, root = self._fs_and_root()
-        try:
-            return fs.get_file_info(f"{root}/{relative}").type != pafs.FileType.NotFound
-        except OSError as exc:
-            raise StorageError(f"{redact(self.uri)}/{relative}: unreachable ({exc})") from exc
-
     def list(self, relative: str) -> list[str]:
+        """Names (not paths) of what lies directly below ``relative``; [] if nothing."""
         fs, root = self._fs_and_root()
         try:
-            infos = fs.get_file_info(pafs.FileSelector(f"{root}/{relative}", allow_not_found=True))
+            folder = f"{root}/{relative}" if relative else root
+            infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         except OSError as exc:
             raise StorageError(f"{redact(self.uri)}/{relative}: unreachable ({exc})") from exc
         return sorted(info.base_name for info in infos)

@@ -19,7 +19,7 @@ from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.pareto import hypervolume, pareto_mask
-from orchestrator.space import (Algorithm, Choice, Grid, IntRange, LogUniform, SpaceError,
+from orchestrator.space import (Algorithm, Choice, IntRange, LogUniform, SpaceError,
                                 SweepSpec, Uniform)
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
@@ -45,11 +45,10 @@ class SweepResult:
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's param_space: fixed values as constants, each distribution as a Tune domain."""
     space: dict[str, Any] = dict(spec.fixed())
+    grids = spec.grid_values()
     for key, dist in spec.searched().items():
-        if isinstance(dist, Grid) or (isinstance(dist, Choice)
-                                      and spec.search.algorithm is Algorithm.GRID):
-            values = dist.grid if isinstance(dist, Grid) else dist.choice
-            space[key] = tune.grid_search(list(values))
+        if key in grids:
+            space[key] = tune.grid_search(grids[key])
         elif isinstance(dist, Choice):
             space[key] = tune.choice(list(dist.choice))
         elif isinstance(dist, Uniform):
@@ -86,9 +85,10 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
         scheduler = ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
                                   max_t=epochs,
                                   grace_period=max(1, epochs // 8))
-    grid_only = spec.search.algorithm is Algorithm.GRID or not spec.searched()
+    # reuse_actors: a trial's process serves the next trial (no new process importing torch
+    # for every trial: 0.17 s of overhead per trial instead of 2.7 s, benchmarks/run.py)
     return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, reuse_actors=True,
-                           num_samples=1 if grid_only else spec.search.num_samples,
+                           num_samples=1 if spec.grid_only else spec.search.num_samples,
                            max_concurrent_trials=spec.search.max_concurrent)
 
 

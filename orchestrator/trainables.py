@@ -8,14 +8,11 @@ validated space and the sweep's storage with ``tune.with_parameters`` and its re
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tempfile
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -241,56 +238,32 @@ def _objective(spec: SweepSpec, params: dict[str, Any]):
     return make_objective(name, **{k: v for k, v in params.items() if k in accepted})
 
 
-_STATE_FILE = "trainer.pt"
-_MANIFEST_FILE = "manifest.json"  # epoch, the state's sha256 and the epoch's metrics
+_STATE_FILE = "trainer.pt"  # with its manifest trainer.pt.json: sha256, epoch, metrics
 
 
-def _read_checkpoint(fs, folder: str) -> tuple[int, bytes, dict[str, float]] | None:
-    """(epoch, trainer state, metrics) of a checkpoint folder, or None if it is incomplete or
-    its state does not match its manifest (a copy cut short)."""
-    try:
-        with fs.open_input_stream(f"{folder}/{_MANIFEST_FILE}") as fh:
-            manifest = json.loads(fh.read())
-        with fs.open_input_stream(f"{folder}/{_STATE_FILE}") as fh:
-            state = fh.read()
-    except (OSError, ValueError):
-        return None
-    if hashlib.sha256(state).hexdigest() != manifest.get("sha256"):
-        return None
-    return int(manifest["epoch"]), state, manifest["metrics"]
-
-
-def _newest_checkpoint() -> tuple[int, bytes, dict[str, float]] | None:
-    """The newest intact checkpoint of this trial.
+def _newest_checkpoint(sweep_storage: Storage) -> tuple[bytes, dict[str, float]] | None:
+    """(trainer state, metrics) of this trial's newest intact checkpoint, if any.
 
     Tune restores a trial from the checkpoint named in its last saved experiment state, which
     it writes every few seconds; a driver that died later leaves newer checkpoints in the
-    trial's folder. Both are read and the later epoch wins, so no finished epoch is redone.
+    trial's folder. All of them are read (checked against their manifests) and the latest
+    epoch wins, so no finished epoch is redone.
     """
-    found = []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        found.append(_read_checkpoint(checkpoint.filesystem, checkpoint.path))
-    try:
-        storage = tune.get_context().get_storage()
-        fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
-    except (OSError, RuntimeError, AttributeError):
-        infos = []
-    for info in infos:
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            found.append(_read_checkpoint(fs, info.path))
-    found = [f for f in found if f is not None]
-    return max(found, key=lambda f: f[0]) if found else None
+    trial = sweep_storage.child(tune.get_context().get_storage().trial_dir_name)
+    found = [trial.get_verified(f"{name}/{_STATE_FILE}") for name in trial.list("")
+             if name.startswith("checkpoint_")]
+    intact = [item for item in found if item is not None]
+    if not intact:
+        return None
+    data, manifest = max(intact, key=lambda item: item[1]["epoch"])
+    return data, manifest["metrics"]
 
 
 def _checkpoint(trainer: Trainer, metrics: dict[str, float], folder: str) -> tune.Checkpoint:
     buffer = io.BytesIO()
     torch.save(trainer.state_dict(), buffer)
-    state = buffer.getvalue()
-    Path(folder, _STATE_FILE).write_bytes(state)
-    Path(folder, _MANIFEST_FILE).write_text(json.dumps({
-        "epoch": trainer.epoch, "sha256": hashlib.sha256(state).hexdigest(), "metrics": metrics}))
+    Storage.from_uri(folder).put_verified(_STATE_FILE, buffer.getvalue(),
+                                          {"epoch": trainer.epoch, "metrics": metrics})
     return tune.Checkpoint.from_directory(folder)
 
 
@@ -301,9 +274,9 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     model = _build(spec, splits)
     trainer = Trainer(model, splits.train, _train_config(spec, config), _objective(spec, config),
                       device=device)
-    newest = _newest_checkpoint()
+    newest = _newest_checkpoint(Storage(storage_uri))
     if newest is not None:
-        _, state, last_metrics = newest
+        state, last_metrics = newest
         trainer.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
                                            weights_only=True))
         _log(f"resumed from epoch {trainer.epoch}")

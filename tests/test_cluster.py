@@ -26,6 +26,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 BUCKET = "cluster-test"
@@ -37,12 +39,6 @@ def _missing(reason: str):
     if os.environ.get("REQUIRE_SYSTEM_SERVICES") == "1":
         pytest.fail(f"{reason} (REQUIRE_SYSTEM_SERVICES=1: .ci/run installs it)")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, seconds: float = 60) -> None:

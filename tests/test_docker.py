@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def test_aws_cluster_gives_every_node_s3_access_and_runs_the_image():
     for node_type in config["available_node_types"].values():
         assert "IamInstanceProfile" in node_type["node_config"]
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
-    assert config["docker"]["image"].endswith(":0.1.0")
+    assert config["docker"]["image"].endswith(":" + version("robust-sweeps"))
 
 
 def test_dockerfile_uses_the_pinned_ray_gpu_image():

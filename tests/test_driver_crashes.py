@@ -14,8 +14,11 @@ import time
 import pytest
 
 from tests.test_reliability import training_space
-from tests.test_sweep import LESCI_GRID, check_tracked, cli, logged, poll_sweep, runs_of
-from tests.test_sweep import s3_server  # noqa: F401  (fixture)
+from orchestrator.storage import Storage
+from tests.test_sweep import (LESCI_GRID, check_tracked, cli, computed_stages, logged,
+                              poll_sweep, run_ok, runs_of, sweep_args)
+
+S3 = "s3://sweeps/runs"
 
 pytestmark = pytest.mark.slow
 
@@ -76,22 +79,6 @@ class Driver:
         return self.process.returncode
 
 
-def bucket_keys(s3, prefix: str) -> list[str]:
-    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket="sweeps", Prefix=prefix) for o in page.get("Contents", [])]
-
-
-def computed_stages(s3, sweep: str) -> dict[str, int]:
-    """How many times each kind of shared stage was computed (one record per computation)."""
-    counts: dict[str, int] = {}
-    for key in bucket_keys(s3, f"runs/{sweep}/stages/computed/"):
-        if not key.endswith(".json"):
-            continue  # the folder's marker
-        kind = key.rsplit("/", 1)[-1].split("-")[0]
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
-
-
 def results_by_config(mlflow_uri: str, sweep: str, keys: list[str], metrics: list[str]):
     """{searched values: (final metric values, on the front)} of the sweep's child runs."""
     _, _, children = runs_of(mlflow_uri, sweep)
@@ -100,41 +87,36 @@ def results_by_config(mlflow_uri: str, sweep: str, keys: list[str], metrics: lis
             for c in children}
 
 
-def on_s3(tmp_path, space: str):
-    """(command-line arguments of sweep ``name`` of ``space``, on the bucket, tracked in a
-    SQLite MLflow store; the MLflow URI)."""
-    (tmp_path / "space.yaml").write_text(space)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-    def args(name: str) -> list[str]:
-        return ["--space", "space.yaml", "--name", name, "--storage", "s3://sweeps/runs",
-                "--mlflow-uri", uri]
-
-    return args, uri
+def on_s3(tmp_path, space: str, s3_env: dict, monkeypatch) -> tuple[list[str], list[str], str]:
+    """(CLI arguments of the uninterrupted sweep "reference" and of sweep "crashed", both of
+    ``space`` on the bucket; the MLflow URI). This process reads the bucket too."""
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    reference, uri = sweep_args(tmp_path, space, "reference", storage=S3)
+    crashed, _ = sweep_args(tmp_path, space, "crashed", storage=S3)
+    return reference, crashed, uri
 
 
-def run_uninterrupted(args, tmp_path, env) -> None:
-    done = cli(args, tmp_path, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(tmp_path, s3_server):  # noqa: F811
-    env, s3, _ = s3_server
+def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(
+        tmp_path, s3_server, monkeypatch):
+    env, _, _ = s3_server
     # long enough a base model (8 epochs) to kill the driver while it is being trained
-    args, uri = on_s3(tmp_path, LESCI_GRID.replace("epochs: 2", "epochs: 8"))
-    run_uninterrupted(args("reference"), tmp_path, env)
+    reference, args, uri = on_s3(tmp_path, LESCI_GRID.replace("epochs: 2", "epochs: 8"), env,
+                                 monkeypatch)
+    run_ok(reference, tmp_path, env)
+    crashed = Storage(f"{S3}/crashed")
 
     # 1. while the shared base-model stage is being computed
-    driver = Driver(args("crashed"), tmp_path, env)
+    driver = Driver(args, tmp_path, env)
     line = driver.wait_for_line(r"stage base-\w+: computing")
     assert line, driver.output[-3000:]
     driver.kill()
     key = re.search(r"stage (base-\w+):", line).group(1)
-    assert not bucket_keys(s3, f"runs/crashed/stages/{key}"), "killed after the stage was stored"
-    assert computed_stages(s3, "crashed") == {}
+    assert crashed.get_verified(f"stages/{key}") is None, "killed after the stage was stored"
+    assert computed_stages(crashed) == {}
 
     # 2. mid-sweep: two trials finished, others running
-    driver = Driver([*args("crashed"), "--resume"], tmp_path, env)
+    driver = Driver([*args, "--resume"], tmp_path, env)
     assert poll_sweep(driver.process, uri, "crashed", lambda client, children: sum(
         c.info.status == "FINISHED" for c in children) >= 2), driver.output[-3000:]
     driver.kill()
@@ -143,14 +125,14 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(tmp_pa
     assert 2 <= len(finished) < 6
 
     # 3. while the final Pareto front is being logged
-    driver = Driver([*args("crashed"), "--resume"], tmp_path, env)
+    driver = Driver([*args, "--resume"], tmp_path, env)
     assert driver.wait_for_line("logging the Pareto front"), driver.output[-3000:]
     driver.kill()
     _, parents, _ = runs_of(uri, "crashed")
     assert parents[0].info.status == "RUNNING", "killed after the Pareto front was logged"
 
     # 4. the last resume completes the sweep
-    driver = Driver([*args("crashed"), "--resume"], tmp_path, env)
+    driver = Driver([*args, "--resume"], tmp_path, env)
     assert driver.finish() == 0, driver.output[-3000:]
     assert "Pareto front of" in driver.output
 
@@ -160,11 +142,11 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(tmp_pa
         assert logged(client, child, "accuracy") == 1
         if child.data.tags["ray_trial_id"] in finished:
             assert finished[child.data.tags["ray_trial_id"]] == child.info.run_id
-    results = [k for k in bucket_keys(s3, "runs/crashed/results/")
-               if k.endswith(".json") and not k.endswith(".json.json")]  # not the manifests
+    results = [name for name in crashed.list("results") if name.endswith(".json")
+               and not name.endswith(".json.json")]  # not the manifests
     assert len(results) == 6
     # every shared stage computed exactly once across the four drivers
-    assert computed_stages(s3, "crashed") == {"base": 1, "pca": 1, "space": 1, "transfer": 1}
+    assert computed_stages(crashed) == {"base": 1, "pca": 1, "space": 1, "transfer": 1}
     # the same results and the same Pareto front as the uninterrupted run
     keys, metrics = ["k", "threshold"], ["accuracy", "projection_rate"]
     reference = results_by_config(uri, "reference", keys, metrics)
@@ -173,13 +155,15 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(tmp_pa
     assert sum(on == "true" for _, on in crashed.values()) >= 1
 
 
-def test_driver_killed_mid_epoch_resumes_training_from_checkpoints(tmp_path, s3_server):  # noqa: F811
-    env, s3, _ = s3_server
-    args, uri = on_s3(tmp_path, training_space(
-        epochs=4, train_size=1500, pgd_steps=3, seeds=[1, 2], max_concurrent=2, max_failures=2))
-    run_uninterrupted(args("reference"), tmp_path, env)
+def test_driver_killed_mid_epoch_resumes_training_from_checkpoints(
+        tmp_path, s3_server, monkeypatch):
+    env, _, _ = s3_server
+    reference, args, uri = on_s3(tmp_path, training_space(
+        epochs=4, train_size=1500, pgd_steps=3, seeds=[1, 2], max_concurrent=2, max_failures=2),
+        env, monkeypatch)
+    run_ok(reference, tmp_path, env)
 
-    driver = Driver(args("crashed"), tmp_path, env)
+    driver = Driver(args, tmp_path, env)
     assert poll_sweep(driver.process, uri, "crashed", lambda client, children: len(children) == 2
                       and all(logged(client, c, "pgd_accuracy") >= 2 for c in children)), \
         driver.output[-3000:]
@@ -188,7 +172,7 @@ def test_driver_killed_mid_epoch_resumes_training_from_checkpoints(tmp_path, s3_
     epochs_before = {c.data.params["seed"]: logged(client, c, "pgd_accuracy") for c in children}
     assert all(2 <= n < 4 for n in epochs_before.values()), epochs_before
 
-    driver = Driver([*args("crashed"), "--resume"], tmp_path, env)
+    driver = Driver([*args, "--resume"], tmp_path, env)
     assert driver.finish() == 0, driver.output[-3000:]
     # the trials continued from their last checkpoints, not from epoch 0
     resumed = [int(n) for n in re.findall(r"resumed from epoch (\d+)", driver.output)]

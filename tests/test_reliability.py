@@ -14,7 +14,7 @@ import uuid
 import pytest
 import yaml
 
-from tests.test_sweep import cli, logged, poll_sweep, runs_of
+from tests.test_sweep import cli, logged, poll_sweep, run_ok, runs_of, sweep_args
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +48,10 @@ def trial_workers() -> list[int]:
 
 
 def test_trial_killed_mid_epoch_continues_from_its_checkpoint(tmp_path):
-    (tmp_path / "space.yaml").write_text(training_space(epochs=6, train_size=3000, pgd_steps=4,
-                                                        seeds=None, max_concurrent=1,
-                                                        max_failures=2))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    driver = cli(["--space", "space.yaml", "--name", "crash", "--storage", "sweeps",
-                  "--mlflow-uri", uri], tmp_path, start_new_session=True)
+    args, uri = sweep_args(tmp_path, training_space(
+        epochs=6, train_size=3000, pgd_steps=4, seeds=None, max_concurrent=1, max_failures=2),
+        "crash")
+    driver = cli(args, tmp_path, start_new_session=True)
     try:
         assert poll_sweep(driver, uri, "crash", lambda client, children: children and logged(
             client, children[0], "pgd_accuracy") >= 2), "the trial ended before the kill"
@@ -96,12 +94,9 @@ FAILING = textwrap.dedent("""
 
 
 def test_a_trial_that_always_fails_is_recorded_and_the_sweep_finishes(tmp_path):
-    (tmp_path / "space.yaml").write_text(FAILING)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = cli(["--space", "space.yaml", "--name", "failing", "--storage", "sweeps",
-                "--mlflow-uri", uri], tmp_path)
+    args, uri = sweep_args(tmp_path, FAILING, "failing")
     # k = 5000 exceeds the embedding space (the correctly classified training digits)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_ok(args, tmp_path)
     client, parents, children = runs_of(uri, "failing")
     by_k = {c.data.params["k"]: c for c in children}
     assert set(by_k) == {"3", "5000"} and len(children) == 2
@@ -139,7 +134,7 @@ def kill_node(temp_dir: str) -> int:
 
 
 def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
-    from tests.test_sweep import free_port
+    from tests.conftest import free_port
 
     port = free_port()
     # short paths: Ray's Unix sockets live below the temp dir (a socket path has ~107 bytes)
@@ -157,12 +152,10 @@ def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}",
                         f"--temp-dir={worker_dir}", *common], check=True, capture_output=True,
                        env=env)
-        (tmp_path / "space.yaml").write_text(training_space(
+        args, uri = sweep_args(tmp_path, training_space(
             epochs=4, train_size=1500, pgd_steps=3, seeds=[1, 2, 3, 4], max_concurrent=2,
-            max_failures=3))
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        driver = cli(["--space", "space.yaml", "--name", "nodes", "--storage", "sweeps",
-                      "--mlflow-uri", uri], tmp_path, env={"RAY_ADDRESS": f"127.0.0.1:{port}", **auth},
+            max_failures=3), "nodes")
+        driver = cli(args, tmp_path, env={"RAY_ADDRESS": f"127.0.0.1:{port}", **auth},
                      start_new_session=True)
         def trial_on_worker_node(client, children) -> bool:
             if not any(logged(client, c, "pgd_accuracy") for c in children):

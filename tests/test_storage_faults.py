@@ -13,18 +13,16 @@ import time
 import pytest
 
 from tests.test_reliability import training_space
-from tests.test_sweep import cli, logged, poll_sweep, runs_of, s3_server  # noqa: F401
+from tests.test_sweep import cli, logged, poll_sweep, run_ok, runs_of, sweep_args
 
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_survives_an_s3_outage(tmp_path, s3_server):  # noqa: F811
+def test_sweep_survives_an_s3_outage(tmp_path, s3_server):
     env, s3, server = s3_server
-    (tmp_path / "space.yaml").write_text(training_space(
-        epochs=6, train_size=1500, pgd_steps=3, seeds=[1, 2], max_concurrent=2, max_failures=5))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--space", "space.yaml", "--name", "outage", "--storage", "s3://sweeps/runs",
-            "--mlflow-uri", uri]
+    args, uri = sweep_args(tmp_path, training_space(
+        epochs=6, train_size=1500, pgd_steps=3, seeds=[1, 2], max_concurrent=2, max_failures=5),
+        "outage", storage="s3://sweeps/runs")
     driver = cli(args, tmp_path, env=env, start_new_session=True)
     try:
         assert poll_sweep(driver, uri, "outage", lambda client, children: any(
@@ -40,8 +38,7 @@ def test_sweep_survives_an_s3_outage(tmp_path, s3_server):  # noqa: F811
           f"outage: stopped ({output.strip().splitlines()[-1][:200]}), then resumed")
     if driver.returncode != 0:
         # stopped with an error: one clear message, then --resume completes the sweep
-        resumed = cli([*args, "--resume"], tmp_path, env=env)
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        run_ok([*args, "--resume"], tmp_path, env=env)
     client, parents, children = runs_of(uri, "outage")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for child in children:

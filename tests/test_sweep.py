@@ -1,10 +1,8 @@
 """Sweeps end to end: the real CLI in a subprocess, local Ray, an MLflow SQLite store, local or
 S3-compatible storage (moto_server on 127.0.0.1)."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.space import load_space
+from orchestrator.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY_METRICS = {"lesci": ["accuracy", "projection_rate", "accuracy_projected",
@@ -115,31 +114,43 @@ LESCI_GRID = textwrap.dedent("""
 """)
 
 
-def computed_records(sweep_folder: Path) -> dict[str, int]:
+def sweep_args(tmp_path, space: str, name: str, storage: str = "sweeps") -> tuple[list[str], str]:
+    """Write ``space`` to tmp_path/space.yaml; (the CLI arguments of sweep ``name`` of it on
+    ``storage``, tracked in tmp_path's SQLite MLflow store; that store's URI)."""
+    (tmp_path / "space.yaml").write_text(space)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return ["--space", "space.yaml", "--name", name, "--storage", storage, "--mlflow-uri",
+            uri], uri
+
+
+def run_ok(args, tmp_path, env=None) -> subprocess.CompletedProcess:
+    done = cli(args, tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def computed_stages(sweep: Storage) -> dict[str, int]:
+    """How many times each kind of shared stage was computed (one record per computation)."""
     counts: dict[str, int] = {}
-    for record in (sweep_folder / "stages" / "computed").glob("*.json"):
-        kind = json.loads(record.read_text())["key"].split("-")[0]
-        counts[kind] = counts.get(kind, 0) + 1
+    for name in sweep.list("stages/computed"):
+        if name.endswith(".json"):  # not an S3 folder marker
+            kind = name.split("-")[0]
+            counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
 def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
-    (tmp_path / "grid.yaml").write_text(LESCI_GRID)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = cli(["--space", "grid.yaml", "--name", "g", "--storage", "sweeps",
-                "--mlflow-uri", uri], tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    args, uri = sweep_args(tmp_path, LESCI_GRID, "g")
+    run_ok(args, tmp_path)
     check_tracked(uri, "g", "lesci", 6)
     # six trials, two at a time: one base model, one PCA, one embedding space, one transfer set
-    assert computed_records(tmp_path / "sweeps" / "g") == {"base": 1, "pca": 1, "space": 1,
-                                                           "transfer": 1}
+    assert computed_stages(Storage.from_uri(tmp_path / "sweeps" / "g")) == {
+        "base": 1, "pca": 1, "space": 1, "transfer": 1}
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
     space = LESCI_GRID.replace("max_concurrent: 2", "max_concurrent: 1")
-    (tmp_path / "grid.yaml").write_text(space)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--space", "grid.yaml", "--name", "r", "--storage", "sweeps", "--mlflow-uri", uri]
+    args, uri = sweep_args(tmp_path, space, "r")
     driver = cli(args, tmp_path, start_new_session=True)
     assert poll_sweep(driver, uri, "r", lambda client, children: sum(
         c.info.status == "FINISHED" for c in children) >= 2), "the sweep ended too soon"
@@ -149,8 +160,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
               if c.info.status == "FINISHED"}
     assert len(before) >= 2
 
-    resumed = cli([*args, "--resume"], tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    run_ok([*args, "--resume"], tmp_path)
     client, parent, children = check_tracked(uri, "r", "lesci", 6)  # exactly one run per trial
     assert parent.data.metrics["finished_trials"] == 6
     for child in children:
@@ -170,39 +180,6 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert "was started with another space" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
     assert len(runs_of(uri, "r")[2]) == 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        import boto3
-
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id="testing",
-                          aws_secret_access_key="testing-secret-key")
-        s3.create_bucket(Bucket="sweeps")
-        yield env, s3, server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=10)
 
 
 def test_sweep_with_storage_on_s3(tmp_path, s3_server):
