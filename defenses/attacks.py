@@ -6,13 +6,14 @@ taken with respect to the input only: nothing accumulates in the model's paramet
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fgsm", "pgd", "robust_accuracy"]
+__all__ = ["fgsm", "pgd", "apgd", "robust_accuracy"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,3 +116,156 @@ def robust_accuracy(model: nn.Module, data, eps: float, alpha: float, steps: int
             correct += int((model(adv).argmax(1) == y).sum())
         total += y.numel()
     return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness ...")
+
+Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _apgd_checkpoints(steps: int) -> list[int]:
+    """Iterations at which APGD may halve its step: p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), times ``steps``."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(q * steps) for q in p[1:] if q <= 1})
+
+
+def apgd(objective: Objective, x: torch.Tensor, eps: float, steps: int = 100,
+         restarts: int = 1, generator: torch.Generator | None = None, rho: float = 0.75,
+         momentum: float = 0.75, start: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-inf APGD: gradient ascent on ``objective`` with APGD's step-size schedule and momentum.
+
+    Args:
+        objective: ``(x_adv [n, ...], rows [n]) -> (loss [n], success [n] bool)``, ``rows``
+            the indices into ``x`` of the samples in ``x_adv`` (to pick their labels). The loss
+            is ascended; ``success`` says, on the real decision, whether ``x_adv`` already fools
+            it. A sample that succeeds keeps that point and leaves the attack.
+        eps: L-inf radius in pixel units; every iterate stays in the eps-ball and in [0, 1].
+        steps: iterations per restart; restarts: runs from uniform random starts, each only on
+            the samples no earlier run fooled.
+        rho, momentum: APGD's constants (0.75 each in the paper).
+        start: where the first restart starts (e.g. another attack's examples, projected to
+            the ball); the others start uniformly at random.
+
+    Returns:
+        (x_adv [b, ...], succeeded [b] bool): the first fooling point per sample, else the point
+        of the highest loss seen.
+    """
+    _check(eps, x)
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+    x = x.detach()
+    best = x.clone()
+    with torch.no_grad():
+        best_loss, succeeded = objective(x, torch.arange(x.shape[0], device=x.device))
+    best_loss, succeeded = best_loss.detach().clone(), succeeded.detach().clone()
+    best[succeeded] = x[succeeded]
+    checkpoints = set(_apgd_checkpoints(steps))
+    view = (-1,) + (1,) * (x.ndim - 1)
+    for restart in range(restarts):
+        rows = torch.nonzero(~succeeded).flatten()
+        if rows.numel() == 0:
+            break
+        if restart == 0 and start is not None:
+            begin = start.detach()[rows].to(x.device, x.dtype)
+        else:
+            begin = x[rows] + eps * (torch.rand(x[rows].shape, generator=generator).to(
+                x.device) * 2 - 1)
+        run = _APGDRun(objective, x, rows, eps, begin)
+        for it in range(1, steps + 1):
+            run.step(momentum if it > 1 else 1.0)
+            run.retire(best, best_loss, succeeded)
+            if run.empty:
+                break
+            if it in checkpoints:
+                run.checkpoint(rho)
+        run.retire(best, best_loss, succeeded, everyone=True)
+    return best.detach(), succeeded
+
+
+class _APGDRun:
+    """One APGD restart over the samples ``rows``; samples that succeed leave the batch."""
+
+    def __init__(self, objective: Objective, x: torch.Tensor, rows: torch.Tensor, eps: float,
+                 start: torch.Tensor):
+        self.objective, self.rows = objective, rows
+        self.low, self.high = (x[rows] - eps).clamp(0, 1), (x[rows] + eps).clamp(0, 1)
+        self.view = (-1,) + (1,) * (x.ndim - 1)
+        self.current = self.project(start)
+        self.previous = self.current
+        self.eta = torch.full((rows.numel(),), 2.0 * eps, device=x.device, dtype=x.dtype)
+        self.loss, self.hit, self.grad = self._evaluate(self.current)
+        self.best, self.best_loss = self.current.clone(), self.loss.clone()
+        self.increases = torch.zeros_like(self.eta)
+        self.last_check, self.loss_at_check = 0, self.best_loss.clone()
+        self.eta_at_check = self.eta.clone()
+        self.steps_taken = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.numel() == 0
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.min(torch.max(z, self.low), self.high)
+
+    def _evaluate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, hit = self.objective(z, self.rows)
+            (grad,) = torch.autograd.grad(loss.sum(), z)
+        return loss.detach(), hit.detach(), grad.detach()
+
+    def step(self, momentum: float) -> None:
+        z = self.project(self.current + self.eta.view(self.view) * self.grad.sign())
+        proposal = self.project(self.current + momentum * (z - self.current)
+                                + (1 - momentum) * (self.current - self.previous))
+        self.previous, self.current = self.current, proposal
+        loss, self.hit, self.grad = self._evaluate(self.current)
+        self.increases += (loss > self.loss).to(self.increases.dtype)
+        self.loss = loss
+        better = loss > self.best_loss
+        self.best[better] = self.current[better]
+        self.best_loss = torch.where(better, loss, self.best_loss)
+        self.steps_taken += 1
+
+    def checkpoint(self, rho: float) -> None:
+        """Halve the step of samples whose loss rose in fewer than rho of the steps since the
+        last checkpoint, or whose step and best loss both stood still; they go on from their
+        best point."""
+        window = self.steps_taken - self.last_check
+        stalled = self.increases < rho * window
+        stuck = (self.eta == self.eta_at_check) & (self.best_loss == self.loss_at_check)
+        halve = stalled | stuck
+        self.eta_at_check = self.eta.clone()
+        self.eta = torch.where(halve, self.eta / 2, self.eta)
+        if bool(halve.any()):
+            mask = halve.view(self.view)
+            self.current = torch.where(mask, self.best, self.current)
+            self.previous = torch.where(mask, self.current, self.previous)
+            self.loss, self.hit, self.grad = self._evaluate(self.current)
+        self.increases.zero_()
+        self.last_check, self.loss_at_check = self.steps_taken, self.best_loss.clone()
+
+    def retire(self, best: torch.Tensor, best_loss: torch.Tensor, succeeded: torch.Tensor,
+               everyone: bool = False) -> None:
+        """Write back the samples that succeeded (their fooling point), or with ``everyone``
+        all of them (their best point, where it beats earlier restarts); drop them."""
+        leave = torch.ones_like(self.hit) if everyone else self.hit
+        if not bool(leave.any()):
+            return
+        rows = self.rows[leave]
+        hit = self.hit[leave]
+        chosen = torch.where(hit.view(self.view), self.current[leave], self.best[leave])
+        improve = hit | (self.best_loss[leave] > best_loss[rows])
+        best[rows[improve]] = chosen[improve]
+        best_loss[rows[improve]] = torch.where(hit, torch.full_like(self.best_loss[leave],
+                                               math.inf), self.best_loss[leave])[improve]
+        succeeded[rows] |= hit
+        keep = ~leave
+        for name in ("rows", "low", "high", "current", "previous", "eta", "loss", "hit", "grad",
+                     "best", "best_loss", "increases", "loss_at_check", "eta_at_check"):
+            setattr(self, name, getattr(self, name)[keep])

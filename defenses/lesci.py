@@ -38,8 +38,6 @@ __all__ = [
     "collect_votes",
     "evaluate_lesci",
     "METRIC_NAMES",
-    "vote_surrogate_scores",
-    "adaptive_attack",
 ]
 
 METRIC_NAMES = ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity")
@@ -330,14 +328,15 @@ def fit_pca_at_depth(model: nn.Module, depth: str, data: Dataset | DataLoader | 
 
 def build_embedding_space(model: nn.Module, depth: str, pca: StreamingPCA,
                           data: Dataset | DataLoader | Iterable, embedding_size: int | None = None,
-                          batch_size: int = 256, device: str | torch.device | None = None
-                          ) -> EmbeddingSpace:
-    """Compressed activations of (up to ``embedding_size``) correctly classified samples."""
+                          batch_size: int = 256, device: str | torch.device | None = None,
+                          center: bool = True) -> EmbeddingSpace:
+    """Compressed activations of (up to ``embedding_size``) correctly classified samples
+    (``center``: project with the PCA mean, see ``StreamingPCA.transform``)."""
     chunks, labels, total = [], [], 0
     for batch in stream_activations(model, depth, data, batch_size, device, only_correct=True):
         take = batch.activations.shape[0] if embedding_size is None else min(
             batch.activations.shape[0], embedding_size - total)
-        chunks.append(pca.transform(batch.activations[:take]).cpu())
+        chunks.append(pca.transform(batch.activations[:take], center=center).cpu())
         labels.append(batch.labels[:take].cpu())
         total += take
         if embedding_size is not None and total >= embedding_size:
@@ -364,7 +363,7 @@ class LESCIResult:
 
 def collect_votes(model: nn.Module, depth: str, pca: StreamingPCA, space: EmbeddingSpace, k: int,
                   data: Dataset | DataLoader | Iterable, batch_size: int = 256,
-                  device: str | torch.device | None = None) -> LESCIResult:
+                  device: str | torch.device | None = None, center: bool = True) -> LESCIResult:
     """Stream ``data`` once: model predictions and kNN votes (k neighbours) for every sample."""
     if space.n_components > pca.n_components:
         raise ValueError(f"embedding space has {space.n_components} components, the PCA only "
@@ -373,7 +372,7 @@ def collect_votes(model: nn.Module, depth: str, pca: StreamingPCA, space: Embedd
     parts: dict[str, list[torch.Tensor]] = {"labels": [], "pred": [], "maj": [], "frac": []}
     index = None
     for batch in stream_activations(model, depth, data, batch_size, device):
-        codes = pca.transform(batch.activations, n_components=space.n_components)
+        codes = pca.transform(batch.activations, n_components=space.n_components, center=center)
         if index is None:  # the embedding space indexed once, on the activations' device
             index = KnnIndex(space.embeddings, space.labels, num_classes=num_classes,
                              device=codes.device)
@@ -387,89 +386,10 @@ def collect_votes(model: nn.Module, depth: str, pca: StreamingPCA, space: Embedd
 
 def evaluate_lesci(model: nn.Module, depth: str, pca: StreamingPCA, space: EmbeddingSpace, k: int,
                    threshold: float, data: Dataset | DataLoader | Iterable, batch_size: int = 256,
-                   device: str | torch.device | None = None) -> dict[str, float]:
-    """The four LESCI metrics of SPEC.md section 1 on ``data`` (usually the validation split)."""
+                   device: str | torch.device | None = None, center: bool = True
+                   ) -> dict[str, float]:
+    """The four LESCI metrics of SPEC.md section 1 on ``data`` (usually the validation split)
+    at one (k, threshold); ``defenses.surface`` gives every (k, m) at once."""
     check_threshold(threshold)  # before any work
-    return collect_votes(model, depth, pca, space, k, data, batch_size, device).metrics(threshold)
-
-
-# ------------------------------------------------------------------------------------------------
-# attacking the vote itself
-
-
-def _codes_and_logits(model: nn.Module, depth: str, pca: StreamingPCA, n_components: int,
-                      x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(compressed activation [b, m], logits [b, classes]) with gradients w.r.t. x."""
-    captured: list[torch.Tensor] = []
-    module = model.depth_modules()[depth]
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    components = pca.components_[:n_components].to(x.device)
-    mean = pca.mean_.to(x.device, components.dtype)
-    codes = (captured[0].reshape(x.shape[0], -1).to(components.dtype) - mean) @ components.T
-    return codes, logits
-
-
-def _embeddings_by_class(space: EmbeddingSpace, num_classes: int, device: torch.device,
-                         dtype: torch.dtype) -> list[torch.Tensor]:
-    """The space's normalised embeddings, one [n_c, m] block per class."""
-    e = F.normalize(space.embeddings.to(device, dtype), dim=1)
-    labels = space.labels.to(device)
-    return [e[labels == c] for c in range(num_classes)]
-
-
-def _surrogate_scores(codes: torch.Tensor, by_class: list[torch.Tensor], k: int) -> torch.Tensor:
-    q = F.normalize(codes, dim=1)
-    scores = [(q @ e.T).topk(min(k, e.shape[0]), dim=1).values.mean(dim=1) if e.shape[0]
-              else torch.full((codes.shape[0],), -1.0, device=codes.device, dtype=codes.dtype)
-              for e in by_class]
-    return torch.stack(scores, dim=1)
-
-
-def vote_surrogate_scores(codes: torch.Tensor, space: EmbeddingSpace, k: int,
-                          num_classes: int) -> torch.Tensor:
-    """A differentiable stand-in for the vote: per class, the mean cosine similarity of the
-    query to its k most similar embeddings of that class (-1 for a class with none).
-    [b, classes]."""
-    return _surrogate_scores(codes, _embeddings_by_class(space, num_classes, codes.device,
-                                                         codes.dtype), k)
-
-
-def adaptive_attack(model: nn.Module, depth: str, pca: StreamingPCA, space: EmbeddingSpace,
-                    k: int, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
-                    steps: int, temperature: float = 0.05,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """PGD against LESCI itself: push the compressed activation away from its class's
-    embeddings and towards another's (and the model's own logits along), in the eps-ball.
-
-    The loss ascended is ``CE(scores / temperature, y) + CE(logits, y)``, with ``scores`` from
-    ``vote_surrogate_scores``: the vote is not differentiable, its nearest-neighbour
-    similarities are.
-    """
-    if eps < 0 or steps < 0:
-        raise ValueError(f"eps and steps must be >= 0, got {eps} and {steps}")
-    num_classes = int(space.labels.max()) + 1
-    was_training = model.training
-    model.eval()
-    x = x.detach()
-    noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
-    adv = (x + eps * noise).clamp(0.0, 1.0)
-    # normalised and split by class once, not at every step
-    by_class = _embeddings_by_class(space, num_classes, x.device, pca.components_.dtype)
-    try:
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            with torch.enable_grad():
-                codes, logits = _codes_and_logits(model, depth, pca, space.n_components, adv)
-                scores = _surrogate_scores(codes, by_class, k)
-                loss = (F.cross_entropy(scores / temperature, y, reduction="sum")
-                        + F.cross_entropy(logits, y, reduction="sum"))
-                (grad,) = torch.autograd.grad(loss, adv)
-            adv = adv.detach() + alpha * grad.sign()
-            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0)
-    finally:
-        model.train(was_training)
-    return adv.detach()
+    return collect_votes(model, depth, pca, space, k, data, batch_size, device,
+                         center).metrics(threshold)

@@ -278,8 +278,9 @@ class StreamingPCA:
 
     # -- use -------------------------------------------------------------------------------
 
-    def transform(self, X: Any, n_components: int | None = None) -> Any:
-        """Project a batch: ``(X - mean_) @ components_[:m].T``.
+    def transform(self, X: Any, n_components: int | None = None, center: bool = True) -> Any:
+        """Project a batch: ``(X - mean_) @ components_[:m].T`` (``center=False``: without the
+        mean, ``X @ components_[:m].T``, as the original LESCI entry projected).
 
         Returns the input's kind: numpy in, numpy out; a torch tensor in, a tensor on its device.
         """
@@ -291,8 +292,10 @@ class StreamingPCA:
         if Xt.ndim != 2 or Xt.shape[1] != self._n_features:
             raise PCAError(f"expected a batch [b, {self._n_features}], got {tuple(Xt.shape)}")
         components = self.components_[:m]
-        mean = self.mean_.to(components.dtype)
-        out = (Xt.to(components.device, components.dtype) - mean) @ components.T
+        out = Xt.to(components.device, components.dtype)
+        if center:
+            out = out - self.mean_.to(components.dtype)
+        out = out @ components.T
         if is_numpy:
             return out.cpu().numpy()
         return out.to(Xt.device)

@@ -54,7 +54,8 @@ def _positive(flag: str, value: int | None) -> None:
 
 
 def format_front(result, spec) -> str:
-    columns = [*sorted(spec.searched()), *spec.metric_names]
+    surface = ["k", "min_votes", "threshold"] if spec.family.value == "lesci" else []
+    columns = [*sorted(spec.searched()), *surface, *spec.metric_names]
     widths = [max(len(c), 10) for c in columns]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     for row in sorted(result.front, key=lambda r: [-r[m] if spec.objectives[m] == "max"
@@ -89,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.sweep import run_sweep
 
         check_tracking_uri(mlflow_uri)
+        surface = (f", each a surface of {len(spec.surface_points())} (k, m) points"
+                   if spec.family.value == "lesci" else "")
         log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
-            f"{spec.trial_count} trial(s), storage {redact(storage.uri)}")
+            f"{spec.trial_count} trial(s){surface}, storage {redact(storage.uri)}")
         result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log)
     except (SpaceError, StorageError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.objectives.items())}"
-        f"), {len(result.front)} of {len(result.rows)} finished trials, hypervolume "
+        f"), {len(result.front)} of {len(result.rows)} "
+        f"{'surface points' if spec.family.value == 'lesci' else 'finished trials'}, hypervolume "
         f"{result.hypervolume:.4f}:")
     log(format_front(result, spec))
     ui = (f"mlflow ui --backend-store-uri {mlflow_uri}" if mlflow_uri.startswith("sqlite")

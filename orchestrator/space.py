@@ -55,7 +55,7 @@ class Algorithm(str, enum.Enum):
 
 FAMILY_METRICS: dict[Family, tuple[str, ...]] = {
     Family.LESCI: ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity",
-                   "robust_accuracy", "adaptive_robust_accuracy"),
+                   "robust_accuracy", "transfer_robust_accuracy"),
     Family.IBP: ("nominal_accuracy", "verified_accuracy", "pgd_accuracy"),
     Family.ADVERSARIAL: ("clean_accuracy", "pgd_accuracy"),
 }
@@ -64,12 +64,15 @@ FAMILY_METRICS: dict[Family, tuple[str, ...]] = {
 TRAIN_FIELDS = ("epochs", "batch_size", "physical_batch_size", "lr", "optimizer", "momentum",
                  "weight_decay", "lr_schedule", "lr_milestones", "lr_gamma", "seed")
 FAMILY_PARAMS: dict[Family, tuple[str, ...]] = {
-    Family.LESCI: ("depth", "n_components", "embedding_size", "k", "threshold"),
+    Family.LESCI: ("depth", "n_components", "embedding_size", "center", "k",
+                   "threshold") + TRAIN_FIELDS,
     Family.IBP: ("eps_train", "warmup", "rampup", "kappa_final", "ramp") + TRAIN_FIELDS,
     Family.ADVERSARIAL: ("objective", "eps", "alpha", "steps", "restarts", "mix", "multiplier",
                          "adv_step_size", "norm") + TRAIN_FIELDS,
 }
-_REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k", "threshold"),
+# LESCI's k and threshold are not searched: each trial evaluates its whole (k, m) surface.
+SURFACE_PARAMS = ("k", "threshold")
+_REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k"),
                     Family.IBP: ("eps_train",), Family.ADVERSARIAL: ("objective",)}
 
 
@@ -115,11 +118,21 @@ class ModelSpec(_Strict):
     checkpoint: str | None = None
 
 
+class APGDSpec(_Strict):
+    """LESCI's adaptive suite: APGD on the exact margin of the vote (SPEC.md section 1.9)."""
+
+    steps: int = Field(default=100, ge=1)
+    restarts: int = Field(default=1, ge=1)  # random restarts, after one from the bare-model APGD
+    targets: int = Field(default=1, ge=0)  # targeted runs toward the likeliest wrong classes
+
+
 class AttackSpec(_Strict):
     eps: float = Field(ge=0.0, le=1.0)
-    steps: int = Field(default=20, ge=1)
+    steps: int = Field(default=20, ge=1)  # PGD: the transfer set (LESCI), pgd_accuracy (training)
     alpha: float | None = Field(default=None, gt=0.0, le=1.0)
     restarts: int = Field(default=1, ge=1)
+    apgd: APGDSpec = Field(default_factory=APGDSpec)
+    samples: int | None = Field(default=None, ge=1)  # LESCI: attack the first N validation samples
 
     @property
     def step_size(self) -> float:
@@ -184,8 +197,54 @@ class SweepSpec(_Strict):
     def modes(self) -> list[str]:
         return list(self.objectives.values())
 
+    def _trial_params(self) -> dict[str, Any]:
+        """The params that vary per trial (LESCI's k and threshold span each trial's surface)."""
+        if self.family is Family.LESCI:
+            return {k: v for k, v in self.params.items() if k not in SURFACE_PARAMS}
+        return self.params
+
     def searched(self) -> dict[str, Distribution]:
-        return {k: v for k, v in self.params.items() if isinstance(v, _DIST_TYPES)}
+        return {k: v for k, v in self._trial_params().items() if isinstance(v, _DIST_TYPES)}
+
+    @property
+    def search_metrics(self) -> tuple[list[str], list[str]]:
+        """(metrics, modes) the searcher optimises: LESCI trials by the hypervolume of their
+        surface (the front is taken over every surface point), others by the objectives."""
+        if self.family is Family.LESCI:
+            return ["hypervolume"], ["max"]
+        return self.metric_names, self.modes
+
+    def surface_ks(self) -> list[int]:
+        """LESCI: the k values of every trial's surface (a number, a list, choice/grid values,
+        or every integer of an int range)."""
+        value = self.params.get("k")
+        if isinstance(value, (Choice, Grid)):
+            values = list(value.choice if isinstance(value, Choice) else value.grid)
+        elif isinstance(value, IntRange):
+            values = list(range(value.int[0], value.int[1] + 1))
+        elif isinstance(value, list):
+            values = value
+        else:
+            values = [value]
+        return sorted({int(v) for v in values})
+
+    def surface_points(self) -> list[Any]:
+        """LESCI: every (k, m) point of a trial's surface, thresholds m/k restricted by
+        ``threshold``: absent, every m; a range {uniform: [lo, hi]}, every m/k inside it; a
+        number or a list, each threshold t's rule, m = ceil(t k) (t <= 0: m = 1)."""
+        from defenses.surface import SurfacePoint, surface_points
+
+        ks = self.surface_ks()
+        value = self.params.get("threshold")
+        if value is None:
+            return surface_points(ks)
+        if isinstance(value, Uniform):
+            return surface_points(ks, tuple(value.uniform))
+        if isinstance(value, (Choice, Grid)):
+            value = list(value.choice if isinstance(value, Choice) else value.grid)
+        thresholds = value if isinstance(value, list) else [value]
+        return sorted({SurfacePoint(k, min(k, max(1, math.ceil(float(t) * k - 1e-9))))
+                       for k in ks for t in thresholds})
 
     @property
     def grid_only(self) -> bool:
@@ -206,7 +265,7 @@ class SweepSpec(_Strict):
         return combinations * (1 if self.grid_only else self.search.num_samples)
 
     def fixed(self) -> dict[str, Any]:
-        return {k: v for k, v in self.params.items() if not isinstance(v, _DIST_TYPES)}
+        return {k: v for k, v in self._trial_params().items() if not isinstance(v, _DIST_TYPES)}
 
     def values_of(self, key: str) -> list[Any] | tuple[float, float] | None:
         """The finite values a param can take (fixed, choice, grid, int), or a float range."""
@@ -353,7 +412,7 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
         if metric not in metrics:
             raise ValueError(f"objectives.{metric}: not a metric of family {family.value!r}; "
                              f"allowed: {', '.join(metrics)}")
-        if metric in ("robust_accuracy", "adaptive_robust_accuracy") and spec.attack is None:
+        if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
             raise ValueError(f"objectives.{metric}: needs an attack (attack: {{eps: ...}})")
     if spec.scheduler == "asha":
         if len(spec.objectives) > 1:
@@ -448,20 +507,48 @@ def _number_range(spec: SweepSpec, key: str) -> tuple[float, float] | None:
 
 
 def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
-    k = _number_range(spec, "k")
-    if k and (k[0] < 1 or any(not float(v).is_integer() for v in _values(spec, "k"))):
-        raise ValueError(f"params.k: must be whole numbers >= 1, got range {list(k)}")
-    threshold = _number_range(spec, "threshold")
-    if threshold and threshold[1] > 1:
-        raise ValueError(f"params.threshold: must be <= 1 (a vote fraction; negative means "
-                         f"always project), got max {threshold[1]}")
+    k_value = spec.params["k"]
+    if isinstance(k_value, IntRange):
+        _check_distribution("k", k_value, spec.search.algorithm)
+    if isinstance(k_value, (Uniform, LogUniform)):
+        raise ValueError("params.k: the surface needs whole numbers: a number, a list, "
+                         "{grid: [...]}, {choice: [...]} or {int: [lo, hi]} (every integer)")
+    raw_ks = (k_value if isinstance(k_value, list) else spec.values_of("k"))
+    if not raw_ks or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and float(v).is_integer() and v >= 1 for v in raw_ks):
+        raise ValueError(f"params.k: must be whole numbers >= 1, got {raw_ks}")
+    threshold = spec.params.get("threshold")
+    if isinstance(threshold, (LogUniform, IntRange)):
+        raise ValueError("params.threshold: a number, a list, {choice/grid: [...]} or a range "
+                         "{uniform: [lo, hi]}")
+    if isinstance(threshold, Uniform):
+        _check_distribution("threshold", threshold, spec.search.algorithm)
+        high = threshold.uniform[1]
+    else:
+        values = (threshold if isinstance(threshold, list) else _values(spec, "threshold")
+                  if threshold is not None else [])
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"params.threshold: expected numbers, got {values}")
+        high = max(values, default=1.0)
+    if high > 1:
+        raise ValueError(f"params.threshold: must be <= 1 (a vote fraction; <= 0 means always "
+                         f"project), got max {high}")
+    try:
+        spec.surface_points()
+    except ValueError as exc:
+        raise ValueError(f"params.threshold: {exc}") from None
+    center = _values(spec, "center") if "center" in spec.params else []
+    if not all(isinstance(v, bool) for v in center):
+        raise ValueError(f"params.center: true (project with the PCA mean, the default) or "
+                         f"false (x @ P, as the original entry), got {center}")
     n_components = _number_range(spec, "n_components")
     if n_components and n_components[0] < 1:
         raise ValueError(f"params.n_components: must be >= 1, got {n_components[0]}")
     size = _number_range(spec, "embedding_size")
-    if size and k and size[0] < k[1]:
+    k_max = max(spec.surface_ks())
+    if size and size[0] < k_max:
         raise ValueError(f"params.embedding_size: {int(size[0])} is smaller than the largest "
-                         f"k ({int(k[1])})")
+                         f"k ({k_max})")
     if not check_model:
         return
     from defenses.data import INPUT_SHAPES, load_dataset

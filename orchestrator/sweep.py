@@ -3,7 +3,6 @@ shared-stage coordinator, resume with ``Tuner.restore``, and the Pareto front at
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import tempfile
@@ -12,21 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.pareto import hypervolume, pareto_mask
-from orchestrator.space import (Algorithm, Choice, IntRange, LogUniform, SpaceError,
+from orchestrator.reporting import front_of, log_surface, plot_front, write_csv
+from orchestrator.space import (Algorithm, Choice, Family, IntRange, LogUniform, SpaceError,
                                 SweepSpec, Uniform)
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
 from orchestrator.tracking import MLflowTracking, ensure_experiment, ensure_parent_run
-from orchestrator.trainables import make_trainable
+from orchestrator.trainables import SURFACE_COLUMNS, make_trainable
 
-__all__ = ["SweepResult", "param_space", "run_sweep", "pareto_rows"]
+__all__ = ["SweepResult", "param_space", "run_sweep"]
 
 SPACE_FILE = "space.json"
 
@@ -34,7 +32,9 @@ SPACE_FILE = "space.json"
 @dataclass
 class SweepResult:
     name: str
-    rows: list[dict[str, Any]]  # one per finished trial: trial_id, run_id, params, metrics
+    # one per finished trial (LESCI: per point of every finished trial's surface): trial_id,
+    # run_id, params, metrics, pareto_optimal
+    rows: list[dict[str, Any]]
     front: list[dict[str, Any]]
     hypervolume: float
     failed: int
@@ -62,7 +62,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
-    metrics, modes = spec.metric_names, spec.modes
+    metrics, modes = spec.search_metrics
     single = len(metrics) == 1
     search_alg = None
     if spec.search.algorithm in (Algorithm.TPE, Algorithm.NSGA2) and spec.searched():
@@ -159,101 +159,94 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
     start = time.perf_counter()
     grid = tuner.fit()
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
-    return _finish(spec, name, grid, client, experiment_id, parent_run_id, log)
-
-
-def pareto_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[np.ndarray, float]:
-    """(on-front mask, hypervolume) of the finished trials' objective values.
-
-    Hypervolume reference: 0 for maximised and 1 for minimised objectives (all of this
-    project's metrics are accuracies or rates in [0, 1]).
-    """
-    if not rows:
-        return np.zeros(0, dtype=bool), 0.0
-    values = np.array([[row[m] for m in spec.metric_names] for row in rows], dtype=float)
-    maximize = [mode == "max" for mode in spec.modes]
-    reference = [0.0 if up else 1.0 for up in maximize]
-    return pareto_mask(values, maximize), hypervolume(values, maximize, reference)
+    return _finish(spec, name, grid, client, experiment_id, parent_run_id, log, sweep_storage)
 
 
 def _finish(spec: SweepSpec, name: str, grid, client: MlflowClient, experiment_id: str,
-            parent_run_id: str, log) -> SweepResult:
+            parent_run_id: str, log, sweep_storage: Storage) -> SweepResult:
     log(f"sweep {name!r}: every trial ended; logging the Pareto front to MLflow")
     runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         max_results=10_000)}
-    rows, failed = [], 0
+    lesci = spec.family is Family.LESCI
+    required = ["hypervolume"] if lesci else spec.metric_names
+    rows, failed, trial_runs = [], 0, {}
     searched = sorted(spec.searched())
+    parent_metrics: dict[str, float] = {}
+    budget: dict[str, Any] = {}
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id")
         if result.error is not None or any(
                 not isinstance(metrics.get(m), (int, float)) or math.isnan(metrics[m])
-                for m in spec.metric_names):
+                for m in required):
             failed += 1
             continue
         run = runs.get(trial_id)
-        row = {"trial_id": trial_id, "run_id": run.info.run_id if run else "",
-               **{k: result.config.get(k) for k in searched},
-               **{m: float(metrics[m]) for m in spec.metric_names}}
-        rows.append(row)
-    rows.sort(key=lambda r: r["trial_id"])
-    mask, volume = pareto_rows(spec, rows)
+        run_id = run.info.run_id if run else ""
+        trial_runs[trial_id] = run_id
+        base = {"trial_id": trial_id, "run_id": run_id,
+                **{k: result.config.get(k) for k in searched}}
+        if not lesci:
+            rows.append({**base, **{m: float(metrics[m]) for m in spec.metric_names}})
+            continue
+        stored = sweep_storage.get_verified(f"results/{trial_id}.json")
+        if stored is None:
+            failed += 1
+            continue
+        trial = json.loads(stored[0])
+        budget = trial.get("budget") or budget
+        for key in ("base_accuracy", "base_robust_accuracy", "base_apgd_accuracy"):
+            if key in trial["report"]:
+                parent_metrics[key] = trial["report"][key]
+        if run_id:
+            log_surface(client, run_id, trial["surface"], _surface_columns(spec),
+                        f"{name}: {run.info.run_name}")
+        rows.extend({**base, **point} for point in trial["surface"])
+    rows.sort(key=lambda r: (r["trial_id"], r.get("k", 0), r.get("min_votes", 0)))
+    mask, volume = front_of(rows, spec.objectives)
     for row, on in zip(rows, mask):
         row["pareto_optimal"] = bool(on)
-        if row["run_id"]:
-            client.set_tag(row["run_id"], "pareto_optimal", "true" if on else "false")
+    for trial_id, run_id in trial_runs.items():
+        if run_id:
+            on = any(r["pareto_optimal"] for r in rows if r["trial_id"] == trial_id)
+            client.set_tag(run_id, "pareto_optimal", "true" if on else "false")
     front = [row for row in rows if row["pareto_optimal"]]
     with tempfile.TemporaryDirectory() as folder:
         csv_path = Path(folder) / "pareto_front.csv"
-        columns = ["trial_id", "run_id", *searched, *spec.metric_names, "pareto_optimal"]
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        columns = ["trial_id", "run_id", *searched,
+                   *(_surface_columns(spec) if lesci else spec.metric_names), "pareto_optimal"]
+        write_csv(rows, list(dict.fromkeys(columns)), csv_path)
         png_path = Path(folder) / "pareto_front.png"
-        _plot_front(spec, rows, png_path, name)
+        unit = "surface points" if lesci else "trials"
+        plot_front(rows, mask, spec.objectives, png_path,
+                   f"{name}: {len(front)} of {len(rows)} {unit} on the front")
         client.log_artifact(parent_run_id, str(csv_path))
         client.log_artifact(parent_run_id, str(png_path))
     client.log_metric(parent_run_id, "hypervolume", volume)
-    client.log_metric(parent_run_id, "finished_trials", len(rows))
+    client.log_metric(parent_run_id, "finished_trials", len(trial_runs))
     client.log_metric(parent_run_id, "failed_trials", failed)
+    if lesci:
+        client.log_metric(parent_run_id, "surface_points", len(rows))
+    for key, value in parent_metrics.items():
+        client.log_metric(parent_run_id, key, value)
+    if budget:
+        logged = client.get_run(parent_run_id).data.params
+        for key, value in budget.items():
+            if f"attack.{key}" not in logged:
+                client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
     client.set_terminated(parent_run_id, status="FINISHED")
-    log(f"sweep {name!r}: {len(rows)} finished, {failed} failed; Pareto front of "
-        f"{len(front)} point(s), hypervolume {volume:.4f}")
+    log(f"sweep {name!r}: {len(trial_runs)} finished, {failed} failed; Pareto front of "
+        f"{len(front)} of {len(rows)} {'surface points' if lesci else 'trials'}, hypervolume "
+        f"{volume:.4f}")
     return SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id)
 
 
-def _plot_front(spec: SweepSpec, rows: list[dict[str, Any]], path: Path, name: str) -> None:
-    import matplotlib
+def _surface_columns(spec: SweepSpec) -> list[str]:
+    from orchestrator.space import FAMILY_METRICS
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    metrics = [m for m in FAMILY_METRICS[Family.LESCI]
+               if spec.attack is not None or "robust" not in m]
+    return [*SURFACE_COLUMNS, *metrics]
 
-    metrics = spec.metric_names
-    fig, ax = plt.subplots(figsize=(7, 5))
-    if rows:
-        x = [row[metrics[0]] for row in rows]
-        y = [row[metrics[1]] if len(metrics) > 1 else i for i, row in enumerate(rows)]
-        colour = [row[metrics[2]] for row in rows] if len(metrics) > 2 else None
-        points = ax.scatter(x, y, c=colour if colour else "lightgray", cmap="viridis", s=40,
-                            edgecolors="gray", label="all trials")
-        if colour:
-            fig.colorbar(points, ax=ax, label=metrics[2])
-        front = [(a, b) for a, b, row in zip(x, y, rows) if row["pareto_optimal"]]
-        if front:
-            fx, fy = zip(*sorted(front))
-            ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="red", linewidths=2,
-                       label="Pareto front")
-            if len(metrics) == 2:
-                ax.plot(fx, fy, color="red", alpha=0.5)
-    ax.set_xlabel(f"{metrics[0]} ({spec.objectives[metrics[0]]})")
-    ax.set_ylabel(f"{metrics[1]} ({spec.objectives[metrics[1]]})" if len(metrics) > 1
-                  else "trial")
-    ax.set_title(f"{name}: {len(rows)} trials")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 

@@ -11,26 +11,29 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import time
 from typing import Any
 
 import ray
 import torch
 from ray import tune
 
-from defenses.attacks import pgd
-from defenses.data import ArrayDataset, Augmentation, Splits, load_dataset
-from defenses.lesci import (EmbeddingSpace, adaptive_attack, build_embedding_space,
-                            collect_votes, fit_pca_at_depth)
+from defenses.attacks import apgd, pgd
+from defenses.data import Augmentation, Splits, load_dataset
+from defenses.lesci import EmbeddingSpace, build_embedding_space, fit_pca_at_depth
+from defenses.lesci_attack import LESCIDecision, attack_surface
+from defenses.surface import SurfacePoint, surface_metrics
 from defenses.models import build_model, checkpoint_bytes, load_checkpoint
 from defenses.pca import StreamingPCA
 from defenses.training import (ObjectiveName, TrainConfig, Trainer, evaluate_robustness,
                                make_objective, objective_parameters)
+from orchestrator.pareto import hypervolume, pareto_mask
 from orchestrator.space import FAMILY_METRICS, TRAIN_FIELDS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
 __all__ = ["make_trainable", "lesci_trial", "training_trial", "train_base_model",
-           "craft_transfer_set", "lesci_trial_metrics"]
+           "craft_transfer_set", "lesci_surface", "operating_point", "SURFACE_COLUMNS"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -99,50 +102,97 @@ def _stored_result(storage: Storage) -> tuple[str, dict[str, float] | None]:
     return path, (json.loads(found[0]) if found is not None else None)
 
 
-def train_base_model(spec: SweepSpec, splits: Splits, device) -> torch.nn.Module:
-    """The LESCI base model, trained with the space's ``training`` settings and seed."""
-    torch.manual_seed(int(spec.training.get("seed", 0)))
+def train_base_model(spec: SweepSpec, splits: Splits, device,
+                     params: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The LESCI base model, trained with the space's ``training`` settings (and the training
+    fields a trial searches, in ``params``) and seed."""
+    config = _train_config(spec, params or {})
+    torch.manual_seed(config.seed)
     model = _build(spec, splits)
-    Trainer(model, splits.train, _train_config(spec, {}), device=device).fit()
+    Trainer(model, splits.train, config, device=device).fit()
     return model
 
 
 def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
-    """PGD examples of the validation split crafted against the base model (``torch.save``
-    bytes of plain tensors): the transfer attack every LESCI trial of a sweep is scored on."""
-    x_val, y_val = _validation_tensors(splits)
+    """Attacks on the bare base model (``torch.save`` bytes of plain tensors), shared by every
+    LESCI trial of a sweep: PGD (the transfer set), and APGD-CE with the suite's steps and
+    restarts (the bare model's baseline, and the warm start of the attacks on the vote)."""
+    x_val, y_val = _validation_tensors(splits, attack.samples)
     gen = torch.Generator().manual_seed(0)
-    advs = [pgd(model, x.to(device), y.to(device), attack.eps, attack.step_size, attack.steps,
-                restarts=attack.restarts, generator=gen).cpu()
-            for x, y in zip(x_val.split(256), y_val.split(256))]
+    model.eval()
+    transfer = torch.cat([pgd(model, x.to(device), y.to(device), attack.eps, attack.step_size,
+                              attack.steps, restarts=attack.restarts, generator=gen).cpu()
+                          for x, y in zip(x_val.split(256), y_val.split(256))])
+    base_apgd = []
+    for x, y in zip(x_val.split(256), y_val.split(256)):
+        x, y = x.to(device), y.to(device)
+
+        def cross_entropy(z: torch.Tensor, rows: torch.Tensor, y=y):
+            logits = model(z)
+            return (torch.nn.functional.cross_entropy(logits, y[rows], reduction="none"),
+                    logits.argmax(1) != y[rows])
+
+        base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps,
+                              attack.apgd.restarts + 1, gen)[0].cpu())
     buffer = io.BytesIO()
-    torch.save({"adversarial": torch.cat(advs), "labels": y_val}, buffer)
+    torch.save({"adversarial": transfer, "base_apgd": torch.cat(base_apgd), "labels": y_val},
+               buffer)
     return buffer.getvalue()
 
 
-def lesci_trial_metrics(spec: SweepSpec, model: torch.nn.Module, depth: str, pca: StreamingPCA,
-                        space: EmbeddingSpace, k: int, threshold: float, splits: Splits,
-                        transfer: dict[str, torch.Tensor] | None, device) -> dict[str, float]:
-    """A LESCI trial's metrics: the four of SPEC.md on the validation split, and with an attack
-    in the space, accuracy under the transfer set and under the adaptive attack on the vote."""
-    metrics = collect_votes(model, depth, pca, space, k, splits.val, device=device
-                            ).metrics(threshold)
-    if spec.attack is not None and transfer is not None:
+# surface.csv: the trial's point, the (k, m) point, then the metrics
+SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
+                   "threshold")
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
+    with torch.no_grad():
+        correct = sum(int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
+                      for xb, yb in zip(x.split(512), y.split(512)))
+    return correct / max(len(y), 1)
+
+
+def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[SurfacePoint],
+                  splits: Splits, attacks: dict[str, torch.Tensor] | None, device,
+                  progress=None) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Every point's metrics ({name: [P] values}) and the attack budget: the four of SPEC.md on
+    the validation split; with an attack, ``transfer_robust_accuracy`` (the PGD transfer set
+    alone) and ``robust_accuracy``, the per-sample worst case of the whole suite on the real
+    vote (``defenses.lesci_attack.attack_surface``)."""
+    x_val, y_val = _validation_tensors(splits)
+    prediction, projected = [], []
+    for xb in x_val.split(512):
+        p, pr = decision.decide(xb.to(device), points)
+        prediction.append(p.cpu())
+        projected.append(pr.cpu())
+    metrics = {name: values.tolist() for name, values in surface_metrics(
+        y_val, torch.cat(prediction), torch.cat(projected)).items()}
+    budget: dict[str, Any] = {}
+    if spec.attack is not None and attacks is not None:
         attack = spec.attack
-        robust = collect_votes(model, depth, pca, space, k,
-                               ArrayDataset(transfer["adversarial"], transfer["labels"]),
-                               device=device)
-        metrics["robust_accuracy"] = robust.metrics(threshold)["accuracy"]
-        x_val, y_val = _validation_tensors(splits)
-        gen = torch.Generator().manual_seed(1)
-        adaptive = torch.cat([
-            adaptive_attack(model, depth, pca, space, k, x.to(device), y.to(device), attack.eps,
-                            attack.step_size, attack.steps, generator=gen).cpu()
-            for x, y in zip(x_val.split(256), y_val.split(256))])
-        metrics["adaptive_robust_accuracy"] = collect_votes(
-            model, depth, pca, space, k, ArrayDataset(adaptive, y_val),
-            device=device).metrics(threshold)["accuracy"]
-    return {name: float(value) for name, value in metrics.items()}
+        x_att, y_att = _validation_tensors(splits, attack.samples)
+        pool = {"transfer": attacks["adversarial"], "base_apgd": attacks["base_apgd"]}
+        suite = attack_surface(decision, x_att.to(device), y_att.to(device), points, attack.eps,
+                               attack.apgd.steps, attack.apgd.restarts, attack.apgd.targets,
+                               pool={k: v.to(device) for k, v in pool.items()},
+                               start="base_apgd", progress=progress,
+                               generator=torch.Generator().manual_seed(1))
+        metrics["robust_accuracy"] = suite.accuracy().tolist()
+        metrics["transfer_robust_accuracy"] = suite.accuracy("transfer").tolist()
+        budget = {**suite.budget, "samples": len(y_att), "transfer": f"PGD-{attack.steps}",
+                  "suite": "clean, transfer PGD, bare-model APGD-CE, APGD on the exact vote "
+                           "margin (warm start + random restarts), targeted APGD"}
+    return metrics, budget
+
+
+def operating_point(rows: list[dict[str, Any]], objectives: dict[str, str]) -> dict[str, Any]:
+    """The point a trial reports as its own: the largest sum of its objectives (a minimised
+    one counts as 1 - value), ties to the smaller k, then the smaller min_votes."""
+    def score(row: dict[str, Any]) -> float:
+        values = [row[m] if mode == "max" else 1 - row[m] for m, mode in objectives.items()]
+        return sum(v for v in values if v == v)  # NaN counts as nothing
+
+    return max(rows, key=lambda r: (score(r), -r["k"], -r["min_votes"]))
 
 
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
@@ -150,29 +200,32 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     result_path, done = _stored_result(storage)
     if done is not None:
         _log("finished in an earlier run: reporting its stored result")
-        tune.report(done)
+        tune.report(done["report"])
         return
     spec, splits, device = _setup(spec_json)
     cache = _stage_cache(storage)
-    depth, k, threshold = config["depth"], int(config["k"]), float(config["threshold"])
-    n_components = int(config["n_components"])
+    depth, n_components = config["depth"], int(config["n_components"])
     size = config.get("embedding_size")
+    center = bool(config.get("center", True))
+    points = spec.surface_points()
+    k_max = max(p.k for p in points)
 
     # Stage 1: the base model (trained once, or loaded from the space's checkpoint).
+    training = {**spec.training, **{k: v for k, v in config.items() if k in TRAIN_FIELDS}}
     base_inputs = {"dataset": spec.dataset.model_dump(), "model": spec.model.model_dump(),
-                   "training": spec.training}
+                   "training": training}
 
     def train_base() -> bytes:
         if spec.model.checkpoint:
             model, extra = load_checkpoint(spec.model.checkpoint)
             return checkpoint_bytes(model, extra)
-        return checkpoint_bytes(train_base_model(spec, splits, device).cpu())
+        return checkpoint_bytes(train_base_model(spec, splits, device, config).cpu())
 
     model, _ = load_checkpoint(cache.get("base", base_inputs, train_base), map_location=device,
                                name="base model stage")
     model.eval()
 
-    # Stage 2: PCA at this depth with the largest n_components of the space (nested).
+    # Stage 2: PCA at this depth with the largest n_components of the space (truncated).
     max_components = int(_largest(spec, "n_components", n_components))
     pca_inputs = {"base": base_inputs, "depth": depth, "n_components": max_components}
 
@@ -194,33 +247,76 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     # Stage 3: the embedding space of that PCA, at the largest embedding size of the space.
     max_size = _largest(spec, "embedding_size", None)
     space_inputs = {"pca": pca_inputs, "embedding_size": max_size}
+    if not center:  # centred spaces keep their key from before the option existed
+        space_inputs["center"] = False
 
     def build_space() -> bytes:
         full = StreamingPCA.from_bytes(cache.get("pca", pca_inputs, fit_pca), device=device)
         return build_embedding_space(model, depth, full, splits.train,
                                      None if max_size is None else int(max_size),
-                                     device=device).to_bytes()
+                                     device=device, center=center).to_bytes()
 
     space = EmbeddingSpace.from_bytes(cache.get("space", space_inputs, build_space),
                                       "embedding-space stage")
     space = space.truncate(n_components, None if size is None else min(int(size), len(space)))
-    if k > len(space):
-        raise ValueError(f"k={k} exceeds the embedding space's {len(space)} samples")
+    if k_max > len(space):
+        raise ValueError(f"k={k_max} exceeds the embedding space's {len(space)} samples")
 
-    transfer = None
+    attacks = None
     if spec.attack is not None:
-        # Stage 4: PGD examples crafted against the base model (a transfer attack).
+        # Stage 4: attacks on the bare base model (a transfer set and the APGD baseline).
         stored = cache.get("transfer", {"base": base_inputs, "attack": spec.attack.model_dump()},
                            lambda: craft_transfer_set(model, splits, spec.attack, device))
-        transfer = torch.load(io.BytesIO(stored), weights_only=True)
-    metrics = lesci_trial_metrics(spec, model, depth, pca, space, k, threshold, splits, transfer,
-                                  device)
-    storage.put_verified(result_path, json.dumps(metrics).encode(), {"config": config})
-    tune.report(metrics)
+        attacks = torch.load(io.BytesIO(stored), weights_only=True)
+    decision = LESCIDecision(model, depth, pca, space, k_max, center=center,
+                             num_classes=splits.num_classes)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        _log(f"attacks on the vote: {done}/{total} runs, {time.perf_counter() - start:.0f} s")
+
+    metrics, budget = lesci_surface(spec, decision, points, splits, attacks, device, progress)
+    rows = []
+    for i, point in enumerate(points):
+        row = {"depth": depth, "n_components": n_components,
+               "embedding_size": len(space), "center": center, "k": point.k,
+               "min_votes": point.min_votes, "threshold": point.threshold}
+        row.update({name: values[i] for name, values in metrics.items()})
+        rows.append(row)
+    objectives = spec.objectives
+    values = [[r[m] for m in objectives] for r in rows]
+    maximize = [mode == "max" for mode in objectives.values()]
+    volume = hypervolume(values, maximize, [0.0 if up else 1.0 for up in maximize])
+    on_front = pareto_mask(values, maximize)
+    best = operating_point(rows, objectives)
+    report = {name: float(best[name]) for name in metrics}
+    report.update({"hypervolume": volume, "surface_points": len(rows),
+                   "surface_front_points": int(on_front.sum()), "operating_k": best["k"],
+                   "operating_min_votes": best["min_votes"],
+                   "operating_threshold": best["threshold"]})
+    if attacks is not None:
+        x_att, y_att = _validation_tensors(splits, spec.attack.samples)
+        base = _accuracy(model, attacks["base_apgd"], y_att, device)
+        report["base_accuracy"] = _accuracy(model, *_validation_tensors(splits), device)
+        # the bare model under the same attacks: the worst case of PGD and APGD-CE
+        with torch.no_grad():
+            right = torch.ones(len(y_att), dtype=torch.bool)
+            for adv in (attacks["adversarial"], attacks["base_apgd"], x_att):
+                right &= torch.cat([model(a.to(device)).argmax(1).cpu() for a in
+                                    adv.split(512)]) == y_att
+        report["base_robust_accuracy"] = float(right.double().mean())
+        report["base_apgd_accuracy"] = base
+    storage.put_verified(result_path, json.dumps({"report": report, "surface": rows,
+                                                  "budget": budget}).encode(),
+                         {"config": config})
+    tune.report(report)
 
 
-def _validation_tensors(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(splits.val[i] for i in range(len(splits.val))))
+def _validation_tensors(splits: Splits, samples: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split (its first ``samples``, when given) as tensors."""
+    n = len(splits.val) if samples is None else min(samples, len(splits.val))
+    xs, ys = zip(*(splits.val[i] for i in range(n)))
     return torch.stack(xs), torch.as_tensor(ys)
 
 

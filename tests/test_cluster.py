@@ -175,7 +175,7 @@ def test_ray_up_submit_down_with_s3_storage_and_mlflow_server(submitted):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4  # the demo's smoke grid
+    assert len(parents) == 1 and len(children) == 2  # the demo's smoke grid: two depths
     assert all({"accuracy", "projection_rate", "robust_accuracy"} <= set(c.data.metrics)
                for c in children)
     parent = parents[0]

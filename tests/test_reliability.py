@@ -85,7 +85,8 @@ FAILING = textwrap.dedent("""
     params:
       depth: pool
       n_components: 8
-      k: {grid: [3, 5000]}
+      lr: {grid: [0.003, 0.0000001]}
+      k: [3, 1000]
       threshold: 0.5
     objectives: {accuracy: max, projection_rate: max}
     search: {algorithm: grid, max_concurrent: 1}
@@ -95,14 +96,15 @@ FAILING = textwrap.dedent("""
 
 def test_a_trial_that_always_fails_is_recorded_and_the_sweep_finishes(tmp_path):
     args, uri = sweep_args(tmp_path, FAILING, "failing")
-    # k = 5000 exceeds the embedding space (the correctly classified training digits)
+    # k = 1000 exceeds the embedding space (the correctly classified training digits) of the
+    # base model trained at a learning rate of 1e-7
     done = run_ok(args, tmp_path)
     client, parents, children = runs_of(uri, "failing")
-    by_k = {c.data.params["k"]: c for c in children}
-    assert set(by_k) == {"3", "5000"} and len(children) == 2
-    assert by_k["3"].info.status == "FINISHED"
-    assert by_k["5000"].info.status == "FAILED"
-    assert "exceeds the embedding space" in by_k["5000"].data.tags["error"]
+    by_lr = {float(c.data.params["lr"]): c for c in children}
+    assert set(by_lr) == {0.003, 1e-7} and len(children) == 2
+    assert by_lr[0.003].info.status == "FINISHED"
+    assert by_lr[1e-7].info.status == "FAILED"
+    assert "exceeds the embedding space" in by_lr[1e-7].data.tags["error"]
     assert parents[0].data.metrics["failed_trials"] == 1
     assert parents[0].data.metrics["finished_trials"] == 1
     assert "1 finished, 1 failed" in done.stdout

@@ -1,0 +1,342 @@
+"""Attacking LESCI's real decision: an exact margin of the kNN vote, APGD on it, and a suite
+whose per-sample worst case over every (k, m) point of a surface is the robust accuracy
+(SPEC.md section 1.9).
+
+The margin. With s_c(j) the j-th largest cosine similarity between the query's code and class
+c's embeddings, and s_~c(r) the r-th largest over every other class, "at least j of the k
+nearest neighbours are of class c" holds iff ``g_c(j) = s_c(j) - s_~c(k - j + 1) > 0``. The vote
+projects to c at point (k, m) iff c is the majority (ties: the lowest label) with at least m
+votes, which is exactly
+
+    proj_c = max_{j = m..k} min( g_c(j), min_{d < c} -g_d(j), min_{d > c} -g_d(j + 1) ) > 0
+
+(some j >= m with at least j votes for c, fewer than j for every lower label and at most j for
+every higher one). LESCI is wrong iff it projects to a wrong class, or abstains (no proj_c > 0)
+while the model is wrong, so
+
+    loss = max( max_{c != y} proj_c, min(-proj_y, model_margin) )
+
+is positive exactly when LESCI is wrong (up to exact similarity ties, a null set), and it is
+differentiable almost everywhere: APGD can climb it. ``model_margin`` is the model's DLR-scaled
+logit margin (positive iff the model is wrong), so both paths are on a comparable scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses.attacks import apgd
+from defenses.lesci import EmbeddingSpace, KnnIndex
+from defenses.pca import StreamingPCA
+from defenses.surface import SurfacePoint, surface_decisions
+
+__all__ = ["LESCIDecision", "projection_margins", "wrong_margin", "targeted_margin",
+           "model_margin", "SuiteResult", "attack_surface", "ATTACK_NAMES"]
+
+# Below any cosine similarity: the similarity of an embedding a class does not have.
+_ABSENT = -3.0
+# Above any margin of similarities: "certainly true" in the min/max of the margin.
+_CERTAIN = 8.0
+
+
+def model_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(max_{c != y} z_c - z_y) / (z_(1) - z_(3)): positive iff the model is wrong; the DLR
+    scaling (Croce & Hein 2020) makes it invariant to the logits' scale. [b]"""
+    true = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], -torch.inf).max(dim=1).values
+    ordered = logits.sort(dim=1, descending=True).values
+    spread = ordered[:, 0] - ordered[:, min(2, logits.shape[1] - 1)] + 1e-12
+    return (others - true) / spread
+
+
+def projection_margins(class_tops: torch.Tensor, other_tops: torch.Tensor, k: int,
+                       m: int | None = None) -> torch.Tensor:
+    """proj_c of the module docstring: > 0 iff the vote at (k, m) projects to class c.
+
+    Args:
+        class_tops: [b, C, >= k] s_c(1..) per class, most similar first (absent: < -1).
+        other_tops: [b, C, >= k] s_~c(1..) per class, most similar first.
+        m: the minimum votes; None: every m = 1..k at once.
+
+    Returns:
+        [b, C] for one m; [b, C, k] (m = 1..k along the last axis) for None.
+    """
+    if m is not None and not 1 <= m <= k:
+        raise ValueError(f"need 1 <= m <= k, got m={m}, k={k}")
+    # g[:, c, j - 1] = s_c(j) - s_~c(k - j + 1), j = 1..k
+    g = class_tops[:, :, :k] - other_tops[:, :, :k].flip(-1)
+    not_g = -g
+    certain = torch.full_like(g[:, :1], _CERTAIN)
+    # min over d < c of -g_d(j): exclusive prefix minimum over classes
+    lower = torch.cat([certain, not_g[:, :-1].cummin(dim=1).values], dim=1)
+    # min over d > c of -g_d(j + 1) (g_d(k + 1): nobody has k + 1 of k votes)
+    shifted = torch.cat([not_g[:, :, 1:], torch.full_like(g[:, :, :1], _CERTAIN)], dim=2)
+    higher = torch.cat([shifted[:, 1:].flip(1).cummin(dim=1).values.flip(1), certain], dim=1)
+    terms = torch.minimum(torch.minimum(g, lower), higher)  # [b, C, k] over j
+    if m is not None:
+        return terms[:, :, m - 1:].max(dim=2).values
+    # max over j >= m for every m: a reverse cumulative maximum
+    return terms.flip(-1).cummax(dim=2).values.flip(-1)
+
+
+def wrong_margin(proj: torch.Tensor, model_margin_: torch.Tensor, y: torch.Tensor
+                 ) -> torch.Tensor:
+    """> 0 iff LESCI is wrong: it projects to a wrong class, or abstains and the model is
+    wrong. ``proj`` [b, C] gives [b]; [b, C, M] (several m) gives [b, M]."""
+    index = y.view(-1, 1, *([1] * (proj.ndim - 2))).expand(-1, 1, *proj.shape[2:])
+    true = proj.gather(1, index)[:, 0]
+    wrong = proj.scatter(1, index, -torch.inf).max(dim=1).values
+    margin = model_margin_.view(-1, *([1] * (proj.ndim - 2)))
+    return torch.maximum(wrong, torch.minimum(-true, margin))
+
+
+def targeted_margin(proj: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
+                    ) -> torch.Tensor:
+    """> 0 only if LESCI answers ``target``: it projects there, or abstains while the model
+    answers ``target`` (a sufficient condition for a wrong answer when target != y).
+    ``proj`` [b, C] gives [b]; [b, C, M] gives [b, M]."""
+    index = target.view(-1, 1, *([1] * (proj.ndim - 2))).expand(-1, 1, *proj.shape[2:])
+    to_target = proj.gather(1, index)[:, 0]
+    abstains = -proj.max(dim=1).values
+    answers = -model_margin(logits, target).view(-1, *([1] * (proj.ndim - 2)))
+    return torch.maximum(to_target, torch.minimum(abstains, answers))
+
+
+@dataclass
+class LESCIDecision:
+    """LESCI of one trial (model, depth, PCA, embedding space) as a function of the input: the
+    real decision through the kNN index, and the differentiable similarities of the margin."""
+
+    model: nn.Module
+    depth: str
+    pca: StreamingPCA
+    space: EmbeddingSpace
+    k_max: int
+    center: bool = True
+    num_classes: int | None = None
+    _index: KnnIndex | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_max <= len(self.space):
+            raise ValueError(f"k_max must be in 1..{len(self.space)}, got {self.k_max}")
+        self.num_classes = self.num_classes or int(self.space.labels.max()) + 1
+        self._module = self.model.depth_modules()[self.depth]
+        components = self.pca.components_[:self.space.n_components]
+        self._components = components
+        self._mean = (self.pca.mean_.to(components.dtype) if self.center
+                      else torch.zeros_like(self.pca.mean_, dtype=components.dtype))
+        e = F.normalize(self.space.embeddings.to(components.device, components.dtype), dim=1)
+        labels = self.space.labels.to(components.device)
+        self._by_class = [e[labels == c] for c in range(self.num_classes)]
+
+    @property
+    def index(self) -> KnnIndex:
+        if self._index is None:
+            self._index = KnnIndex(self.space.embeddings, self.space.labels,
+                                   num_classes=self.num_classes,
+                                   device=self._components.device)
+        return self._index
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [b, m], logits [b, classes]), differentiable w.r.t. x; the model must be in
+        eval mode."""
+        captured: list[torch.Tensor] = []
+        handle = self._module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        acts = captured[0].reshape(x.shape[0], -1).to(self._components.device,
+                                                      self._components.dtype)
+        return (acts - self._mean) @ self._components.T, logits
+
+    def tops(self, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_c(1..k), s_~c(1..k)), each [b, C, k], most similar first; absent: below -1."""
+        q = F.normalize(codes, dim=1)
+        per_class = []
+        for e in self._by_class:
+            sims = q @ e.T
+            top = sims.topk(min(k, e.shape[0]), dim=1).values
+            if top.shape[1] < k:
+                top = torch.cat([top, top.new_full((q.shape[0], k - top.shape[1]), _ABSENT)], 1)
+            per_class.append(top)
+        class_tops = torch.stack(per_class, dim=1)  # [b, C, k]
+        b, c = class_tops.shape[:2]
+        # s_~c(1..k): the top k of every other class's top-k list; classes in chunks so that
+        # [b, chunk, C * k] stays small
+        flat = class_tops.reshape(b, 1, c * k)
+        owner = torch.arange(c, device=codes.device).repeat_interleave(k)
+        chunk = max(1, 4_000_000 // max(1, b * c * k))
+        others = []
+        for start in range(0, c, chunk):
+            classes = torch.arange(start, min(c, start + chunk), device=codes.device)
+            own = owner[None, :] == classes[:, None]  # [chunk, C * k]
+            masked = flat.expand(b, len(classes), c * k).masked_fill(own[None], _ABSENT - 1)
+            others.append(masked.topk(k, dim=2).values)
+        return class_tops, torch.cat(others, dim=1)
+
+    @torch.no_grad()
+    def decide(self, x: torch.Tensor, points: Sequence[SurfacePoint]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real decision at every point: (prediction [b, P], projected [b, P])."""
+        codes, logits = self.forward(x)
+        k = max(p.k for p in points)
+        _, idx = self.index.search(codes, k)
+        neighbours = self.index.labels[idx.to(self.index.device)]
+        return surface_decisions(neighbours, logits.argmax(1).to(neighbours.device), points,
+                                 self.num_classes)
+
+    def margin_objective(self, y: torch.Tensor, k: int, ms: Sequence[int],
+                         points: Sequence[SurfacePoint], fooled: torch.Tensor,
+                         target: torch.Tensor | None = None):
+        """``(x, rows) -> (loss, success)`` for ``defenses.attacks.apgd``, attacking the points
+        (k, m) for m in ``ms`` in one run.
+
+        Every iterate is judged on the real vote at every one of ``points``, and ``fooled``
+        ([len(y), len(points)] bool) records which samples any iterate fooled where (each
+        iterate is an adversarial example in the ball). The loss is the exact wrong-margin (or
+        the targeted one) of the sample's easiest point among ``ms`` not fooled yet; a sample
+        succeeds, and leaves the run, once every point of ``ms`` is fooled.
+        """
+        column = {p: i for i, p in enumerate(points)}
+        cols = torch.tensor([column[SurfacePoint(k, m)] for m in ms])
+        m_index = torch.tensor([m - 1 for m in ms])
+        k_search = max(p.k for p in points)
+
+        def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            codes, logits = self.forward(x)
+            class_tops, other_tops = self.tops(codes, k)
+            proj = projection_margins(class_tops, other_tops, k)[:, :, m_index.to(x.device)]
+            if target is None:
+                margins = wrong_margin(proj, model_margin(logits, y[rows]), y[rows])
+            else:
+                margins = targeted_margin(proj, logits, target[rows])
+            with torch.no_grad():
+                _, idx = self.index.search(codes.detach(), k_search)
+                neighbours = self.index.labels[idx.to(self.index.device)]
+                prediction, _ = surface_decisions(neighbours, logits.argmax(1).to(
+                    neighbours.device), points, self.num_classes)
+                cpu_rows = rows.to(fooled.device)
+                fooled[cpu_rows] |= (prediction != y[rows, None].to(prediction.device)).to(
+                    fooled.device)
+                open_ = ~fooled[cpu_rows][:, cols].to(margins.device)
+            # the easiest point still standing (all fooled: the sample leaves the run)
+            loss = margins.masked_fill(~open_, -torch.inf).max(dim=1).values
+            loss = torch.where(open_.any(dim=1), loss, margins.max(dim=1).values)
+            return loss, ~open_.any(dim=1)
+
+        return objective
+
+
+ATTACK_NAMES = ("clean", "transfer", "base_apgd", "apgd", "apgd_targeted")
+
+
+@dataclass
+class SuiteResult:
+    """Per attack, which samples LESCI still gets right at each point ([q, P] bool)."""
+
+    points: list[SurfacePoint]
+    correct: dict[str, torch.Tensor]
+    budget: dict[str, float | int]
+
+    def robust(self) -> torch.Tensor:
+        """[q, P]: right under every attack of the suite (the per-sample worst case)."""
+        out = torch.ones_like(next(iter(self.correct.values())))
+        for c in self.correct.values():
+            out &= c
+        return out
+
+    def accuracy(self, name: str | None = None) -> torch.Tensor:
+        """[P] float64: accuracy under one attack, or (None) the worst case of the suite."""
+        c = self.robust() if name is None else self.correct[name]
+        return c.double().mean(0)
+
+
+def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
+                   points: Sequence[SurfacePoint], eps: float, steps: int = 100,
+                   restarts: int = 1, targets: int = 3, attack_points: Sequence[SurfacePoint]
+                   | None = None, pool: dict[str, torch.Tensor] | None = None,
+                   generator: torch.Generator | None = None, batch_size: int = 512,
+                   start: str | None = None, progress=None) -> SuiteResult:
+    """Robustness of LESCI at every point of a surface.
+
+    The suite: the clean inputs; the given ``pool`` of precomputed adversarial sets (transfer
+    attacks); APGD on the exact margin at each of ``attack_points`` (default: every point),
+    untargeted and toward the ``targets`` likeliest wrong classes. Every iterate of every APGD
+    run and every example of the pool is judged on the real vote at every point, so a sample
+    counts as robust at a point only if no example of any attack fooled LESCI there.
+
+    Args:
+        x, y: the clean samples [q, ...] in [0, 1] and labels [q].
+        pool: name -> adversarial inputs [q, ...] (same order as x), e.g. the transfer set.
+        start: a name of ``pool`` whose examples start the untargeted runs' first restart
+            (the others start at random): the bare model's APGD examples already fool the
+            identity path.
+        progress: ``progress(done, total)`` after each APGD run, when given.
+    """
+    points = list(points)
+    attack_points = list(points if attack_points is None else attack_points)
+    model = decision.model
+    was_training = model.training
+    model.eval()
+    correct: dict[str, torch.Tensor] = {}
+
+    def score(name: str, adv: torch.Tensor) -> None:
+        parts = []
+        for s in range(0, adv.shape[0], batch_size):
+            prediction, _ = decision.decide(adv[s:s + batch_size], points)
+            parts.append(prediction.cpu() == y[s:s + batch_size, None].cpu())
+        correct[name] = torch.cat(parts)
+
+    runs = len({p.k for p in attack_points}) * (1 + targets)
+    done = 0
+    try:
+        score("clean", x)
+        for name, adv in (pool or {}).items():
+            if adv.shape != x.shape:
+                raise ValueError(f"pool {name!r}: shape {tuple(adv.shape)} is not the "
+                                 f"inputs' {tuple(x.shape)}")
+            score(name, adv)
+        by_k: dict[int, list[int]] = {}
+        for point in attack_points:
+            by_k.setdefault(point.k, []).append(point.min_votes)
+        for t in range(1 + targets):
+            name = "apgd" if t == 0 else "apgd_targeted"
+            fooled = torch.zeros((x.shape[0], len(points)), dtype=torch.bool)
+            for k, ms in sorted(by_k.items()):
+                for s in range(0, x.shape[0], batch_size):
+                    xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+                    target = (_likeliest_wrong(decision, xb, yb, k, min(ms), t) if t
+                              else None)
+                    objective = decision.margin_objective(yb, k, ms, points,
+                                                          fooled[s:s + batch_size], target)
+                    begin = pool[start][s:s + batch_size] if start and not t else None
+                    apgd(objective, xb, eps, steps, restarts + (begin is not None), generator,
+                         start=begin)
+                done += 1
+                if progress is not None:
+                    progress(done, runs)
+            correct[name] = correct[name] & ~fooled if name in correct else ~fooled
+    finally:
+        model.train(was_training)
+    budget = {"eps": eps, "apgd_steps": steps, "apgd_restarts": restarts,
+              "apgd_targets": targets, "attacked_points": len(attack_points)}
+    return SuiteResult(points, correct, budget)
+
+
+def _likeliest_wrong(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor, k: int,
+                     m: int, rank: int) -> torch.Tensor:
+    """The ``rank``-th likeliest wrong class of each sample at (k, m) (1 = likeliest): by its
+    projection margin, then the model's probability."""
+    with torch.no_grad():
+        codes, logits = decision.forward(x)
+        class_tops, other_tops = decision.tops(codes, k)
+        proj = projection_margins(class_tops, other_tops, k, m)
+        score = proj + 1e-3 * logits.softmax(1).to(proj.dtype)
+        score = score.scatter(1, y[:, None], -torch.inf)
+        return score.topk(min(rank, score.shape[1] - 1), dim=1).indices[:, -1]

@@ -1,0 +1,114 @@
+"""LESCI's (k, m) surface: every vote of a trial from one k_max-nearest-neighbour search.
+
+For one embedding space, the decision at every neighbourhood size k <= k_max and every threshold
+follows from each query's k_max nearest neighbours in order (SPEC.md section 1.8): the first k
+give the vote at k, and for a given k only the thresholds m/k (m = 1..k) change the outcome,
+"project iff at least m of the k neighbours share the majority label". So one search evaluates
+the whole surface exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["SurfacePoint", "surface_points", "vote_counts", "surface_decisions",
+           "surface_metrics"]
+
+
+@dataclass(frozen=True, order=True)
+class SurfacePoint:
+    """One LESCI operating point: ``k`` neighbours, project iff at least ``min_votes`` agree."""
+
+    k: int
+    min_votes: int
+
+    @property
+    def threshold(self) -> float:
+        """The vote fraction that is the same rule: ``min_votes / k``."""
+        return self.min_votes / self.k
+
+
+def surface_points(ks: Sequence[int], threshold_range: tuple[float, float] | None = None
+                   ) -> list[SurfacePoint]:
+    """Every (k, m) of the given ks, m = 1..k, whose threshold m/k lies in ``threshold_range``
+    (inclusive; None: every m). Sorted by k, then m.
+
+    m = 1 always projects (the majority has at least one vote), which is also what a negative
+    threshold means; a range reaching below 1/k keeps it.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be integers >= 1, got {list(ks)}")
+    low, high = threshold_range if threshold_range is not None else (-math.inf, 1.0)
+    if low > high:
+        raise ValueError(f"threshold range [{low}, {high}] is inverted")
+    points = [SurfacePoint(k, m) for k in ks for m in range(1, k + 1)
+              if low - 1e-9 <= m / k <= high + 1e-9]
+    if not points:
+        raise ValueError(f"no (k, m) point of ks {ks} has a threshold m/k in [{low}, {high}]")
+    return points
+
+
+@torch.no_grad()
+def vote_counts(neighbour_labels: torch.Tensor, ks: Sequence[int], num_classes: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Majority label and its count among the first k neighbours, for each k of ``ks``.
+
+    Args:
+        neighbour_labels: [q, k_max] labels of each query's neighbours, most similar first.
+        ks: neighbourhood sizes, each in 1..k_max.
+
+    Returns:
+        (majority [q, len(ks)] long, count [q, len(ks)] long): ties go to the lowest label.
+    """
+    q, k_max = neighbour_labels.shape
+    if any(not 1 <= k <= k_max for k in ks):
+        raise ValueError(f"every k must be in 1..{k_max}, got {list(ks)}")
+    counts = torch.zeros((q, num_classes), dtype=torch.long, device=neighbour_labels.device)
+    majority = torch.empty((q, len(ks)), dtype=torch.long, device=neighbour_labels.device)
+    top = torch.empty_like(majority)
+    wanted = {k: [i for i, kk in enumerate(ks) if kk == k] for k in set(ks)}
+    ones = torch.ones((q, 1), dtype=torch.long, device=neighbour_labels.device)
+    for j in range(max(ks)):
+        counts.scatter_add_(1, neighbour_labels[:, j:j + 1], ones)
+        for i in wanted.get(j + 1, ()):
+            top[:, i], majority[:, i] = counts.max(dim=1)  # first maximum: the lowest label
+    return majority, top
+
+
+@torch.no_grad()
+def surface_decisions(neighbour_labels: torch.Tensor, model_prediction: torch.Tensor,
+                      points: Sequence[SurfacePoint], num_classes: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction [q, P] long, projected [q, P] bool) of LESCI at every point."""
+    ks = sorted({p.k for p in points})
+    majority, count = vote_counts(neighbour_labels, ks, num_classes)
+    column = {k: i for i, k in enumerate(ks)}
+    cols = torch.tensor([column[p.k] for p in points], device=neighbour_labels.device)
+    m = torch.tensor([p.min_votes for p in points], device=neighbour_labels.device)
+    projected = count[:, cols] >= m
+    prediction = torch.where(projected, majority[:, cols], model_prediction[:, None])
+    return prediction, projected
+
+
+def surface_metrics(labels: torch.Tensor, prediction: torch.Tensor, projected: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """The four LESCI metrics of SPEC.md, one value per point ([P] float64 each); an empty
+    group's accuracy is NaN (nothing to be right about)."""
+    correct = (prediction == labels[:, None]).double()
+    proj = projected.double()
+    n = max(labels.shape[0], 1)
+    n_proj, n_id = proj.sum(0), (1 - proj).sum(0)
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    return {
+        "accuracy": correct.sum(0) / n,
+        "projection_rate": n_proj / n,
+        "accuracy_projected": torch.where(n_proj > 0, (correct * proj).sum(0)
+                                          / n_proj.clamp(min=1), nan),
+        "accuracy_identity": torch.where(n_id > 0, (correct * (1 - proj)).sum(0)
+                                         / n_id.clamp(min=1), nan),
+    }
