@@ -308,18 +308,22 @@ SWEEP_SPACE = {
     "name": "overhead", "family": "lesci",
     "dataset": {"name": "digits"}, "model": {"name": "resnet_digits"},
     "training": {"epochs": 5, "batch_size": 64, "lr": 0.003, "seed": 0},
-    "params": {"depth": {"grid": ["layer1", "layer2"]}, "n_components": 16,
-               "k": {"grid": [3, 5, 10]}, "threshold": {"grid": [0.5, 0.6, 0.8, 0.9]}},
+    "params": {"depth": {"grid": ["layer1", "layer2"]},
+               "n_components": {"grid": [4, 8, 12, 16]},
+               "embedding_size": {"grid": [500, 1000, 1400]},
+               "k": [3, 5, 10], "threshold": [0.5, 0.6, 0.8, 0.9]},
     "objectives": {"accuracy": "max", "projection_rate": "max"},
     "search": {"algorithm": "grid", "max_concurrent": 2},
     "resources": {"cpu": 1, "gpu": 0},
 }
+# the attack suite at a budget that keeps the benchmark to minutes
+SWEEP_ATTACK = {"eps": 0.1, "steps": 20, "apgd": {"steps": 20, "targets": 0}, "samples": 120}
 
 
 def sweep_direct_worker(space_file: str) -> None:
     """The sweep's work without Ray or MLflow: each distinct stage once (base model, PCA and
-    embedding space per depth, transfer set), then every trial's evaluation, one after another
-    in this process, with the trials' own functions."""
+    embedding space per depth, attacks on the base model), then every trial's surface, one
+    after another in this process, with the trials' own functions."""
     import io
     import itertools
 
@@ -327,31 +331,34 @@ def sweep_direct_worker(space_file: str) -> None:
 
     from defenses.data import load_dataset
     from defenses.lesci import build_embedding_space, fit_pca_at_depth
+    from defenses.lesci_attack import LESCIDecision
     from orchestrator.space import load_space
-    from orchestrator.trainables import (craft_transfer_set, lesci_trial_metrics,
-                                         train_base_model)
+    from orchestrator.trainables import craft_transfer_set, lesci_surface, train_base_model
 
     spec = load_space(space_file)
-    searched = spec.searched()
+    grid = spec.grid_values()
+    points = spec.surface_points()
     start = time.perf_counter()
     splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
     model = train_base_model(spec, splits, None).eval()
-    transfer = None
+    attacks = None
     if spec.attack is not None:
-        transfer = torch.load(io.BytesIO(craft_transfer_set(model, splits, spec.attack, None)),
-                              weights_only=True)
+        attacks = torch.load(io.BytesIO(craft_transfer_set(model, splits, spec.attack, None)),
+                             weights_only=True)
     stages = time.perf_counter() - start
     evaluations, trials = 0.0, 0
-    n_components = spec.fixed()["n_components"]
-    for depth in searched["depth"].grid:
+    for depth in grid["depth"]:
         t0 = time.perf_counter()
-        pca = fit_pca_at_depth(model, depth, splits.train, n_components)
+        pca = fit_pca_at_depth(model, depth, splits.train, max(grid["n_components"]))
         space = build_embedding_space(model, depth, pca, splits.train)
         stages += time.perf_counter() - t0
-        for k, threshold in itertools.product(searched["k"].grid, searched["threshold"].grid):
+        for n_components, size in itertools.product(grid["n_components"],
+                                                    grid["embedding_size"]):
             t0 = time.perf_counter()
-            lesci_trial_metrics(spec, model, depth, pca, space, k, threshold, splits, transfer,
-                                None)
+            decision = LESCIDecision(model, depth, pca.truncate(n_components),
+                                     space.truncate(n_components, min(size, len(space))),
+                                     max(p.k for p in points), num_classes=splits.num_classes)
+            lesci_surface(spec, decision, points, splits, attacks, None)
             evaluations += time.perf_counter() - t0
             trials += 1
     print(json.dumps({"stages_sec": stages, "evaluations_sec": evaluations, "trials": trials}))
@@ -359,11 +366,11 @@ def sweep_direct_worker(space_file: str) -> None:
 
 def bench_sweep() -> list[dict]:
     """The overhead sweep twice: without an attack (evaluations of milliseconds: the fixed
-    costs show) and with the demo's attack (each trial also scores two PGD attacks)."""
+    costs show) and with an attack suite (each trial also attacks its whole surface)."""
     import yaml
 
     rows = []
-    for attack in (None, {"eps": 0.1, "steps": 20}):
+    for attack in (None, SWEEP_ATTACK):
         space = dict(SWEEP_SPACE, **({"attack": attack} if attack else {}))
         with tempfile.TemporaryDirectory() as tmp:
             space_file = Path(tmp, "overhead.yaml")
@@ -382,7 +389,8 @@ def bench_sweep() -> list[dict]:
         trials = direct["trials"]
         work = direct["stages_sec"] + direct["evaluations_sec"]
         fit = float(re.search(r"trials ran for ([\d.]+) s", proc.stdout).group(1))
-        row = {"benchmark": "sweep_overhead", "attack": "pgd20" if attack else "none",
+        row = {"benchmark": "sweep_overhead",
+               "attack": "suite (PGD-20, APGD-20)" if attack else "none",
                "trials": trials, "direct_stages_sec": direct["stages_sec"],
                "direct_evaluations_sec": direct["evaluations_sec"], "direct_sec": work,
                "sweep_trials_sec": fit, "sweep_wall_sec": wall,
@@ -403,10 +411,12 @@ def bench_demo() -> list[dict]:
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"the demo failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    found = re.search(r"(\d+) of (\d+) finished trials, hypervolume ([\d.]+)", proc.stdout)
+    found = re.search(r"(\d+) of (\d+) surface points, hypervolume ([\d.]+)", proc.stdout)
+    trials = re.search(r"sweep '[^']+': (\d+) finished", proc.stdout)
     row = {"benchmark": "demo", "command": "python search.py", "wall_sec": wall,
-           "cpus": os.cpu_count(), "trials": int(found.group(2)),
-           "front_points": int(found.group(1)), "hypervolume": float(found.group(3))}
+           "cpus": os.cpu_count(), "trials": int(trials.group(1)),
+           "surface_points": int(found.group(2)), "front_points": int(found.group(1)),
+           "hypervolume": float(found.group(3))}
     print(json.dumps(row), flush=True)
     return [row]
 

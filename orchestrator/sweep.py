@@ -147,8 +147,11 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
                                    param_space=param_space(spec))
     else:
+        surfaces = ((sweep_storage.uri, _surface_columns(spec))
+                    if spec.family is Family.LESCI else None)
         callback = MLflowTracking(mlflow_uri, experiment_id, parent_run_id, name,
-                                  spec.family.value, sorted(spec.searched()), spec.metric_names)
+                                  spec.family.value, sorted(spec.searched()), spec.metric_names,
+                                  surfaces)
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec), tune_config=_tune_config(spec),
             run_config=tune.RunConfig(

@@ -8,6 +8,7 @@ tag and found again on resume (the map is also saved with the experiment through
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -86,8 +87,13 @@ class MLflowTracking(tune.Callback):
     """Logs each trial to its own child run under the sweep's parent run, idempotently."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
-                 family: str, searched: list[str], metric_names: list[str]):
+                 family: str, searched: list[str], metric_names: list[str],
+                 surfaces: tuple[str, list[str]] | None = None):
+        """``surfaces``: (the sweep's storage URI, the surface.csv columns) for LESCI sweeps:
+        a finished trial's stored surface goes to its run as ``surface.csv``/``surface.png``
+        at once (the end of the sweep logs any that are missing)."""
         self.tracking_uri = tracking_uri
+        self.surfaces = surfaces
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
@@ -174,7 +180,18 @@ class MLflowTracking(tune.Callback):
             self.client.log_batch(run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+        run_id = self.run_id(trial)
+        if self.surfaces is not None:
+            from orchestrator.reporting import log_surface
+            from orchestrator.storage import Storage
+
+            uri, columns = self.surfaces
+            found = Storage(uri).get_verified(f"results/{trial.trial_id}.json")
+            if found is not None:
+                title = child_run_name(self.family, dict(trial.config), self.searched)
+                log_surface(self.client, run_id, json.loads(found[0])["surface"], columns,
+                            f"{self.sweep}: {title}")
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)

@@ -144,3 +144,23 @@ def test_center_false_projects_without_the_mean():
     with pytest.raises(ValueError, match="k_max must be in 1..3"):
         LESCIDecision(None, "stem", pca, EmbeddingSpace(torch.randn(3, 2),
                                                         torch.tensor([0, 1, 0]), "stem"), 4)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_queries_and_the_embedding_space_share_the_projection(trained_digits_resnet, digits,
+                                                              center):
+    """A training sample's code is its own embedding (similarity 1), centred or not."""
+    model = trained_digits_resnet
+    pca = fit_pca_at_depth(model, "stem", digits.train, n_components=8, batch_size=128)
+    space = build_embedding_space(model, "stem", pca, digits.train, embedding_size=50,
+                                  center=center)
+    x = torch.stack([digits.train[i][0] for i in range(60)])
+    with torch.no_grad():
+        keep = model(x).argmax(1) == torch.tensor([digits.train[i][1] for i in range(60)])
+    x = x[keep][:50]
+    decision = LESCIDecision(model, "stem", pca, space, k_max=1, center=center)
+    with torch.no_grad():
+        codes, _ = decision.forward(x)
+    assert torch.allclose(codes, space.embeddings.to(codes.dtype), atol=1e-4)
+    sims, idx = decision.index.search(codes, 1)
+    assert torch.equal(idx[:, 0], torch.arange(50)) and bool((sims > 0.999).all())

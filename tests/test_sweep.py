@@ -222,3 +222,19 @@ def test_sweep_with_storage_on_s3(tmp_path, s3_server):
         assert secret not in path.read_bytes(), path
     for key in keys:
         assert secret not in s3.get_object(Bucket="sweeps", Key=key)["Body"].read(), key
+
+
+def test_lesci_sampled_search_maximises_each_trials_surface_hypervolume(tmp_path):
+    space = (LESCI_GRID.replace("embedding_size: {grid: [100, 200, 300, 400, 500, 600]}",
+                                "embedding_size: {int: [50, 600]}\n  center: {choice: [true, false]}")
+             .replace("search: {algorithm: grid, max_concurrent: 2}",
+                      "search: {algorithm: tpe, num_samples: 3, max_concurrent: 2}"))
+    args, uri = sweep_args(tmp_path, space, "tpe")
+    done = run_ok(args, tmp_path)
+    assert "each a surface of 5 (k, m) points" in done.stdout  # k 1, 3, 5 x thresholds .3, .6
+    client, parent, children = check_tracked(uri, "tpe", "lesci", 3)
+    for child in children:  # the trial's point, not k or threshold, is what was searched
+        assert set(child.data.params) == {"depth", "n_components", "embedding_size", "center"}
+        assert child.data.metrics["surface_points"] == 5
+    front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+    assert len(front) == 15 and parent.data.metrics["surface_points"] == 15
