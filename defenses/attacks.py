@@ -7,7 +7,7 @@ taken with respect to the input only: nothing accumulates in the model's paramet
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ def _apgd_checkpoints(steps: int) -> list[int]:
 
 def apgd(objective: Objective, x: torch.Tensor, eps: float, steps: int = 100,
          restarts: int = 1, generator: torch.Generator | None = None, rho: float = 0.75,
-         momentum: float = 0.75, start: torch.Tensor | None = None
+         momentum: float = 0.75, starts: Sequence[torch.Tensor] = ()
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """L-inf APGD: gradient ascent on ``objective`` with APGD's step-size schedule and momentum.
 
@@ -145,19 +145,20 @@ def apgd(objective: Objective, x: torch.Tensor, eps: float, steps: int = 100,
             is ascended; ``success`` says, on the real decision, whether ``x_adv`` already fools
             it. A sample that succeeds keeps that point and leaves the attack.
         eps: L-inf radius in pixel units; every iterate stays in the eps-ball and in [0, 1].
-        steps: iterations per restart; restarts: runs from uniform random starts, each only on
-            the samples no earlier run fooled.
+        steps: iterations per run; restarts: runs from uniform random starts. Every run
+            attacks only the samples no earlier run fooled.
         rho, momentum: APGD's constants (0.75 each in the paper).
-        start: where the first restart starts (e.g. another attack's examples, projected to
-            the ball); the others start uniformly at random.
+        starts: runs before the random ones, each from the given points (e.g. another
+            attack's examples [b, ...], projected to the ball).
 
     Returns:
         (x_adv [b, ...], succeeded [b] bool): the first fooling point per sample, else the point
         of the highest loss seen.
     """
     _check(eps, x)
-    if steps < 1 or restarts < 1:
-        raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+    if steps < 1 or restarts < 0 or len(starts) + restarts < 1:
+        raise ValueError(f"need steps >= 1 and at least one run (starts + restarts), got "
+                         f"{steps} steps, {len(starts)} starts and {restarts} restarts")
     x = x.detach()
     best = x.clone()
     with torch.no_grad():
@@ -166,12 +167,12 @@ def apgd(objective: Objective, x: torch.Tensor, eps: float, steps: int = 100,
     best[succeeded] = x[succeeded]
     checkpoints = set(_apgd_checkpoints(steps))
     view = (-1,) + (1,) * (x.ndim - 1)
-    for restart in range(restarts):
+    for run in range(len(starts) + restarts):
         rows = torch.nonzero(~succeeded).flatten()
         if rows.numel() == 0:
             break
-        if restart == 0 and start is not None:
-            begin = start.detach()[rows].to(x.device, x.dtype)
+        if run < len(starts):
+            begin = starts[run].detach()[rows].to(x.device, x.dtype)
         else:
             begin = x[rows] + eps * (torch.rand(x[rows].shape, generator=generator).to(
                 x.device) * 2 - 1)

@@ -23,6 +23,8 @@ logit margin (positive iff the model is wrong), so both paths are on a comparabl
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -36,7 +38,7 @@ from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint, surface_decisions
 
 __all__ = ["LESCIDecision", "projection_margins", "wrong_margin", "targeted_margin",
-           "model_margin", "SuiteResult", "attack_surface", "ATTACK_NAMES"]
+           "model_margin", "SuiteResult", "attack_surface"]
 
 # Below any cosine similarity: the similarity of an embedding a class does not have.
 _ABSENT = -3.0
@@ -54,14 +56,30 @@ def model_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (others - true) / spread
 
 
+def _max(x: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
+    """max over ``dim``, or at ``tau > 0`` its log-sum-exp smoothing (>= the max)."""
+    return tau * torch.logsumexp(x / tau, dim=dim) if tau > 0 else x.max(dim=dim).values
+
+
+def _min(x: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
+    return -_max(-x, dim, tau)
+
+
+def _cummin(x: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
+    return (-tau * torch.logcumsumexp(-x / tau, dim=dim) if tau > 0
+            else x.cummin(dim=dim).values)
+
+
 def projection_margins(class_tops: torch.Tensor, other_tops: torch.Tensor, k: int,
-                       m: int | None = None) -> torch.Tensor:
+                       m: int | None = None, tau: float = 0.0) -> torch.Tensor:
     """proj_c of the module docstring: > 0 iff the vote at (k, m) projects to class c.
 
     Args:
         class_tops: [b, C, >= k] s_c(1..) per class, most similar first (absent: < -1).
         other_tops: [b, C, >= k] s_~c(1..) per class, most similar first.
         m: the minimum votes; None: every m = 1..k at once.
+        tau: 0 for the exact margin; > 0 replaces every max and min by a log-sum-exp at that
+            temperature (a smooth surrogate whose gradient reaches the runners-up too).
 
     Returns:
         [b, C] for one m; [b, C, k] (m = 1..k along the last axis) for None.
@@ -73,26 +91,28 @@ def projection_margins(class_tops: torch.Tensor, other_tops: torch.Tensor, k: in
     not_g = -g
     certain = torch.full_like(g[:, :1], _CERTAIN)
     # min over d < c of -g_d(j): exclusive prefix minimum over classes
-    lower = torch.cat([certain, not_g[:, :-1].cummin(dim=1).values], dim=1)
+    lower = torch.cat([certain, _cummin(not_g[:, :-1], 1, tau)], dim=1)
     # min over d > c of -g_d(j + 1) (g_d(k + 1): nobody has k + 1 of k votes)
     shifted = torch.cat([not_g[:, :, 1:], torch.full_like(g[:, :, :1], _CERTAIN)], dim=2)
-    higher = torch.cat([shifted[:, 1:].flip(1).cummin(dim=1).values.flip(1), certain], dim=1)
-    terms = torch.minimum(torch.minimum(g, lower), higher)  # [b, C, k] over j
+    higher = torch.cat([_cummin(shifted[:, 1:].flip(1), 1, tau).flip(1), certain], dim=1)
+    terms = _min(torch.stack([g, lower, higher]), 0, tau)  # [b, C, k] over j
     if m is not None:
-        return terms[:, :, m - 1:].max(dim=2).values
+        return _max(terms[:, :, m - 1:], 2, tau)
     # max over j >= m for every m: a reverse cumulative maximum
-    return terms.flip(-1).cummax(dim=2).values.flip(-1)
+    flipped = terms.flip(-1)
+    return (-_cummin(-flipped, 2, tau)).flip(-1)
 
 
-def wrong_margin(proj: torch.Tensor, model_margin_: torch.Tensor, y: torch.Tensor
-                 ) -> torch.Tensor:
+def wrong_margin(proj: torch.Tensor, model_margin_: torch.Tensor, y: torch.Tensor,
+                 tau: float = 0.0) -> torch.Tensor:
     """> 0 iff LESCI is wrong: it projects to a wrong class, or abstains and the model is
-    wrong. ``proj`` [b, C] gives [b]; [b, C, M] (several m) gives [b, M]."""
+    wrong. ``proj`` [b, C] gives [b]; [b, C, M] (several m) gives [b, M]. ``tau``: as in
+    ``projection_margins``."""
     index = y.view(-1, 1, *([1] * (proj.ndim - 2))).expand(-1, 1, *proj.shape[2:])
     true = proj.gather(1, index)[:, 0]
-    wrong = proj.scatter(1, index, -torch.inf).max(dim=1).values
-    margin = model_margin_.view(-1, *([1] * (proj.ndim - 2)))
-    return torch.maximum(wrong, torch.minimum(-true, margin))
+    wrong = _max(proj.scatter(1, index, -torch.inf), 1, tau)
+    margin = model_margin_.view(-1, *([1] * (proj.ndim - 2))).expand_as(true)
+    return _max(torch.stack([wrong, _min(torch.stack([-true, margin]), 0, tau)]), 0, tau)
 
 
 def targeted_margin(proj: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
@@ -132,7 +152,15 @@ class LESCIDecision:
                       else torch.zeros_like(self.pca.mean_, dtype=components.dtype))
         e = F.normalize(self.space.embeddings.to(components.device, components.dtype), dim=1)
         labels = self.space.labels.to(components.device)
-        self._by_class = [e[labels == c] for c in range(self.num_classes)]
+        # the embeddings by class, padded to one block [C, n_max, m] (padding masked out)
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        n_max = int(counts.max())
+        order = torch.argsort(labels, stable=True)
+        slot = torch.arange(len(labels), device=labels.device) - torch.cumsum(
+            counts, 0).sub(counts)[labels[order]]
+        self._blocks = e.new_zeros((self.num_classes, n_max, e.shape[1]))
+        self._blocks[labels[order], slot] = e[order]
+        self._padding = torch.arange(n_max, device=labels.device)[None, :] >= counts[:, None]
 
     @property
     def index(self) -> KnnIndex:
@@ -158,14 +186,12 @@ class LESCIDecision:
     def tops(self, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_c(1..k), s_~c(1..k)), each [b, C, k], most similar first; absent: below -1."""
         q = F.normalize(codes, dim=1)
-        per_class = []
-        for e in self._by_class:
-            sims = q @ e.T
-            top = sims.topk(min(k, e.shape[0]), dim=1).values
-            if top.shape[1] < k:
-                top = torch.cat([top, top.new_full((q.shape[0], k - top.shape[1]), _ABSENT)], 1)
-            per_class.append(top)
-        class_tops = torch.stack(per_class, dim=1)  # [b, C, k]
+        sims = torch.einsum("bm,cnm->bcn", q, self._blocks).masked_fill(self._padding[None],
+                                                                         _ABSENT)
+        class_tops = sims.topk(min(k, sims.shape[2]), dim=2).values  # [b, C, k]
+        if class_tops.shape[2] < k:
+            class_tops = torch.cat([class_tops, class_tops.new_full(
+                (*class_tops.shape[:2], k - class_tops.shape[2]), _ABSENT)], dim=2)
         b, c = class_tops.shape[:2]
         # s_~c(1..k): the top k of every other class's top-k list; classes in chunks so that
         # [b, chunk, C * k] stays small
@@ -193,15 +219,16 @@ class LESCIDecision:
 
     def margin_objective(self, y: torch.Tensor, k: int, ms: Sequence[int],
                          points: Sequence[SurfacePoint], fooled: torch.Tensor,
-                         target: torch.Tensor | None = None):
+                         target: torch.Tensor | None = None, tau: float = 0.0):
         """``(x, rows) -> (loss, success)`` for ``defenses.attacks.apgd``, attacking the points
         (k, m) for m in ``ms`` in one run.
 
         Every iterate is judged on the real vote at every one of ``points``, and ``fooled``
         ([len(y), len(points)] bool) records which samples any iterate fooled where (each
         iterate is an adversarial example in the ball). The loss is the exact wrong-margin (or
-        the targeted one) of the sample's easiest point among ``ms`` not fooled yet; a sample
-        succeeds, and leaves the run, once every point of ``ms`` is fooled.
+        the targeted one; smoothed at ``tau`` > 0) of the sample's easiest point among ``ms``
+        not fooled yet; a sample succeeds, and leaves the run, once every point of ``ms`` is
+        fooled.
         """
         column = {p: i for i, p in enumerate(points)}
         cols = torch.tensor([column[SurfacePoint(k, m)] for m in ms])
@@ -211,9 +238,10 @@ class LESCIDecision:
         def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             codes, logits = self.forward(x)
             class_tops, other_tops = self.tops(codes, k)
-            proj = projection_margins(class_tops, other_tops, k)[:, :, m_index.to(x.device)]
+            proj = projection_margins(class_tops, other_tops, k, tau=tau)[
+                :, :, m_index.to(x.device)]
             if target is None:
-                margins = wrong_margin(proj, model_margin(logits, y[rows]), y[rows])
+                margins = wrong_margin(proj, model_margin(logits, y[rows]), y[rows], tau)
             else:
                 margins = targeted_margin(proj, logits, target[rows])
             with torch.no_grad():
@@ -233,12 +261,13 @@ class LESCIDecision:
         return objective
 
 
-ATTACK_NAMES = ("clean", "transfer", "base_apgd", "apgd", "apgd_targeted")
-
-
 @dataclass
 class SuiteResult:
-    """Per attack, which samples LESCI still gets right at each point ([q, P] bool)."""
+    """Per attack, which samples LESCI still gets right at each point ([q, P] bool).
+
+    The clean inputs and the pool sets are scored on their own; each APGD run attacks only
+    what the attacks before it left standing, so its entry is "not newly fooled by this run".
+    The worst case, ``robust()``, is exact either way."""
 
     points: list[SurfacePoint]
     correct: dict[str, torch.Tensor]
@@ -252,35 +281,47 @@ class SuiteResult:
         return out
 
     def accuracy(self, name: str | None = None) -> torch.Tensor:
-        """[P] float64: accuracy under one attack, or (None) the worst case of the suite."""
+        """[P] float64: the worst case of the suite (None), or one entry of ``correct``."""
         c = self.robust() if name is None else self.correct[name]
         return c.double().mean(0)
 
 
 def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
                    points: Sequence[SurfacePoint], eps: float, steps: int = 100,
-                   restarts: int = 1, targets: int = 3, attack_points: Sequence[SurfacePoint]
-                   | None = None, pool: dict[str, torch.Tensor] | None = None,
+                   restarts: int = 0, targets: int = 1, smooth: float = 0.01, group: int = 2,
+                   attack_points: Sequence[SurfacePoint] | None = None,
+                   pool: dict[str, torch.Tensor] | None = None, starts: Sequence[str] = (),
                    generator: torch.Generator | None = None, batch_size: int = 512,
-                   start: str | None = None, progress=None) -> SuiteResult:
+                   progress=None) -> SuiteResult:
     """Robustness of LESCI at every point of a surface.
 
     The suite: the clean inputs; the given ``pool`` of precomputed adversarial sets (transfer
-    attacks); APGD on the exact margin at each of ``attack_points`` (default: every point),
-    untargeted and toward the ``targets`` likeliest wrong classes. Every iterate of every APGD
-    run and every example of the pool is judged on the real vote at every point, so a sample
-    counts as robust at a point only if no example of any attack fooled LESCI there.
+    attacks); and, for each k of ``attack_points`` (default: every point), one APGD run over all
+    its m at once (``LESCIDecision.margin_objective``) on
+      - the exact margin ("apgd"),
+      - the margin smoothed at temperature ``smooth`` ("apgd_smooth"; 0 leaves it out),
+      - the targeted margin toward each of the ``targets`` likeliest wrong classes
+        ("apgd_targeted").
+    The untargeted runs start from each pool set named in ``starts`` and then from
+    ``restarts`` random points; the targeted ones from ``max(restarts, 1)`` random points. Every
+    iterate of every run and every example of the pool is judged on the real vote at every
+    point, so a sample counts as robust at a point only if nothing fooled LESCI there.
 
     Args:
         x, y: the clean samples [q, ...] in [0, 1] and labels [q].
         pool: name -> adversarial inputs [q, ...] (same order as x), e.g. the transfer set.
-        start: a name of ``pool`` whose examples start the untargeted runs' first restart
-            (the others start at random): the bare model's APGD examples already fool the
-            identity path.
-        progress: ``progress(done, total)`` after each APGD run, when given.
+        starts: names of ``pool`` sets that warm-start the untargeted runs (the bare model's
+            APGD examples already fool the identity path).
+        progress: ``progress(done, total)`` after each APGD run over the whole batch.
     """
     points = list(points)
     attack_points = list(points if attack_points is None else attack_points)
+    pool = dict(pool or {})
+    if not starts and restarts < 1:
+        raise ValueError("the untargeted runs need a start: give starts or restarts >= 1")
+    unknown = [name for name in starts if name not in pool]
+    if unknown:
+        raise ValueError(f"starts {unknown} are not in the pool ({', '.join(pool) or 'empty'})")
     model = decision.model
     was_training = model.training
     model.eval()
@@ -293,39 +334,53 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
             parts.append(prediction.cpu() == y[s:s + batch_size, None].cpu())
         correct[name] = torch.cat(parts)
 
-    runs = len({p.k for p in attack_points}) * (1 + targets)
-    done = 0
+    by_k: dict[int, list[int]] = {}
+    for point in attack_points:
+        by_k.setdefault(point.k, []).append(point.min_votes)
+
+    # (name, tau, target rank): the runs of the suite for each k
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    runs = [("apgd", 0.0, 0)] + ([("apgd_smooth", smooth, 0)] if smooth > 0 else []) + [
+        ("apgd_targeted", 0.0, rank) for rank in range(1, targets + 1)]
+    smooth_runs = sum(math.ceil(len(ms) / group) for ms in by_k.values()) if smooth > 0 else 0
+    total, done = len(by_k) * (1 + targets) + smooth_runs, 0
     try:
         score("clean", x)
-        for name, adv in (pool or {}).items():
+        for name, adv in pool.items():
             if adv.shape != x.shape:
                 raise ValueError(f"pool {name!r}: shape {tuple(adv.shape)} is not the "
                                  f"inputs' {tuple(x.shape)}")
             score(name, adv)
-        by_k: dict[int, list[int]] = {}
-        for point in attack_points:
-            by_k.setdefault(point.k, []).append(point.min_votes)
-        for t in range(1 + targets):
-            name = "apgd" if t == 0 else "apgd_targeted"
-            fooled = torch.zeros((x.shape[0], len(points)), dtype=torch.bool)
-            for k, ms in sorted(by_k.items()):
+        # what the clean inputs and the pool already fool needs no attack: each run attacks
+        # only the (sample, point) pairs nothing before it fooled
+        fooled = ~functools.reduce(torch.logical_and, correct.values())
+        for name, tau, rank in runs:
+            before = fooled.clone()
+            todo = sorted(by_k.items())
+            if tau > 0:  # the smoothed runs focus on a few neighbouring m each
+                todo = [(k, ms[i:i + group]) for k, ms in todo for i in range(0, len(ms), group)]
+            for k, ms in todo:
                 for s in range(0, x.shape[0], batch_size):
                     xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-                    target = (_likeliest_wrong(decision, xb, yb, k, min(ms), t) if t
-                              else None)
+                    target = _likeliest_wrong(decision, xb, yb, k, min(ms), rank) if rank else None
                     objective = decision.margin_objective(yb, k, ms, points,
-                                                          fooled[s:s + batch_size], target)
-                    begin = pool[start][s:s + batch_size] if start and not t else None
-                    apgd(objective, xb, eps, steps, restarts + (begin is not None), generator,
-                         start=begin)
+                                                          fooled[s:s + batch_size], target, tau)
+                    # the exact run starts from the first pool set, the smoothed ones from each
+                    names = [] if rank else starts if tau > 0 else starts[:1]
+                    warm = [pool[n][s:s + batch_size] for n in names]
+                    apgd(objective, xb, eps, steps, max(restarts, 1) if rank else restarts,
+                         generator, starts=warm)
                 done += 1
                 if progress is not None:
-                    progress(done, runs)
-            correct[name] = correct[name] & ~fooled if name in correct else ~fooled
+                    progress(done, total)
+            found = fooled & ~before  # what this run fooled that nothing before it had
+            correct[name] = correct[name] & ~found if name in correct else ~found
     finally:
         model.train(was_training)
-    budget = {"eps": eps, "apgd_steps": steps, "apgd_restarts": restarts,
-              "apgd_targets": targets, "attacked_points": len(attack_points)}
+    budget = {"eps": eps, "apgd_steps": steps, "apgd_starts": ",".join(starts),
+              "apgd_restarts": restarts, "apgd_smooth": smooth, "apgd_group": group,
+              "apgd_targets": targets, "apgd_runs": total, "attacked_points": len(attack_points)}
     return SuiteResult(points, correct, budget)
 
 

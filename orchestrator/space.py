@@ -122,8 +122,11 @@ class APGDSpec(_Strict):
     """LESCI's adaptive suite: APGD on the exact margin of the vote (SPEC.md section 1.9)."""
 
     steps: int = Field(default=100, ge=1)
-    restarts: int = Field(default=1, ge=1)  # random restarts, after one from the bare-model APGD
+    # random starts of each untargeted run, after the bare-model APGD and PGD examples
+    restarts: int = Field(default=0, ge=0)
     targets: int = Field(default=1, ge=0)  # targeted runs toward the likeliest wrong classes
+    smooth: float = Field(default=0.01, ge=0.0)  # temperature of the smoothed-margin run; 0: none
+    group: int = Field(default=2, ge=1)  # consecutive m per smoothed run
 
 
 class AttackSpec(_Strict):

@@ -132,8 +132,7 @@ def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -
             return (torch.nn.functional.cross_entropy(logits, y[rows], reduction="none"),
                     logits.argmax(1) != y[rows])
 
-        base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps,
-                              attack.apgd.restarts + 1, gen)[0].cpu())
+        base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps, 2, gen)[0].cpu())
     buffer = io.BytesIO()
     torch.save({"adversarial": transfer, "base_apgd": torch.cat(base_apgd), "labels": y_val},
                buffer)
@@ -174,14 +173,16 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
         pool = {"transfer": attacks["adversarial"], "base_apgd": attacks["base_apgd"]}
         suite = attack_surface(decision, x_att.to(device), y_att.to(device), points, attack.eps,
                                attack.apgd.steps, attack.apgd.restarts, attack.apgd.targets,
+                               attack.apgd.smooth, attack.apgd.group,
                                pool={k: v.to(device) for k, v in pool.items()},
-                               start="base_apgd", progress=progress,
+                               starts=("base_apgd", "transfer"), progress=progress,
                                generator=torch.Generator().manual_seed(1))
         metrics["robust_accuracy"] = suite.accuracy().tolist()
         metrics["transfer_robust_accuracy"] = suite.accuracy("transfer").tolist()
         budget = {**suite.budget, "samples": len(y_att), "transfer": f"PGD-{attack.steps}",
-                  "suite": "clean, transfer PGD, bare-model APGD-CE, APGD on the exact vote "
-                           "margin (warm start + random restarts), targeted APGD"}
+                  "suite": "clean, transfer PGD, bare-model APGD-CE (2 starts), APGD on the "
+                           "exact and on the smoothed vote margin (started from both), "
+                           "targeted APGD"}
     return metrics, budget
 
 

@@ -121,12 +121,13 @@ def test_the_suite_is_the_worst_case_and_beats_noise_and_transfer(layer1_lesci):
     transfer = pgd(decision.model, x, y, eps, 2.5 * eps / 20, 20, generator=gen)
     noise = (x + eps * (torch.rand(x.shape, generator=gen) * 2 - 1).sign()).clamp(0, 1)
     suite = attack_surface(decision, x, y, points, eps, steps=20, restarts=1, targets=1,
-                           pool={"transfer": transfer, "noise": noise}, start="transfer",
+                           pool={"transfer": transfer, "noise": noise}, starts=["transfer"],
                            generator=gen)
     robust = suite.accuracy()
     for name in suite.correct:  # the worst case is never above any single attack
         assert bool((robust <= suite.accuracy(name) + 1e-12).all()), name
-    assert set(suite.correct) == {"clean", "transfer", "noise", "apgd", "apgd_targeted"}
+    assert set(suite.correct) == {"clean", "transfer", "noise", "apgd", "apgd_smooth",
+                                  "apgd_targeted"}
     # attacking the vote itself costs LESCI far more than noise, and more than the transfer
     assert bool((robust < suite.accuracy("noise") - 0.1).all())
     # (and more than the transfer set where the vote projects most: at high m the identity
