@@ -192,19 +192,20 @@ class LESCIDecision:
         if class_tops.shape[2] < k:
             class_tops = torch.cat([class_tops, class_tops.new_full(
                 (*class_tops.shape[:2], k - class_tops.shape[2]), _ABSENT)], dim=2)
+        # s_~c(1..k): the first k entries not of class c in the merged top-2k of all classes'
+        # lists (class c holds at most k of them, so k others are always among the 2k)
         b, c = class_tops.shape[:2]
-        # s_~c(1..k): the top k of every other class's top-k list; classes in chunks so that
-        # [b, chunk, C * k] stays small
-        flat = class_tops.reshape(b, 1, c * k)
-        owner = torch.arange(c, device=codes.device).repeat_interleave(k)
-        chunk = max(1, 4_000_000 // max(1, b * c * k))
-        others = []
-        for start in range(0, c, chunk):
-            classes = torch.arange(start, min(c, start + chunk), device=codes.device)
-            own = owner[None, :] == classes[:, None]  # [chunk, C * k]
-            masked = flat.expand(b, len(classes), c * k).masked_fill(own[None], _ABSENT - 1)
-            others.append(masked.topk(k, dim=2).values)
-        return class_tops, torch.cat(others, dim=1)
+        width = min(2 * k, c * k)
+        merged, where = class_tops.reshape(b, c * k).topk(width, dim=1)  # [b, 2k]
+        owner = where // k
+        classes = torch.arange(c, device=codes.device)
+        mine = owner[:, None, :] == classes[None, :, None]  # [b, C, 2k]
+        position = torch.arange(width, device=codes.device)
+        # entries of other classes first, each group in merged (descending) order
+        order = (mine.long() * width + position).argsort(dim=2)[:, :, :k]
+        others = merged[:, None, :].expand(b, c, width).gather(2, order)
+        others = others.masked_fill(mine.gather(2, order), _ABSENT)  # fewer than k others
+        return class_tops, others
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor, points: Sequence[SurfacePoint]

@@ -68,15 +68,10 @@ def vote_counts(neighbour_labels: torch.Tensor, ks: Sequence[int], num_classes: 
     q, k_max = neighbour_labels.shape
     if any(not 1 <= k <= k_max for k in ks):
         raise ValueError(f"every k must be in 1..{k_max}, got {list(ks)}")
-    counts = torch.zeros((q, num_classes), dtype=torch.long, device=neighbour_labels.device)
-    majority = torch.empty((q, len(ks)), dtype=torch.long, device=neighbour_labels.device)
-    top = torch.empty_like(majority)
-    wanted = {k: [i for i, kk in enumerate(ks) if kk == k] for k in set(ks)}
-    ones = torch.ones((q, 1), dtype=torch.long, device=neighbour_labels.device)
-    for j in range(max(ks)):
-        counts.scatter_add_(1, neighbour_labels[:, j:j + 1], ones)
-        for i in wanted.get(j + 1, ()):
-            top[:, i], majority[:, i] = counts.max(dim=1)  # first maximum: the lowest label
+    columns = torch.tensor([k - 1 for k in ks], device=neighbour_labels.device)
+    # counts[:, j, c]: votes for c among the first j + 1 neighbours
+    counts = torch.nn.functional.one_hot(neighbour_labels[:, :max(ks)], num_classes).cumsum(1)
+    top, majority = counts[:, columns].max(dim=2)  # first maximum: the lowest label on ties
     return majority, top
 
 
