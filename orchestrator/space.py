@@ -10,9 +10,9 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
     training: {epochs: 15, lr: 0.003}            # defenses.training.TrainConfig fields
     params:                         # per-trial values: fixed, or one distribution each
       depth: {choice: [stem, layer1, pool]}
-      k: {int: [1, 32], log: true}
-      threshold: {uniform: [0.0, 0.9]}
-    attack: {eps: 0.1, steps: 20}   # evaluation attack (LESCI: adds robust metrics)
+      k: [3, 10, 30]                # LESCI: the surface every trial evaluates, not searched
+      threshold: {uniform: [0.5, 1.0]}
+    attack: {eps: 0.1, steps: 20}   # evaluation attacks (LESCI: adds robust metrics)
     objectives: {accuracy: max, projection_rate: max}
     search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0}
     resources: {cpu: 1, gpu: 0}
