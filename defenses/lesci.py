@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from defenses._io import atomic_write_bytes
 from defenses.activations import stream_activations
 from defenses.pca import StreamingPCA
+from defenses.surface import vote_counts
 
 __all__ = [
     "EmbeddingSpace",
@@ -223,12 +224,9 @@ class KnnIndex:
         """(majority_label [q] long, vote_fraction [q] float32) on the queries' device: the most
         common label among the k neighbours (ties: the lowest label) and its count / k."""
         _, idx = self.search(queries, k, query_chunk)
-        idx = idx.to(self.device)
-        counts = torch.zeros((idx.shape[0], self.num_classes), dtype=torch.long,
-                             device=self.device)
-        counts.scatter_add_(1, self.labels[idx], torch.ones_like(idx))
-        top_count, top_label = counts.max(dim=1)  # first maximum: the lowest label on ties
-        return top_label.to(queries.device), (top_count.to(torch.float32) / k).to(queries.device)
+        majority, count = vote_counts(self.labels[idx.to(self.device)], [k], self.num_classes)
+        return (majority[:, 0].to(queries.device),
+                (count[:, 0].to(torch.float32) / k).to(queries.device))
 
 
 def knn_vote(queries: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, k: int,

@@ -276,10 +276,7 @@ class SuiteResult:
 
     def robust(self) -> torch.Tensor:
         """[q, P]: right under every attack of the suite (the per-sample worst case)."""
-        out = torch.ones_like(next(iter(self.correct.values())))
-        for c in self.correct.values():
-            out &= c
-        return out
+        return functools.reduce(torch.logical_and, self.correct.values())
 
     def accuracy(self, name: str | None = None) -> torch.Tensor:
         """[P] float64: the worst case of the suite (None), or one entry of ``correct``."""

@@ -221,14 +221,7 @@ class SweepSpec(_Strict):
         """LESCI: the k values of every trial's surface (a number, a list, choice/grid values,
         or every integer of an int range)."""
         value = self.params.get("k")
-        if isinstance(value, (Choice, Grid)):
-            values = list(value.choice if isinstance(value, Choice) else value.grid)
-        elif isinstance(value, IntRange):
-            values = list(range(value.int[0], value.int[1] + 1))
-        elif isinstance(value, list):
-            values = value
-        else:
-            values = [value]
+        values = value if isinstance(value, list) else self.values_of("k")
         return sorted({int(v) for v in values})
 
     def surface_points(self) -> list[Any]:

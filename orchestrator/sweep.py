@@ -22,7 +22,7 @@ from orchestrator.space import (Algorithm, Choice, Family, IntRange, LogUniform,
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
 from orchestrator.tracking import MLflowTracking, ensure_experiment, ensure_parent_run
-from orchestrator.trainables import SURFACE_COLUMNS, make_trainable
+from orchestrator.trainables import BASE_METRICS, SURFACE_COLUMNS, make_trainable
 
 __all__ = ["SweepResult", "param_space", "run_sweep"]
 
@@ -199,7 +199,7 @@ def _finish(spec: SweepSpec, name: str, grid, client: MlflowClient, experiment_i
             continue
         trial = json.loads(stored[0])
         budget = trial.get("budget") or budget
-        for key in ("base_accuracy", "base_robust_accuracy", "base_apgd_accuracy"):
+        for key in BASE_METRICS:
             if key in trial["report"]:
                 parent_metrics[key] = trial["report"][key]
         if run_id:

@@ -27,13 +27,14 @@ from defenses.models import build_model, checkpoint_bytes, load_checkpoint
 from defenses.pca import StreamingPCA
 from defenses.training import (ObjectiveName, TrainConfig, Trainer, evaluate_robustness,
                                make_objective, objective_parameters)
-from orchestrator.pareto import hypervolume, pareto_mask
+from orchestrator.reporting import front_of
 from orchestrator.space import FAMILY_METRICS, TRAIN_FIELDS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
 __all__ = ["make_trainable", "lesci_trial", "training_trial", "train_base_model",
-           "craft_transfer_set", "lesci_surface", "operating_point", "SURFACE_COLUMNS"]
+           "craft_transfer_set", "lesci_surface", "operating_point", "SURFACE_COLUMNS",
+           "BASE_METRICS"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -115,8 +116,10 @@ def train_base_model(spec: SweepSpec, splits: Splits, device,
 
 def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
     """Attacks on the bare base model (``torch.save`` bytes of plain tensors), shared by every
-    LESCI trial of a sweep: PGD (the transfer set), and APGD-CE with the suite's steps and
-    restarts (the bare model's baseline, and the warm start of the attacks on the vote)."""
+    LESCI trial of a sweep: PGD (the transfer set) and APGD-CE (the suite's steps, 2 starts),
+    which also warm-start the attacks on the vote; and the bare model's figures beside LESCI's:
+    ``base_accuracy`` (validation split) and ``base_robust_accuracy`` (the per-sample worst
+    case of clean, PGD and APGD-CE on the attacked samples)."""
     x_val, y_val = _validation_tensors(splits, attack.samples)
     gen = torch.Generator().manual_seed(0)
     model.eval()
@@ -133,22 +136,29 @@ def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -
                     logits.argmax(1) != y[rows])
 
         base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps, 2, gen)[0].cpu())
+    base_apgd = torch.cat(base_apgd)
+    right = torch.ones(len(y_val), dtype=torch.bool)
+    for inputs in (x_val, transfer, base_apgd):
+        right &= _predict(model, inputs, device) == y_val
+    x_all, y_all = _validation_tensors(splits)
     buffer = io.BytesIO()
-    torch.save({"adversarial": transfer, "base_apgd": torch.cat(base_apgd), "labels": y_val},
-               buffer)
+    torch.save({"adversarial": transfer, "base_apgd": base_apgd, "labels": y_val,
+                "base_accuracy": float((_predict(model, x_all, device) == y_all).double().mean()),
+                "base_robust_accuracy": float(right.double().mean())}, buffer)
     return buffer.getvalue()
 
 
+# the bare model under the suite's PGD and APGD-CE, logged beside LESCI's figures
+BASE_METRICS = ("base_accuracy", "base_robust_accuracy")
 # surface.csv: the trial's point, the (k, m) point, then the metrics
 SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
                    "threshold")
 
 
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
-    with torch.no_grad():
-        correct = sum(int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
-                      for xb, yb in zip(x.split(512), y.split(512)))
-    return correct / max(len(y), 1)
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    """The model's labels for ``x`` [n, ...], on the CPU."""
+    return torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(512)])
 
 
 def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[SurfacePoint],
@@ -247,9 +257,7 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
 
     # Stage 3: the embedding space of that PCA, at the largest embedding size of the space.
     max_size = _largest(spec, "embedding_size", None)
-    space_inputs = {"pca": pca_inputs, "embedding_size": max_size}
-    if not center:  # centred spaces keep their key from before the option existed
-        space_inputs["center"] = False
+    space_inputs = {"pca": pca_inputs, "embedding_size": max_size, "center": center}
 
     def build_space() -> bytes:
         full = StreamingPCA.from_bytes(cache.get("pca", pca_inputs, fit_pca), device=device)
@@ -284,29 +292,15 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
                "min_votes": point.min_votes, "threshold": point.threshold}
         row.update({name: values[i] for name, values in metrics.items()})
         rows.append(row)
-    objectives = spec.objectives
-    values = [[r[m] for m in objectives] for r in rows]
-    maximize = [mode == "max" for mode in objectives.values()]
-    volume = hypervolume(values, maximize, [0.0 if up else 1.0 for up in maximize])
-    on_front = pareto_mask(values, maximize)
-    best = operating_point(rows, objectives)
+    on_front, volume = front_of(rows, spec.objectives)
+    best = operating_point(rows, spec.objectives)
     report = {name: float(best[name]) for name in metrics}
     report.update({"hypervolume": volume, "surface_points": len(rows),
                    "surface_front_points": int(on_front.sum()), "operating_k": best["k"],
                    "operating_min_votes": best["min_votes"],
                    "operating_threshold": best["threshold"]})
-    if attacks is not None:
-        x_att, y_att = _validation_tensors(splits, spec.attack.samples)
-        base = _accuracy(model, attacks["base_apgd"], y_att, device)
-        report["base_accuracy"] = _accuracy(model, *_validation_tensors(splits), device)
-        # the bare model under the same attacks: the worst case of PGD and APGD-CE
-        with torch.no_grad():
-            right = torch.ones(len(y_att), dtype=torch.bool)
-            for adv in (attacks["adversarial"], attacks["base_apgd"], x_att):
-                right &= torch.cat([model(a.to(device)).argmax(1).cpu() for a in
-                                    adv.split(512)]) == y_att
-        report["base_robust_accuracy"] = float(right.double().mean())
-        report["base_apgd_accuracy"] = base
+    if attacks is not None:  # the bare model's figures, from the shared stage
+        report.update({key: float(attacks[key]) for key in BASE_METRICS})
     storage.put_verified(result_path, json.dumps({"report": report, "surface": rows,
                                                   "budget": budget}).encode(),
                          {"config": config})

@@ -87,6 +87,10 @@ def check_tracked(mlflow_uri, sweep, family, trials):
         front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
         assert {"run_id", "k", "min_votes", "threshold"} <= set(front[0])
         assert {row["run_id"] for row in front} == {c.info.run_id for c in children}
+        if "robust_accuracy" in children[0].data.metrics:  # the bare model beside LESCI
+            assert parent.data.metrics["base_robust_accuracy"] < parent.data.metrics[
+                "base_accuracy"]
+            assert {"attack.eps", "attack.apgd_steps", "attack.suite"} <= set(parent.data.params)
     return client, parent, children
 
 
