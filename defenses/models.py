@@ -8,12 +8,13 @@ ReLUs are never in-place: captured activations and interval bounds stay valid af
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ __all__ = [
     "IBPCNN",
     "build_model",
     "depth_shapes",
+    "eval_mode",
     "checkpoint_bytes",
     "save_checkpoint",
     "load_checkpoint",
@@ -52,6 +54,19 @@ class ModelName(str, enum.Enum):
 
 class CheckpointError(ValueError):
     """A checkpoint is unreadable or belongs to another architecture."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, its previous mode restored after (even on an
+    exception): batch norm uses its running statistics while a defense is evaluated or
+    attacked."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Normalize(nn.Module):
@@ -412,13 +427,11 @@ def depth_shapes(model: nn.Module) -> "OrderedDict[str, tuple[int, ...]]":
         def hook(_m, _i, out, name=name):
             shapes[name] = tuple(out.shape[1:])
         handles.append(module.register_forward_hook(hook))
-    was_training = model.training
     try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros((1, *model.input_shape), device=device))
+        with eval_mode(model):
+            device = next(model.parameters()).device
+            model(torch.zeros((1, *model.input_shape), device=device))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return OrderedDict((name, shapes[name]) for name in model.depth_modules())
