@@ -9,7 +9,6 @@ straight from the penultimate interval.
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Callable
 
@@ -27,12 +26,7 @@ __all__ = [
     "elided_upper_bounds",
     "verified",
     "ibp_loss",
-    "Ramp",
-    "ramp",
-    "eps_schedule",
-    "kappa_schedule",
     "layer_bound_widths",
-    "plot_bound_widths",
 ]
 
 Interval = tuple[torch.Tensor, torch.Tensor]
@@ -256,35 +250,6 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
 
 
 # ------------------------------------------------------------------------------------------------
-# schedules: pure functions of the step
-
-
-class Ramp(str, enum.Enum):
-    LINEAR = "linear"
-    SMOOTH = "smooth"  # smoothstep 3t^2 - 2t^3: no kink at either end of the ramp
-
-
-def ramp(step: int, warmup: int, rampup: int, kind: Ramp | str = Ramp.LINEAR) -> float:
-    """0 until ``warmup``, then up to 1 over ``rampup`` steps, then 1."""
-    if rampup <= 0:
-        return 0.0 if step < warmup else 1.0
-    t = min(max((step - warmup) / rampup, 0.0), 1.0)
-    return t if Ramp(kind) is Ramp.LINEAR else t * t * (3 - 2 * t)
-
-
-def eps_schedule(step: int, eps_train: float, warmup: int, rampup: int,
-                 kind: Ramp | str = Ramp.LINEAR) -> float:
-    """Training eps: 0 during warmup, ramps to ``eps_train``."""
-    return eps_train * ramp(step, warmup, rampup, kind)
-
-
-def kappa_schedule(step: int, kappa_final: float, warmup: int, rampup: int,
-                   kind: Ramp | str = Ramp.LINEAR) -> float:
-    """Weight of the nominal loss: 1 during warmup, ramps to ``kappa_final`` (0.5)."""
-    return 1.0 + (kappa_final - 1.0) * ramp(step, warmup, rampup, kind)
-
-
-# ------------------------------------------------------------------------------------------------
 # how loose the bounds get, layer by layer
 
 
@@ -299,27 +264,3 @@ def layer_bound_widths(model: nn.Module, x: torch.Tensor, eps: float) -> list[tu
     lower, upper = _linear(last, b)
     widths.append(("logits", float((upper - lower).mean())))
     return widths
-
-
-def plot_bound_widths(curves: dict[str, list[tuple[str, float]]], path, eps: float) -> None:
-    """Plot several models' ``layer_bound_widths`` (log scale) into a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    names: list[str] = []
-    for label, widths in curves.items():
-        names = [n for n, _ in widths] if len(widths) > len(names) else names
-        ax.plot(range(len(widths)), [max(w, 1e-12) for _, w in widths], marker="o", label=label)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("mean bound width (upper - lower)")
-    ax.set_title(f"Interval bound widths per layer, eps = {eps:g}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from defenses.ibp import (elided_upper_bounds, eps_schedule, interval_bounds, kappa_schedule,
-                          layer_bound_widths, plot_bound_widths, ramp, verified)
+from benchmarks.plots import plot_bound_widths
+from defenses.ibp import elided_upper_bounds, interval_bounds, layer_bound_widths, verified
 from defenses.models import BasicBlock, Bottleneck, Normalize, PreActBlock, build_model
+from defenses.schedules import eps_schedule, kappa_schedule, ramp
 
 
 def test_one_linear_layer_by_hand():
