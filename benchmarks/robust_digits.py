@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.plots import plot_bound_widths
 from defenses.data import load_dataset
-from defenses.ibp import layer_bound_widths, plot_bound_widths
+from defenses.ibp import layer_bound_widths
 from defenses.models import build_model
 from defenses.training import TrainConfig, Trainer, evaluate_robustness, make_objective
 
