@@ -50,7 +50,8 @@ from defenses.data import load_dataset
 from defenses.lesci import build_embedding_space, fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
                                    projection_margins)
-from defenses.models import build_model, checkpoint_bytes, load_checkpoint
+from defenses.checkpoints import checkpoint_bytes, load_checkpoint
+from defenses.models import build_model
 from defenses.surface import SurfacePoint, surface_decisions, surface_points
 from defenses.training import TrainConfig, Trainer
 

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import io
 import math
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from defenses._io import atomic_write_bytes
-
 __all__ = [
     "ModelName",
-    "CheckpointError",
     "Normalize",
     "BasicBlock",
     "Bottleneck",
@@ -34,10 +29,6 @@ __all__ = [
     "build_model",
     "depth_shapes",
     "eval_mode",
-    "checkpoint_bytes",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_weights",
 ]
 
 
@@ -50,10 +41,6 @@ class ModelName(str, enum.Enum):
     IBP_SMALL = "ibp_small"
     IBP_MEDIUM = "ibp_medium"
     IBP_LARGE = "ibp_large"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable or belongs to another architecture."""
 
 
 @contextlib.contextmanager
@@ -435,94 +422,3 @@ def depth_shapes(model: nn.Module) -> "OrderedDict[str, tuple[int, ...]]":
         for handle in handles:
             handle.remove()
     return OrderedDict((name, shapes[name]) for name in model.depth_modules())
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: a dict of tensors and plain values, loaded with weights_only=True
-
-CHECKPOINT_FORMAT = "robust-sweeps-model/1"
-
-
-def checkpoint_bytes(model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
-    """A model made by ``build_model`` with its build arguments, as ``torch.save`` bytes.
-
-    ``extra`` holds plain values (metrics, training config) returned again by load_checkpoint.
-    """
-    config = getattr(model, "build_config", None)
-    if config is None:
-        raise ValueError("checkpoints need a model made by build_model")
-    payload = {"format": CHECKPOINT_FORMAT, **config, "extra": dict(extra or {}),
-               "state_dict": model.state_dict()}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
-
-
-def save_checkpoint(model: nn.Module, path: str | Path,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Write ``checkpoint_bytes`` to ``path`` atomically (temp file, then rename)."""
-    atomic_write_bytes(path, checkpoint_bytes(model, extra))
-
-
-def _read(source: str | Path | bytes, name: str | None = None) -> tuple[Any, str]:
-    """(payload, name for messages), loaded with weights_only=True."""
-    if isinstance(source, bytes):
-        name, stream = name or "<checkpoint bytes>", io.BytesIO(source)
-    else:
-        path = Path(source)
-        name = name or str(path)
-        if not path.is_file():
-            raise CheckpointError(f"{name}: no such checkpoint file")
-        stream = path.open("rb")
-    try:
-        with stream:
-            return torch.load(stream, map_location="cpu", weights_only=True), name
-    except Exception as exc:  # truncated zip, pickle of arbitrary objects, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{name}: not a loadable weights-only checkpoint ({reason})") from exc
-
-
-def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu",
-                    name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by ``save_checkpoint`` (a path, or ``checkpoint_bytes``);
-    returns (model, extra)."""
-    payload, name = _read(source, name)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{name}: not a checkpoint written by save_checkpoint "
-                              "(use load_weights for a bare state_dict)")
-    model = build_model(payload["model"], payload["num_classes"], payload["input_shape"],
-                        payload["mean"], payload["std"], **payload["options"])
-    _load_state(model, payload["state_dict"], name, payload["model"])
-    return model.to(map_location), payload["extra"]
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state_dict (ours, or a torchvision one) into ``model``; clear error on mismatch."""
-    payload, name = _read(path)
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        state, arch = payload["state_dict"], payload["model"]
-    else:
-        state, arch = payload, "a bare state_dict"
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{name}: holds no state_dict of tensors")
-    _load_state(model, state, name, arch)
-    return model
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, arch: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-             for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            parts.append(f"shape {wrong[:2]}{' ...' if len(wrong) > 2 else ''}")
-        raise CheckpointError(f"{name}: checkpoint of {arch} does not fit "
-                              f"{type(model).__name__}: {'; '.join(parts)}")
-    model.load_state_dict(state)

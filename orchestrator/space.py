@@ -363,7 +363,7 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
 def _check_data(spec: SweepSpec) -> None:
     """Open the dataset (every loader checks its files' format) and the checkpoint."""
     from defenses.data import load_dataset
-    from defenses.models import load_checkpoint
+    from defenses.checkpoints import load_checkpoint
 
     try:
         splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)

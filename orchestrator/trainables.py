@@ -23,7 +23,8 @@ from defenses.data import Augmentation, Splits, load_dataset
 from defenses.lesci import EmbeddingSpace, build_embedding_space, fit_pca_at_depth
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
-from defenses.models import build_model, checkpoint_bytes, load_checkpoint
+from defenses.checkpoints import checkpoint_bytes, load_checkpoint
+from defenses.models import build_model
 from defenses.pca import StreamingPCA
 from defenses.training import (ObjectiveName, TrainConfig, Trainer, evaluate_robustness,
                                make_objective, objective_parameters)

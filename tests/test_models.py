@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from defenses.models import (CheckpointError, ModelName, build_model, depth_shapes,
-                             load_checkpoint, load_weights, save_checkpoint)
+from defenses.checkpoints import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from defenses.models import ModelName, build_model, depth_shapes
 
 DIGITS = dict(num_classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.4,))
 TINY = dict(num_classes=200, input_shape=(3, 64, 64), mean=(0.48, 0.45, 0.40),

@@ -171,7 +171,8 @@ def _space_with(tmp_path, **updates):
 
 
 def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
-    from defenses.models import build_model, save_checkpoint
+    from defenses.checkpoints import save_checkpoint
+    from defenses.models import build_model
     from tests.test_data import make_mnist
 
     args = ["--storage", str(tmp_path / "s"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
