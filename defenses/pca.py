@@ -19,7 +19,6 @@ and folded into the next one (``n_samples_pending_``); ``flush()`` folds what is
 from __future__ import annotations
 
 import enum
-import io
 import math
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from defenses._io import atomic_write_bytes
+from defenses._io import BlobError, atomic_write_bytes, npz_bytes, read_file_bytes, read_npz
 
 __all__ = ["PCABackend", "PCAError", "StreamingPCA"]
 
@@ -42,7 +41,8 @@ class PCABackend(str, enum.Enum):
 
 
 class PCAError(ValueError):
-    """A PCA file is missing or malformed, or a batch does not fit the PCA."""
+    """A batch does not fit the PCA, or the PCA is not fitted (a missing or malformed PCA file
+    is a ``defenses._io.BlobError``)."""
 
 
 def _as_tensor(X: Any) -> torch.Tensor:
@@ -313,7 +313,6 @@ class StreamingPCA:
             return t.detach().cpu().numpy()
 
         return {
-            "format": np.array(FILE_FORMAT),
             "backend": np.array(self.backend.value),
             "n_components": np.array(self.n_components),
             "n_samples_seen": np.array(self.n_samples_seen_),
@@ -329,9 +328,7 @@ class StreamingPCA:
         """The fitted state as ``.npz`` bytes of plain arrays (no pickle)."""
         if self._pending:
             raise PCAError(f"{self.n_samples_pending_} samples are pending: call flush() first")
-        buffer = io.BytesIO()
-        np.savez(buffer, **self._arrays())
-        return buffer.getvalue()
+        return npz_bytes(FILE_FORMAT, self._arrays())
 
     def save(self, path: str | Path) -> None:
         """Write ``to_bytes()`` to ``path`` atomically."""
@@ -340,34 +337,32 @@ class StreamingPCA:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None,
              n_components: int | None = None) -> "StreamingPCA":
-        """Read a saved PCA as a torch-backend PCA (optionally its first ``n_components``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise PCAError(f"{path}: no such PCA file")
-        return cls.from_bytes(path.read_bytes(), str(path), device, n_components)
+        """Read a saved PCA as a torch-backend PCA (optionally its first ``n_components``);
+        ``BlobError`` if the file is missing or malformed."""
+        return cls.from_bytes(read_file_bytes(path, "PCA"), str(path), device, n_components)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<PCA bytes>",
                    device: str | torch.device | None = None,
                    n_components: int | None = None) -> "StreamingPCA":
-        """Rebuild from ``to_bytes()``; every array is checked for shape and finiteness."""
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except Exception as exc:
-            raise PCAError(f"{source}: not a PCA file ({exc})") from exc
-        if str(arrays.get("format", "")) != FILE_FORMAT:
-            raise PCAError(f"{source}: not a PCA file of format {FILE_FORMAT}")
+        """Rebuild from ``to_bytes()``; every array is checked for shape and finiteness
+        (``BlobError`` naming ``source`` if one fails)."""
+        arrays = read_npz(data, FILE_FORMAT, source)
+        keys = ("components", "n_samples_seen", "mean", "var", "singular_values",
+                "explained_variance", "explained_variance_ratio")
+        missing = [key for key in keys if key not in arrays]
+        if missing or arrays["components"].ndim != 2:
+            raise BlobError(f"{source}: malformed PCA (missing {missing} or components not 2-D)")
         k, d = arrays["components"].shape
         for key, shape in (("mean", (d,)), ("var", (d,)), ("singular_values", (k,)),
                            ("explained_variance", (k,)), ("explained_variance_ratio", (k,))):
             if arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
-                raise PCAError(f"{source}: {key} should be finite with shape {shape}")
+                raise BlobError(f"{source}: {key} should be finite with shape {shape}")
         if not np.isfinite(arrays["components"]).all():
-            raise PCAError(f"{source}: components are not finite")
+            raise BlobError(f"{source}: components are not finite")
         m = k if n_components is None else int(n_components)
         if not 1 <= m <= k:
-            raise PCAError(f"{source}: holds {k} components, {m} asked for")
+            raise BlobError(f"{source}: holds {k} components, {m} asked for")
         return cls._from_arrays(arrays, m, torch.device(device) if device is not None else None)
 
     @classmethod

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from defenses._io import BlobError
 from defenses.pca import PCAError, StreamingPCA
 
 
@@ -133,11 +134,13 @@ def test_corrupt_pca_file(tmp_path):
     pca.save(tmp_path / "p.npz")
     raw = (tmp_path / "p.npz").read_bytes()
     (tmp_path / "bad.npz").write_bytes(raw[: len(raw) // 3])
-    with pytest.raises(PCAError, match="bad.npz: not a PCA file"):
+    with pytest.raises(BlobError, match="bad.npz: not a robust-sweeps-pca/1 blob"):
         StreamingPCA.load(tmp_path / "bad.npz")
     np.savez(tmp_path / "obj.npz", components=np.array([object()], dtype=object))
-    with pytest.raises(PCAError, match="obj.npz: not a PCA file"):
+    with pytest.raises(BlobError, match="obj.npz: not a robust-sweeps-pca/1 blob"):
         StreamingPCA.load(tmp_path / "obj.npz")
+    with pytest.raises(BlobError, match="gone.npz: no such PCA file"):
+        StreamingPCA.load(tmp_path / "gone.npz")
 
 
 def test_bad_input():
