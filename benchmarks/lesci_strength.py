@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from defenses.attacks import apgd, pgd
 from defenses.data import load_dataset
-from defenses.lesci import build_embedding_space, fit_pca_at_depth
+from defenses.embedding_space import build_embedding_space
+from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
                                    projection_margins)
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint

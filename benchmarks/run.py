@@ -187,7 +187,7 @@ def bench_knn(n: int, dim: int, queries: int, k: int, num_classes: int, repeats:
     import faiss
     import torch
 
-    from defenses.lesci import KnnIndex, knn_vote
+    from defenses.knn import KnnIndex, knn_vote
 
     gen = torch.Generator().manual_seed(0)
     # clustered data, like an embedding space: class centres plus spread
@@ -330,7 +330,8 @@ def sweep_direct_worker(space_file: str) -> None:
     import torch
 
     from defenses.data import load_dataset
-    from defenses.lesci import build_embedding_space, fit_pca_at_depth
+    from defenses.embedding_space import build_embedding_space
+    from defenses.lesci import fit_pca_at_depth
     from defenses.lesci_attack import LESCIDecision
     from orchestrator.space import load_space
     from orchestrator.trainables import craft_transfer_set, lesci_surface, train_base_model

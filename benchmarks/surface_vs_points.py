@@ -46,7 +46,9 @@ import numpy as np
 import torch
 
 from defenses.data import Splits, load_dataset
-from defenses.lesci import EmbeddingSpace, KnnIndex, build_embedding_space, fit_pca_at_depth
+from defenses.embedding_space import EmbeddingSpace, build_embedding_space
+from defenses.knn import KnnIndex
+from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import LESCIDecision
 from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint

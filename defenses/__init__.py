@@ -7,8 +7,9 @@ library to distributed trials.
 
 from defenses.activations import ActivationBatch, stream_activations
 from defenses.data import Augmentation, DatasetError, DatasetName, Splits, load_dataset
-from defenses.lesci import (EmbeddingSpace, build_embedding_space, evaluate_lesci,
-                            KnnIndex, fit_pca_at_depth, knn_vote)
+from defenses.embedding_space import EmbeddingSpace, build_embedding_space
+from defenses.knn import KnnIndex, knn_vote
+from defenses.lesci import evaluate_lesci, fit_pca_at_depth
 from defenses.models import (CheckpointError, ModelName, build_model, depth_shapes,
                              load_checkpoint, load_weights, save_checkpoint)
 from defenses.pca import PCAError, StreamingPCA

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.attacks import apgd
-from defenses.lesci import EmbeddingSpace, KnnIndex
+from defenses.embedding_space import EmbeddingSpace
+from defenses.knn import KnnIndex
 from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint, surface_decisions
 

@@ -20,7 +20,8 @@ from ray import tune
 
 from defenses.attacks import apgd, pgd
 from defenses.data import Augmentation, Splits, load_dataset
-from defenses.lesci import EmbeddingSpace, build_embedding_space, fit_pca_at_depth
+from defenses.embedding_space import EmbeddingSpace, build_embedding_space
+from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint

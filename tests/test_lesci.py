@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from defenses.data import ArrayDataset
-from defenses.lesci import (EmbeddingSpace, KnnIndex, build_embedding_space,
-                            collect_votes, evaluate_lesci, fit_pca_at_depth, knn_vote,
+from defenses._io import BlobError
+from defenses.embedding_space import EmbeddingSpace, build_embedding_space
+from defenses.knn import KnnIndex
+from defenses.lesci import (collect_votes, evaluate_lesci, fit_pca_at_depth, knn_vote,
                             lesci_metrics, lesci_predict, project_mask)
 from defenses.models import depth_shapes
 from defenses.training import accuracy
@@ -134,8 +136,10 @@ def test_embedding_space_truncate_and_save(tmp_path):
     loaded = EmbeddingSpace.load(tmp_path / "space.npz")
     assert torch.equal(loaded.embeddings, space.embeddings) and loaded.depth == "layer1"
     (tmp_path / "bad.npz").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="bad.npz: not an embedding-space file"):
+    with pytest.raises(BlobError, match="bad.npz: not a robust-sweeps-embedding-space/1 blob"):
         EmbeddingSpace.load(tmp_path / "bad.npz")
+    with pytest.raises(BlobError, match="gone.npz: no such embedding-space file"):
+        EmbeddingSpace.load(tmp_path / "gone.npz")
 
 
 def test_trained_digits_resnet_reaches_95_percent(trained_digits_resnet, digits):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from defenses.attacks import apgd, pgd
-from defenses.lesci import EmbeddingSpace, build_embedding_space, fit_pca_at_depth
+from defenses.embedding_space import EmbeddingSpace, build_embedding_space
+from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
                                    projection_margins, targeted_margin, wrong_margin)
 from defenses.pca import StreamingPCA

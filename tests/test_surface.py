@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from defenses.lesci import KnnIndex, knn_vote, lesci_metrics, lesci_predict
+from defenses.knn import KnnIndex, knn_vote
+from defenses.lesci import lesci_metrics, lesci_predict
 from defenses.surface import (SurfacePoint, surface_decisions, surface_metrics, surface_points,
                               vote_counts)
 from orchestrator.space import load_space
