@@ -9,7 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ActivationBatch", "stream_activations", "batches"]
+from defenses.capture import capture
+from defenses.models import eval_mode
+
+__all__ = ["ActivationBatch", "stream_activations", "batches", "capture"]
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,6 @@ def batches(data: Dataset | DataLoader | Iterable, batch_size: int = 256
     return data
 
 
-def _depth_module(model: nn.Module, depth: str) -> nn.Module:
-    modules = model.depth_modules()
-    if depth not in modules:
-        raise ValueError(f"unknown depth {depth!r} for {type(model).__name__}; "
-                         f"allowed: {', '.join(modules)}")
-    return modules[depth]
-
-
 @torch.no_grad()
 def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader | Iterable,
                        batch_size: int = 256, device: str | torch.device | None = None,
@@ -58,21 +53,17 @@ def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader 
 
     Memory: one batch of inputs and one of activations at a time.
     """
-    module = _depth_module(model, depth)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    was_training = model.training
-    model.eval()
-    try:
+    with capture(model, [depth]) as captured, eval_mode(model):
+        outputs = captured[depth]
         for images, labels in batches(data, batch_size):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            captured.clear()
+            outputs.clear()
             predictions = model(images).argmax(dim=1)
-            if len(captured) != 1:
-                raise RuntimeError(f"depth {depth!r} ran {len(captured)} times in one forward")
-            activations = captured[0].reshape(images.shape[0], -1).to(dtype)
+            if len(outputs) != 1:
+                raise RuntimeError(f"depth {depth!r} ran {len(outputs)} times in one forward")
+            activations = outputs[0].reshape(images.shape[0], -1).to(dtype)
             if only_correct:
                 keep = predictions == labels
                 if not bool(keep.any()):
@@ -80,6 +71,3 @@ def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader 
                 activations, labels, predictions = activations[keep], labels[keep], predictions[keep]
                 images = images[keep]
             yield ActivationBatch(activations, labels, predictions, images if keep_inputs else None)
-    finally:
-        handle.remove()
-        model.train(was_training)

@@ -42,6 +42,12 @@ class EmbeddingSpace:
     def n_components(self) -> int:
         return self.embeddings.shape[1]
 
+    def check_pca(self, pca: StreamingPCA) -> None:
+        """ValueError unless ``pca`` holds the components this space was compressed with."""
+        if self.n_components > pca.n_components:
+            raise ValueError(f"embedding space has {self.n_components} components, the PCA "
+                             f"only {pca.n_components}")
+
     def truncate(self, n_components: int | None = None, size: int | None = None
                  ) -> "EmbeddingSpace":
         """The space an m-component PCA and a smaller ``embedding_size`` would have built.

@@ -130,9 +130,7 @@ def collect_votes(model: nn.Module, depth: str, pca: StreamingPCA, space: Embedd
                   data: Dataset | DataLoader | Iterable, batch_size: int = 256,
                   device: str | torch.device | None = None, center: bool = True) -> LESCIResult:
     """Stream ``data`` once: model predictions and kNN votes (k neighbours) for every sample."""
-    if space.n_components > pca.n_components:
-        raise ValueError(f"embedding space has {space.n_components} components, the PCA only "
-                         f"{pca.n_components}")
+    space.check_pca(pca)
     num_classes = int(space.labels.max()) + 1
     parts: dict[str, list[torch.Tensor]] = {"labels": [], "pred": [], "maj": [], "frac": []}
     index = None

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.attacks import apgd
+from defenses.capture import capture
 from defenses.embedding_space import EmbeddingSpace
 from defenses.knn import KnnIndex
+from defenses.models import eval_mode
 from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint, surface_decisions
 
@@ -146,11 +148,9 @@ class LESCIDecision:
         if not 1 <= self.k_max <= len(self.space):
             raise ValueError(f"k_max must be in 1..{len(self.space)}, got {self.k_max}")
         self.num_classes = self.num_classes or int(self.space.labels.max()) + 1
-        self._module = self.model.depth_modules()[self.depth]
-        components = self.pca.components_[:self.space.n_components]
-        self._components = components
-        self._mean = (self.pca.mean_.to(components.dtype) if self.center
-                      else torch.zeros_like(self.pca.mean_, dtype=components.dtype))
+        self.space.check_pca(self.pca)
+        components = self.pca.components_
+        self._device = components.device
         e = F.normalize(self.space.embeddings.to(components.device, components.dtype), dim=1)
         labels = self.space.labels.to(components.device)
         # the embeddings by class, padded to one block [C, n_max, m] (padding masked out)
@@ -167,22 +167,17 @@ class LESCIDecision:
     def index(self) -> KnnIndex:
         if self._index is None:
             self._index = KnnIndex(self.space.embeddings, self.space.labels,
-                                   num_classes=self.num_classes,
-                                   device=self._components.device)
+                                   num_classes=self.num_classes, device=self._device)
         return self._index
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes [b, m], logits [b, classes]), differentiable w.r.t. x; the model must be in
         eval mode."""
-        captured: list[torch.Tensor] = []
-        handle = self._module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
+        with capture(self.model, [self.depth]) as captured:
             logits = self.model(x)
-        finally:
-            handle.remove()
-        acts = captured[0].reshape(x.shape[0], -1).to(self._components.device,
-                                                      self._components.dtype)
-        return (acts - self._mean) @ self._components.T, logits
+        acts = captured[self.depth][0].reshape(x.shape[0], -1)
+        return self.pca.transform(acts.to(self._device), self.space.n_components,
+                                  self.center), logits
 
     def tops(self, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_c(1..k), s_~c(1..k)), each [b, C, k], most similar first; absent: below -1."""
@@ -321,9 +316,6 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
     unknown = [name for name in starts if name not in pool]
     if unknown:
         raise ValueError(f"starts {unknown} are not in the pool ({', '.join(pool) or 'empty'})")
-    model = decision.model
-    was_training = model.training
-    model.eval()
     correct: dict[str, torch.Tensor] = {}
 
     def score(name: str, adv: torch.Tensor) -> None:
@@ -344,7 +336,7 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
         ("apgd_targeted", 0.0, rank) for rank in range(1, targets + 1)]
     smooth_runs = sum(math.ceil(len(ms) / group) for ms in by_k.values()) if smooth > 0 else 0
     total, done = len(by_k) * (1 + targets) + smooth_runs, 0
-    try:
+    with eval_mode(decision.model):
         score("clean", x)
         for name, adv in pool.items():
             if adv.shape != x.shape:
@@ -375,8 +367,6 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
                     progress(done, total)
             found = fooled & ~before  # what this run fooled that nothing before it had
             correct[name] = correct[name] & ~found if name in correct else ~found
-    finally:
-        model.train(was_training)
     budget = {"eps": eps, "apgd_steps": steps, "apgd_starts": ",".join(starts),
               "apgd_restarts": restarts, "apgd_smooth": smooth, "apgd_group": group,
               "apgd_targets": targets, "apgd_runs": total, "attacked_points": len(attack_points)}

@@ -282,13 +282,14 @@ class StreamingPCA:
         """Project a batch: ``(X - mean_) @ components_[:m].T`` (``center=False``: without the
         mean, ``X @ components_[:m].T``, as the original LESCI entry projected).
 
-        Returns the input's kind: numpy in, numpy out; a torch tensor in, a tensor on its device.
+        Returns the input's kind: numpy in, numpy out; a torch tensor in, a tensor on its device,
+        differentiable with respect to that tensor (attacks project through it).
         """
         m = self.n_components if n_components is None else int(n_components)
         if not 1 <= m <= self.n_components:
             raise ValueError(f"n_components must be in 1..{self.n_components}, got {m}")
         is_numpy = not isinstance(X, torch.Tensor)
-        Xt = _as_tensor(X)
+        Xt = _as_tensor(X) if is_numpy else X
         if Xt.ndim != 2 or Xt.shape[1] != self._n_features:
             raise PCAError(f"expected a batch [b, {self._n_features}], got {tuple(Xt.shape)}")
         components = self.components_[:m]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from defenses.activations import stream_activations
+from defenses.activations import capture, stream_activations
 from defenses.data import ArrayDataset
 from defenses.models import build_model
 
@@ -77,3 +77,41 @@ def test_unknown_depth_and_mode_restored(model_and_data):
         next(stream_activations(model, "layer9", data))
     list(stream_activations(model, "pool", data))
     assert model.training
+
+
+def test_capture_records_every_forward_and_keeps_the_graph(model_and_data):
+    model, data = model_and_data
+    x = data.images[:4].clone().requires_grad_(True)
+    with capture(model, ["stem", "pool"]) as outputs:
+        model(x)
+        model(x[:2])
+    assert [o.shape for o in outputs["stem"]] == [(4, 16, 8, 8), (2, 16, 8, 8)]
+    assert [o.shape for o in outputs["pool"]] == [(4, 64), (2, 64)]
+    expected, _ = manual_resnet_digits(model, x)
+    assert torch.allclose(outputs["pool"][0], expected["pool"], atol=1e-6)
+    (grad,) = torch.autograd.grad(outputs["pool"][0].sum(), x)  # outputs keep their graph
+    assert grad.abs().sum() > 0
+
+
+def hook_counts(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_capture_removes_its_hooks_even_on_an_exception(model_and_data):
+    model, data = model_and_data
+    assert hook_counts(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model, ["stem", "layer1", "pool"]):
+            assert hook_counts(model) == 3
+            raise RuntimeError("boom")
+    assert hook_counts(model) == 0
+    with pytest.raises(ValueError, match="unknown depth 'layer9'.*allowed: stem, layer1"):
+        with capture(model, ["stem", "layer9"]):
+            pass
+    assert hook_counts(model) == 0
+    # a stream abandoned half-way removes its hook too
+    stream = stream_activations(model, "stem", data, batch_size=10)
+    next(stream)
+    assert hook_counts(model) == 1
+    stream.close()
+    assert hook_counts(model) == 0

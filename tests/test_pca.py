@@ -194,3 +194,11 @@ def test_fits_262144_dims_under_4gb():
                          check=True)
     peak_kb = int(out.stdout.split()[-1])
     assert peak_kb < 4 * 1024 * 1024, f"peak RSS {peak_kb / 1e6:.2f} GB"
+
+
+def test_transform_is_differentiable_for_a_tensor_input():
+    pca = fit("torch", low_rank_stream(), 4)
+    X = torch.randn(3, pca.n_features_, requires_grad=True)
+    codes = pca.transform(X, n_components=2)
+    (grad,) = torch.autograd.grad(codes.sum(), X)
+    assert torch.allclose(grad, pca.components_[:2].sum(0).expand(3, -1))
