@@ -1,10 +1,12 @@
 """Interval Bound Propagation (Gowal et al. 2018; SPEC.md section 2).
 
-Bounds travel as (lower, upper) through a registry of per-module rules: affine layers in
-centre/radius form, monotone layers on each end, and the residual blocks and models of
-``defenses.models`` by mirroring their forward. A module without a rule raises ``ValueError``
-naming it. The last linear layer is elided for verification: bounds on ``z_j - z_y`` come
-straight from the penultimate interval.
+Bounds travel as (lower, upper) through one rule per primitive module type: affine layers
+(Linear, Conv2d, BatchNorm2d, Normalize) in centre/radius form, monotone layers (ReLU & co.,
+pooling, Flatten, padding) on each end. Containers are not special-cased: an ``nn.Sequential``
+and a ``defenses.models.Composite`` (every block and model there) are walked along their
+structure, the same walk their forward makes, with the ends of a ``Residual`` sum adding up. A
+module without a rule raises ``ValueError`` naming it. The last linear layer is elided for
+verification: bounds on ``z_j - z_y`` come straight from the penultimate interval.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.models import (BasicBlock, Bottleneck, IBPCNN, Normalize, PreActBlock,
-                             PreActResNet, ResNet)
+from defenses.models import Composite, Normalize, Steps, walk
 
 __all__ = [
     "Interval",
@@ -101,66 +102,55 @@ _MONOTONE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Softplus,
              nn.Identity, nn.ZeroPad2d)
 
 
-def _residual_basic(m: BasicBlock, b: Interval, rec: Recorder, name: str) -> Interval:
-    identity = b if m.downsample is None else _propagate(m.downsample, b, rec, f"{name}.downsample")
-    out = _propagate(m.conv1, b, rec, f"{name}.conv1")
-    out = _propagate(m.bn1, out, rec, f"{name}.bn1")
-    out = _propagate(m.relu, out, rec, f"{name}.relu1")
-    out = _propagate(m.conv2, out, rec, f"{name}.conv2")
-    out = _propagate(m.bn2, out, rec, f"{name}.bn2")
-    out = (out[0] + identity[0], out[1] + identity[1])  # residual add: ends add
-    return _propagate(m.relu, out, rec, f"{name}.relu")
-
-
-def _residual_bottleneck(m: Bottleneck, b: Interval, rec: Recorder, name: str) -> Interval:
-    identity = b if m.downsample is None else _propagate(m.downsample, b, rec, f"{name}.downsample")
-    out = b
-    for i in (1, 2, 3):
-        out = _propagate(getattr(m, f"conv{i}"), out, rec, f"{name}.conv{i}")
-        out = _propagate(getattr(m, f"bn{i}"), out, rec, f"{name}.bn{i}")
-        if i < 3:
-            out = _propagate(m.relu, out, rec, f"{name}.relu{i}")
-    out = (out[0] + identity[0], out[1] + identity[1])
-    return _propagate(m.relu, out, rec, f"{name}.relu")
-
-
-def _residual_preact(m: PreActBlock, b: Interval, rec: Recorder, name: str) -> Interval:
-    out = _propagate(m.relu, _propagate(m.bn1, b, rec, f"{name}.bn1"), rec, f"{name}.relu1")
-    shortcut = b if m.shortcut is None else _propagate(m.shortcut, out, rec, f"{name}.shortcut")
-    out = _propagate(m.conv1, out, rec, f"{name}.conv1")
-    out = _propagate(m.relu, _propagate(m.bn2, out, rec, f"{name}.bn2"), rec, f"{name}.relu2")
-    out = _propagate(m.conv2, out, rec, f"{name}.conv2")
-    return out[0] + shortcut[0], out[1] + shortcut[1]
-
-
-def _sequential(m: nn.Sequential, b: Interval, rec: Recorder, name: str) -> Interval:
-    for child_name, child in m.named_children():
-        b = _propagate(child, b, rec, f"{name}.{child_name}" if name else child_name)
-    return b
-
-
 _LEAF_RULES: dict[type, Callable[[nn.Module, Interval], Interval]] = {
     nn.Linear: _linear, nn.Conv2d: _conv2d, nn.BatchNorm2d: _batchnorm, Normalize: _normalize,
 }
-_CONTAINER_RULES: dict[type, Callable[[nn.Module, Interval, Recorder, str], Interval]] = {
-    nn.Sequential: _sequential, BasicBlock: _residual_basic, Bottleneck: _residual_bottleneck,
-    PreActBlock: _residual_preact,
-}
+
+
+# ------------------------------------------------------------------------------------------------
+# containers: walked along the structure their forward walks
+
+
+def _add(a: Interval, b: Interval) -> Interval:
+    """A residual sum: the ends add."""
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _steps(m: nn.Module) -> Steps | None:
+    """The children a container applies, in order; None for a primitive module."""
+    if isinstance(m, Composite):
+        return m.structure
+    if isinstance(m, nn.Sequential):
+        return tuple(m._modules)  # not named_children(): that skips a module used twice
+    return None
+
+
+def _join(name: str, child_name: str) -> str:
+    return f"{name}.{child_name}" if name else child_name
+
+
+def _walk(m: nn.Module, steps: Steps, b: Interval, rec: Recorder, name: str) -> Interval:
+    def apply(child_name: str, child: nn.Module, iv: Interval) -> Interval:
+        return _propagate(child, iv, rec, _join(name, child_name))
+
+    return walk(m, steps, b, apply, _add)
 
 
 def _propagate(m: nn.Module, b: Interval, rec: Recorder, name: str) -> Interval:
-    for cls in type(m).__mro__:
-        if cls in _CONTAINER_RULES:
-            return _CONTAINER_RULES[cls](m, b, rec, name)
-        if cls in _LEAF_RULES:
-            out = _LEAF_RULES[cls](m, b)
-            break
-    else:
-        if not isinstance(m, _MONOTONE):
-            raise ValueError(f"interval bounds: no rule for module {name or '<root>'} "
-                             f"({type(m).__name__}); supported: Linear, Conv2d, BatchNorm2d, "
-                             "Normalize, monotone activations, pooling, Flatten, residual blocks")
+    """Bounds on ``m``'s output; ``rec(name, interval)`` after every primitive module."""
+    steps = _steps(m)
+    if steps is not None:
+        return _walk(m, steps, b, rec, name)
+    rule = next((_LEAF_RULES[cls] for cls in type(m).__mro__ if cls in _LEAF_RULES), None)
+    if rule is not None:
+        out = rule(m, b)
+    elif isinstance(m, _MONOTONE):
         out = _on_both_ends(m, b)
+    else:
+        raise ValueError(f"interval bounds: no rule for module {name or '<root>'} "
+                         f"({type(m).__name__}); supported: Linear, Conv2d, BatchNorm2d, "
+                         "Normalize, monotone activations, pooling, Flatten, ZeroPad2d, "
+                         "nn.Sequential and defenses.models.Composite")
     rec(name, out)
     return out
 
@@ -169,30 +159,20 @@ def _propagate(m: nn.Module, b: Interval, rec: Recorder, name: str) -> Interval:
 # whole models: everything up to the last linear layer, which verification elides
 
 
-def _penultimate(model: nn.Module, b: Interval, rec: Recorder) -> tuple[Interval, nn.Linear]:
-    if isinstance(model, ResNet):
-        b = _propagate(model.normalize, b, rec, "normalize")
-        for part in ("conv1", "bn1", "relu", "maxpool"):
-            b = _propagate(getattr(model, part), b, rec, part)
-        for i, layer in enumerate(model.layers(), start=1):
-            b = _propagate(layer, b, rec, f"layer{i}")
-        b = _propagate(model.avgpool, b, rec, "avgpool")
-        return _propagate(model.flatten, b, rec, "flatten"), model.fc
-    if isinstance(model, PreActResNet):
-        b = _propagate(model.normalize, b, rec, "normalize")
-        b = _propagate(model.conv1, b, rec, "conv1")
-        for i, layer in enumerate(model.layers(), start=1):
-            b = _propagate(layer, b, rec, f"layer{i}")
-        for part in ("bn", "relu", "avgpool", "flatten"):
-            b = _propagate(getattr(model, part), b, rec, part)
-        return b, model.fc
-    body = model.layers if isinstance(model, IBPCNN) else model
-    if not isinstance(body, nn.Sequential) or not isinstance(body[-1], nn.Linear):
-        raise ValueError(f"interval bounds: {type(model).__name__} is neither a model of "
-                         "defenses.models nor an nn.Sequential ending in nn.Linear")
-    for child_name, child in list(body.named_children())[:-1]:
-        b = _propagate(child, b, rec, child_name)
-    return b, body[-1]
+def _penultimate(m: nn.Module, b: Interval, rec: Recorder, name: str = ""
+                 ) -> tuple[Interval, nn.Linear]:
+    """Walk all but the last step; the last is the elided linear layer or a container whose
+    own last step is (IBPCNN's ``layers``)."""
+    steps = _steps(m)
+    if not steps or not isinstance(steps[-1], str):
+        raise ValueError(f"interval bounds: {type(m).__name__} {name or '<root>'} does not end "
+                         "in nn.Linear; models must be an nn.Sequential or a "
+                         "defenses.models.Composite whose last step is the logit layer")
+    b = _walk(m, steps[:-1], b, rec, name)
+    last = getattr(m, steps[-1])
+    if isinstance(last, nn.Linear):
+        return b, last
+    return _penultimate(last, b, rec, _join(name, steps[-1]))
 
 
 def _input_box(x: torch.Tensor, eps: float) -> Interval:

@@ -4,15 +4,21 @@ Models take pixel inputs in [0, 1]; normalisation is their first layer (``Normal
 mean/std are not part of the state_dict, so the ResNets keep torchvision's parameter names and a
 torchvision ``resnet18().state_dict()`` loads into ``resnet18(stem="imagenet")`` unchanged.
 ReLUs are never in-place: captured activations and interval bounds stay valid after the forward.
+
+Every model and residual block is a ``Composite``: its forward is a declared ``structure`` over
+its named children (applied in order, ``Residual`` for the skip connections), and
+``defenses.ibp`` bounds it by walking the same structure, so forward and bounds cannot drift apart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import math
+import operator
 from collections import OrderedDict
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
@@ -20,6 +26,9 @@ from torch import nn
 __all__ = [
     "ModelName",
     "Normalize",
+    "Residual",
+    "Composite",
+    "walk",
     "BasicBlock",
     "Bottleneck",
     "PreActBlock",
@@ -75,6 +84,55 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+# ----------------------------------------------------------------------------------------------
+# structure: what a composite module computes, declared once over its named children
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    """The skip connection ``body(x) + shortcut(x)``; an empty shortcut is the identity."""
+
+    body: "Steps"
+    shortcut: "Steps" = ()
+
+
+# Names of children (applied in order) and residual sums. Names, not modules: the children stay
+# registered under their own attribute names, so state_dict keys are torchvision's.
+Steps = tuple[Union[str, Residual], ...]
+_X = TypeVar("_X")
+
+
+def walk(owner: nn.Module, steps: Steps, x: _X, apply: Callable[[str, nn.Module, _X], _X],
+         add: Callable[[_X, _X], _X]) -> _X:
+    """Evaluate ``steps`` of ``owner`` on ``x``: ``apply(name, child, x)`` for a named child,
+    ``add`` of both branches for a ``Residual``. ``x`` is a tensor for the forward, an interval
+    for ``defenses.ibp``."""
+    for step in steps:
+        if isinstance(step, Residual):
+            x = add(walk(owner, step.body, x, apply, add),
+                    walk(owner, step.shortcut, x, apply, add))
+        else:
+            x = apply(step, getattr(owner, step), x)
+    return x
+
+
+def _call(_name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+class Composite(nn.Module):
+    """A module whose forward is its ``structure`` (set in ``__init__``), walked with tensors."""
+
+    structure: Steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return walk(self, self.structure, x, _call, operator.add)
+
+
+def _shortcut(name: str, module: nn.Module | None) -> Steps:
+    return () if module is None else (name,)
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -83,7 +141,7 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(Composite):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1,
@@ -95,15 +153,11 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        self.structure = (Residual(("conv1", "bn1", "relu", "conv2", "bn2"),
+                                   _shortcut("downsample", downsample)), "relu")
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Composite):
     """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 convolution)."""
 
     expansion = 4
@@ -119,13 +173,8 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU()
         self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        self.structure = (Residual(("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
+                                   _shortcut("downsample", downsample)), "relu")
 
 
 class DepthsMixin:
@@ -161,7 +210,7 @@ class _ResidualDepths(DepthsMixin):
         return named
 
 
-class ResNet(_ResidualDepths, nn.Module):
+class ResNet(_ResidualDepths, Composite):
     """ResNet with torchvision parameter names.
 
     stem="imagenet": 7x7/2 convolution and 3x3/2 max pool (torchvision). stem="small": 3x3/1
@@ -204,6 +253,9 @@ class ResNet(_ResidualDepths, nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.structure = ("normalize", "conv1", "bn1", "relu", "maxpool",
+                          *(f"layer{i + 1}" for i in range(self.num_layers)),
+                          "avgpool", "flatten", "fc")
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -218,14 +270,8 @@ class ResNet(_ResidualDepths, nn.Module):
     def _stem(self) -> nn.Module:
         return self.maxpool  # the identity with the small stem
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
-        for layer in self.layers():
-            x = layer(x)
-        return self.fc(self.flatten(self.avgpool(x)))
 
-
-class PreActBlock(nn.Module):
+class PreActBlock(Composite):
     """Pre-activation basic block (He et al. 2016, "Identity Mappings")."""
 
     expansion = 1
@@ -238,16 +284,15 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.shortcut = (conv1x1(cin, planes, stride) if stride != 1 or cin != planes else None)
+        # A projection shortcut starts after the shared pre-activation, the identity before it.
+        if self.shortcut is None:
+            self.structure = (Residual(("bn1", "relu", "conv1", "bn2", "relu", "conv2")),)
+        else:
+            self.structure = ("bn1", "relu",
+                              Residual(("conv1", "bn2", "relu", "conv2"), ("shortcut",)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return out + shortcut
 
-
-class PreActResNet(_ResidualDepths, nn.Module):
+class PreActResNet(_ResidualDepths, Composite):
     """Pre-activation ResNet-18 with a 3x3 stem (the adversarial-training workhorse on CIFAR)."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, input_shape: tuple[int, int, int],
@@ -271,15 +316,12 @@ class PreActResNet(_ResidualDepths, nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(cin, num_classes)
+        self.structure = ("normalize", "conv1",
+                          *(f"layer{i + 1}" for i in range(self.num_layers)),
+                          "bn", "relu", "avgpool", "flatten", "fc")
 
     def _stem(self) -> nn.Module:
         return self.conv1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(self.normalize(x))
-        for layer in self.layers():
-            x = layer(x)
-        return self.fc(self.flatten(self.avgpool(self.relu(self.bn(x)))))
 
 
 # The IBP paper's CNNs (Gowal et al. 2018, SPEC.md section 2): (kernel, channels, stride) convs
@@ -299,7 +341,7 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class IBPCNN(DepthsMixin, nn.Module):
+class IBPCNN(DepthsMixin, Composite):
     """The small / medium / large CNNs of the IBP paper, as one ``nn.Sequential`` (``layers``).
 
     Named depths: ``conv1`` .. ``convN`` and ``fc1`` .. ``fcM`` (each after its ReLU).
@@ -339,12 +381,10 @@ class IBPCNN(DepthsMixin, nn.Module):
             features = width
         mods.append(("logits", nn.Linear(features, num_classes)))
         self.layers = nn.Sequential(OrderedDict(mods))
+        self.structure = ("layers",)
 
     def depth_modules(self) -> "OrderedDict[str, nn.Module]":
         return OrderedDict((name, getattr(self.layers, module)) for name, module in self._depths)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 def build_model(name: str | ModelName, num_classes: int, input_shape: Sequence[int],

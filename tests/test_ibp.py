@@ -8,7 +8,8 @@ from torch import nn
 
 from benchmarks.plots import plot_bound_widths
 from defenses.ibp import elided_upper_bounds, interval_bounds, layer_bound_widths, verified
-from defenses.models import BasicBlock, Bottleneck, Normalize, PreActBlock, build_model
+from defenses.models import (BasicBlock, Bottleneck, Composite, Normalize, PreActBlock,
+                             Residual, build_model)
 from defenses.schedules import eps_schedule, kappa_schedule, ramp
 
 
@@ -46,10 +47,28 @@ def test_zero_eps_gives_the_nominal_logits():
     assert torch.allclose(lower, model(x), atol=1e-5) and torch.allclose(upper, model(x), atol=1e-5)
 
 
-class Residual(nn.Module):
-    def __init__(self, block):
+class Doubler(Composite):
+    """relu(2 * x + 1) + x: one Residual, bounded by the generic rule (no rule of its own)."""
+
+    def __init__(self):
         super().__init__()
-        self.block = block
+        self.lin = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.lin.weight.fill_(2.0)
+            self.lin.bias.fill_(1.0)
+        self.relu = nn.ReLU()
+        self.structure = (Residual(("lin", "relu")),)
+
+
+def test_residual_sum_by_hand():
+    # x in [0.2, 0.4]: 2x + 1 in [1.4, 1.8], relu keeps it, + x -> [1.6, 2.2]; the last layer
+    # (identity weight, no bias) passes it through
+    last = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        last.weight.fill_(1.0)
+    model = nn.Sequential(Doubler(), last)
+    lower, upper = interval_bounds(model, torch.tensor([[0.3]]), eps=0.1)
+    assert lower.item() == pytest.approx(1.6) and upper.item() == pytest.approx(2.2)
 
 
 def random_network(kind: str, seed: int) -> nn.Module:
@@ -70,10 +89,15 @@ def random_network(kind: str, seed: int) -> nn.Module:
         body = [nn.Conv2d(c, 8, 3, padding=1), nn.LeakyReLU(0.1),
                 Bottleneck(8, 2), nn.ZeroPad2d(1), nn.Sigmoid(), nn.Flatten()]
         features = 8 * 10 * 10
-    else:  # preact
+    elif kind == "preact":
         body = [nn.Conv2d(c, 4, 3, padding=1), PreActBlock(4, 6, stride=2), nn.ELU(),
                 nn.Flatten()]
         features = 6 * 4 * 4
+    else:  # a hand-made Composite and a module applied twice
+        shared = nn.Linear(1, 1)
+        body = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1), Doubler(), shared,
+                nn.Tanh(), shared]
+        features = 1
     model = nn.Sequential(Normalize((0.4, 0.5), (0.3, 0.2)), *body, nn.Linear(features, 5))
     for m in model.modules():  # non-trivial batch-norm statistics
         if isinstance(m, nn.BatchNorm2d):
@@ -85,7 +109,7 @@ def random_network(kind: str, seed: int) -> nn.Module:
 
 
 @settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(["conv", "basic", "bottleneck", "preact"]),
+@given(kind=st.sampled_from(["conv", "basic", "bottleneck", "preact", "composite"]),
        seed=st.integers(0, 10_000), eps=st.floats(0.0, 0.3))
 def test_sound_on_random_networks(kind, seed, eps):
     model = random_network(kind, seed)
@@ -145,7 +169,9 @@ def test_layer_widths_and_plot(tmp_path):
     model = build_model("ibp_small", 10, (1, 8, 8), (0.3,), (0.4,), padding="same").eval()
     widths = layer_bound_widths(model, torch.rand(8, 1, 8, 8), 0.1)
     names = [n for n, _ in widths]
-    assert names[0] == "normalize" and names[-1] == "logits" and "relu_conv1" in names
+    # module paths, as model.named_modules() names them
+    assert names[0] == "layers.normalize" and names[-1] == "logits"
+    assert "layers.relu_conv1" in names and set(names[:-1]) <= dict(model.named_modules()).keys()
     assert all(w >= 0 for _, w in widths)
     plot_bound_widths({"model": widths}, tmp_path / "w.png", 0.1)
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
