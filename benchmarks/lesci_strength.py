@@ -43,9 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from defenses.attacks import apgd, pgd
+from defenses.attacks import apgd, cross_entropy_objective, pgd
 from defenses.data import load_dataset
 from defenses.embedding_space import build_embedding_space
 from defenses.lesci import fit_pca_at_depth
@@ -137,11 +136,7 @@ def attack_pool(model, x: torch.Tensor, y: torch.Tensor, apgd_steps: int
     generator = torch.Generator().manual_seed(0)
     transfer = torch.cat([pgd(model, xb, yb, EPS, 2.5 * EPS / 20, 20, generator=generator)
                           for xb, yb in zip(x.split(256), y.split(256))])
-
-    def cross_entropy(z, rows):
-        logits = model(z)
-        return F.cross_entropy(logits, y[rows], reduction="none"), logits.argmax(1) != y[rows]
-    base_apgd, _ = apgd(cross_entropy, x, EPS, apgd_steps, 2, generator)
+    base_apgd, _ = apgd(cross_entropy_objective(model, y), x, EPS, apgd_steps, 2, generator)
     return {"transfer": transfer, "base_apgd": base_apgd}
 
 

@@ -1,7 +1,9 @@
-"""L-infinity attacks in pixel space: FGSM and PGD (SPEC.md section 3).
+"""L-infinity attacks in pixel space: FGSM, PGD and APGD (SPEC.md section 3).
 
 The model runs in eval mode during an attack (its mode is restored after) and gradients are
-taken with respect to the input only: nothing accumulates in the model's parameters.
+taken with respect to the input only: nothing accumulates in the model's parameters. Every
+attack ascends an *objective* ``(x_adv [n, ...], rows [n]) -> (loss [n], success [n] bool)``;
+``cross_entropy_objective`` is the usual one.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fgsm", "pgd", "apgd", "robust_accuracy"]
+from defenses.activations import batches
+from defenses.models import eval_mode
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["fgsm", "pgd", "apgd", "robust_accuracy", "cross_entropy_objective", "Objective",
+           "PerSampleLoss"]
+
+# (x_adv [n, ...], rows [n]: their indices into the attacked batch) -> (loss [n] to ascend,
+# success [n] bool: x_adv already fools the decision under attack)
+Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# x_adv [b, ...] -> per-sample loss [b] to ascend
+PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check(eps: float, x: torch.Tensor) -> None:
@@ -25,75 +35,84 @@ def _check(eps: float, x: torch.Tensor) -> None:
         raise ValueError("inputs must be pixels in [0, 1]")
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of the summed loss w.r.t. x, per-sample loss), parameters untouched."""
-    x = x.detach().requires_grad_(True)
+def cross_entropy_objective(model: nn.Module, y: torch.Tensor) -> Objective:
+    """The cross-entropy of ``model(x_adv)`` against ``y[rows]``; success: misclassified."""
+    def objective(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(z)
+        return (F.cross_entropy(logits, y[rows], reduction="none"),
+                logits.argmax(1) != y[rows])
+    return objective
+
+
+def _loss_objective(loss: PerSampleLoss) -> Objective:
+    """A per-sample loss as an objective that never declares success."""
+    def objective(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss(z), torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    return objective
+
+
+def _evaluate(objective: Objective, z: torch.Tensor, rows: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, success, gradient of the summed loss w.r.t. z), all detached; parameters
+    untouched."""
+    z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        per_sample = loss_fn(model(x), y)
-        (grad,) = torch.autograd.grad(per_sample.sum(), x)
-    return grad, per_sample.detach()
+        loss, success = objective(z, rows)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), success.detach(), grad.detach()
 
 
-def _per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-class _EvalMode:
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
+def _uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None
+                   ) -> torch.Tensor:
+    """x plus uniform noise in [-eps, eps] (drawn on the CPU generator), not yet projected."""
+    return x + eps * (torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-         loss_fn: LossFn = _per_sample_ce) -> torch.Tensor:
-    """``clip(x + eps * sign(grad_x loss), 0, 1)`` (Goodfellow et al. 2015)."""
-    _check(eps, x)
-    with _EvalMode(model):
-        grad, _ = _input_grad(model, x, y, loss_fn)
-    return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
+         loss: PerSampleLoss | None = None) -> torch.Tensor:
+    """``clip(x + eps * sign(grad_x loss), 0, 1)`` (Goodfellow et al. 2015): one PGD step of
+    size eps from x."""
+    return pgd(model, x, y, eps, eps, 1, random_start=False, loss=loss)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
         steps: int, random_start: bool = True, restarts: int = 1,
-        generator: torch.Generator | None = None, loss_fn: LossFn = _per_sample_ce
+        generator: torch.Generator | None = None, loss: PerSampleLoss | None = None
         ) -> torch.Tensor:
-    """Projected gradient ascent on the loss in the L-inf eps-ball, inside [0, 1] (Madry et al.).
+    """Projected gradient ascent on a loss in the L-inf eps-ball, inside [0, 1] (Madry et al.).
 
     Args:
         alpha: step size; steps: iterations per restart.
         random_start: start uniformly in the eps-ball (else at x).
         restarts: independent runs; per sample, keep the run with the highest final loss
-            (a misclassifying one first).
+            (with the default loss, a misclassifying one first).
         generator: randomness of the starts (a CPU generator).
+        loss: ``x_adv [b, ...] -> [b]`` per-sample losses to maximise (any objective: a
+            margin, a feature distance, ...); default the cross-entropy of ``model(x_adv)``
+            against ``y``. The model is in eval mode while it runs.
+
+    Returns:
+        x_adv, the same shape as x, detached.
     """
     _check(eps, x)
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps} and {restarts}")
+    objective = cross_entropy_objective(model, y) if loss is None else _loss_objective(loss)
     x = x.detach()
-    best = x.clone()
-    best_key = torch.full((x.shape[0],), -float("inf"), device=x.device)
-    with _EvalMode(model):
+    rows = torch.arange(x.shape[0], device=x.device)
+    low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    best, best_key = x.clone(), torch.full((x.shape[0],), -math.inf, device=x.device)
+    with eval_mode(model):
         for _ in range(restarts):
-            if random_start:
-                noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
-                adv = (x + eps * noise).clamp(0.0, 1.0)
-            else:
-                adv = x.clone()
+            adv = _uniform_start(x, eps, generator).clamp(0.0, 1.0) if random_start else x
             for _ in range(steps):
-                grad, _ = _input_grad(model, adv, y, loss_fn)
-                adv = adv + alpha * grad.sign()
-                adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0)
+                _, _, grad = _evaluate(objective, adv, rows)
+                adv = torch.min(torch.max(adv + alpha * grad.sign(), low), high)
+            if restarts == 1:  # nothing to choose from
+                return adv.detach()
             with torch.no_grad():
-                logits = model(adv)
-                loss = loss_fn(logits, y)
-                # misclassified beats any loss value; then the larger loss
-                key = loss + (logits.argmax(1) != y).float() * 1e6
+                value, success = objective(adv, rows)
+                key = value + success.to(value.dtype) * 1e6  # success beats any loss value
             better = key > best_key
             best[better] = adv[better]
             best_key = torch.where(better, key, best_key)
@@ -104,15 +123,13 @@ def robust_accuracy(model: nn.Module, data, eps: float, alpha: float, steps: int
                     restarts: int = 1, batch_size: int = 256, seed: int = 0,
                     device: torch.device | str | None = None) -> float:
     """Accuracy of ``model`` on PGD examples of ``data`` (a Dataset or iterable of batches)."""
-    from defenses.activations import batches
-
     device = device or next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     correct = total = 0
     for x, y in batches(data, batch_size):
         x, y = x.to(device), y.to(device)
         adv = pgd(model, x, y, eps, alpha, steps, restarts=restarts, generator=gen)
-        with torch.no_grad(), _EvalMode(model):
+        with torch.no_grad(), eval_mode(model):
             correct += int((model(adv).argmax(1) == y).sum())
         total += y.numel()
     return correct / max(total, 1)
@@ -120,8 +137,6 @@ def robust_accuracy(model: nn.Module, data, eps: float, alpha: float, steps: int
 
 # ------------------------------------------------------------------------------------------------
 # APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness ...")
-
-Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _apgd_checkpoints(steps: int) -> list[int]:
@@ -174,8 +189,7 @@ def apgd(objective: Objective, x: torch.Tensor, eps: float, steps: int = 100,
         if run < len(starts):
             begin = starts[run].detach()[rows].to(x.device, x.dtype)
         else:
-            begin = x[rows] + eps * (torch.rand(x[rows].shape, generator=generator).to(
-                x.device) * 2 - 1)
+            begin = _uniform_start(x[rows], eps, generator)
         run = _APGDRun(objective, x, rows, eps, begin)
         for it in range(1, steps + 1):
             run.step(momentum if it > 1 else 1.0)
@@ -199,7 +213,7 @@ class _APGDRun:
         self.current = self.project(start)
         self.previous = self.current
         self.eta = torch.full((rows.numel(),), 2.0 * eps, device=x.device, dtype=x.dtype)
-        self.loss, self.hit, self.grad = self._evaluate(self.current)
+        self.loss, self.hit, self.grad = _evaluate(self.objective, self.current, self.rows)
         self.best, self.best_loss = self.current.clone(), self.loss.clone()
         self.increases = torch.zeros_like(self.eta)
         self.last_check, self.loss_at_check = 0, self.best_loss.clone()
@@ -213,19 +227,12 @@ class _APGDRun:
     def project(self, z: torch.Tensor) -> torch.Tensor:
         return torch.min(torch.max(z, self.low), self.high)
 
-    def _evaluate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss, hit = self.objective(z, self.rows)
-            (grad,) = torch.autograd.grad(loss.sum(), z)
-        return loss.detach(), hit.detach(), grad.detach()
-
     def step(self, momentum: float) -> None:
         z = self.project(self.current + self.eta.view(self.view) * self.grad.sign())
         proposal = self.project(self.current + momentum * (z - self.current)
                                 + (1 - momentum) * (self.current - self.previous))
         self.previous, self.current = self.current, proposal
-        loss, self.hit, self.grad = self._evaluate(self.current)
+        loss, self.hit, self.grad = _evaluate(self.objective, self.current, self.rows)
         self.increases += (loss > self.loss).to(self.increases.dtype)
         self.loss = loss
         better = loss > self.best_loss
@@ -247,7 +254,7 @@ class _APGDRun:
             mask = halve.view(self.view)
             self.current = torch.where(mask, self.best, self.current)
             self.previous = torch.where(mask, self.current, self.previous)
-            self.loss, self.hit, self.grad = self._evaluate(self.current)
+            self.loss, self.hit, self.grad = _evaluate(self.objective, self.current, self.rows)
         self.increases.zero_()
         self.last_check, self.loss_at_check = self.steps_taken, self.best_loss.clone()
 

@@ -66,3 +66,37 @@ def test_bad_arguments():
         fgsm(model, torch.rand(1, 4), torch.tensor([0]), -0.1)
     with pytest.raises(ValueError, match=r"pixels in \[0, 1\]"):
         pgd(model, torch.rand(1, 4) * 255, torch.tensor([0]), 0.1, 0.01, 3)
+
+
+def test_pgd_with_a_custom_loss_by_hand():
+    """Maximising the pixel sum walks every pixel to min(x + eps, 1): checkable by hand."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x = torch.tensor([[0.0, 0.5, 0.97, 1.0]])
+    adv = pgd(model, x, torch.tensor([0]), 0.1, 0.04, 5, random_start=False,
+              loss=lambda z: z.flatten(1).sum(1))
+    assert torch.allclose(adv, torch.tensor([[0.1, 0.6, 1.0, 1.0]]))
+
+
+def test_pgd_with_a_custom_loss_stays_in_the_ball_and_raises_that_loss(trained_digits_resnet,
+                                                                        val_batch):
+    model, (x, y) = trained_digits_resnet, val_batch
+    x, y = x[:64], y[:64]
+    target = (y + 1) % 10
+
+    def target_logit(z):  # a targeted objective: the logit of the next class
+        return model(z).gather(1, target[:, None])[:, 0]
+
+    eps = 0.05
+    for restarts in (1, 2):
+        adv = pgd(model, x, y, eps, eps / 4, 10, restarts=restarts, loss=target_logit,
+                  generator=torch.Generator().manual_seed(0))
+        assert adv.shape == x.shape and not adv.requires_grad
+        assert float((adv - x).abs().max()) <= eps + 1e-6
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+        with torch.no_grad():
+            assert bool((target_logit(adv) > target_logit(x)).all())
+
+
+def test_fgsm_is_one_pgd_step_of_size_eps(trained_digits_resnet, val_batch):
+    model, (x, y) = trained_digits_resnet, val_batch
+    assert torch.equal(fgsm(model, x, y, 0.1), pgd(model, x, y, 0.1, 0.1, 1, random_start=False))

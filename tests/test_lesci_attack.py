@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks import apgd, pgd
+from defenses.attacks import apgd, cross_entropy_objective, pgd
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
@@ -74,11 +74,8 @@ def test_apgd_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained_digits_
     y = torch.tensor([digits.val[i][1] for i in range(200)])
     eps = 0.1
 
-    def ce(z, rows):
-        logits = model(z)
-        return F.cross_entropy(logits, y[rows], reduction="none"), logits.argmax(1) != y[rows]
-
-    adv, fooled = apgd(ce, x, eps, steps=30, restarts=1, generator=torch.Generator().manual_seed(0))
+    adv, fooled = apgd(cross_entropy_objective(model, y), x, eps, steps=30, restarts=1,
+                       generator=torch.Generator().manual_seed(0))
     assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():
         assert torch.equal(model(adv).argmax(1) != y, fooled)  # success on the real decision
