@@ -20,7 +20,9 @@ from benchmarks.plots import plot_bound_widths
 from defenses.data import load_dataset
 from defenses.ibp import layer_bound_widths
 from defenses.models import build_model
-from defenses.training import TrainConfig, Trainer, evaluate_robustness, make_objective
+from defenses.evaluation import evaluate_robustness
+from defenses.objectives import make_objective
+from defenses.trainer import TrainConfig, Trainer
 
 EPS = 0.1
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(model, splits.train, TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3),
                 make_objective(objective, **params)).fit()
         seconds = time.perf_counter() - start
-        metrics = evaluate_robustness(model.eval(), splits.val, EPS, pgd_steps=20, verify=True)
+        metrics = evaluate_robustness(model.eval(), splits.val, EPS, steps=20, verify=True)
         rows.append({"method": name, "epochs": epochs, "train_seconds": round(seconds, 1),
                      **{k: round(v, 4) for k, v in metrics.items()}})
         models[name] = model

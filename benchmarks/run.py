@@ -270,7 +270,7 @@ def bench_training_steps(models: list[str], input_shape: tuple[int, int, int], b
     import torch
 
     from defenses.models import build_model
-    from defenses.training import make_objective
+    from defenses.objectives import make_objective
 
     torch.manual_seed(0)
     rows = []
@@ -334,14 +334,15 @@ def sweep_direct_worker(space_file: str) -> None:
     from defenses.lesci import fit_pca_at_depth
     from defenses.lesci_attack import LESCIDecision
     from orchestrator.space import load_space
-    from orchestrator.trainables import craft_transfer_set, lesci_surface, train_base_model
+    from orchestrator.lesci_stages import craft_transfer_set, train_base_model
+    from orchestrator.trainables import lesci_surface
 
     spec = load_space(space_file)
     grid = spec.grid_values()
     points = spec.surface_points()
     start = time.perf_counter()
     splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
-    model = train_base_model(spec, splits, None).eval()
+    model = train_base_model(spec, splits, None, spec.training).eval()
     attacks = None
     if spec.attack is not None:
         attacks = torch.load(io.BytesIO(craft_transfer_set(model, splits, spec.attack, None)),

@@ -10,10 +10,11 @@ from defenses.data import Augmentation, DatasetError, DatasetName, Splits, load_
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.knn import KnnIndex, knn_vote
 from defenses.lesci import evaluate_lesci, fit_pca_at_depth
-from defenses.models import (CheckpointError, ModelName, build_model, depth_shapes,
-                             load_checkpoint, load_weights, save_checkpoint)
+from defenses.checkpoints import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from defenses.models import ModelName, build_model, depth_shapes
 from defenses.pca import PCAError, StreamingPCA
-from defenses.training import TrainConfig, Trainer, accuracy
+from defenses.evaluation import accuracy
+from defenses.trainer import TrainConfig, Trainer
 
 __all__ = [
     "ActivationBatch", "stream_activations",

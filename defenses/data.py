@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -380,8 +381,7 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None, **opti
 # train-time augmentation (off by default), applied to a batch on its own device
 
 
-@dataclass(frozen=True)
-class Augmentation:
+class Augmentation(BaseModel):
     """Train-time augmentation; every field off by default.
 
     crop_padding: pad each side by this many pixels (reflect) and crop back at a random offset.
@@ -390,18 +390,12 @@ class Augmentation:
     salt_pepper: fraction of pixels set to 0 or 1.
     """
 
-    crop_padding: int = 0
-    flip: bool = False
-    gaussian_std: float = 0.0
-    salt_pepper: float = 0.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
-        if self.gaussian_std < 0:
-            raise ValueError(f"gaussian_std must be >= 0, got {self.gaussian_std}")
-        if not 0.0 <= self.salt_pepper <= 1.0:
-            raise ValueError(f"salt_pepper must be in [0, 1], got {self.salt_pepper}")
+    crop_padding: int = Field(default=0, ge=0)
+    flip: bool = False
+    gaussian_std: float = Field(default=0.0, ge=0.0)
+    salt_pepper: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @property
     def enabled(self) -> bool:

@@ -1,6 +1,7 @@
 """The pure step -> value schedules of training: each a function of the step and its settings
 only, so a resumed run recomputes the same value from the step it restarts at.
 
+The learning rate: constant, cosine annealing to 0, or multiplied by ``gamma`` at each milestone.
 The IBP ramps (Gowal et al. 2018): the training eps grows from 0 and the weight of the nominal
 loss shrinks from 1 after a warmup, linearly or along a smoothstep.
 """
@@ -8,8 +9,28 @@ loss shrinks from 1 after a warmup, linearly or along a smoothstep.
 from __future__ import annotations
 
 import enum
+import math
+from typing import Sequence
 
-__all__ = ["Ramp", "ramp", "eps_schedule", "kappa_schedule"]
+__all__ = ["LRSchedule", "learning_rate", "Ramp", "ramp", "eps_schedule", "kappa_schedule"]
+
+
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    STEP = "step"  # multiply by gamma at each of the milestones (in optimiser steps)
+
+
+def learning_rate(step: int, total_steps: int, lr: float,
+                  schedule: LRSchedule | str = LRSchedule.CONSTANT,
+                  milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """The learning rate at optimiser step ``step`` of ``total_steps``."""
+    schedule = LRSchedule(schedule)
+    if schedule is LRSchedule.COSINE:
+        return 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if schedule is LRSchedule.STEP:
+        return lr * gamma ** sum(step >= m for m in milestones)
+    return lr
 
 
 class Ramp(str, enum.Enum):

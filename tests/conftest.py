@@ -10,7 +10,7 @@ import torch
 
 from defenses.data import load_dataset
 from defenses.models import build_model
-from defenses.training import TrainConfig, Trainer
+from defenses.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from defenses.models import build_model
-from defenses.training import LRSchedule, TrainConfig, Trainer, learning_rate
+from defenses.schedules import LRSchedule
+from defenses.trainer import TrainConfig, Trainer
 
 
 def small_model(digits, seed=0):
@@ -44,11 +45,11 @@ def test_gradient_accumulation_equals_the_full_batch(digits):
 
 def test_learning_rate_schedules_are_pure_functions_of_the_step():
     cosine = TrainConfig(lr=0.1, lr_schedule=LRSchedule.COSINE)
-    assert learning_rate(cosine, 0, 100) == 0.1
-    assert abs(learning_rate(cosine, 50, 100) - 0.05) < 1e-12
-    assert learning_rate(cosine, 100, 100) < 1e-12
+    assert cosine.lr_at(0, 100) == 0.1
+    assert abs(cosine.lr_at(50, 100) - 0.05) < 1e-12
+    assert cosine.lr_at(100, 100) < 1e-12
     step = TrainConfig(lr=1e-3, lr_schedule="step", lr_milestones=(15_000, 25_000))
-    assert [learning_rate(step, s, 60_000) for s in (0, 14_999, 15_000, 30_000)] == \
+    assert [step.lr_at(s, 60_000) for s in (0, 14_999, 15_000, 30_000)] == \
         pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 

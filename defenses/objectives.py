@@ -1,0 +1,281 @@
+"""Training objectives: the loss of one batch, each with its typed parameters.
+
+Every objective has a parameter model (pydantic, strict: an unknown or inapplicable key is an
+error, never dropped) whose ``objective`` field names it; ``ObjectiveParams`` is their union,
+discriminated on that field, and ``params.build()`` gives the objective. One name per concept:
+``eps`` is the radius an objective trains at (IBP's ``eps_train``, as Gowal et al. name it),
+``alpha`` a PGD/FGSM step, ``steps`` and ``restarts`` PGD's iterations and random starts.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal, Protocol, Union
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from torch import nn
+
+from defenses.attacks import default_alpha, fgsm, pgd
+from defenses.ibp import ibp_loss
+from defenses.schedules import Ramp, eps_schedule, kappa_schedule
+
+__all__ = ["Objective", "ObjectiveName", "ObjectiveParams", "StandardParams", "FGSMParams",
+           "FastFGSMParams", "PGDParams", "AdversarialRegularizationParams", "IBPParams",
+           "GradientNorm", "objective_params", "make_objective"]
+
+
+class ObjectiveName(str, enum.Enum):
+    STANDARD = "standard"
+    FGSM = "fgsm"
+    FAST_FGSM = "fast_fgsm"
+    PGD = "pgd"
+    ADV_REG = "adv_reg"
+    IBP = "ibp"
+
+
+class Objective(Protocol):
+    """A training objective: the loss of one (micro-)batch at a given optimiser step.
+
+    ``loss`` returns (scalar loss, metrics of that batch as floats); it may run attacks or
+    bound propagation, drawing randomness only from ``generator``.
+    """
+
+    name: str
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        ...
+
+
+Radius = Annotated[float, Field(ge=0.0, le=1.0)]
+Step = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def build(self) -> Objective:
+        raise NotImplementedError  # every concrete parameter model overrides it
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# standard
+
+
+class StandardParams(_Params):
+    """Cross-entropy on clean inputs."""
+
+    objective: Literal["standard"] = "standard"
+
+    def build(self) -> "StandardObjective":
+        return StandardObjective()
+
+
+class StandardObjective:
+    name = "standard"
+
+    def loss(self, model, x, y, step, generator):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y)}
+
+
+# ------------------------------------------------------------------------------------------------
+# FGSM, fast FGSM, PGD
+
+
+class FGSMParams(_Params):
+    """``mix * L(x) + (1 - mix) * L(fgsm(x))`` (Goodfellow et al. 2015)."""
+
+    objective: Literal["fgsm"] = "fgsm"
+    eps: Radius
+    mix: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    def build(self) -> "FGSMObjective":
+        return FGSMObjective(self)
+
+
+class FGSMObjective:
+    name = "fgsm"
+
+    def __init__(self, params: FGSMParams):
+        self.params = params
+
+    def loss(self, model, x, y, step, generator):
+        p = self.params
+        adv = fgsm(model, x, y, p.eps)
+        logits, adv_logits = model(x), model(adv)
+        loss = p.mix * F.cross_entropy(logits, y) + (1 - p.mix) * F.cross_entropy(adv_logits, y)
+        return loss, {"train_loss": float(loss.detach()),
+                      "train_accuracy": _acc(logits, y), "train_adv_accuracy": _acc(adv_logits, y)}
+
+
+class FastFGSMParams(_Params):
+    """FGSM from a random start, trained on the adversarial input only (Wong et al. 2020);
+    ``alpha`` defaults to 1.25 eps, their choice."""
+
+    objective: Literal["fast_fgsm"] = "fast_fgsm"
+    eps: Radius
+    alpha: Step | None = None
+
+    @property
+    def step_size(self) -> float:
+        return 1.25 * self.eps if self.alpha is None else self.alpha
+
+    def build(self) -> "PGDObjective":
+        # one PGD step of alpha from a random start: the same loop as PGD training
+        return PGDObjective(self.eps, self.step_size, 1, 1, self.objective)
+
+
+class PGDParams(_Params):
+    """Training on the worst case of ``steps`` of PGD with ``restarts`` random starts (Madry et
+    al. 2018); ``alpha`` defaults to ``defenses.attacks.default_alpha(eps, steps)``."""
+
+    objective: Literal["pgd"] = "pgd"
+    eps: Radius
+    alpha: Step | None = None
+    steps: int = Field(default=10, ge=1)
+    restarts: int = Field(default=1, ge=1)
+
+    @property
+    def step_size(self) -> float:
+        return default_alpha(self.eps, self.steps) if self.alpha is None else self.alpha
+
+    def build(self) -> "PGDObjective":
+        return PGDObjective(self.eps, self.step_size, self.steps, self.restarts, self.objective)
+
+
+class PGDObjective:
+    """Cross-entropy on PGD's worst case (fast FGSM is its one-step, one-start case)."""
+
+    def __init__(self, eps: float, alpha: float, steps: int, restarts: int, name: str = "pgd"):
+        self.eps, self.alpha, self.steps, self.restarts = eps, alpha, steps, restarts
+        self.name = name
+
+    def loss(self, model, x, y, step, generator):
+        adv = pgd(model, x, y, self.eps, self.alpha, self.steps, restarts=self.restarts,
+                  random_start=True, generator=generator)
+        logits = model(adv)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"train_loss": float(loss.detach()), "train_adv_accuracy": _acc(logits, y)}
+
+
+# ------------------------------------------------------------------------------------------------
+# adversarial regularisation
+
+
+class GradientNorm(str, enum.Enum):
+    L2 = "l2"
+    L1 = "l1"
+    INF = "inf"
+
+
+class AdversarialRegularizationParams(_Params):
+    """``L(x) + multiplier * L(x + eps * d)``, d the loss gradient's direction of unit ``norm``
+    and ``x_adv`` a constant (Neural Structured Learning's adversarial regularisation, whose
+    ``adv_step_size`` is our ``eps``). Under the l-infinity norm no pixel moves by more than
+    ``eps``: the default 0.05 suits [0, 1] pixels."""
+
+    objective: Literal["adv_reg"] = "adv_reg"
+    eps: Radius = 0.05
+    multiplier: float = Field(default=0.2, ge=0.0)
+    norm: GradientNorm = GradientNorm.INF
+
+    def build(self) -> "AdversarialRegularization":
+        return AdversarialRegularization(self)
+
+
+class AdversarialRegularization:
+    name = "adv_reg"
+
+    def __init__(self, params: AdversarialRegularizationParams):
+        self.params = params
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        flat = grad.flatten(1)
+        order = {GradientNorm.L2: 2, GradientNorm.L1: 1,
+                 GradientNorm.INF: float("inf")}[self.params.norm]
+        norms = torch.linalg.vector_norm(flat, ord=order, dim=1).clamp_min(1e-12)
+        return (flat / norms[:, None]).view_as(grad)
+
+    def loss(self, model, x, y, step, generator):
+        x_req = x.detach().requires_grad_(True)
+        logits = model(x_req)
+        clean = F.cross_entropy(logits, y)
+        (grad,) = torch.autograd.grad(clean, x_req, retain_graph=True)
+        adv = (x + self.params.eps * self.direction(grad)).clamp(0.0, 1.0).detach()
+        adv_logits = model(adv)
+        loss = clean + self.params.multiplier * F.cross_entropy(adv_logits, y)
+        return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y),
+                      "train_adv_accuracy": _acc(adv_logits, y)}
+
+
+# ------------------------------------------------------------------------------------------------
+# IBP
+
+
+class IBPParams(_Params):
+    """Interval Bound Propagation training (Gowal et al. 2018): ``kappa * L(z) + (1 - kappa) *
+    L(z_worst)``, ``eps`` ramping from 0 to ``eps_train`` and ``kappa`` from 1 to
+    ``kappa_final`` over ``rampup`` optimiser steps after ``warmup`` steps."""
+
+    objective: Literal["ibp"] = "ibp"
+    eps_train: Radius
+    warmup: int = Field(default=0, ge=0)
+    rampup: int = Field(default=0, ge=0)
+    kappa_final: float = Field(default=0.5, ge=0.0, le=1.0)
+    ramp: Ramp = Ramp.LINEAR
+
+    def build(self) -> "IBPObjective":
+        return IBPObjective(self)
+
+
+class IBPObjective:
+    name = "ibp"
+
+    def __init__(self, params: IBPParams):
+        self.params = params
+
+    def loss(self, model, x, y, step, generator):
+        p = self.params
+        eps = eps_schedule(step, p.eps_train, p.warmup, p.rampup, p.ramp)
+        kappa = kappa_schedule(step, p.kappa_final, p.warmup, p.rampup, p.ramp)
+        loss, logits, _ = ibp_loss(model, x, y, eps, kappa)
+        return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y),
+                      "eps": eps, "kappa": kappa}
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry: the union of the parameter models
+
+
+ObjectiveParams = Annotated[Union[StandardParams, FGSMParams, FastFGSMParams, PGDParams,
+                                  AdversarialRegularizationParams, IBPParams],
+                            Field(discriminator="objective")]
+_ADAPTER = TypeAdapter(ObjectiveParams)
+PARAMS: dict[ObjectiveName, type[_Params]] = {
+    ObjectiveName(model.model_fields["objective"].default): model
+    for model in (StandardParams, FGSMParams, FastFGSMParams, PGDParams,
+                  AdversarialRegularizationParams, IBPParams)}
+
+
+def objective_params(name: str | ObjectiveName) -> type[_Params]:
+    """The parameter model of objective ``name``; an unknown name raises ``ValueError``."""
+    try:
+        return PARAMS[ObjectiveName(name)]
+    except ValueError:
+        allowed = ", ".join(o.value for o in ObjectiveName)
+        raise ValueError(f"unknown objective {name!r}; allowed: {allowed}") from None
+
+
+def make_objective(name: str | ObjectiveName, **params) -> Objective:
+    """Build an objective by name; unknown names or parameters raise ``ValueError`` (pydantic's
+    ``ValidationError`` is one)."""
+    model = objective_params(name)
+    return model(**params).build()
