@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.space import SpaceError, load_space, shipped_spaces
+from orchestrator.space import SpaceError, check_sweep_name, load_space, shipped_spaces
 from orchestrator.storage import Storage, StorageError, redact
 from orchestrator.tracking import TrackingError, check_tracking_uri
 
@@ -55,14 +55,14 @@ def _positive(flag: str, value: int | None) -> None:
 
 def format_front(result, spec) -> str:
     surface = ["k", "min_votes", "threshold"] if spec.family.value == "lesci" else []
-    columns = [*sorted(spec.searched()), *surface, *spec.metric_names]
+    columns = [*spec.searched_names(), *surface, *spec.metric_names]
     widths = [max(len(c), 10) for c in columns]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     for row in sorted(result.front, key=lambda r: [-r[m] if spec.objectives[m] == "max"
                                                    else r[m] for m in spec.metric_names]):
         cells = []
         for column, width in zip(columns, widths):
-            value = row[column]
+            value = row.get(column, "")
             cells.append((f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(width))
         lines.append("  ".join(cells))
     return "\n".join(lines)
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not args.name:
             raise SpaceError("--resume: needs --name of the sweep to continue")
         name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if not all(c.isalnum() or c in "-_." for c in name):
-            raise SpaceError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
+        try:
+            check_sweep_name(name)
+        except ValueError as exc:
+            raise SpaceError(f"--name {name!r}: {exc}") from None
         storage = Storage.from_uri(args.storage)
         mlflow_uri = args.mlflow_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
         from orchestrator.sweep import run_sweep

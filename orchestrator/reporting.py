@@ -1,4 +1,5 @@
-"""Pareto reporting of a sweep to MLflow: the front's CSV and plot, each LESCI trial's surface.
+"""Pareto reporting of a sweep to MLflow: the front's CSV and plot, each LESCI trial's surface,
+and the end-of-sweep report (``report_front``).
 
 The math is in ``orchestrator.pareto``; this module writes what a person reads in the UI.
 """
@@ -6,16 +7,29 @@ The math is in ``orchestrator.pareto``; this module writes what a person reads i
 from __future__ import annotations
 
 import csv
+import json
+import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from orchestrator.params import resolve
 from orchestrator.pareto import hypervolume, pareto_mask
+from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
+from orchestrator.storage import Storage
 
-__all__ = ["front_of", "write_csv", "plot_front", "plot_surface", "log_surface"]
+__all__ = ["front_of", "write_csv", "plot_front", "plot_surface", "log_surface",
+           "report_front", "surface_columns", "SweepResult", "BASE_METRICS", "SURFACE_COLUMNS"]
+
+# the bare model under the suite's PGD and APGD-CE, logged beside LESCI's figures
+BASE_METRICS = ("base_accuracy", "base_robust_accuracy")
+# surface.csv: the trial's point, the (k, m) point, then the metrics
+SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
+                   "threshold")
 
 
 def front_of(rows: list[dict[str, Any]], objectives: dict[str, str]) -> tuple[np.ndarray, float]:
@@ -58,8 +72,8 @@ def plot_front(rows: list[dict[str, Any]], on_front: Sequence[bool], objectives:
         x = [row[metrics[0]] for row in rows]
         y = [row[metrics[1]] if len(metrics) > 1 else i for i, row in enumerate(rows)]
         colour = [row[metrics[2]] for row in rows] if len(metrics) > 2 else None
-        points = ax.scatter(x, y, c=colour if colour else "lightgray", cmap="viridis", s=30,
-                            edgecolors="gray", label="all points")
+        shade = {"c": colour, "cmap": "viridis"} if colour else {"color": "lightgray"}
+        points = ax.scatter(x, y, s=30, edgecolors="gray", label="all points", **shade)
         if colour:
             fig.colorbar(points, ax=ax, label=metrics[2])
         front = [(a, b) for a, b, on in zip(x, y, on_front) if on]
@@ -120,3 +134,106 @@ def log_surface(client: MlflowClient, run_id: str, rows: list[dict[str, Any]],
         plot_surface(rows, png_path, title)
         client.log_artifact(run_id, str(csv_path))
         client.log_artifact(run_id, str(png_path))
+
+
+@dataclass
+class SweepResult:
+    name: str
+    # one per finished trial (LESCI: per point of every finished trial's surface): trial_id,
+    # run_id, params, metrics, pareto_optimal
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    hypervolume: float
+    failed: int
+    experiment_id: str
+    parent_run_id: str
+
+
+def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experiment_id: str,
+                 parent_run_id: str, sweep_storage: Storage, log=print) -> SweepResult:
+    """The end of a sweep: every finished trial (LESCI: every point of its surface) to the
+    parent run's ``pareto_front.csv``/``.png``, its hypervolume and the bare model's figures;
+    each child tagged ``pareto_optimal``; failed trials counted (an error, or a required
+    metric missing or NaN)."""
+    log(f"sweep {name!r}: every trial ended; logging the Pareto front to MLflow")
+    runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=10_000)}
+    lesci = spec.family is Family.LESCI
+    required = ["hypervolume"] if lesci else spec.metric_names
+    rows, failed, trial_runs = [], 0, {}
+    searched = spec.searched_names()
+    parent_metrics: dict[str, float] = {}
+    budget: dict[str, Any] = {}
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id")
+        if result.error is not None or any(
+                not isinstance(metrics.get(m), (int, float)) or math.isnan(metrics[m])
+                for m in required):
+            failed += 1
+            continue
+        run = runs.get(trial_id)
+        run_id = run.info.run_id if run else ""
+        trial_runs[trial_id] = run_id
+        used = resolve(spec, result.config).logged()
+        base = {"trial_id": trial_id, "run_id": run_id, **{k: used.get(k) for k in searched}}
+        if not lesci:
+            rows.append({**base, **{m: float(metrics[m]) for m in spec.metric_names}})
+            continue
+        stored = sweep_storage.get_verified(f"results/{trial_id}.json")
+        if stored is None:
+            failed += 1
+            continue
+        trial = json.loads(stored[0])
+        budget = trial.get("budget") or budget
+        for key in BASE_METRICS:
+            if key in trial["report"]:
+                parent_metrics[key] = trial["report"][key]
+        if run_id:
+            log_surface(client, run_id, trial["surface"], surface_columns(spec),
+                        f"{name}: {run.info.run_name}")
+        rows.extend({**base, **point} for point in trial["surface"])
+    rows.sort(key=lambda r: (r["trial_id"], r.get("k", 0), r.get("min_votes", 0)))
+    mask, volume = front_of(rows, spec.objectives)
+    for row, on in zip(rows, mask):
+        row["pareto_optimal"] = bool(on)
+    for trial_id, run_id in trial_runs.items():
+        if run_id:
+            on = any(r["pareto_optimal"] for r in rows if r["trial_id"] == trial_id)
+            client.set_tag(run_id, "pareto_optimal", "true" if on else "false")
+    front = [row for row in rows if row["pareto_optimal"]]
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = Path(folder) / "pareto_front.csv"
+        columns = ["trial_id", "run_id", *searched,
+                   *(surface_columns(spec) if lesci else spec.metric_names), "pareto_optimal"]
+        write_csv(rows, list(dict.fromkeys(columns)), csv_path)
+        png_path = Path(folder) / "pareto_front.png"
+        unit = "surface points" if lesci else "trials"
+        plot_front(rows, mask, spec.objectives, png_path,
+                   f"{name}: {len(front)} of {len(rows)} {unit} on the front")
+        client.log_artifact(parent_run_id, str(csv_path))
+        client.log_artifact(parent_run_id, str(png_path))
+    client.log_metric(parent_run_id, "hypervolume", volume)
+    client.log_metric(parent_run_id, "finished_trials", len(trial_runs))
+    client.log_metric(parent_run_id, "failed_trials", failed)
+    if lesci:
+        client.log_metric(parent_run_id, "surface_points", len(rows))
+    for key, value in parent_metrics.items():
+        client.log_metric(parent_run_id, key, value)
+    if budget:
+        logged = client.get_run(parent_run_id).data.params
+        for key, value in budget.items():
+            if f"attack.{key}" not in logged:
+                client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
+    client.set_terminated(parent_run_id, status="FINISHED")
+    log(f"sweep {name!r}: {len(trial_runs)} finished, {failed} failed; Pareto front of "
+        f"{len(front)} of {len(rows)} {'surface points' if lesci else 'trials'}, hypervolume "
+        f"{volume:.4f}")
+    return SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id)
+
+
+def surface_columns(spec: SweepSpec) -> list[str]:
+    metrics = [m for m in FAMILY_METRICS[Family.LESCI]
+               if spec.attack is not None or "robust" not in m]
+    return [*SURFACE_COLUMNS, *metrics]

@@ -7,11 +7,12 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
     family: lesci                   # lesci | ibp | adversarial
     dataset: {name: digits}         # root: /data/... for mnist, cifar10, tiny-imagenet
     model: {name: resnet_digits}    # options: {...}; checkpoint: path (LESCI: skip training)
-    training: {epochs: 15, lr: 0.003}            # defenses.training.TrainConfig fields
+    training: {epochs: 15, lr: 0.003}            # defenses.trainer.TrainConfig fields
     params:                         # per-trial values: fixed, or one distribution each
       depth: {choice: [stem, layer1, pool]}
       k: [3, 10, 30]                # LESCI: the surface every trial evaluates, not searched
       threshold: {uniform: [0.5, 1.0]}
+      # training families: objective: {choice: {pgd: {steps: {int: [3, 10]}}, fgsm: {}}}
     attack: {eps: 0.1, steps: 20}   # evaluation attacks (LESCI: adds robust metrics)
     objectives: {accuracy: max, projection_rate: max}
     search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0}
@@ -25,15 +26,25 @@ from __future__ import annotations
 import copy
 import enum
 import math
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from defenses.attacks import default_alpha
+from defenses.trainer import TrainConfig
+from orchestrator.distributions import (DIST_TYPES, Choice, Distribution, Grid, IntRange,
+                                        LogUniform, ObjectiveSpace, Uniform, first_error,
+                                        parse_value, values_of)
+from orchestrator.params import SURFACE_PARAMS, check_params, objective_space
+from orchestrator import probes
 
 __all__ = ["SpaceError", "Family", "Algorithm", "SweepSpec", "load_space", "shipped_spaces",
-           "FAMILY_METRICS", "Distribution"]
+           "FAMILY_METRICS", "Distribution", "check_sweep_name"]
 
 
 class SpaceError(ValueError):
@@ -57,53 +68,26 @@ FAMILY_METRICS: dict[Family, tuple[str, ...]] = {
     Family.LESCI: ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity",
                    "robust_accuracy", "transfer_robust_accuracy"),
     Family.IBP: ("nominal_accuracy", "verified_accuracy", "pgd_accuracy"),
-    Family.ADVERSARIAL: ("clean_accuracy", "pgd_accuracy"),
+    Family.ADVERSARIAL: ("nominal_accuracy", "pgd_accuracy"),
 }
+_REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k"), Family.IBP: (),
+                    Family.ADVERSARIAL: ("objective",)}
 
-# Parameters a trial of each family takes (searched or fixed), besides TrainConfig fields.
-TRAIN_FIELDS = ("epochs", "batch_size", "physical_batch_size", "lr", "optimizer", "momentum",
-                 "weight_decay", "lr_schedule", "lr_milestones", "lr_gamma", "seed")
-FAMILY_PARAMS: dict[Family, tuple[str, ...]] = {
-    Family.LESCI: ("depth", "n_components", "embedding_size", "center", "k",
-                   "threshold") + TRAIN_FIELDS,
-    Family.IBP: ("eps_train", "warmup", "rampup", "kappa_final", "ramp") + TRAIN_FIELDS,
-    Family.ADVERSARIAL: ("objective", "eps", "alpha", "steps", "restarts", "mix", "multiplier",
-                         "adv_step_size", "norm") + TRAIN_FIELDS,
-}
-# LESCI's k and threshold are not searched: each trial evaluates its whole (k, m) surface.
-SURFACE_PARAMS = ("k", "threshold")
-_REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k"),
-                    Family.IBP: ("eps_train",), Family.ADVERSARIAL: ("objective",)}
+# A sweep's name is a folder of the storage and an MLflow experiment: the one rule for both
+# the space's ``name`` and ``--name``.
+SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
+
+
+def check_sweep_name(name: str) -> str:
+    """``name`` if it is a valid sweep name, else ``ValueError`` saying the rule."""
+    if not (len(name) <= 100 and SWEEP_NAME.match(name)):
+        raise ValueError("use letters, digits, '-', '_' and single '.' between them (at most "
+                         "100 characters)")
+    return name
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Choice(_Strict):
-    choice: list[Any] = Field(min_length=1)
-
-
-class Grid(_Strict):
-    grid: list[Any] = Field(min_length=1)
-
-
-class Uniform(_Strict):
-    uniform: tuple[float, float]
-
-
-class LogUniform(_Strict):
-    loguniform: tuple[float, float]
-
-
-class IntRange(_Strict):
-    int: tuple[int, int]
-    log: bool = False
-
-
-Distribution = Union[Choice, Grid, Uniform, LogUniform, IntRange]
-_DIST_KEYS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": LogUniform,
-              "int": IntRange}
 
 
 class DatasetSpec(_Strict):
@@ -132,14 +116,21 @@ class APGDSpec(_Strict):
 class AttackSpec(_Strict):
     eps: float = Field(ge=0.0, le=1.0)
     steps: int = Field(default=20, ge=1)  # PGD: the transfer set (LESCI), pgd_accuracy (training)
+    # PGD's step; unset: defenses.attacks.default_alpha(eps, steps), filled in at load
     alpha: float | None = Field(default=None, gt=0.0, le=1.0)
     restarts: int = Field(default=1, ge=1)
     apgd: APGDSpec = Field(default_factory=APGDSpec)
     samples: int | None = Field(default=None, ge=1)  # LESCI: attack the first N validation samples
 
-    @property
-    def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+    @model_validator(mode="before")
+    @classmethod
+    def _default_alpha(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("alpha") is None and isinstance(
+                values.get("eps"), (int, float)):
+            steps = values.get("steps", cls.model_fields["steps"].default)
+            if isinstance(steps, int) and steps >= 1:
+                values = {**values, "alpha": default_alpha(values["eps"], steps) or None}
+        return values
 
 
 class SearchSpec(_Strict):
@@ -157,12 +148,12 @@ class ResourcesSpec(_Strict):
 class SweepSpec(_Strict):
     """A validated search space (built once from the YAML; never re-read as a dict)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    name: str
     family: Family
     description: str = ""
     dataset: DatasetSpec
     model: ModelSpec
-    training: dict[str, Any] = Field(default_factory=dict)
+    training: TrainConfig = Field(default_factory=TrainConfig)
     params: dict[str, Any]
     attack: AttackSpec | None = None
     objectives: dict[str, Literal["max", "min"]] = Field(min_length=1)
@@ -172,23 +163,16 @@ class SweepSpec(_Strict):
     max_failures: int = Field(default=2, ge=0)
     smoke_test: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return check_sweep_name(name)
+
     @field_validator("params")
     @classmethod
     def _distributions(cls, params: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key, value in params.items():
-            if isinstance(value, dict):
-                kinds = [k for k in value if k in _DIST_KEYS]
-                if len(kinds) != 1:
-                    raise ValueError(f"params.{key}: a distribution needs exactly one of "
-                                     f"{', '.join(_DIST_KEYS)}, got keys {sorted(value)}")
-                try:
-                    out[key] = _DIST_KEYS[kinds[0]](**value)
-                except ValidationError as exc:
-                    raise ValueError(f"params.{key}: {_first_error(exc)}") from None
-            else:
-                out[key] = value
-        return out
+        return {key: ObjectiveSpace.parse(value) if key == "objective"
+                else parse_value(f"params.{key}", value) for key, value in params.items()}
 
     # -- derived views ---------------------------------------------------------------------
 
@@ -201,13 +185,27 @@ class SweepSpec(_Strict):
         return list(self.objectives.values())
 
     def _trial_params(self) -> dict[str, Any]:
-        """The params that vary per trial (LESCI's k and threshold span each trial's surface)."""
-        if self.family is Family.LESCI:
-            return {k: v for k, v in self.params.items() if k not in SURFACE_PARAMS}
-        return self.params
+        """The top-level params that vary per trial or are fixed for all (LESCI's k and
+        threshold span each trial's surface; ``objective`` has its own space)."""
+        skip = (*SURFACE_PARAMS, "objective") if self.family is Family.LESCI else ("objective",)
+        return {k: v for k, v in self.params.items() if k not in skip}
 
     def searched(self) -> dict[str, Distribution]:
-        return {k: v for k, v in self._trial_params().items() if isinstance(v, _DIST_TYPES)}
+        """The top-level searched params (an objective's own are in ``objective_space``)."""
+        return {k: v for k, v in self._trial_params().items() if isinstance(v, DIST_TYPES)}
+
+    def searched_names(self) -> list[str]:
+        """Every parameter that varies between trials, by its one name: the top-level
+        searched params, ``objective`` when there are several, and each objective's own
+        searched parameters (run names, CSV columns)."""
+        names = list(self.searched())
+        space = objective_space(self)
+        if space is not None:
+            if len(space.branches) > 1:
+                names.append("objective")
+            for own in space.branches.values():
+                names.extend(k for k, v in own.items() if isinstance(v, DIST_TYPES))
+        return sorted(dict.fromkeys(names))
 
     @property
     def search_metrics(self) -> tuple[list[str], list[str]]:
@@ -245,51 +243,52 @@ class SweepSpec(_Strict):
     @property
     def grid_only(self) -> bool:
         """Each combination runs once: the grid algorithm, or nothing to search."""
-        return self.search.algorithm is Algorithm.GRID or not self.searched()
+        space = objective_space(self)
+        return self.search.algorithm is Algorithm.GRID or not (
+            self.searched() or (space is not None and space.searched))
 
     def grid_values(self) -> dict[str, list[Any]]:
-        """The params Tune runs as a grid: grid values, and choices under the grid algorithm."""
+        """The top-level params Tune runs as a grid: grid values, and choices under the grid
+        algorithm."""
         grid = self.search.algorithm is Algorithm.GRID
         return {k: list(d.grid if isinstance(d, Grid) else d.choice)
                 for k, d in self.searched().items()
                 if isinstance(d, Grid) or (grid and isinstance(d, Choice))}
 
+    def objective_grid(self) -> list[dict[str, Any]]:
+        """Under the grid algorithm, every (objective, its own values) combination as one
+        dict ``{"objective": name, param: value, ...}``; else one dict per objective."""
+        space = objective_space(self)
+        if space is None:
+            return []
+        out = []
+        for name, own in space.branches.items():
+            combos: list[dict[str, Any]] = [{"objective": name}]
+            for key, value in own.items():
+                if isinstance(value, DIST_TYPES) and self.search.algorithm is Algorithm.GRID:
+                    combos = [{**c, key: v} for c in combos for v in values_of(value)]
+            out.extend(combos)
+        return out
+
     @property
     def trial_count(self) -> int:
-        """Trials the sweep runs: every grid combination, times num_samples unless grid_only."""
+        """Trials the sweep runs: every grid combination (an objective's own grid values
+        combined with that objective only), times num_samples unless grid_only."""
         combinations = math.prod(len(v) for v in self.grid_values().values())
+        if self.search.algorithm is Algorithm.GRID and objective_space(self) is not None:
+            combinations *= len(self.objective_grid())
         return combinations * (1 if self.grid_only else self.search.num_samples)
 
     def fixed(self) -> dict[str, Any]:
-        return {k: v for k, v in self._trial_params().items() if not isinstance(v, _DIST_TYPES)}
+        return {k: v for k, v in self._trial_params().items() if not isinstance(v, DIST_TYPES)}
 
     def values_of(self, key: str) -> list[Any] | tuple[float, float] | None:
         """The finite values a param can take (fixed, choice, grid, int), or a float range."""
-        v = self.params.get(key)
-        if v is None:
-            return None
-        if isinstance(v, (Choice, Grid)):
-            return list(v.choice if isinstance(v, Choice) else v.grid)
-        if isinstance(v, IntRange):
-            return list(range(v.int[0], v.int[1] + 1))
-        if isinstance(v, (Uniform, LogUniform)):
-            return tuple(v.uniform if isinstance(v, Uniform) else v.loguniform)
-        return [v]
+        value = self.params.get(key)
+        return None if value is None else values_of(value)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-_DIST_TYPES = (Choice, Grid, Uniform, LogUniform, IntRange)
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    message = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}{shown}" if where else f"{message}{shown}"
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -348,61 +347,28 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
     try:
         spec = SweepSpec(**raw)
     except ValidationError as exc:
-        raise SpaceError(f"{path}: {_first_error(exc)}") from None
+        raise SpaceError(f"{path}: {first_error(exc)}") from None
     except TypeError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     try:
         _check_semantics(spec, check_model)
         if check_data:
-            _check_data(spec)
+            probes.check_data(spec)
     except ValueError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     return spec
 
 
-def _check_data(spec: SweepSpec) -> None:
-    """Open the dataset (every loader checks its files' format) and the checkpoint."""
-    from defenses.data import load_dataset
-    from defenses.checkpoints import load_checkpoint
-
-    try:
-        splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
-        if len(splits.val):
-            splits.val[0]  # decodes one image: a corrupt file format shows now, not in a trial
-    except ValueError as exc:  # DatasetError included
-        raise ValueError(f"dataset: {exc}") from None
-    if spec.model.checkpoint:
-        try:
-            model, _ = load_checkpoint(spec.model.checkpoint)
-        except ValueError as exc:  # CheckpointError included
-            raise ValueError(f"model.checkpoint: {exc}") from None
-        built = model.build_config
-        if built["model"] != spec.model.name:
-            raise ValueError(f"model.checkpoint: {spec.model.checkpoint} holds a "
-                             f"{built['model']}, the space's model is {spec.model.name}")
-        if (built["num_classes"], tuple(built["input_shape"])) != (splits.num_classes,
-                                                                   splits.input_shape):
-            raise ValueError(f"model.checkpoint: {spec.model.checkpoint} was built for "
-                             f"{built['num_classes']} classes of {tuple(built['input_shape'])}"
-                             f", the dataset has {splits.num_classes} of {splits.input_shape}")
-
-
 # ------------------------------------------------------------------------------------------------
-# checks that need more than types: families, ranges, metric names, the model's depths
+# checks that need more than types: families, metric names, algorithms, LESCI's surface
 
 
 def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
     family = spec.family
-    allowed = FAMILY_PARAMS[family]
-    for key in spec.params:
-        if key not in allowed:
-            raise ValueError(f"params.{key}: not a parameter of family {family.value!r}; "
-                             f"allowed: {', '.join(allowed)}")
     for key in _REQUIRED_PARAMS[family]:
         if key not in spec.params:
             raise ValueError(f"params.{key}: required for family {family.value!r}")
-    for key, dist in spec.searched().items():
-        _check_distribution(key, dist, spec.search.algorithm)
+    check_params(spec)
     metrics = FAMILY_METRICS[family]
     for metric in spec.objectives:
         if metric not in metrics:
@@ -417,15 +383,7 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
         if family is Family.LESCI:
             raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "
                              "report once (use none)")
-    if spec.search.algorithm is Algorithm.GRID:
-        for key, dist in spec.searched().items():
-            if not isinstance(dist, (Choice, Grid)):
-                raise ValueError(f"params.{key}: the grid algorithm needs choice or grid "
-                                 f"values, got {type(dist).__name__.lower()}")
-    elif any(isinstance(d, Grid) for d in spec.searched().values()) and \
-            spec.search.algorithm is not Algorithm.RANDOM:
-        raise ValueError(f"search.algorithm: grid values need algorithm grid or random, got "
-                         f"{spec.search.algorithm.value}")
+    _check_algorithm(spec)
     from defenses.data import DatasetName
     from defenses.models import ModelName
 
@@ -441,54 +399,45 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
     except ValueError:
         raise ValueError(f"model.name: unknown model {spec.model.name!r}; allowed: "
                          f"{', '.join(m.value for m in ModelName)}") from None
-    _check_training(spec)
     if family is Family.LESCI:
         _check_lesci(spec, check_model)
-    if family is Family.ADVERSARIAL:
-        from defenses.training import ObjectiveName
-
-        for value in _values(spec, "objective"):
-            if value not in {o.value for o in ObjectiveName}:
-                raise ValueError(f"params.objective: {value!r} is not an objective; allowed: "
-                                 f"{', '.join(o.value for o in ObjectiveName)}")
     if family is not Family.LESCI and spec.attack is None:
         raise ValueError(f"attack: family {family.value!r} needs an evaluation attack "
                          "(attack: {eps: ...})")
 
 
+def _check_algorithm(spec: SweepSpec) -> None:
+    """Grid values need the grid or random algorithm; the grid algorithm needs finite values
+    everywhere, an objective's own parameters included."""
+    algorithm = spec.search.algorithm
+    space = objective_space(spec)
+    searched = dict(spec.searched())
+    if space is not None:
+        searched.update({f"objective.{name}.{k}": v for name, own in space.branches.items()
+                         for k, v in own.items() if isinstance(v, DIST_TYPES)})
+    if algorithm is Algorithm.GRID:
+        for key, dist in searched.items():
+            if not isinstance(dist, (Choice, Grid)):
+                raise ValueError(f"params.{key}: the grid algorithm needs choice or grid "
+                                 f"values, got {type(dist).__name__.lower()}")
+        return
+    grids = [k for k, d in searched.items() if isinstance(d, Grid)]
+    if space is not None and space.kind == "grid" and len(space.branches) > 1:
+        raise ValueError(f"params.objective: grid needs algorithm grid (every objective and "
+                         f"its values once); use choice with {algorithm.value}")
+    if space is not None:
+        own_grids = [k for k in grids if k.startswith("objective.")]
+        if own_grids:
+            raise ValueError(f"params.{own_grids[0]}: an objective's own grid needs algorithm "
+                             f"grid; use choice with {algorithm.value}")
+    if grids and algorithm is not Algorithm.RANDOM:
+        raise ValueError(f"search.algorithm: grid values need algorithm grid or random, got "
+                         f"{algorithm.value}")
+
+
 def _values(spec: SweepSpec, key: str) -> list[Any]:
     values = spec.values_of(key)
     return list(values) if isinstance(values, list) else []
-
-
-def _check_distribution(key: str, dist: Distribution, algorithm: Algorithm) -> None:
-    if isinstance(dist, (Uniform, LogUniform)):
-        low, high = dist.uniform if isinstance(dist, Uniform) else dist.loguniform
-        kind = "uniform" if isinstance(dist, Uniform) else "loguniform"
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise ValueError(f"params.{key}.{kind}: [{low}, {high}] is empty or inverted; "
-                             "need low < high")
-        if kind == "loguniform" and low <= 0:
-            raise ValueError(f"params.{key}.loguniform: bounds must be > 0, got {low}")
-    if isinstance(dist, IntRange):
-        low, high = dist.int
-        if low > high:
-            raise ValueError(f"params.{key}.int: [{low}, {high}] is inverted; need low <= high")
-        if dist.log and low < 1:
-            raise ValueError(f"params.{key}.int: log needs low >= 1, got {low}")
-
-
-def _check_training(spec: SweepSpec) -> None:
-    from defenses.training import TrainConfig
-
-    unknown = set(spec.training) - set(TRAIN_FIELDS) - {"augmentation"}
-    if unknown:
-        raise ValueError(f"training.{sorted(unknown)[0]}: unknown; allowed: "
-                         f"{', '.join(TRAIN_FIELDS)}, augmentation")
-    try:
-        TrainConfig(**{k: v for k, v in spec.training.items() if k != "augmentation"})
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"training: {exc}") from None
 
 
 def _number_range(spec: SweepSpec, key: str) -> tuple[float, float] | None:
@@ -504,8 +453,6 @@ def _number_range(spec: SweepSpec, key: str) -> tuple[float, float] | None:
 
 def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
     k_value = spec.params["k"]
-    if isinstance(k_value, IntRange):
-        _check_distribution("k", k_value, spec.search.algorithm)
     if isinstance(k_value, (Uniform, LogUniform)):
         raise ValueError("params.k: the surface needs whole numbers: a number, a list, "
                          "{grid: [...]}, {choice: [...]} or {int: [lo, hi]} (every integer)")
@@ -518,7 +465,6 @@ def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
         raise ValueError("params.threshold: a number, a list, {choice/grid: [...]} or a range "
                          "{uniform: [lo, hi]}")
     if isinstance(threshold, Uniform):
-        _check_distribution("threshold", threshold, spec.search.algorithm)
         high = threshold.uniform[1]
     else:
         values = (threshold if isinstance(threshold, list) else _values(spec, "threshold")
@@ -533,39 +479,11 @@ def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
         spec.surface_points()
     except ValueError as exc:
         raise ValueError(f"params.threshold: {exc}") from None
-    center = _values(spec, "center") if "center" in spec.params else []
-    if not all(isinstance(v, bool) for v in center):
-        raise ValueError(f"params.center: true (project with the PCA mean, the default) or "
-                         f"false (x @ P, as the original entry), got {center}")
     n_components = _number_range(spec, "n_components")
-    if n_components and n_components[0] < 1:
-        raise ValueError(f"params.n_components: must be >= 1, got {n_components[0]}")
     size = _number_range(spec, "embedding_size")
     k_max = max(spec.surface_ks())
     if size and size[0] < k_max:
         raise ValueError(f"params.embedding_size: {int(size[0])} is smaller than the largest "
                          f"k ({k_max})")
-    if not check_model:
-        return
-    from defenses.data import INPUT_SHAPES, load_dataset
-    from defenses.models import build_model, depth_shapes
-
-    if spec.dataset.name == "synthetic":
-        shape = load_dataset("synthetic", **spec.dataset.options).input_shape
-    else:
-        shape = INPUT_SHAPES[spec.dataset.name]
-    # the depths' shapes depend on the input shape only: any class count and normalisation do
-    try:
-        model = build_model(spec.model.name, 10, shape, (0.5,) * shape[0], (0.25,) * shape[0],
-                            **spec.model.options)
-    except ValueError as exc:
-        raise ValueError(f"model: {exc}") from None
-    shapes = depth_shapes(model)
-    for depth in _values(spec, "depth"):
-        if depth not in shapes:
-            raise ValueError(f"params.depth: {depth!r} is not a depth of {spec.model.name}; "
-                             f"allowed: {', '.join(shapes)}")
-        dims = math.prod(shapes[depth])
-        if n_components and n_components[1] > dims:
-            raise ValueError(f"params.n_components: {int(n_components[1])} exceeds the "
-                             f"{dims} dimensions of depth {depth!r}")
+    if check_model:
+        probes.check_depths(spec, n_components)

@@ -32,12 +32,20 @@ def check_tracking_uri(uri: str) -> None:
     from orchestrator.storage import redact
 
     if uri.startswith(("http://", "https://")):
-        # one quick try instead of MLflow's minutes of retries
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # one quick request of our own (MLflow's client would retry for minutes; its retry
+        # settings are process-wide environment variables, left untouched here)
+        import urllib.error
+        import urllib.request
+
+        probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
         try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as exc:
+            with urllib.request.urlopen(probe, timeout=10) as response:
+                json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(f"--mlflow-uri {redact(uri)}: the server answered HTTP "
+                                f"{exc.code} ({exc.reason}); is it an MLflow tracking server?"
+                                ) from None
+        except (OSError, ValueError) as exc:
             reason = redact(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
             raise TrackingError(f"--mlflow-uri {redact(uri)}: unreachable ({reason})") from None
     elif uri.startswith("sqlite:///"):
@@ -73,11 +81,14 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, sweep: str,
     return run.info.run_id
 
 
-def child_run_name(family: str, config: dict[str, Any], searched: list[str]) -> str:
-    """``lesci depth=layer1 k=5 threshold=0.42``: the family and the searched values."""
+def child_run_name(family: str, used: dict[str, Any], searched: list[str]) -> str:
+    """``lesci depth=layer1`` or ``adversarial objective=pgd steps=5 lr=0.05``: the family and
+    the values the trial drew (``used``: the trial's params by name)."""
     parts = [family]
     for key in searched:
-        value = config.get(key)
+        if key not in used:
+            continue  # another objective's own parameter
+        value = used.get(key)
         text = f"{value:.3g}" if isinstance(value, float) else str(value)
         parts.append(f"{key}={text}")
     return " ".join(parts)
@@ -87,8 +98,7 @@ class MLflowTracking(tune.Callback):
     """Logs each trial to its own child run under the sweep's parent run, idempotently."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
-                 family: str, searched: list[str], metric_names: list[str],
-                 surfaces: tuple[str, list[str]] | None = None):
+                 spec, surfaces: tuple[str, list[str]] | None = None):
         """``surfaces``: (the sweep's storage URI, the surface.csv columns) for LESCI sweeps:
         a finished trial's stored surface goes to its run as ``surface.csv``/``surface.png``
         at once (the end of the sweep logs any that are missing)."""
@@ -97,9 +107,11 @@ class MLflowTracking(tune.Callback):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep = sweep
-        self.family = family
-        self.searched = searched
-        self.metric_names = metric_names
+        self.spec_json = spec.as_dict()  # plain data: the callback is saved with Tune's state
+        self.family = spec.family.value
+        self.searched = spec.searched_names()
+        self.metric_names = spec.metric_names
+        self._spec = spec
         self._runs: dict[str, str] = {}
         # last step logged per trial: a trial re-reported after a restore is not logged twice
         self._logged_step: dict[str, int] = {}
@@ -118,7 +130,17 @@ class MLflowTracking(tune.Callback):
         state = dict(self.__dict__)
         state["_client"] = None
         state["_checked"] = set()
+        state["_spec"] = None
         return state
+
+    def used(self, trial) -> dict[str, Any]:
+        """Every value the trial runs with, by its one name (its typed parameters)."""
+        from orchestrator.params import resolve
+        from orchestrator.space import SweepSpec
+
+        if self._spec is None:
+            self._spec = SweepSpec(**self.spec_json)
+        return resolve(self._spec, dict(trial.config)).logged()
 
     def get_state(self) -> dict[str, Any]:
         return {"runs": dict(self._runs), "logged_step": dict(self._logged_step)}
@@ -148,13 +170,13 @@ class MLflowTracking(tune.Callback):
             self._logged_step[trial_id] = max([self._logged_step.get(trial_id, -1),
                                                *(m.step for m in history)])
         else:
-            config = dict(trial.config)
+            used = self.used(trial)
             run = self.client.create_run(
-                self.experiment_id, run_name=child_run_name(self.family, config, self.searched),
+                self.experiment_id, run_name=child_run_name(self.family, used, self.searched),
                 tags={"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
                       "sweep": self.sweep, "family": self.family})
             run_id = run.info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in sorted(config.items())]
+            params = [Param(k, str(v)[:6000]) for k, v in sorted(used.items())]
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start:start + 100])
         self._runs[trial_id] = run_id
@@ -188,7 +210,7 @@ class MLflowTracking(tune.Callback):
             uri, columns = self.surfaces
             found = Storage(uri).get_verified(f"results/{trial.trial_id}.json")
             if found is not None:
-                title = child_run_name(self.family, dict(trial.config), self.searched)
+                title = child_run_name(self.family, self.used(trial), self.searched)
                 log_surface(self.client, run_id, json.loads(found[0])["surface"], columns,
                             f"{self.sweep}: {title}")
         self.client.set_terminated(run_id, status="FINISHED")

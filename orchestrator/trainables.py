@@ -18,25 +18,21 @@ import ray
 import torch
 from ray import tune
 
-from defenses.attacks import apgd, pgd
-from defenses.data import Augmentation, Splits, load_dataset
-from defenses.embedding_space import EmbeddingSpace, build_embedding_space
-from defenses.lesci import fit_pca_at_depth
+from defenses.data import Splits, load_dataset
+from defenses.evaluation import evaluate_robustness
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
-from defenses.checkpoints import checkpoint_bytes, load_checkpoint
-from defenses.models import build_model
-from defenses.pca import StreamingPCA
-from defenses.training import (ObjectiveName, TrainConfig, Trainer, evaluate_robustness,
-                               make_objective, objective_parameters)
-from orchestrator.reporting import front_of
-from orchestrator.space import FAMILY_METRICS, TRAIN_FIELDS, Family, SweepSpec
+from defenses.trainer import Trainer
+from orchestrator.lesci_stages import (LESCIStages, craft_transfer_set, space_model,
+                                       train_base_model, validation_tensors)
+from orchestrator.params import resolve
+from orchestrator.reporting import BASE_METRICS, front_of
+from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
-__all__ = ["make_trainable", "lesci_trial", "training_trial", "train_base_model",
-           "craft_transfer_set", "lesci_surface", "operating_point", "SURFACE_COLUMNS",
-           "BASE_METRICS"]
+__all__ = ["make_trainable", "lesci_trial", "training_trial",
+           "lesci_surface", "operating_point"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -57,32 +53,12 @@ def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
     return spec, splits, _device(spec)
 
 
-def _train_config(spec: SweepSpec, params: dict[str, Any]) -> TrainConfig:
-    values = dict(spec.training)
-    values.update({k: v for k, v in params.items() if k in TRAIN_FIELDS})
-    if isinstance(values.get("augmentation"), dict):
-        values["augmentation"] = Augmentation(**values["augmentation"])
-    return TrainConfig(**values)
-
-
-def _build(spec: SweepSpec, splits: Splits) -> torch.nn.Module:
-    return build_model(spec.model.name, splits.num_classes, splits.input_shape, splits.mean,
-                       splits.std, **spec.model.options)
-
-
 def _log(message: str) -> None:
     print(f"[{tune.get_context().get_trial_name() or 'trial'}] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # LESCI
-
-
-def _largest(spec: SweepSpec, key: str, default: Any) -> Any:
-    values = spec.values_of(key)
-    if values is None:
-        return default
-    return max(values) if isinstance(values, list) else values[1]
 
 
 def _stage_cache(storage: Storage) -> StageCache:
@@ -105,64 +81,6 @@ def _stored_result(storage: Storage) -> tuple[str, dict[str, float] | None]:
     return path, (json.loads(found[0]) if found is not None else None)
 
 
-def train_base_model(spec: SweepSpec, splits: Splits, device,
-                     params: dict[str, Any] | None = None) -> torch.nn.Module:
-    """The LESCI base model, trained with the space's ``training`` settings (and the training
-    fields a trial searches, in ``params``) and seed."""
-    config = _train_config(spec, params or {})
-    torch.manual_seed(config.seed)
-    model = _build(spec, splits)
-    Trainer(model, splits.train, config, device=device).fit()
-    return model
-
-
-def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
-    """Attacks on the bare base model (``torch.save`` bytes of plain tensors), shared by every
-    LESCI trial of a sweep: PGD (the transfer set) and APGD-CE (the suite's steps, 2 starts),
-    which also warm-start the attacks on the vote; and the bare model's figures beside LESCI's:
-    ``base_accuracy`` (validation split) and ``base_robust_accuracy`` (the per-sample worst
-    case of clean, PGD and APGD-CE on the attacked samples)."""
-    x_val, y_val = _validation_tensors(splits, attack.samples)
-    gen = torch.Generator().manual_seed(0)
-    model.eval()
-    transfer = torch.cat([pgd(model, x.to(device), y.to(device), attack.eps, attack.step_size,
-                              attack.steps, restarts=attack.restarts, generator=gen).cpu()
-                          for x, y in zip(x_val.split(256), y_val.split(256))])
-    base_apgd = []
-    for x, y in zip(x_val.split(256), y_val.split(256)):
-        x, y = x.to(device), y.to(device)
-
-        def cross_entropy(z: torch.Tensor, rows: torch.Tensor, y=y):
-            logits = model(z)
-            return (torch.nn.functional.cross_entropy(logits, y[rows], reduction="none"),
-                    logits.argmax(1) != y[rows])
-
-        base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps, 2, gen)[0].cpu())
-    base_apgd = torch.cat(base_apgd)
-    right = torch.ones(len(y_val), dtype=torch.bool)
-    for inputs in (x_val, transfer, base_apgd):
-        right &= _predict(model, inputs, device) == y_val
-    x_all, y_all = _validation_tensors(splits)
-    buffer = io.BytesIO()
-    torch.save({"adversarial": transfer, "base_apgd": base_apgd, "labels": y_val,
-                "base_accuracy": float((_predict(model, x_all, device) == y_all).double().mean()),
-                "base_robust_accuracy": float(right.double().mean())}, buffer)
-    return buffer.getvalue()
-
-
-# the bare model under the suite's PGD and APGD-CE, logged beside LESCI's figures
-BASE_METRICS = ("base_accuracy", "base_robust_accuracy")
-# surface.csv: the trial's point, the (k, m) point, then the metrics
-SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
-                   "threshold")
-
-
-@torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
-    """The model's labels for ``x`` [n, ...], on the CPU."""
-    return torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(512)])
-
-
 def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[SurfacePoint],
                   splits: Splits, attacks: dict[str, torch.Tensor] | None, device,
                   progress=None) -> tuple[dict[str, list[float]], dict[str, Any]]:
@@ -170,7 +88,7 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
     the validation split; with an attack, ``transfer_robust_accuracy`` (the PGD transfer set
     alone) and ``robust_accuracy``, the per-sample worst case of the whole suite on the real
     vote (``defenses.lesci_attack.attack_surface``)."""
-    x_val, y_val = _validation_tensors(splits)
+    x_val, y_val = validation_tensors(splits)
     prediction, projected = [], []
     for xb in x_val.split(512):
         p, pr = decision.decide(xb.to(device), points)
@@ -181,7 +99,7 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
     budget: dict[str, Any] = {}
     if spec.attack is not None and attacks is not None:
         attack = spec.attack
-        x_att, y_att = _validation_tensors(splits, attack.samples)
+        x_att, y_att = validation_tensors(splits, attack.samples)
         pool = {"transfer": attacks["adversarial"], "base_apgd": attacks["base_apgd"]}
         suite = attack_surface(decision, x_att.to(device), y_att.to(device), points, attack.eps,
                                attack.apgd.steps, attack.apgd.restarts, attack.apgd.targets,
@@ -216,70 +134,16 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
         tune.report(done["report"])
         return
     spec, splits, device = _setup(spec_json)
-    cache = _stage_cache(storage)
-    depth, n_components = config["depth"], int(config["n_components"])
-    size = config.get("embedding_size")
-    center = bool(config.get("center", True))
+    trial = resolve(spec, config)
     points = spec.surface_points()
+    stages = LESCIStages(spec, trial, splits, device, _stage_cache(storage), log=_log)
+    model, pca, space = stages.model(), stages.pca(), stages.embedding_space()
     k_max = max(p.k for p in points)
-
-    # Stage 1: the base model (trained once, or loaded from the space's checkpoint).
-    training = {**spec.training, **{k: v for k, v in config.items() if k in TRAIN_FIELDS}}
-    base_inputs = {"dataset": spec.dataset.model_dump(), "model": spec.model.model_dump(),
-                   "training": training}
-
-    def train_base() -> bytes:
-        if spec.model.checkpoint:
-            model, extra = load_checkpoint(spec.model.checkpoint)
-            return checkpoint_bytes(model, extra)
-        return checkpoint_bytes(train_base_model(spec, splits, device, config).cpu())
-
-    model, _ = load_checkpoint(cache.get("base", base_inputs, train_base), map_location=device,
-                               name="base model stage")
-    model.eval()
-
-    # Stage 2: PCA at this depth with the largest n_components of the space (truncated).
-    max_components = int(_largest(spec, "n_components", n_components))
-    pca_inputs = {"base": base_inputs, "depth": depth, "n_components": max_components}
-
-    def fit_pca() -> bytes:
-        logged = [0]
-
-        def progress(seen: int) -> None:  # early layers take long: say how far the fit is
-            if seen - logged[0] >= 10_000:
-                logged[0] = seen
-                _log(f"PCA at {depth} ({max_components} components): {seen} samples folded")
-
-        pca = fit_pca_at_depth(model, depth, splits.train, max_components, device=device,
-                               progress=progress)
-        return pca.to_bytes()
-
-    pca = StreamingPCA.from_bytes(cache.get("pca", pca_inputs, fit_pca), "PCA stage",
-                                  device=device, n_components=n_components)
-
-    # Stage 3: the embedding space of that PCA, at the largest embedding size of the space.
-    max_size = _largest(spec, "embedding_size", None)
-    space_inputs = {"pca": pca_inputs, "embedding_size": max_size, "center": center}
-
-    def build_space() -> bytes:
-        full = StreamingPCA.from_bytes(cache.get("pca", pca_inputs, fit_pca), device=device)
-        return build_embedding_space(model, depth, full, splits.train,
-                                     None if max_size is None else int(max_size),
-                                     device=device, center=center).to_bytes()
-
-    space = EmbeddingSpace.from_bytes(cache.get("space", space_inputs, build_space),
-                                      "embedding-space stage")
-    space = space.truncate(n_components, None if size is None else min(int(size), len(space)))
     if k_max > len(space):
         raise ValueError(f"k={k_max} exceeds the embedding space's {len(space)} samples")
-
-    attacks = None
-    if spec.attack is not None:
-        # Stage 4: attacks on the bare base model (a transfer set and the APGD baseline).
-        stored = cache.get("transfer", {"base": base_inputs, "attack": spec.attack.model_dump()},
-                           lambda: craft_transfer_set(model, splits, spec.attack, device))
-        attacks = torch.load(io.BytesIO(stored), weights_only=True)
-    decision = LESCIDecision(model, depth, pca, space, k_max, center=center,
+    attacks = stages.attacks()
+    params = trial.lesci
+    decision = LESCIDecision(model, params.depth, pca, space, k_max, center=params.center,
                              num_classes=splits.num_classes)
     start = time.perf_counter()
 
@@ -289,8 +153,8 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     metrics, budget = lesci_surface(spec, decision, points, splits, attacks, device, progress)
     rows = []
     for i, point in enumerate(points):
-        row = {"depth": depth, "n_components": n_components,
-               "embedding_size": len(space), "center": center, "k": point.k,
+        row = {"depth": params.depth, "n_components": params.n_components,
+               "embedding_size": len(space), "center": params.center, "k": point.k,
                "min_votes": point.min_votes, "threshold": point.threshold}
         row.update({name: values[i] for name, values in metrics.items()})
         rows.append(row)
@@ -309,26 +173,8 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     tune.report(report)
 
 
-def _validation_tensors(splits: Splits, samples: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split (its first ``samples``, when given) as tensors."""
-    n = len(splits.val) if samples is None else min(samples, len(splits.val))
-    xs, ys = zip(*(splits.val[i] for i in range(n)))
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
 # ------------------------------------------------------------------------------------------------
 # IBP and adversarial training
-
-
-def _objective(spec: SweepSpec, params: dict[str, Any]):
-    if spec.family is Family.IBP:
-        name = ObjectiveName.IBP.value
-    else:
-        name = str(params["objective"])
-    # the space's params mix training fields and objective parameters: pass the objective its own
-    accepted = objective_parameters(name)
-    return make_objective(name, **{k: v for k, v in params.items() if k in accepted})
 
 
 _STATE_FILE = "trainer.pt"  # with its manifest trainer.pt.json: sha256, epoch, metrics
@@ -362,10 +208,10 @@ def _checkpoint(trainer: Trainer, metrics: dict[str, float], folder: str) -> tun
 
 def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     spec, splits, device = _setup(spec_json)
-    seed = int(config.get("seed", spec.training.get("seed", 0)))
-    torch.manual_seed(seed)
-    model = _build(spec, splits)
-    trainer = Trainer(model, splits.train, _train_config(spec, config), _objective(spec, config),
+    trial = resolve(spec, config)
+    torch.manual_seed(trial.training.seed)
+    model = space_model(spec, splits)
+    trainer = Trainer(model, splits.train, trial.training, trial.objective.build(),
                       device=device)
     newest = _newest_checkpoint(Storage(storage_uri))
     if newest is not None:
@@ -382,11 +228,9 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     wanted = FAMILY_METRICS[spec.family]
     while trainer.epoch < trainer.config.epochs:
         train_metrics = trainer.run_epoch()
-        model.eval()
         evaluated = evaluate_robustness(model, splits.val, attack.eps, attack.steps,
-                                        attack.step_size, attack.restarts,
+                                        attack.alpha, attack.restarts,
                                         verify=spec.family is Family.IBP, seed=trainer.epoch)
-        model.train()
         metrics = {k: v for k, v in evaluated.items() if k in wanted}
         metrics.update(train_metrics)
         metrics = {k: float(v) for k, v in metrics.items()}

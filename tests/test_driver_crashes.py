@@ -184,6 +184,6 @@ def test_driver_killed_mid_epoch_resumes_training_from_checkpoints(
         assert steps == [1, 2, 3, 4]
     assert parents[0].data.metrics["finished_trials"] == 2
     # exact resume: the same final metrics, and front, as the uninterrupted run
-    metrics = ["pgd_accuracy", "clean_accuracy", "train_loss", "train_adv_accuracy"]
+    metrics = ["pgd_accuracy", "nominal_accuracy", "train_loss", "train_adv_accuracy"]
     assert (results_by_config(uri, "crashed", ["seed"], metrics)
             == results_by_config(uri, "reference", ["seed"], metrics))

@@ -23,8 +23,25 @@ GOOD = textwrap.dedent("""
 """)
 
 
-def variant(path_updates=None, drop=None, raw=None):
-    data = yaml.safe_load(GOOD)
+TRAINING = textwrap.dedent("""
+    name: t
+    family: adversarial
+    dataset: {name: digits}
+    model: {name: ibp_small}
+    training: {epochs: 2}
+    params:
+      eps: 0.1
+      objective:
+        choice:
+          pgd: {steps: {int: [2, 4]}}
+          fgsm: {mix: {uniform: [0.0, 0.5]}}
+    attack: {eps: 0.1}
+    objectives: {nominal_accuracy: max, pgd_accuracy: max}
+""")
+
+
+def variant(path_updates=None, drop=None, raw=None, base=GOOD):
+    data = yaml.safe_load(base)
     for dotted, value in (path_updates or {}).items():
         node = data
         *parents, last = dotted.split(".")
@@ -46,7 +63,8 @@ BAD = [
     ("a list", variant(raw="- 1\n- 2\n"), r"expected a mapping at the top level"),
     ("unknown top key", variant({"budget": 3}), r"budget: Extra inputs are not permitted"),
     ("unknown family", variant({"family": "crown"}), r"family: Input should be 'lesci', 'ibp'"),
-    ("bad name", variant({"name": "a b/c"}), r"name: String should match pattern"),
+    ("bad name", variant({"name": "a b/c"}), r"name: use letters, digits"),
+    ("name with ..", variant({"name": "a..b"}), r"name: use letters, digits, '-', '_' and single"),
     ("unknown dataset", variant({"dataset.name": "imagenet"}),
      r"dataset.name: unknown dataset 'imagenet'; allowed: digits, mnist"),
     ("missing root", variant({"dataset.name": "mnist"}), r"dataset.root: required"),
@@ -73,7 +91,7 @@ BAD = [
     ("k from a float range", variant({"params.k": {"uniform": [1, 8]}}),
      r"params.k: the surface needs whole numbers"),
     ("center not a boolean", variant({"params.center": "yes"}),
-     r"params.center: true \(project with the PCA mean"),
+     r"params.center: Input should be a valid boolean"),
     ("k < 1", variant({"params.k": {"int": [0, 5]}}), r"params.k: must be whole numbers >= 1"),
     ("threshold > 1", variant({"params.threshold": {"uniform": [0.0, 1.5]}}),
      r"params.threshold: must be <= 1"),
@@ -95,9 +113,37 @@ BAD = [
                                    "params.embedding_size": {"uniform": [100, 200]}}),
      r"params.embedding_size: the grid algorithm needs choice or grid values"),
     ("bad training field", variant({"training": {"epochs": 0}}),
-     r"training: epochs must be >= 1"),
+     r"training.epochs: Input should be greater than or equal to 1"),
     ("unknown training field", variant({"training": {"epoch": 3}}),
-     r"training.epoch: unknown"),
+     r"training.epoch: Extra inputs are not permitted"),
+    ("bad augmentation", variant({"training": {"augmentation": {"flipp": True}}}),
+     r"training.augmentation.flipp: Extra inputs are not permitted"),
+    ("bad augmentation value", variant({"training": {"augmentation": {"salt_pepper": 2}}}),
+     r"training.augmentation.salt_pepper: Input should be less than or equal to 1"),
+    ("searched training field out of range", variant({"params.lr": {"uniform": [-1, 1]}}),
+     r"params.lr: Input should be greater than 0"),
+    ("inapplicable shared parameter", variant({"params.steps": 3}, base=TRAINING),
+     r"params.steps: not a parameter of objective 'fgsm' \(its parameters: eps, mix\); put it "
+     r"under the objectives it applies to"),
+    ("unknown objective parameter", variant({"params.objective.choice.pgd.step": 3},
+                                            base=TRAINING),
+     r"params.objective.pgd.step: not a parameter of objective 'pgd'; its parameters: eps, "
+     r"alpha, steps, restarts"),
+    ("objective parameter out of range", variant({"params.objective.choice.pgd.steps":
+                                                  {"int": [0, 3]}}, base=TRAINING),
+     r"params.objective.pgd.steps: Input should be greater than or equal to 1"),
+    ("required objective parameter", variant(drop=["params.eps"], base=TRAINING),
+     r"params.objective.(fgsm|pgd): eps is required"),
+    ("unknown objective", variant({"params.objective": {"choice": ["pgd", "trades"]}},
+                                  base=TRAINING),
+     r"params.objective: unknown objective 'trades'; allowed: standard, fgsm"),
+    ("objective grid under nsga2", variant({"params.objective": {"grid": ["pgd", "fgsm"]},
+                                            "search": {"algorithm": "nsga2"}}, base=TRAINING),
+     r"params.objective: grid needs algorithm grid"),
+    ("ibp with another objective", variant({"family": "ibp", "params.objective": "pgd",
+                                            "objectives": {"verified_accuracy": "max"}},
+                                           base=TRAINING),
+     r"params.objective: family 'ibp' trains with objective 'ibp' only"),
     ("num_samples 0", variant({"search": {"num_samples": 0}}),
      r"search.num_samples: Input should be greater than or equal to 1"),
     ("negative gpu", variant({"resources": {"gpu": -1}}), r"resources.gpu"),

@@ -1,0 +1,200 @@
+"""The shared stages of a LESCI sweep, declared as a graph apart from the trial function.
+
+    base model ──> pca (depth, largest n_components) ──> embedding space (size, center)
+        └────────> attacks on the bare model (the space's attack)
+
+Each stage's output is keyed by everything it depends on (its inputs, which name the inputs of
+the stages it reads), so trials that share a depth share its PCA and space, and a stage is
+computed once per sweep (``orchestrator.stages.StageCache``). A trial truncates the PCA and
+the space to its own n_components and embedding size.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Callable
+
+import torch
+
+from defenses.attacks import apgd, pgd
+from defenses.checkpoints import checkpoint_bytes, load_checkpoint
+from defenses.data import Splits
+from defenses.embedding_space import EmbeddingSpace, build_embedding_space
+from defenses.lesci import fit_pca_at_depth
+from defenses.models import build_model, eval_mode
+from defenses.pca import StreamingPCA
+from defenses.trainer import TrainConfig, Trainer
+from orchestrator.params import Trial
+from orchestrator.space import SweepSpec
+from orchestrator.stages import StageCache
+
+__all__ = ["LESCIStages", "space_model", "train_base_model", "craft_transfer_set",
+           "validation_tensors", "predict"]
+
+
+def space_model(spec: SweepSpec, splits: Splits) -> torch.nn.Module:
+    """A fresh model of the space's architecture for the dataset."""
+    return build_model(spec.model.name, splits.num_classes, splits.input_shape, splits.mean,
+                       splits.std, **spec.model.options)
+
+
+def validation_tensors(splits: Splits, samples: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split (its first ``samples``, when given) as tensors."""
+    n = len(splits.val) if samples is None else min(samples, len(splits.val))
+    xs, ys = zip(*(splits.val[i] for i in range(n)))
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    """The model's labels for ``x`` [n, ...], on the CPU."""
+    return torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(512)])
+
+
+def train_base_model(spec: SweepSpec, splits: Splits, device,
+                     training: TrainConfig) -> torch.nn.Module:
+    """The LESCI base model, trained with the trial's ``training`` (the space's ``training``
+    and any training field the trial searches), standard objective."""
+    torch.manual_seed(training.seed)
+    model = space_model(spec, splits)
+    Trainer(model, splits.train, training, device=device).fit()
+    return model
+
+
+def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
+    """``_craft_transfer_set`` with the model in eval mode."""
+    with eval_mode(model):
+        return _craft_transfer_set(model, splits, attack, device)
+
+
+def _craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
+    """Attacks on the bare base model (``torch.save`` bytes of plain tensors), shared by every
+    LESCI trial of a sweep: PGD (the transfer set) and APGD-CE (the suite's steps, 2 starts),
+    which also warm-start the attacks on the vote; and the bare model's figures beside LESCI's:
+    ``base_accuracy`` (validation split) and ``base_robust_accuracy`` (the per-sample worst
+    case of clean, PGD and APGD-CE on the attacked samples)."""
+    x_val, y_val = validation_tensors(splits, attack.samples)
+    gen = torch.Generator().manual_seed(0)
+    transfer = torch.cat([pgd(model, x.to(device), y.to(device), attack.eps, attack.alpha,
+                              attack.steps, restarts=attack.restarts, generator=gen).cpu()
+                          for x, y in zip(x_val.split(256), y_val.split(256))])
+    base_apgd = []
+    for x, y in zip(x_val.split(256), y_val.split(256)):
+        x, y = x.to(device), y.to(device)
+
+        def cross_entropy(z: torch.Tensor, rows: torch.Tensor, y=y):
+            logits = model(z)
+            return (torch.nn.functional.cross_entropy(logits, y[rows], reduction="none"),
+                    logits.argmax(1) != y[rows])
+
+        base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps, 2, gen)[0].cpu())
+    base_apgd = torch.cat(base_apgd)
+    right = torch.ones(len(y_val), dtype=torch.bool)
+    for inputs in (x_val, transfer, base_apgd):
+        right &= predict(model, inputs, device) == y_val
+    x_all, y_all = validation_tensors(splits)
+    buffer = io.BytesIO()
+    torch.save({"adversarial": transfer, "base_apgd": base_apgd, "labels": y_val,
+                "base_accuracy": float((predict(model, x_all, device) == y_all).double().mean()),
+                "base_robust_accuracy": float(right.double().mean())}, buffer)
+    return buffer.getvalue()
+
+
+def _largest(spec: SweepSpec, key: str, default: Any) -> Any:
+    values = spec.values_of(key)
+    if values is None:
+        return default
+    return max(values) if isinstance(values, list) else values[1]
+
+
+class LESCIStages:
+    """One trial's view of the graph: each method returns its stage's output, computed by
+    the first trial that needs it and read back by the others."""
+
+    def __init__(self, spec: SweepSpec, trial: Trial, splits: Splits, device,
+                 cache: StageCache, log: Callable[[str], None] = print):
+        self.spec, self.trial, self.splits, self.device = spec, trial, splits, device
+        self.cache, self.log = cache, log
+        params = trial.lesci
+        self.depth = params.depth
+        self.max_components = int(_largest(spec, "n_components", params.n_components))
+        max_size = _largest(spec, "embedding_size", None)
+        self.max_size = None if max_size is None else int(max_size)
+        # the graph: each stage's key names its own settings and its inputs' keys
+        self.base_inputs = {"dataset": spec.dataset.model_dump(), "model": spec.model.model_dump(),
+                            "training": trial.training.as_dict()}
+        self.pca_inputs = {"base": self.base_inputs, "depth": self.depth,
+                           "n_components": self.max_components}
+        self.space_inputs = {"pca": self.pca_inputs, "embedding_size": self.max_size,
+                             "center": params.center}
+        self.attack_inputs = (None if spec.attack is None else
+                              {"base": self.base_inputs, "attack": spec.attack.model_dump()})
+        self._model: torch.nn.Module | None = None
+
+    # -- base model: trained once, or loaded from the space's checkpoint -------------------
+
+    def _train_base(self) -> bytes:
+        if self.spec.model.checkpoint:
+            model, extra = load_checkpoint(self.spec.model.checkpoint)
+            return checkpoint_bytes(model, extra)
+        return checkpoint_bytes(train_base_model(self.spec, self.splits, self.device,
+                                                 self.trial.training).cpu())
+
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            stored = self.cache.get("base", self.base_inputs, self._train_base)
+            self._model, _ = load_checkpoint(stored, map_location=self.device,
+                                             name="base model stage")
+            self._model.eval()
+        return self._model
+
+    # -- PCA at the depth, with the largest n_components of the space ----------------------
+
+    def _fit_pca(self) -> bytes:
+        logged = [0]
+
+        def progress(seen: int) -> None:  # early layers take long: say how far the fit is
+            if seen - logged[0] >= 10_000:
+                logged[0] = seen
+                self.log(f"PCA at {self.depth} ({self.max_components} components): "
+                         f"{seen} samples folded")
+
+        return fit_pca_at_depth(self.model(), self.depth, self.splits.train,
+                                self.max_components, device=self.device,
+                                progress=progress).to_bytes()
+
+    def pca(self, truncated: bool = True) -> StreamingPCA:
+        """The stage's PCA, truncated to the trial's n_components (unless ``truncated`` is
+        False)."""
+        n = self.trial.lesci.n_components if truncated else None
+        return StreamingPCA.from_bytes(self.cache.get("pca", self.pca_inputs, self._fit_pca),
+                                       "PCA stage", device=self.device, n_components=n)
+
+    # -- the embedding space of that PCA, at the largest embedding size --------------------
+
+    def _build_space(self) -> bytes:
+        return build_embedding_space(self.model(), self.depth, self.pca(truncated=False),
+                                     self.splits.train, self.max_size, device=self.device,
+                                     center=self.trial.lesci.center).to_bytes()
+
+    def embedding_space(self) -> EmbeddingSpace:
+        """The stage's space, truncated to the trial's n_components and embedding size."""
+        space = EmbeddingSpace.from_bytes(
+            self.cache.get("space", self.space_inputs, self._build_space),
+            "embedding-space stage")
+        size = self.trial.lesci.embedding_size
+        return space.truncate(self.trial.lesci.n_components,
+                              None if size is None else min(size, len(space)))
+
+    # -- attacks on the bare base model ----------------------------------------------------
+
+    def attacks(self) -> dict[str, Any] | None:
+        """The transfer set, the bare model's APGD-CE examples and its figures (None
+        without an attack in the space)."""
+        if self.attack_inputs is None:
+            return None
+        stored = self.cache.get("transfer", self.attack_inputs,
+                                lambda: craft_transfer_set(self.model(), self.splits,
+                                                           self.spec.attack, self.device))
+        return torch.load(io.BytesIO(stored), weights_only=True)

@@ -1,0 +1,125 @@
+"""A space as Tune searches it: Optuna's samplers through ``OptunaSearch`` (define-by-run, so
+an objective's own parameters are drawn only for trials of that objective), Tune's grid and
+random search through ``param_space``, and the scheduler.
+
+A trial's config holds the values drawn for it, by name: top-level parameters by their name;
+the objective under ``objective``, either as a name with its own parameters as
+``<objective>.<param>`` (Optuna, random search) or as ``{"objective": name, param: value}``
+(grid search: each objective with each of its own values, no more).
+``orchestrator.params.resolve`` reads both into the trial's typed objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from orchestrator.distributions import DIST_TYPES, Choice, Grid, IntRange, LogUniform, Uniform
+from orchestrator.params import branch_key, objective_space
+from orchestrator.space import Algorithm, SweepSpec
+
+__all__ = ["param_space", "tune_config", "DefineByRun"]
+
+
+def _domain(dist):
+    if isinstance(dist, Choice):
+        return tune.choice(list(dist.choice))
+    if isinstance(dist, Uniform):
+        return tune.uniform(*dist.uniform)
+    if isinstance(dist, LogUniform):
+        return tune.loguniform(*dist.loguniform)
+    if isinstance(dist, IntRange):
+        low, high = dist.int
+        return tune.lograndint(low, high + 1) if dist.log else tune.randint(low, high + 1)
+    raise TypeError(f"no Tune domain for {dist!r}")
+
+
+def _suggest(trial, name: str, dist) -> Any:
+    if isinstance(dist, (Choice, Grid)):
+        return trial.suggest_categorical(name, list(dist.choice if isinstance(dist, Choice)
+                                                    else dist.grid))
+    if isinstance(dist, (Uniform, LogUniform)):
+        low, high = dist.uniform if isinstance(dist, Uniform) else dist.loguniform
+        return trial.suggest_float(name, low, high, log=isinstance(dist, LogUniform))
+    low, high = dist.int
+    return trial.suggest_int(name, low, high, log=dist.log)
+
+
+class DefineByRun:
+    """Optuna's define-by-run space: the top-level searched parameters, the objective, and
+    only that objective's own searched parameters (``<objective>.<param>``)."""
+
+    def __init__(self, spec: SweepSpec):
+        self.searched = spec.searched()
+        self.space = objective_space(spec)
+
+    def __call__(self, trial) -> None:
+        for key, dist in self.searched.items():
+            _suggest(trial, key, dist)
+        if self.space is None:
+            return None
+        names = self.space.names
+        name = trial.suggest_categorical("objective", names) if len(names) > 1 else names[0]
+        for key, dist in self.space.branches[name].items():
+            if isinstance(dist, DIST_TYPES):
+                _suggest(trial, branch_key(name, key), dist)
+        return None
+
+
+def _uses_optuna(spec: SweepSpec) -> bool:
+    return spec.search.algorithm in (Algorithm.TPE, Algorithm.NSGA2) and not spec.grid_only
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param_space: fixed values are read from the space by each trial, so this holds
+    what Tune itself draws (grid/random search) or nothing (Optuna draws everything)."""
+    if _uses_optuna(spec):
+        return {}
+    space: dict[str, Any] = {}
+    grids = spec.grid_values()
+    for key, dist in spec.searched().items():
+        space[key] = tune.grid_search(grids[key]) if key in grids else _domain(dist)
+    objectives = objective_space(spec)
+    if objectives is not None and objectives.searched:
+        if spec.search.algorithm is Algorithm.GRID:
+            space["objective"] = tune.grid_search(spec.objective_grid())
+        else:  # every objective's own values are drawn; the trial reads its objective's
+            if len(objectives.branches) > 1:
+                space["objective"] = tune.choice(objectives.names)
+            for name, own in objectives.branches.items():
+                for key, dist in own.items():
+                    if isinstance(dist, DIST_TYPES):
+                        space[branch_key(name, key)] = _domain(dist)
+    return space
+
+
+def tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    metrics, modes = spec.search_metrics
+    single = len(metrics) == 1
+    search_alg = None
+    if _uses_optuna(spec):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed)
+                   if spec.search.algorithm is Algorithm.TPE
+                   else optuna.samplers.NSGAIISampler(seed=spec.search.seed))
+        # metric/mode go to the searcher only: TuneConfig's would make it single-objective
+        search_alg = OptunaSearch(space=DefineByRun(spec),
+                                  metric=metrics[0] if single else metrics,
+                                  mode=modes[0] if single else modes, sampler=sampler)
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = spec.training.epochs
+        # rungs by epoch, not by report: a trial resumed after a crash reports its last
+        # epoch again
+        scheduler = ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
+                                  max_t=epochs, grace_period=max(1, epochs // 8))
+    # reuse_actors: a trial's process serves the next trial (no new process importing torch
+    # for every trial: 0.17 s of overhead per trial instead of 2.7 s, benchmarks/run.py)
+    return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, reuse_actors=True,
+                           num_samples=1 if spec.grid_only else spec.search.num_samples,
+                           max_concurrent_trials=spec.search.max_concurrent)

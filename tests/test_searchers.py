@@ -1,0 +1,104 @@
+"""How a space is searched: Tune's param_space (grid/random), Optuna's define-by-run space,
+trial counting, and each trial's typed parameters resolved from its config."""
+
+import textwrap
+
+import optuna
+import pytest
+import yaml
+from ray import tune
+
+from defenses.objectives import FGSMParams, PGDParams
+from orchestrator.params import resolve
+from orchestrator.searchers import DefineByRun, param_space
+from orchestrator.space import load_space
+
+CONDITIONAL = textwrap.dedent("""
+    name: t
+    family: adversarial
+    dataset: {name: digits}
+    model: {name: ibp_small}
+    training: {epochs: 3, lr: 0.01}
+    params:
+      objective:
+        choice:
+          pgd: {eps: 0.1, alpha: 0.02, steps: {choice: [2, 4, 8]}}
+          fgsm: {eps: 0.1, mix: {choice: [0.25, 0.75]}}
+          standard: {}
+      lr: {choice: [0.01, 0.1]}
+    attack: {eps: 0.1}
+    objectives: {nominal_accuracy: max, pgd_accuracy: max}
+    search: {algorithm: tpe, num_samples: 5}
+""")
+
+
+def space(tmp_path, **updates):
+    data = yaml.safe_load(CONDITIONAL)
+    data.update(updates)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_space(path, check_model=False)
+
+
+def test_grid_runs_each_objective_with_its_own_values_only(tmp_path):
+    spec = space(tmp_path, search={"algorithm": "grid"})
+    # (pgd x 3 steps + fgsm x 2 mixes + standard) x 2 learning rates, no cross products
+    assert spec.trial_count == (3 + 2 + 1) * 2
+    grid = param_space(spec)["objective"]["grid_search"]
+    assert {"objective": "pgd", "steps": 8} in grid and {"objective": "standard"} in grid
+    assert all("mix" not in g for g in grid if g["objective"] != "fgsm")
+    assert len(grid) == 6
+    trial = resolve(spec, {"objective": {"objective": "pgd", "steps": 4}, "lr": 0.1})
+    assert trial.objective == PGDParams(eps=0.1, alpha=0.02, steps=4)
+    assert trial.training.lr == 0.1 and trial.training.epochs == 3
+
+
+def test_random_search_draws_each_objectives_values_under_its_own_name(tmp_path):
+    spec = space(tmp_path, search={"algorithm": "random", "num_samples": 7})
+    assert spec.trial_count == 7
+    domains = param_space(spec)
+    assert isinstance(domains["objective"], tune.search.sample.Categorical)
+    assert set(domains) == {"objective", "pgd.steps", "fgsm.mix", "lr"}
+    trial = resolve(spec, {"objective": "fgsm", "pgd.steps": 2, "fgsm.mix": 0.75, "lr": 0.01})
+    assert trial.objective == FGSMParams(eps=0.1, mix=0.75)  # pgd.steps is not fgsm's
+
+
+def test_optuna_draws_only_the_chosen_objectives_parameters(tmp_path):
+    spec = space(tmp_path)
+    assert param_space(spec) == {}  # Optuna draws everything; fixed values come from the spec
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        DefineByRun(spec)(trial)
+        name = trial.params["objective"]
+        seen.add(name)
+        own = {k for k in trial.params if "." in k}
+        assert own == {"pgd": {"pgd.steps"}, "fgsm": {"fgsm.mix"}, "standard": set()}[name]
+        typed = resolve(spec, trial.params)
+        assert typed.objective.objective == name
+        study.tell(trial, 0.5)
+    assert seen == {"pgd", "fgsm", "standard"}
+
+
+def test_logged_params_are_what_the_trial_used(tmp_path):
+    spec = space(tmp_path)
+    used = resolve(spec, {"objective": "pgd", "pgd.steps": 8, "lr": 0.1}).logged()
+    assert used["objective"] == "pgd" and used["eps"] == 0.1 and used["steps"] == 8
+    assert used["alpha"] == 0.02 and used["restarts"] == 1  # the objective's default, shown
+    assert used["lr"] == 0.1 and used["epochs"] == 3 and used["augmentation.flip"] is False
+    assert "mix" not in used  # fgsm's parameter
+    assert spec.searched_names() == ["lr", "mix", "objective", "steps"]
+
+
+@pytest.mark.parametrize("name, count", [("demo", 5), ("lesci", 12), ("ibp", 32),
+                                         ("adversarial", 16), ("ibp_mnist_paper", 1)])
+def test_shipped_trial_counts(name, count):
+    assert load_space(name, check_model=False).trial_count == count
+
+
+def test_fixed_single_objective_takes_top_level_parameters(tmp_path):
+    spec = space(tmp_path, params={"objective": "pgd", "eps": 0.1, "steps": 3})
+    assert "standard" not in spec.params["objective"].branches
+    assert spec.trial_count == 1 and spec.searched_names() == []
+    assert resolve(spec, {}).objective == PGDParams(eps=0.1, steps=3)
