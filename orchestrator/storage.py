@@ -2,8 +2,9 @@
 
 S3-compatible servers (MinIO, moto) are reached with the standard ``AWS_ENDPOINT_URL`` (or
 ``AWS_ENDPOINT_URL_S3``) variable; credentials come from the usual AWS chain. Writes are atomic
-(a local temp file renamed into place; an S3 PUT is atomic by nature) and every blob is stored
-with its SHA-256, checked when read back, so a half-written file is never taken for a whole one.
+(locally ``defenses._io.atomic_write_bytes``: a temp file, fsynced, renamed into place; an S3 PUT
+is atomic by nature) and every blob is stored with its SHA-256, checked when read back, so a
+half-written file is never taken for a whole one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from defenses._io import atomic_write_bytes
 
 __all__ = ["Storage", "StorageError", "redact"]
 
@@ -86,15 +89,12 @@ class Storage:
         fs, root = self._fs_and_root()
         path = f"{root}/{relative}"
         try:
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             if self.is_s3:
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
                 with fs.open_output_stream(path) as out:
                     out.write(data)
-            else:
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                with fs.open_output_stream(tmp) as out:
-                    out.write(data)
-                os.replace(tmp, path)
+            else:  # a temporary file, fsynced, renamed into place
+                atomic_write_bytes(path, data)
         except OSError as exc:
             raise StorageError(f"{redact(self.uri)}/{relative}: cannot write ({exc})") from exc
 
