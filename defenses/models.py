@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
+from defenses.capture import capture
+
 __all__ = [
     "ModelName",
     "Normalize",
@@ -448,17 +450,7 @@ def _build(model: ModelName, common: dict[str, Any], options: dict[str, Any]) ->
 @torch.no_grad()
 def depth_shapes(model: nn.Module) -> "OrderedDict[str, tuple[int, ...]]":
     """Activation shape (without batch) at every named depth, from one forward of zeros."""
-    shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-    handles = []
-    for name, module in model.depth_modules().items():
-        def hook(_m, _i, out, name=name):
-            shapes[name] = tuple(out.shape[1:])
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with eval_mode(model):
-            device = next(model.parameters()).device
-            model(torch.zeros((1, *model.input_shape), device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return OrderedDict((name, shapes[name]) for name in model.depth_modules())
+    with capture(model, model.depth_modules()) as outputs, eval_mode(model):
+        device = next(model.parameters()).device
+        model(torch.zeros((1, *model.input_shape), device=device))
+    return OrderedDict((name, tuple(out[0].shape[1:])) for name, out in outputs.items())

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from defenses.capture import capture
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint
 from defenses.ibp import interval_bounds
 from defenses.models import ModelName, build_model, depth_shapes, eval_mode
@@ -87,24 +88,12 @@ def test_points_of_the_box_stay_inside_the_bounds(name):
 @pytest.mark.parametrize("name", MODELS, ids=[m.value for m in MODELS])
 def test_depth_shapes_match_the_captured_activations(name):
     model, x = model_for(name), inputs(name, n=2)
-    captured = {}
-
-    def capture(depth):
-        def hook(_module, _inputs, out):
-            captured[depth] = tuple(out.shape)
-        return hook
-
-    handles = [module.register_forward_hook(capture(depth))
-               for depth, module in model.depth_modules().items()]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with capture(model, model.depth_names) as outputs, eval_mode(model), torch.no_grad():
+        model(x)
     shapes = depth_shapes(model)
-    assert list(shapes) == model.depth_names == list(captured)
-    assert {depth: (2, *shape) for depth, shape in shapes.items()} == captured
+    assert list(shapes) == model.depth_names
+    assert {depth: [(2, *shape)] for depth, shape in shapes.items()} == {
+        depth: [tuple(out.shape) for out in outs] for depth, outs in outputs.items()}
 
 
 @pytest.mark.parametrize("name", MODELS, ids=[m.value for m in MODELS])
