@@ -40,7 +40,8 @@ def batches(data: Dataset | DataLoader | Iterable, batch_size: int = 256
 def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader | Iterable,
                        batch_size: int = 256, device: str | torch.device | None = None,
                        only_correct: bool = False, keep_inputs: bool = False,
-                       dtype: torch.dtype = torch.float32) -> Iterator[ActivationBatch]:
+                       dtype: torch.dtype = torch.float32, max_samples: int | None = None
+                       ) -> Iterator[ActivationBatch]:
     """Yield the activations at ``depth`` for each batch of ``data``, in eval mode.
 
     Args:
@@ -50,12 +51,15 @@ def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader 
         device: where the forward runs and the activations live (default: the model's device).
         only_correct: keep only the samples the model classifies correctly (LESCI's samples).
         keep_inputs: also return the input images of the kept samples.
+        max_samples: stop after this many (kept) samples, reading no further batch.
 
     Memory: one batch of inputs and one of activations at a time.
     """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 (or None), got {max_samples}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     with capture(model, [depth]) as captured, eval_mode(model):
-        outputs = captured[depth]
+        outputs, seen = captured[depth], 0
         for images, labels in batches(data, batch_size):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -64,10 +68,14 @@ def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader 
             if len(outputs) != 1:
                 raise RuntimeError(f"depth {depth!r} ran {len(outputs)} times in one forward")
             activations = outputs[0].reshape(images.shape[0], -1).to(dtype)
-            if only_correct:
-                keep = predictions == labels
-                if not bool(keep.any()):
-                    continue
-                activations, labels, predictions = activations[keep], labels[keep], predictions[keep]
-                images = images[keep]
-            yield ActivationBatch(activations, labels, predictions, images if keep_inputs else None)
+            keep = (predictions == labels if only_correct
+                    else torch.ones_like(labels, dtype=torch.bool))
+            if max_samples is not None:  # the first ones, up to max_samples in all
+                keep &= keep.cumsum(0) <= max_samples - seen
+            if not bool(keep.any()):
+                continue
+            seen += int(keep.sum())
+            yield ActivationBatch(activations[keep], labels[keep], predictions[keep],
+                                  images[keep] if keep_inputs else None)
+            if max_samples is not None and seen >= max_samples:
+                return

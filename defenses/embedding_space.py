@@ -96,15 +96,11 @@ def build_embedding_space(model: nn.Module, depth: str, pca: StreamingPCA,
                           center: bool = True) -> EmbeddingSpace:
     """Compressed activations of (up to ``embedding_size``) correctly classified samples
     (``center``: project with the PCA mean, see ``StreamingPCA.transform``)."""
-    chunks, labels, total = [], [], 0
-    for batch in stream_activations(model, depth, data, batch_size, device, only_correct=True):
-        take = batch.activations.shape[0] if embedding_size is None else min(
-            batch.activations.shape[0], embedding_size - total)
-        chunks.append(pca.transform(batch.activations[:take], center=center).cpu())
-        labels.append(batch.labels[:take].cpu())
-        total += take
-        if embedding_size is not None and total >= embedding_size:
-            break
-    if total == 0:
+    chunks, labels = [], []
+    for batch in stream_activations(model, depth, data, batch_size, device, only_correct=True,
+                                    max_samples=embedding_size):
+        chunks.append(pca.transform(batch.activations, center=center).cpu())
+        labels.append(batch.labels.cpu())
+    if not chunks:
         raise ValueError(f"no correctly classified sample for the embedding space at {depth!r}")
     return EmbeddingSpace(torch.cat(chunks), torch.cat(labels), depth)

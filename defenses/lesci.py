@@ -96,16 +96,12 @@ def fit_pca_at_depth(model: nn.Module, depth: str, data: Dataset | DataLoader | 
     """
     pca = StreamingPCA(n_components, backend=backend, device=device)
     seen = 0
-    for batch in stream_activations(model, depth, data, batch_size, device, only_correct=True):
-        acts = batch.activations
-        if max_samples is not None:
-            acts = acts[: max_samples - seen]
-        pca.partial_fit(acts)
-        seen += acts.shape[0]
+    for batch in stream_activations(model, depth, data, batch_size, device, only_correct=True,
+                                    max_samples=max_samples):
+        pca.partial_fit(batch.activations)
+        seen += batch.activations.shape[0]
         if progress is not None:
             progress(seen)
-        if max_samples is not None and seen >= max_samples:
-            break
     if seen == 0:
         raise ValueError(f"no correctly classified sample to fit the PCA at depth {depth!r}")
     return pca.flush()

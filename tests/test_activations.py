@@ -68,6 +68,12 @@ def test_streaming_is_lazy(model_and_data):
     stream = stream_activations(model, "stem", source())
     next(stream)
     assert consumed == [0]  # one batch read, not the whole set
+    consumed.clear()
+    capped = list(stream_activations(model, "stem", source(), max_samples=23))
+    assert [b.activations.shape[0] for b in capped] == [10, 10, 3]
+    assert consumed == [0, 10, 20]  # no batch read past the cap
+    expected = torch.cat([b.activations for b in stream_activations(model, "stem", data)])[:23]
+    assert torch.equal(torch.cat([b.activations for b in capped]), expected)
 
 
 def test_unknown_depth_and_mode_restored(model_and_data):
