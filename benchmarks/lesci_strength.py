@@ -53,7 +53,7 @@ from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint
 from defenses.models import build_model
 from defenses.surface import SurfacePoint, surface_decisions, surface_points
-from defenses.training import TrainConfig, Trainer
+from defenses.trainer import TrainConfig, Trainer
 
 EPS = 0.1
 N_COMPONENTS = 32

@@ -54,7 +54,8 @@ from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint
 from orchestrator.reporting import front_of
 from orchestrator.space import SweepSpec, load_space
-from orchestrator.trainables import craft_transfer_set, lesci_surface, train_base_model
+from orchestrator.lesci_stages import craft_transfer_set, train_base_model
+from orchestrator.trainables import lesci_surface
 
 MODES = ("surface", "per_point")
 CLEAN = ("accuracy", "projection_rate")
@@ -102,7 +103,7 @@ def _timed(fn):
 def build_shared(spec: SweepSpec, depths: list[str]) -> Shared:
     """Base model, bare-model attack pool, and PCA + embedding space per depth, each timed."""
     splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
-    model, t_model = _timed(lambda: train_base_model(spec, splits, None).eval())
+    model, t_model = _timed(lambda: train_base_model(spec, splits, None, spec.training).eval())
     _log(f"base model trained in {t_model:.1f} s")
     stored, t_pool = _timed(lambda: craft_transfer_set(model, splits, spec.attack, None))
     _log(f"bare-model attack pool crafted in {t_pool:.1f} s")

@@ -18,14 +18,20 @@ from torch import nn
 from defenses.activations import batches
 from defenses.models import eval_mode
 
-__all__ = ["fgsm", "pgd", "apgd", "robust_accuracy", "cross_entropy_objective", "Objective",
-           "PerSampleLoss"]
+__all__ = ["fgsm", "pgd", "apgd", "robust_accuracy", "default_alpha", "cross_entropy_objective",
+           "Objective", "PerSampleLoss"]
 
 # (x_adv [n, ...], rows [n]: their indices into the attacked batch) -> (loss [n] to ascend,
 # success [n] bool: x_adv already fools the decision under attack)
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # x_adv [b, ...] -> per-sample loss [b] to ascend
 PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_alpha(eps: float, steps: int) -> float:
+    """PGD's step when none is given: 2.5 eps / steps, so the steps can cross the ball
+    (Madry et al.); the one place this default lives."""
+    return 2.5 * eps / max(steps, 1)
 
 
 def _check(eps: float, x: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from defenses.knn import KnnIndex
 from defenses.lesci import (collect_votes, evaluate_lesci, fit_pca_at_depth, knn_vote,
                             lesci_metrics, lesci_predict, project_mask)
 from defenses.models import depth_shapes
-from defenses.training import accuracy
+from defenses.evaluation import accuracy
 
 
 def unit(angle_deg):
