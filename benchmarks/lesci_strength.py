@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from defenses.attacks import apgd, cross_entropy_objective, pgd
+from defenses.attacks import apgd, cross_entropy_objective, default_alpha, pgd
 from defenses.data import load_dataset
 from defenses.embedding_space import build_embedding_space
 from defenses.lesci import fit_pca_at_depth
@@ -134,7 +134,7 @@ def attack_pool(model, x: torch.Tensor, y: torch.Tensor, apgd_steps: int
     """The sweep's attacks on the bare model (``craft_transfer_set``), one generator seeded 0:
     ``transfer``, PGD-20 with alpha 2.5 eps / 20, and ``base_apgd``, APGD-CE with 2 starts."""
     generator = torch.Generator().manual_seed(0)
-    transfer = torch.cat([pgd(model, xb, yb, EPS, 2.5 * EPS / 20, 20, generator=generator)
+    transfer = torch.cat([pgd(model, xb, yb, EPS, default_alpha(EPS, 20), 20, generator=generator)
                           for xb, yb in zip(x.split(256), y.split(256))])
     base_apgd, _ = apgd(cross_entropy_objective(model, y), x, EPS, apgd_steps, 2, generator)
     return {"transfer": transfer, "base_apgd": base_apgd}

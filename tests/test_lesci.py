@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from defenses.data import ArrayDataset
 from defenses._io import BlobError
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.knn import KnnIndex

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks import apgd, cross_entropy_objective, pgd
+from defenses.attacks import apgd, cross_entropy_objective, default_alpha, pgd
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
@@ -79,7 +79,7 @@ def test_apgd_stays_in_the_ball_and_is_at_least_as_strong_as_pgd(trained_digits_
     assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():
         assert torch.equal(model(adv).argmax(1) != y, fooled)  # success on the real decision
-        pgd_adv = pgd(model, x, y, eps, 2.5 * eps / 20, 20,
+        pgd_adv = pgd(model, x, y, eps, default_alpha(eps, 20), 20,
                       generator=torch.Generator().manual_seed(0))
         pgd_acc = float((model(pgd_adv).argmax(1) == y).float().mean())
     assert 1 - float(fooled.float().mean()) <= pgd_acc + 0.01
@@ -116,7 +116,7 @@ def test_the_suite_is_the_worst_case_and_beats_noise_and_transfer(layer1_lesci):
     eps = 0.1
     points = surface_points([3, 10], (0.5, 1.0))
     gen = torch.Generator().manual_seed(0)
-    transfer = pgd(decision.model, x, y, eps, 2.5 * eps / 20, 20, generator=gen)
+    transfer = pgd(decision.model, x, y, eps, default_alpha(eps, 20), 20, generator=gen)
     noise = (x + eps * (torch.rand(x.shape, generator=gen) * 2 - 1).sign()).clamp(0, 1)
     suite = attack_surface(decision, x, y, points, eps, steps=20, restarts=1, targets=1,
                            pool={"transfer": transfer, "noise": noise}, starts=["transfer"],
