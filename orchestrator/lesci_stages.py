@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from defenses.attacks import apgd, pgd
+from defenses.attacks import apgd, cross_entropy_objective, pgd
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint
 from defenses.data import Splits
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
@@ -82,13 +82,8 @@ def _craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) 
     base_apgd = []
     for x, y in zip(x_val.split(256), y_val.split(256)):
         x, y = x.to(device), y.to(device)
-
-        def cross_entropy(z: torch.Tensor, rows: torch.Tensor, y=y):
-            logits = model(z)
-            return (torch.nn.functional.cross_entropy(logits, y[rows], reduction="none"),
-                    logits.argmax(1) != y[rows])
-
-        base_apgd.append(apgd(cross_entropy, x, attack.eps, attack.apgd.steps, 2, gen)[0].cpu())
+        base_apgd.append(apgd(cross_entropy_objective(model, y), x, attack.eps,
+                              attack.apgd.steps, 2, gen)[0].cpu())
     base_apgd = torch.cat(base_apgd)
     right = torch.ones(len(y_val), dtype=torch.bool)
     for inputs in (x_val, transfer, base_apgd):

@@ -23,8 +23,7 @@ from defenses.evaluation import evaluate_robustness
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
 from defenses.trainer import Trainer
-from orchestrator.lesci_stages import (LESCIStages, craft_transfer_set, space_model,
-                                       train_base_model, validation_tensors)
+from orchestrator.lesci_stages import LESCIStages, space_model, validation_tensors
 from orchestrator.params import resolve
 from orchestrator.reporting import BASE_METRICS, front_of
 from orchestrator.space import FAMILY_METRICS, Family, SweepSpec

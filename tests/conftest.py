@@ -1,10 +1,10 @@
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+"""Fixtures and file writers shared by the unit tests (the integration tests' helpers are in
+tests/integration/conftest.py)."""
 
+import gzip
+import struct
+
+import numpy as np
 import pytest
 import torch
 
@@ -29,34 +29,19 @@ def trained_digits_resnet(digits):
     return model.eval()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
+    code = {np.uint8: 0x08}[array.dtype.type]
+    raw = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw += array.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
 
 
-@pytest.fixture
-def s3_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        import boto3
-
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id="testing",
-                          aws_secret_access_key="testing-secret-key")
-        s3.create_bucket(Bucket="sweeps")
-        yield env, s3, server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=10)
+def make_mnist(root, n_train=12, n_val=6, gz=False, rng=np.random.default_rng(0)):
+    root.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}",
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}",
+                  rng.integers(0, 10, (n,), dtype=np.uint8), gz)
+    return root

@@ -1,8 +1,6 @@
 """Each loader on small files written in the dataset's real format, plus broken ones."""
 
-import gzip
 import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -10,24 +8,7 @@ import torch
 from PIL import Image
 
 from defenses.data import (Augmentation, DatasetError, augment_batch, load_dataset, read_idx)
-
-
-def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
-    code = {np.uint8: 0x08}[array.dtype.type]
-    raw = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw += array.tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-
-
-def make_mnist(root, n_train=12, n_val=6, gz=False, rng=np.random.default_rng(0)):
-    root.mkdir(parents=True, exist_ok=True)
-    ext = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_val)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}",
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}",
-                  rng.integers(0, 10, (n,), dtype=np.uint8), gz)
-    return root
+from tests.conftest import make_mnist
 
 
 def test_digits_is_a_fixed_stratified_split_in_pixel_range():

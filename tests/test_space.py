@@ -219,7 +219,7 @@ def _space_with(tmp_path, **updates):
 def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
     from defenses.checkpoints import save_checkpoint
     from defenses.models import build_model
-    from tests.test_data import make_mnist
+    from tests.conftest import make_mnist
 
     args = ["--storage", str(tmp_path / "s"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     make_mnist(tmp_path / "mnist")

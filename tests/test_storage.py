@@ -1,5 +1,5 @@
-"""Storage on a local root: bytes, checksummed blobs, listing, the writability probe and
-redaction (the S3 side runs against moto_server in tests/integration)."""
+"""Storage on a local root: bytes, checksummed blobs, fsynced atomic writes, listing, the
+writability probe and redaction (the S3 side runs against moto_server in tests/integration)."""
 
 import json
 import os
@@ -50,3 +50,19 @@ def test_redact_hides_credentials_in_uris():
     assert redact("s3://key:secret@host/b and http://u:p@h:5000/x") == \
         "s3://***@host/b and http://***@h:5000/x"
     assert redact("/plain/path") == "/plain/path"
+
+
+def test_local_writes_are_fsynced_renames_that_leave_no_temporary(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    storage = Storage.from_uri(tmp_path)
+    storage.put_verified("trial/state.pt", b"epoch 1", {"epoch": 1})
+    storage.put_verified("trial/state.pt", b"epoch 2", {"epoch": 2})
+    assert len(synced) == 4  # each blob and each manifest
+    data, manifest = storage.get_verified("trial/state.pt")
+    assert data == b"epoch 2" and manifest["epoch"] == 2
+    assert storage.list("trial") == ["state.pt", "state.pt.json"]
+    with pytest.raises(StorageError, match="trial/state.pt/x: cannot write"):
+        storage.write_bytes("trial/state.pt/x", b"a file is not a folder")
+    assert storage.list("trial") == ["state.pt", "state.pt.json"]

@@ -10,13 +10,9 @@ import os
 import signal
 import time
 
-import pytest
+from tests.integration.conftest import (cli, logged, poll_sweep, run_ok, runs_of, sweep_args,
+                                        training_space)
 
-from orchestrator.storage import Storage, StorageError
-from tests.test_reliability import training_space
-from tests.test_sweep import cli, logged, poll_sweep, run_ok, runs_of, sweep_args
-
-pytestmark = pytest.mark.slow
 
 
 def test_sweep_survives_an_s3_outage(tmp_path, s3_server):
@@ -47,19 +43,3 @@ def test_sweep_survives_an_s3_outage(tmp_path, s3_server):
         assert steps == [1, 2, 3, 4, 5, 6]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sweeps")["Contents"]]
     assert "runs/outage/space.json" in keys
-
-
-def test_local_writes_are_fsynced_renames_that_leave_no_temporary(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    storage = Storage.from_uri(tmp_path)
-    storage.put_verified("trial/state.pt", b"epoch 1", {"epoch": 1})
-    storage.put_verified("trial/state.pt", b"epoch 2", {"epoch": 2})
-    assert len(synced) == 4  # each blob and each manifest
-    data, manifest = storage.get_verified("trial/state.pt")
-    assert data == b"epoch 2" and manifest["epoch"] == 2
-    assert storage.list("trial") == ["state.pt", "state.pt.json"]
-    with pytest.raises(StorageError, match="trial/state.pt/x: cannot write"):
-        storage.write_bytes("trial/state.pt/x", b"a file is not a folder")
-    assert storage.list("trial") == ["state.pt", "state.pt.json"]

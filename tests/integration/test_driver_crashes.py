@@ -11,16 +11,13 @@ import re
 import threading
 import time
 
-import pytest
-
-from tests.test_reliability import training_space
 from orchestrator.storage import Storage
-from tests.test_sweep import (LESCI_GRID, check_tracked, cli, computed_stages, logged,
-                              poll_sweep, run_ok, runs_of, sweep_args)
+from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages, logged,
+                                        poll_sweep, run_ok, runs_of, sweep_args,
+                                        training_space)
 
 S3 = "s3://sweeps/runs"
 
-pytestmark = pytest.mark.slow
 
 
 class Driver:

@@ -11,34 +11,8 @@ import textwrap
 import time
 import uuid
 
-import pytest
-import yaml
-
-from tests.test_sweep import cli, logged, poll_sweep, run_ok, runs_of, sweep_args
-
-pytestmark = pytest.mark.slow
-
-def training_space(epochs: int, train_size: int, pgd_steps: int, seeds: list[int] | None,
-                   max_concurrent: int, max_failures: int) -> str:
-    """A small PGD-training sweep on synthetic 16x16 images (one trial per seed), long enough
-    per epoch to break something in the middle of one."""
-    space = {
-        "name": "faults", "family": "adversarial",
-        "dataset": {"name": "synthetic", "options": {"num_classes": 4, "input_shape": [1, 16, 16],
-                                                     "train_size": train_size, "val_size": 64}},
-        "model": {"name": "ibp_small", "options": {"padding": "same"}},
-        "training": {"epochs": epochs, "batch_size": 64, "lr": 0.001},
-        "params": {"objective": "pgd", "eps": 0.1, "alpha": 0.03, "steps": pgd_steps},
-        "attack": {"eps": 0.1, "steps": 2},
-        "objectives": {"pgd_accuracy": "max"},
-        "search": {"algorithm": "grid", "max_concurrent": max_concurrent},
-        "resources": {"cpu": 1},
-        "max_failures": max_failures,
-    }
-    if seeds:
-        space["params"]["seed"] = {"grid": seeds}
-    return yaml.safe_dump(space)
-
+from tests.integration.conftest import (cli, logged, poll_sweep, run_ok, runs_of, sweep_args,
+                                        training_space)
 
 
 def trial_workers() -> list[int]:
@@ -136,7 +110,7 @@ def kill_node(temp_dir: str) -> int:
 
 
 def test_a_lost_worker_node_does_not_lose_trials(tmp_path):
-    from tests.conftest import free_port
+    from tests.integration.conftest import free_port
 
     port = free_port()
     # short paths: Ray's Unix sockets live below the temp dir (a socket path has ~107 bytes)

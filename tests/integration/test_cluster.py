@@ -26,13 +26,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import free_port
+from tests.integration.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 ARTIFACTS = ROOT / "test-artifacts"
 BUCKET = "cluster-test"
 
-pytestmark = pytest.mark.slow
 
 
 def _missing(reason: str):

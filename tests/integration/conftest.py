@@ -1,0 +1,208 @@
+"""Helpers of the integration tests: the CLI in a subprocess, MLflow read-backs, small sweep
+spaces, and an S3-compatible server (moto_server) on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.storage import Storage
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test here starts real services (Ray, MLflow, moto_server, sshd, Chromium):
+    marked ``integration`` and ``slow``, so ``-m "not integration"`` is the fast unit run."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+FAMILY_METRICS = {"lesci": ["accuracy", "projection_rate", "accuracy_projected",
+                            "accuracy_identity"],
+                  "ibp": ["nominal_accuracy", "verified_accuracy", "pgd_accuracy"],
+                  "adversarial": ["nominal_accuracy", "pgd_accuracy"]}
+
+def cli(args, tmp_path, env=None, timeout=600, **popen):
+    command = [sys.executable, str(ROOT / "search.py"), *args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", **(env or {}))
+    if popen:
+        return subprocess.Popen(command, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def runs_of(mlflow_uri, sweep):
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(sweep)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def poll_sweep(driver, mlflow_uri, sweep, ready, timeout=300) -> bool:
+    """While ``driver`` runs, read the sweep's child runs every half second until
+    ``ready(client, children)`` holds; False if the sweep ended or time ran out first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        try:
+            client, _, children = runs_of(mlflow_uri, sweep)
+        except Exception:  # the store is still being created
+            continue
+        if ready(client, children):
+            return True
+    return False
+
+
+def logged(client, run, metric) -> int:
+    """How many values of ``metric`` the run has logged (its epochs, for training trials)."""
+    return len(client.get_metric_history(run.info.run_id, metric))
+
+
+def check_tracked(mlflow_uri, sweep, family, trials):
+    client, parents, children = runs_of(mlflow_uri, sweep)
+    assert len(parents) == 1 and parents[0].data.tags["sweep"] == sweep
+    parent = parents[0]
+    assert parent.info.run_name == sweep and parent.info.status == "FINISHED"
+    assert "hypervolume" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto_front.csv", "pareto_front.png"} <= artifacts
+    assert len(children) == trials
+    assert len({c.data.tags["ray_trial_id"] for c in children}) == trials
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.info.run_name.startswith(family)
+        assert child.data.tags["pareto_optimal"] in ("true", "false")
+        assert set(FAMILY_METRICS[family]) <= set(child.data.metrics)
+        if family == "lesci":  # each trial's whole (k, m) surface
+            assert {"surface.csv", "surface.png"} <= {
+                a.path for a in client.list_artifacts(child.info.run_id)}
+            assert "hypervolume" in child.data.metrics
+    assert any(c.data.tags["pareto_optimal"] == "true" for c in children)
+    if family == "lesci":  # the front over every surface point, each with its run, k and m
+        front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+        assert {"run_id", "k", "min_votes", "threshold"} <= set(front[0])
+        assert {row["run_id"] for row in front} == {c.info.run_id for c in children}
+        if "robust_accuracy" in children[0].data.metrics:  # the bare model beside LESCI
+            assert parent.data.metrics["base_robust_accuracy"] < parent.data.metrics[
+                "base_accuracy"]
+            assert {"attack.eps", "attack.apgd_steps", "attack.suite"} <= set(parent.data.params)
+    return client, parent, children
+
+
+def read_csv_artifact(client, run_id, name):
+    import csv
+
+    path = client.download_artifacts(run_id, name)
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+LESCI_GRID = textwrap.dedent("""
+    name: grid
+    family: lesci
+    dataset: {name: digits}
+    model: {name: resnet_digits}
+    training: {epochs: 2, batch_size: 128}
+    params:
+      depth: layer1
+      n_components: 8
+      embedding_size: {grid: [100, 200, 300, 400, 500, 600]}
+      k: [1, 3, 5]
+      threshold: [0.3, 0.6]
+    attack: {eps: 0.1, steps: 2, apgd: {steps: 3, targets: 0}, samples: 40}
+    objectives: {accuracy: max, projection_rate: max}
+    search: {algorithm: grid, max_concurrent: 2}
+""")
+
+
+def sweep_args(tmp_path, space: str, name: str, storage: str = "sweeps") -> tuple[list[str], str]:
+    """Write ``space`` to tmp_path/space.yaml; (the CLI arguments of sweep ``name`` of it on
+    ``storage``, tracked in tmp_path's SQLite MLflow store; that store's URI)."""
+    (tmp_path / "space.yaml").write_text(space)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return ["--space", "space.yaml", "--name", name, "--storage", storage, "--mlflow-uri",
+            uri], uri
+
+
+def run_ok(args, tmp_path, env=None) -> subprocess.CompletedProcess:
+    done = cli(args, tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def computed_stages(sweep: Storage) -> dict[str, int]:
+    """How many times each kind of shared stage was computed (one record per computation)."""
+    counts: dict[str, int] = {}
+    for name in sweep.list("stages/computed"):
+        if name.endswith(".json"):  # not an S3 folder marker
+            kind = name.split("-")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def training_space(epochs: int, train_size: int, pgd_steps: int, seeds: list[int] | None,
+                   max_concurrent: int, max_failures: int) -> str:
+    """A small PGD-training sweep on synthetic 16x16 images (one trial per seed), long enough
+    per epoch to break something in the middle of one."""
+    space = {
+        "name": "faults", "family": "adversarial",
+        "dataset": {"name": "synthetic", "options": {"num_classes": 4, "input_shape": [1, 16, 16],
+                                                     "train_size": train_size, "val_size": 64}},
+        "model": {"name": "ibp_small", "options": {"padding": "same"}},
+        "training": {"epochs": epochs, "batch_size": 64, "lr": 0.001},
+        "params": {"objective": "pgd", "eps": 0.1, "alpha": 0.03, "steps": pgd_steps},
+        "attack": {"eps": 0.1, "steps": 2},
+        "objectives": {"pgd_accuracy": "max"},
+        "search": {"algorithm": "grid", "max_concurrent": max_concurrent},
+        "resources": {"cpu": 1},
+        "max_failures": max_failures,
+    }
+    if seeds:
+        space["params"]["seed"] = {"grid": seeds}
+    return yaml.safe_dump(space)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        import boto3
+
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing",
+                          aws_secret_access_key="testing-secret-key")
+        s3.create_bucket(Bucket="sweeps")
+        yield env, s3, server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)

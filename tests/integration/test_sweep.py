@@ -1,0 +1,112 @@
+"""Sweeps end to end: the real CLI in a subprocess, local Ray, an MLflow SQLite store, local or
+S3-compatible storage (moto_server on 127.0.0.1)."""
+
+import os
+import signal
+
+import pytest
+
+from orchestrator.space import load_space
+from orchestrator.storage import Storage
+from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages,
+                                        poll_sweep, read_csv_artifact, run_ok, runs_of,
+                                        sweep_args)
+
+
+@pytest.mark.parametrize("space", ["demo", "lesci", "ibp", "adversarial", "ibp_mnist_paper"])
+def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
+    spec = load_space(space, smoke_test=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli(["--space", space, "--smoke-test", "--name", "smoke", "--storage",
+                str(tmp_path / "sweeps"), "--mlflow-uri", uri], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Pareto front of" in done.stdout
+    assert f"{spec.trial_count} trial(s)" in done.stdout
+    client, parent, children = check_tracked(uri, "smoke", spec.family.value, spec.trial_count)
+    if spec.family.value != "lesci":  # training trials log one step per epoch
+        history = client.get_metric_history(children[0].info.run_id, spec.metric_names[0])
+        assert [m.step for m in history] == list(range(1, spec.training.epochs + 1))
+
+
+def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
+    args, uri = sweep_args(tmp_path, LESCI_GRID, "g")
+    run_ok(args, tmp_path)
+    check_tracked(uri, "g", "lesci", 6)
+    # six trials, two at a time: one base model, one PCA, one embedding space, one transfer set
+    assert computed_stages(Storage.from_uri(tmp_path / "sweeps" / "g")) == {
+        "base": 1, "pca": 1, "space": 1, "transfer": 1}
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    space = LESCI_GRID.replace("max_concurrent: 2", "max_concurrent: 1")
+    args, uri = sweep_args(tmp_path, space, "r")
+    driver = cli(args, tmp_path, start_new_session=True)
+    assert poll_sweep(driver, uri, "r", lambda client, children: sum(
+        c.info.status == "FINISHED" for c in children) >= 2), "the sweep ended too soon"
+    os.killpg(driver.pid, signal.SIGKILL)  # as when the head machine dies
+    driver.wait()
+    before = {c.data.tags["ray_trial_id"]: c.info.run_id for c in runs_of(uri, "r")[2]
+              if c.info.status == "FINISHED"}
+    assert len(before) >= 2
+
+    run_ok([*args, "--resume"], tmp_path)
+    client, parent, children = check_tracked(uri, "r", "lesci", 6)  # exactly one run per trial
+    assert parent.data.metrics["finished_trials"] == 6
+    for child in children:
+        # finished trials were not rerun: their metrics were logged once
+        assert len(client.get_metric_history(child.info.run_id, "accuracy")) == 1
+        if child.data.tags["ray_trial_id"] in before:
+            assert before[child.data.tags["ray_trial_id"]] == child.info.run_id
+    # and a second --resume of a finished sweep changes nothing
+    again = cli([*args, "--resume"], tmp_path)
+    assert again.returncode == 0
+    assert len(runs_of(uri, "r")[2]) == 6
+    # resuming with another space is refused before any Ray work, and nothing is touched
+    (tmp_path / "other.yaml").write_text(space.replace("threshold: [0.3, 0.6]",
+                                                       "threshold: [0.3]"))
+    other = cli(["--space", "other.yaml", *args[2:], "--resume"], tmp_path)
+    assert other.returncode == 2
+    assert "was started with another space" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert len(runs_of(uri, "r")[2]) == 6
+
+
+def test_sweep_with_storage_on_s3(tmp_path, s3_server):
+    env, s3, _ = s3_server
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli(["--smoke-test", "--name", "on-s3", "--storage", "s3://sweeps/runs",
+                "--mlflow-uri", uri], tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="sweeps")
+            for o in page.get("Contents", [])]
+    assert "runs/on-s3/space.json" in keys
+    assert any(k.startswith("runs/on-s3/experiment_state") for k in keys)  # Tune's state
+    assert any(k.startswith("runs/on-s3/stages/pca-") for k in keys)
+    assert not (tmp_path / "sweeps").exists()  # nothing went to a local default
+    check_tracked(uri, "on-s3", "lesci", 2)  # the demo's smoke grid: two depths
+    # the secret key is nowhere in what the sweep wrote: MLflow's store and artifacts, the
+    # bucket, the output
+    secret = b"testing-secret-key"
+    assert secret.decode() not in done.stdout + done.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in written)
+    for path in written:
+        assert secret not in path.read_bytes(), path
+    for key in keys:
+        assert secret not in s3.get_object(Bucket="sweeps", Key=key)["Body"].read(), key
+
+
+def test_lesci_sampled_search_maximises_each_trials_surface_hypervolume(tmp_path):
+    space = (LESCI_GRID.replace("embedding_size: {grid: [100, 200, 300, 400, 500, 600]}",
+                                "embedding_size: {int: [50, 600]}\n  center: {choice: [true, false]}")
+             .replace("search: {algorithm: grid, max_concurrent: 2}",
+                      "search: {algorithm: tpe, num_samples: 3, max_concurrent: 2}"))
+    args, uri = sweep_args(tmp_path, space, "tpe")
+    done = run_ok(args, tmp_path)
+    assert "each a surface of 5 (k, m) points" in done.stdout  # k 1, 3, 5 x thresholds .3, .6
+    client, parent, children = check_tracked(uri, "tpe", "lesci", 3)
+    for child in children:  # the trial's point, not k or threshold, is what was searched
+        assert set(child.data.params) == {"depth", "n_components", "embedding_size", "center"}
+        assert child.data.metrics["surface_points"] == 5
+    front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+    assert len(front) == 15 and parent.data.metrics["surface_points"] == 15
