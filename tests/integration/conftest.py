@@ -51,12 +51,30 @@ def runs_of(mlflow_uri, sweep):
     return client, parents, children
 
 
+def _experiment_exists(mlflow_uri: str, sweep: str) -> bool:
+    """Whether the SQLite store holds the sweep's experiment, read without MLflow: opening an
+    MlflowClient on a store that the driver is still creating would race its migrations."""
+    import sqlite3
+
+    path = mlflow_uri.removeprefix("sqlite:///")
+    if not os.path.exists(path):
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT 1 FROM experiments WHERE name = ?", (sweep,)).fetchone() \
+                is not None
+    except sqlite3.Error:  # tables not created yet
+        return False
+
+
 def poll_sweep(driver, mlflow_uri, sweep, ready, timeout=300) -> bool:
     """While ``driver`` runs, read the sweep's child runs every half second until
     ``ready(client, children)`` holds; False if the sweep ended or time ran out first."""
     deadline = time.time() + timeout
     while time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)
+        if mlflow_uri.startswith("sqlite:///") and not _experiment_exists(mlflow_uri, sweep):
+            continue
         try:
             client, _, children = runs_of(mlflow_uri, sweep)
         except Exception:  # the store is still being created
