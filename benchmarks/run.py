@@ -312,7 +312,7 @@ SWEEP_SPACE = {
                "n_components": {"grid": [4, 8, 12, 16]},
                "embedding_size": {"grid": [500, 1000, 1400]},
                "k": [3, 5, 10], "threshold": [0.5, 0.6, 0.8, 0.9]},
-    "objectives": {"accuracy": "max", "projection_rate": "max"},
+    "optimize": {"accuracy": "max", "projection_rate": "max"},
     "search": {"algorithm": "grid", "max_concurrent": 2},
     "resources": {"cpu": 1, "gpu": 0},
 }

@@ -10,11 +10,11 @@ discriminated on that field, and ``params.build()`` gives the objective. One nam
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal, Protocol, Union
+from typing import Annotated, Any, Literal, Protocol, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from defenses.attacks import default_alpha, fgsm, pgd
@@ -50,6 +50,8 @@ class Objective(Protocol):
 
 
 Radius = Annotated[float, Field(ge=0.0, le=1.0)]
+# an adversarial objective's radius: eps 0 would be standard training under another name
+AdversarialRadius = Annotated[float, Field(gt=0.0, le=1.0)]
 Step = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
@@ -94,7 +96,7 @@ class FGSMParams(_Params):
     """``mix * L(x) + (1 - mix) * L(fgsm(x))`` (Goodfellow et al. 2015)."""
 
     objective: Literal["fgsm"] = "fgsm"
-    eps: Radius
+    eps: AdversarialRadius
     mix: float = Field(default=0.5, ge=0.0, le=1.0)
 
     def build(self) -> "FGSMObjective":
@@ -121,16 +123,20 @@ class FastFGSMParams(_Params):
     ``alpha`` defaults to 1.25 eps, their choice."""
 
     objective: Literal["fast_fgsm"] = "fast_fgsm"
-    eps: Radius
-    alpha: Step | None = None
+    eps: AdversarialRadius
+    alpha: Step = None  # type: ignore[assignment]  # filled in: 1.25 eps
 
-    @property
-    def step_size(self) -> float:
-        return 1.25 * self.eps if self.alpha is None else self.alpha
+    @model_validator(mode="before")
+    @classmethod
+    def _default_alpha(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("alpha") is None and \
+                isinstance(values.get("eps"), (int, float)):
+            values = {**values, "alpha": 1.25 * values["eps"]}
+        return values
 
     def build(self) -> "PGDObjective":
         # one PGD step of alpha from a random start: the same loop as PGD training
-        return PGDObjective(self.eps, self.step_size, 1, 1, self.objective)
+        return PGDObjective(self.eps, self.alpha, 1, 1, self.objective)
 
 
 class PGDParams(_Params):
@@ -138,17 +144,23 @@ class PGDParams(_Params):
     al. 2018); ``alpha`` defaults to ``defenses.attacks.default_alpha(eps, steps)``."""
 
     objective: Literal["pgd"] = "pgd"
-    eps: Radius
-    alpha: Step | None = None
+    eps: AdversarialRadius
+    alpha: Step = None  # type: ignore[assignment]  # filled in: default_alpha(eps, steps)
     steps: int = Field(default=10, ge=1)
     restarts: int = Field(default=1, ge=1)
 
-    @property
-    def step_size(self) -> float:
-        return default_alpha(self.eps, self.steps) if self.alpha is None else self.alpha
+    @model_validator(mode="before")
+    @classmethod
+    def _default_alpha(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("alpha") is None and \
+                isinstance(values.get("eps"), (int, float)):
+            steps = values.get("steps", cls.model_fields["steps"].default)
+            if isinstance(steps, int) and steps >= 1:
+                values = {**values, "alpha": default_alpha(values["eps"], steps)}
+        return values
 
     def build(self) -> "PGDObjective":
-        return PGDObjective(self.eps, self.step_size, self.steps, self.restarts, self.objective)
+        return PGDObjective(self.eps, self.alpha, self.steps, self.restarts, self.objective)
 
 
 class PGDObjective:
@@ -183,7 +195,7 @@ class AdversarialRegularizationParams(_Params):
     ``eps``: the default 0.05 suits [0, 1] pixels."""
 
     objective: Literal["adv_reg"] = "adv_reg"
-    eps: Radius = 0.05
+    eps: AdversarialRadius = 0.05
     multiplier: float = Field(default=0.2, ge=0.0)
     norm: GradientNorm = GradientNorm.INF
 
@@ -258,7 +270,6 @@ class IBPObjective:
 ObjectiveParams = Annotated[Union[StandardParams, FGSMParams, FastFGSMParams, PGDParams,
                                   AdversarialRegularizationParams, IBPParams],
                             Field(discriminator="objective")]
-_ADAPTER = TypeAdapter(ObjectiveParams)
 PARAMS: dict[ObjectiveName, type[_Params]] = {
     ObjectiveName(model.model_fields["objective"].default): model
     for model in (StandardParams, FGSMParams, FastFGSMParams, PGDParams,

@@ -58,7 +58,7 @@ def format_front(result, spec) -> str:
     columns = [*spec.searched_names(), *surface, *spec.metric_names]
     widths = [max(len(c), 10) for c in columns]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    for row in sorted(result.front, key=lambda r: [-r[m] if spec.objectives[m] == "max"
+    for row in sorted(result.front, key=lambda r: [-r[m] if spec.optimize[m] == "max"
                                                    else r[m] for m in spec.metric_names]):
         cells = []
         for column, width in zip(columns, widths):
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpaceError, StorageError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.objectives.items())}"
+    log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.optimize.items())}"
         f"), {len(result.front)} of {len(result.rows)} "
         f"{'surface points' if spec.family.value == 'lesci' else 'finished trials'}, hypervolume "
         f"{result.hypervolume:.4f}:")

@@ -32,16 +32,16 @@ SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "mi
                    "threshold")
 
 
-def front_of(rows: list[dict[str, Any]], objectives: dict[str, str]) -> tuple[np.ndarray, float]:
-    """(on-front mask, hypervolume) of the rows' objective values.
+def front_of(rows: list[dict[str, Any]], optimize: dict[str, str]) -> tuple[np.ndarray, float]:
+    """(on-front mask, hypervolume) of the rows' values of the metrics in ``optimize``.
 
-    Hypervolume reference: 0 for maximised and 1 for minimised objectives (all of this
+    Hypervolume reference: 0 for maximised and 1 for minimised metrics (all of this
     project's metrics are accuracies or rates in [0, 1]).
     """
     if not rows:
         return np.zeros(0, dtype=bool), 0.0
-    values = np.array([[row[m] for m in objectives] for row in rows], dtype=float)
-    maximize = [mode == "max" for mode in objectives.values()]
+    values = np.array([[row[m] for m in optimize] for row in rows], dtype=float)
+    maximize = [mode == "max" for mode in optimize.values()]
     reference = [0.0 if up else 1.0 for up in maximize]
     return pareto_mask(values, maximize), hypervolume(values, maximize, reference)
 
@@ -62,11 +62,11 @@ def _pyplot():
     return plt
 
 
-def plot_front(rows: list[dict[str, Any]], on_front: Sequence[bool], objectives: dict[str, str],
+def plot_front(rows: list[dict[str, Any]], on_front: Sequence[bool], optimize: dict[str, str],
                path: Path, title: str) -> None:
-    """The first two objectives against each other, the third as colour, the front circled."""
+    """The first two optimized metrics against each other, the third as colour, the front circled."""
     plt = _pyplot()
-    metrics = list(objectives)
+    metrics = list(optimize)
     fig, ax = plt.subplots(figsize=(7, 5))
     if rows:
         x = [row[metrics[0]] for row in rows]
@@ -83,8 +83,8 @@ def plot_front(rows: list[dict[str, Any]], on_front: Sequence[bool], objectives:
                        label="Pareto front")
             if len(metrics) == 2:
                 ax.plot(fx, fy, color="red", alpha=0.5)
-    ax.set_xlabel(f"{metrics[0]} ({objectives[metrics[0]]})")
-    ax.set_ylabel(f"{metrics[1]} ({objectives[metrics[1]]})" if len(metrics) > 1 else "trial")
+    ax.set_xlabel(f"{metrics[0]} ({optimize[metrics[0]]})")
+    ax.set_ylabel(f"{metrics[1]} ({optimize[metrics[1]]})" if len(metrics) > 1 else "trial")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left")
@@ -195,7 +195,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                         f"{name}: {run.info.run_name}")
         rows.extend({**base, **point} for point in trial["surface"])
     rows.sort(key=lambda r: (r["trial_id"], r.get("k", 0), r.get("min_votes", 0)))
-    mask, volume = front_of(rows, spec.objectives)
+    mask, volume = front_of(rows, spec.optimize)
     for row, on in zip(rows, mask):
         row["pareto_optimal"] = bool(on)
     for trial_id, run_id in trial_runs.items():
@@ -210,7 +210,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         write_csv(rows, list(dict.fromkeys(columns)), csv_path)
         png_path = Path(folder) / "pareto_front.png"
         unit = "surface points" if lesci else "trials"
-        plot_front(rows, mask, spec.objectives, png_path,
+        plot_front(rows, mask, spec.optimize, png_path,
                    f"{name}: {len(front)} of {len(rows)} {unit} on the front")
         client.log_artifact(parent_run_id, str(csv_path))
         client.log_artifact(parent_run_id, str(png_path))

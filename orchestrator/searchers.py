@@ -80,14 +80,14 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     grids = spec.grid_values()
     for key, dist in spec.searched().items():
         space[key] = tune.grid_search(grids[key]) if key in grids else _domain(dist)
-    objectives = objective_space(spec)
-    if objectives is not None and objectives.searched:
+    objective_sp = objective_space(spec)
+    if objective_sp is not None and objective_sp.searched:
         if spec.search.algorithm is Algorithm.GRID:
             space["objective"] = tune.grid_search(spec.objective_grid())
         else:  # every objective's own values are drawn; the trial reads its objective's
-            if len(objectives.branches) > 1:
-                space["objective"] = tune.choice(objectives.names)
-            for name, own in objectives.branches.items():
+            if len(objective_sp.branches) > 1:
+                space["objective"] = tune.choice(objective_sp.names)
+            for name, own in objective_sp.branches.items():
                 for key, dist in own.items():
                     if isinstance(dist, DIST_TYPES):
                         space[branch_key(name, key)] = _domain(dist)

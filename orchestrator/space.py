@@ -14,7 +14,7 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
       threshold: {uniform: [0.5, 1.0]}
       # training families: objective: {choice: {pgd: {steps: {int: [3, 10]}}, fgsm: {}}}
     attack: {eps: 0.1, steps: 20}   # evaluation attacks (LESCI: adds robust metrics)
-    objectives: {accuracy: max, projection_rate: max}
+    optimize: {accuracy: max, projection_rate: max}   # the metrics of the Pareto front
     search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0}
     resources: {cpu: 1, gpu: 0}
     scheduler: none                 # asha: single-objective training sweeps only
@@ -156,7 +156,7 @@ class SweepSpec(_Strict):
     training: TrainConfig = Field(default_factory=TrainConfig)
     params: dict[str, Any]
     attack: AttackSpec | None = None
-    objectives: dict[str, Literal["max", "min"]] = Field(min_length=1)
+    optimize: dict[str, Literal["max", "min"]] = Field(min_length=1)  # the front's metrics
     search: SearchSpec = Field(default_factory=SearchSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scheduler: Literal["none", "asha"] = "none"
@@ -178,11 +178,11 @@ class SweepSpec(_Strict):
 
     @property
     def metric_names(self) -> list[str]:
-        return list(self.objectives)
+        return list(self.optimize)
 
     @property
     def modes(self) -> list[str]:
-        return list(self.objectives.values())
+        return list(self.optimize.values())
 
     def _trial_params(self) -> dict[str, Any]:
         """The top-level params that vary per trial or are fixed for all (LESCI's k and
@@ -210,7 +210,7 @@ class SweepSpec(_Strict):
     @property
     def search_metrics(self) -> tuple[list[str], list[str]]:
         """(metrics, modes) the searcher optimises: LESCI trials by the hypervolume of their
-        surface (the front is taken over every surface point), others by the objectives."""
+        surface (the front is taken over every surface point), others by the metrics of ``optimize``."""
         if self.family is Family.LESCI:
             return ["hypervolume"], ["max"]
         return self.metric_names, self.modes
@@ -370,15 +370,15 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
             raise ValueError(f"params.{key}: required for family {family.value!r}")
     check_params(spec)
     metrics = FAMILY_METRICS[family]
-    for metric in spec.objectives:
+    for metric in spec.optimize:
         if metric not in metrics:
-            raise ValueError(f"objectives.{metric}: not a metric of family {family.value!r}; "
+            raise ValueError(f"optimize.{metric}: not a metric of family {family.value!r}; "
                              f"allowed: {', '.join(metrics)}")
         if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
-            raise ValueError(f"objectives.{metric}: needs an attack (attack: {{eps: ...}})")
+            raise ValueError(f"optimize.{metric}: needs an attack (attack: {{eps: ...}})")
     if spec.scheduler == "asha":
-        if len(spec.objectives) > 1:
-            raise ValueError("scheduler: asha takes one objective; early-stopped trials would "
+        if len(spec.optimize) > 1:
+            raise ValueError("scheduler: asha takes one metric to optimize; early-stopped trials would "
                              "pollute a multi-objective Pareto front (use none)")
         if family is Family.LESCI:
             raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "

@@ -61,7 +61,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
         client, experiment_id, name,
         params={"space": spec.name, "family": spec.family.value,
                 "dataset": spec.dataset.name, "model": spec.model.name,
-                "objectives": json.dumps(spec.objectives),
+                "optimize": json.dumps(spec.optimize),
                 "algorithm": spec.search.algorithm.value,
                 "num_samples": str(spec.search.num_samples),
                 "storage": redact(storage_root.uri)},

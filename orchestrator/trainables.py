@@ -115,11 +115,11 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
     return metrics, budget
 
 
-def operating_point(rows: list[dict[str, Any]], objectives: dict[str, str]) -> dict[str, Any]:
-    """The point a trial reports as its own: the largest sum of its objectives (a minimised
+def operating_point(rows: list[dict[str, Any]], optimize: dict[str, str]) -> dict[str, Any]:
+    """The point a trial reports as its own: the largest sum of the metrics it optimizes (a minimised
     one counts as 1 - value), ties to the smaller k, then the smaller min_votes."""
     def score(row: dict[str, Any]) -> float:
-        values = [row[m] if mode == "max" else 1 - row[m] for m, mode in objectives.items()]
+        values = [row[m] if mode == "max" else 1 - row[m] for m, mode in optimize.items()]
         return sum(v for v in values if v == v)  # NaN counts as nothing
 
     return max(rows, key=lambda r: (score(r), -r["k"], -r["min_votes"]))
@@ -157,8 +157,8 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
                "min_votes": point.min_votes, "threshold": point.threshold}
         row.update({name: values[i] for name, values in metrics.items()})
         rows.append(row)
-    on_front, volume = front_of(rows, spec.objectives)
-    best = operating_point(rows, spec.objectives)
+    on_front, volume = front_of(rows, spec.optimize)
+    best = operating_point(rows, spec.optimize)
     report = {name: float(best[name]) for name in metrics}
     report.update({"hypervolume": volume, "surface_points": len(rows),
                    "surface_front_points": int(on_front.sum()), "operating_k": best["k"],

@@ -85,5 +85,6 @@ def test_adversarial_regularisation_steps_by_eps_along_unit_directions():
 def test_pgd_alpha_default_lives_in_one_place():
     from defenses.attacks import default_alpha
 
-    assert objective_params("pgd")(eps=0.1, steps=4).step_size == default_alpha(0.1, 4)
-    assert objective_params("pgd")(eps=0.1, steps=4, alpha=0.01).step_size == 0.01
+    assert objective_params("pgd")(eps=0.1, steps=4).alpha == default_alpha(0.1, 4)
+    assert objective_params("pgd")(eps=0.1, steps=4, alpha=0.01).alpha == 0.01
+    assert objective_params("fast_fgsm")(eps=0.1).alpha == 1.25 * 0.1

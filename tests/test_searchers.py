@@ -27,7 +27,7 @@ CONDITIONAL = textwrap.dedent("""
           standard: {}
       lr: {choice: [0.01, 0.1]}
     attack: {eps: 0.1}
-    objectives: {nominal_accuracy: max, pgd_accuracy: max}
+    optimize: {nominal_accuracy: max, pgd_accuracy: max}
     search: {algorithm: tpe, num_samples: 5}
 """)
 

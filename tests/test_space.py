@@ -19,7 +19,7 @@ GOOD = textwrap.dedent("""
       n_components: 8
       k: {int: [1, 8]}
       threshold: {uniform: [0.0, 0.9]}
-    objectives: {accuracy: max, projection_rate: max}
+    optimize: {accuracy: max, projection_rate: max}
 """)
 
 
@@ -36,7 +36,7 @@ TRAINING = textwrap.dedent("""
           pgd: {steps: {int: [2, 4]}}
           fgsm: {mix: {uniform: [0.0, 0.5]}}
     attack: {eps: 0.1}
-    objectives: {nominal_accuracy: max, pgd_accuracy: max}
+    optimize: {nominal_accuracy: max, pgd_accuracy: max}
 """)
 
 
@@ -101,14 +101,14 @@ BAD = [
      r"params.depth: 'layer9' is not a depth of resnet_digits; allowed: stem, layer1"),
     ("embedding smaller than k", variant({"params.embedding_size": 4}),
      r"params.embedding_size: 4 is smaller than the largest k \(8\)"),
-    ("unknown metric", variant({"objectives": {"acc": "max"}}),
-     r"objectives.acc: not a metric of family 'lesci'"),
-    ("bad mode", variant({"objectives": {"accuracy": "up"}}),
-     r"objectives.accuracy: Input should be 'max' or 'min'"),
-    ("robust objective without attack", variant({"objectives": {"robust_accuracy": "max"}}),
-     r"objectives.robust_accuracy: needs an attack"),
-    ("asha with two objectives", variant({"scheduler": "asha"}),
-     r"scheduler: asha takes one objective"),
+    ("unknown metric", variant({"optimize": {"acc": "max"}}),
+     r"optimize.acc: not a metric of family 'lesci'"),
+    ("bad mode", variant({"optimize": {"accuracy": "up"}}),
+     r"optimize.accuracy: Input should be 'max' or 'min'"),
+    ("robust objective without attack", variant({"optimize": {"robust_accuracy": "max"}}),
+     r"optimize.robust_accuracy: needs an attack"),
+    ("asha with two metrics to optimize", variant({"scheduler": "asha"}),
+     r"scheduler: asha takes one metric to optimize"),
     ("grid with a range", variant({"search": {"algorithm": "grid"},
                                    "params.embedding_size": {"uniform": [100, 200]}}),
      r"params.embedding_size: the grid algorithm needs choice or grid values"),
@@ -141,7 +141,7 @@ BAD = [
                                             "search": {"algorithm": "nsga2"}}, base=TRAINING),
      r"params.objective: grid needs algorithm grid"),
     ("ibp with another objective", variant({"family": "ibp", "params.objective": "pgd",
-                                            "objectives": {"verified_accuracy": "max"}},
+                                            "optimize": {"verified_accuracy": "max"}},
                                            base=TRAINING),
      r"params.objective: family 'ibp' trains with objective 'ibp' only"),
     ("num_samples 0", variant({"search": {"num_samples": 0}}),

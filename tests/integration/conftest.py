@@ -141,7 +141,7 @@ LESCI_GRID = textwrap.dedent("""
       k: [1, 3, 5]
       threshold: [0.3, 0.6]
     attack: {eps: 0.1, steps: 2, apgd: {steps: 3, targets: 0}, samples: 40}
-    objectives: {accuracy: max, projection_rate: max}
+    optimize: {accuracy: max, projection_rate: max}
     search: {algorithm: grid, max_concurrent: 2}
 """)
 
@@ -183,7 +183,7 @@ def training_space(epochs: int, train_size: int, pgd_steps: int, seeds: list[int
         "training": {"epochs": epochs, "batch_size": 64, "lr": 0.001},
         "params": {"objective": "pgd", "eps": 0.1, "alpha": 0.03, "steps": pgd_steps},
         "attack": {"eps": 0.1, "steps": 2},
-        "objectives": {"pgd_accuracy": "max"},
+        "optimize": {"pgd_accuracy": "max"},
         "search": {"algorithm": "grid", "max_concurrent": max_concurrent},
         "resources": {"cpu": 1},
         "max_failures": max_failures,

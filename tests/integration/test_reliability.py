@@ -62,7 +62,7 @@ FAILING = textwrap.dedent("""
       lr: {grid: [0.003, 0.0000001]}
       k: [3, 1000]
       threshold: 0.5
-    objectives: {accuracy: max, projection_rate: max}
+    optimize: {accuracy: max, projection_rate: max}
     search: {algorithm: grid, max_concurrent: 1}
     max_failures: 1
 """)
