@@ -187,7 +187,6 @@ def apgd(objective: Objective, x: torch.Tensor, eps: float, steps: int = 100,
     best_loss, succeeded = best_loss.detach().clone(), succeeded.detach().clone()
     best[succeeded] = x[succeeded]
     checkpoints = set(_apgd_checkpoints(steps))
-    view = (-1,) + (1,) * (x.ndim - 1)
     for run in range(len(starts) + restarts):
         rows = torch.nonzero(~succeeded).flatten()
         if rows.numel() == 0:
