@@ -106,7 +106,12 @@ def test_lesci_sampled_search_maximises_each_trials_surface_hypervolume(tmp_path
     assert "each a surface of 5 (k, m) points" in done.stdout  # k 1, 3, 5 x thresholds .3, .6
     client, parent, children = check_tracked(uri, "tpe", "lesci", 3)
     for child in children:  # the trial's point, not k or threshold, is what was searched
-        assert set(child.data.params) == {"depth", "n_components", "embedding_size", "center"}
+        params = child.data.params
+        assert {"depth", "n_components", "embedding_size", "center"} <= set(params)
+        assert not {"k", "threshold", "min_votes"} & set(params)
+        assert 50 <= int(params["embedding_size"]) <= 600 and params["center"] in ("True", "False")
+        assert params["epochs"] == "2" and params["batch_size"] == "128"  # what it trained with
+        assert child.info.run_name.startswith("lesci center=")  # named by what was drawn
         assert child.data.metrics["surface_points"] == 5
     front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
     assert len(front) == 15 and parent.data.metrics["surface_points"] == 15
