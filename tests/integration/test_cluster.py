@@ -194,6 +194,7 @@ def test_mlflow_ui_lists_child_runs_with_metrics(submitted):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     client = MlflowClient(submitted["mlflow"])
@@ -221,12 +222,17 @@ def test_mlflow_ui_lists_child_runs_with_metrics(submitted):
         driver.find_element(By.CSS_SELECTOR, expander).click()  # show the parent's children
         WebDriverWait(driver, 60).until(  # every child run, by its readable name
             lambda d: d.find_element(By.TAG_NAME, "body").text.count("lesci depth=") == children)
-        # add every metric column
-        driver.find_element(By.XPATH, "//*[contains(text(),'Show more columns')]").click()
-        WebDriverWait(driver, 30).until(lambda d: d.find_elements(
-            By.XPATH, "//*[starts-with(normalize-space(text()),'Metrics (')]"))
-        driver.find_element(By.XPATH,
-                            "//*[starts-with(normalize-space(text()),'Metrics (')]").click()
+        # add every metric column through the toolbar's "Columns" selector (the table's own
+        # "Show more columns" button is rendered but not interactable in MLflow 3.x): its tree
+        # has one checkable group per kind, "Metrics (N)" among them
+        columns = ("//button[@data-testid='column-selection-dropdown']"
+                   "[contains(normalize-space(), 'Columns')]")
+        WebDriverWait(driver, 30).until(
+            expected_conditions.element_to_be_clickable((By.XPATH, columns))).click()
+        metrics = ("//*[@data-testid='column-selector-tree']"
+                   "//*[starts-with(normalize-space(text()),'Metrics (')]")
+        WebDriverWait(driver, 30).until(
+            expected_conditions.element_to_be_clickable((By.XPATH, metrics))).click()
         driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
         cells = 'div.ag-cell[col-id="metrics.`accuracy`"]'  # the first metric: rendered
         WebDriverWait(driver, 30).until(
