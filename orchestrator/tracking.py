@@ -4,33 +4,237 @@ Ray's stock ``MLflowLoggerCallback`` keeps its trial-to-run map in memory and ha
 so a restored sweep would open second runs. Here child runs are keyed by the ``ray_trial_id``
 tag and found again on resume (the map is also saved with the experiment through
 ``get_state``/``set_state``); the parent is found again by its ``sweep`` tag.
+
+Every MLflow call goes through ``tracking_client``: a failing call is retried with exponential
+backoff and jitter for up to ``ROBUST_SWEEPS_MLFLOW_RETRY_S`` seconds (default 180) when the
+error means the server is unreachable or failing (connection errors, timeouts, HTTP 5xx and
+429), never when it answered no (4xx). This sits on top of MLflow's own per-request retries,
+which follow its ``MLFLOW_HTTP_REQUEST_*`` environment variables; those are left as the user set
+them. Creations are made idempotent: before a create is tried again, the object is looked up
+(it may have been created by the attempt whose answer was lost).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import sys
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-__all__ = ["MLflowTracking", "TrackingError", "check_tracking_uri", "ensure_experiment",
-           "ensure_parent_run", "child_run_name"]
+from orchestrator.storage import redact
+
+__all__ = ["MLflowTracking", "TrackingClient", "TrackingError", "TrackingUnavailable",
+           "check_tracking_uri", "ensure_experiment", "ensure_parent_run", "child_run_name",
+           "is_transient", "retry_budget", "tracking_client", "tracking_failure", "RETRY_ENV",
+           "DEFAULT_RETRY_S"]
+
+T = TypeVar("T")
+
+RETRY_ENV = "ROBUST_SWEEPS_MLFLOW_RETRY_S"
+DEFAULT_RETRY_S = 180.0
 
 
 class TrackingError(ValueError):
     """The MLflow tracking URI is unusable (unreachable server, unwritable file)."""
 
 
+class TrackingUnavailable(TrackingError):
+    """MLflow stayed unreachable (or kept failing) for the whole retry budget."""
+
+
+def tracking_failure(exc: BaseException | None) -> TrackingError | None:
+    """The ``TrackingError`` behind ``exc``, if any: itself, or one in its ``__cause__`` /
+    ``__context__`` chain. Ray Tune turns an exception raised in a callback into a
+    ``TuneError`` whose text is the traceback and whose ``__context__`` is the original."""
+    for link in _chain(exc):
+        if isinstance(link, TrackingError):
+            return link
+    return None
+
+
+def retry_budget() -> float:
+    """Seconds a failing MLflow call is retried: ``ROBUST_SWEEPS_MLFLOW_RETRY_S`` or 180."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise TrackingError(f"{RETRY_ENV}={raw!r}: not a number of seconds (0 or more)")
+    return value
+
+
+def _chain(exc: BaseException | None):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+# MLflow error codes that say "not now" rather than "no" (TEMPORARILY_UNAVAILABLE is also what
+# the SQL stores raise for a locked or unreachable database)
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED",
+                    "DEADLINE_EXCEEDED"}
+
+
+def _network_errors() -> tuple[type, ...]:
+    import http.client
+
+    import requests
+    import urllib3
+
+    return (ConnectionError, TimeoutError, http.client.HTTPException,
+            requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+            requests.exceptions.RetryError, requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.MaxRetryError, urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.TimeoutError, urllib3.exceptions.NewConnectionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` means that the tracking server is unreachable or failing (worth trying
+    again): a connection error or timeout anywhere in its chain, HTTP 5xx or 429, or an MLflow
+    error code for "temporarily unavailable". A 4xx answer (the request itself is wrong: the
+    run exists, a bad parameter) is not, nor a TLS certificate error."""
+    import requests
+
+    network = _network_errors()
+    for link in _chain(exc):
+        if isinstance(link, requests.exceptions.SSLError):
+            return False
+        if isinstance(link, network):
+            return True
+        if isinstance(link, MlflowException):
+            if link.error_code in _TRANSIENT_CODES:  # its name, e.g. "TEMPORARILY_UNAVAILABLE"
+                return True
+            status = link.get_http_status_code()
+            if isinstance(link, RestException) and (status == 429 or status >= 500):
+                return True  # the server answered that it is failing
+            if "failed with error code" in str(link):  # a non-JSON answer (a proxy's 502)
+                import re
+
+                found = re.search(r"failed with error code (\d{3})", str(link))
+                if found and (int(found.group(1)) in (408, 429) or int(found.group(1)) >= 500):
+                    return True
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, redacted line for the innermost error of ``exc``'s chain."""
+    links = [link for link in _chain(exc) if str(link).strip()]
+    link = links[-1] if links else exc
+    text = str(link).strip().splitlines()[0] if str(link).strip() else ""
+    return redact(f"{type(link).__name__}: {text}"[:200])
+
+
+def _print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class TrackingClient:
+    """An ``MlflowClient`` whose calls are retried while the tracking server is unreachable.
+
+    Any ``MlflowClient`` method is proxied; a call that fails with a transient error
+    (``is_transient``) is tried again with exponential backoff and jitter until ``budget_s``
+    seconds have passed since it started, then ``TrackingUnavailable`` is raised (one line:
+    the URI and how long it was unreachable). An outage is logged once when it starts and once
+    when it ends, not per attempt. Retried calls must be idempotent: ``create_once`` looks the
+    object up before creating it again, ``log_metric`` keeps its first timestamp (MLflow
+    dedups a metric with the same key, value, step and timestamp), and the tracking callback
+    logs metrics as ``Metric`` objects built once.
+    """
+
+    def __init__(self, uri: str, budget_s: float | None = None,
+                 log: Callable[[str], None] | None = None, client: Any = None,
+                 first_delay_s: float = 1.0, max_delay_s: float = 15.0,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
+        self.uri = uri
+        self.budget_s = retry_budget() if budget_s is None else float(budget_s)
+        self.raw = client if client is not None else MlflowClient(uri)
+        self._log = log or _print_stderr
+        self._first_delay_s, self._max_delay_s = first_delay_s, max_delay_s
+        self._sleep, self._clock = sleep, clock
+        self._down_since: float | None = None  # the start of the outage being ridden out
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "raw" or name.startswith("__"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        attribute = getattr(self.raw, name)
+        if not callable(attribute) or name.startswith("_"):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name == "log_metric" and len(args) < 4 and kwargs.get("timestamp") is None:
+                kwargs["timestamp"] = int(time.time() * 1000)  # the same on every attempt
+            return self.retrying(lambda raw: getattr(raw, name)(*args, **kwargs))
+
+        call.__name__ = name
+        return call
+
+    def retrying(self, call: Callable[[Any], T],
+                 find: Callable[[Any], T | None] | None = None) -> T:
+        """``call(raw client)``, tried again while MLflow is unreachable. Before each new
+        attempt ``find(raw client)`` is asked, if given: a result it returns is taken instead
+        (what an attempt whose answer was lost already did)."""
+        started = self._clock()
+        attempt = 0
+        while True:
+            try:
+                found = find(self.raw) if attempt and find is not None else None
+                result = found if found is not None else call(self.raw)
+            except Exception as exc:  # noqa: BLE001 - sorted by is_transient
+                if not is_transient(exc):
+                    raise
+                now = self._clock()
+                if self._down_since is None:
+                    self._down_since = started
+                    self._log(f"MLflow at {redact(self.uri)} unreachable ({_reason(exc)}); "
+                              f"retrying for up to {self.budget_s:.0f} s")
+                left = self.budget_s - (now - started)
+                if left <= 0:
+                    down = now - self._down_since
+                    self._down_since = None
+                    raise TrackingUnavailable(
+                        f"MLflow at {redact(self.uri)} unreachable for {down:.0f} s, longer "
+                        f"than the {self.budget_s:.0f} s retry budget ({RETRY_ENV}); last "
+                        f"error: {_reason(exc)}") from exc
+                delay = min(self._max_delay_s, self._first_delay_s * 2 ** attempt)
+                self._sleep(min(left, delay * random.uniform(0.5, 1.0)))
+                attempt += 1
+                continue
+            if self._down_since is not None:
+                self._log(f"MLflow at {redact(self.uri)} reachable again after "
+                          f"{self._clock() - self._down_since:.0f} s")
+                self._down_since = None
+            return result
+
+
+def tracking_client(uri: str, **options: Any) -> TrackingClient:
+    """The MLflow client every part of a sweep uses (see ``TrackingClient``)."""
+    return TrackingClient(uri, **options)
+
+
+def _create_once(client: Any, create: Callable[[Any], T], find: Callable[[Any], T | None]) -> T:
+    if isinstance(client, TrackingClient):
+        return client.retrying(create, find=find)
+    return create(client)
+
+
 def check_tracking_uri(uri: str) -> None:
-    """Fail fast, before any Ray work, on a tracking URI that cannot be used."""
-    import os
-
-    from orchestrator.storage import redact
-
+    """Fail fast, before any Ray work, on a tracking URI that cannot be used (and on a retry
+    budget that is not a number)."""
+    retry_budget()
     if uri.startswith(("http://", "https://")):
         # one quick request of our own (MLflow's client would retry for minutes; its retry
         # settings are process-wide environment variables, left untouched here)
@@ -59,26 +263,44 @@ _TUNE_KEYS = {"done", "training_iteration", "timestamp", "time_this_iter_s", "ti
               "episodes_total", "timesteps_since_restore", "warmup_time", "should_checkpoint"}
 
 
-def ensure_experiment(client: MlflowClient, name: str) -> str:
+def ensure_experiment(client: MlflowClient | TrackingClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    return client.create_experiment(name)
+
+    def find(raw) -> str | None:
+        found = raw.get_experiment_by_name(name)
+        return found.experiment_id if found is not None else None
+
+    return _create_once(client, lambda raw: raw.create_experiment(name), find)
 
 
-def ensure_parent_run(client: MlflowClient, experiment_id: str, sweep: str,
-                      params: dict[str, str], tags: dict[str, str]) -> str:
-    """The sweep's parent run: found by its ``sweep`` tag, created once."""
+def _parent_run(client, experiment_id: str, sweep: str):
     for run in client.search_runs([experiment_id], filter_string=f"tags.sweep = '{sweep}'"):
         if "mlflow.parentRunId" not in run.data.tags:
-            if run.info.status != "RUNNING":
-                client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id
-    run = client.create_run(experiment_id, run_name=sweep, tags={"sweep": sweep, **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-    return run.info.run_id
+            return run
+    return None
+
+
+def ensure_parent_run(client: MlflowClient | TrackingClient, experiment_id: str, sweep: str,
+                      params: dict[str, str], tags: dict[str, str]) -> str:
+    """The sweep's parent run: found by its ``sweep`` tag, created once."""
+    run = _parent_run(client, experiment_id, sweep)
+    if run is not None:
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+
+    def find(raw) -> str | None:
+        found = _parent_run(raw, experiment_id, sweep)
+        return found.info.run_id if found is not None else None
+
+    run_id = _create_once(client, lambda raw: raw.create_run(
+        experiment_id, run_name=sweep, tags={"sweep": sweep, **tags}).info.run_id, find)
+    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    return run_id
 
 
 def child_run_name(family: str, used: dict[str, Any], searched: list[str]) -> str:
@@ -118,12 +340,12 @@ class MLflowTracking(tune.Callback):
         # trials whose run this process has read back from MLflow (not saved: after a restore
         # the saved state may be older than the runs, so each run is read again once)
         self._checked: set[str] = set()
-        self._client: MlflowClient | None = None
+        self._client: TrackingClient | None = None
 
     @property
-    def client(self) -> MlflowClient:
+    def client(self) -> TrackingClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = tracking_client(self.tracking_uri)
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:  # the client does not pickle; it is rebuilt
@@ -150,6 +372,25 @@ class MLflowTracking(tune.Callback):
         self._logged_step = dict(state.get("logged_step", {}))
         self._checked = set()
 
+    def _find_run(self, client, trial_id: str) -> str | None:
+        """The trial's child run by its tag. Should there be more than one (a create whose
+        answer was lost, landing after the run was created again), the one in use, else one
+        with metrics, else the earliest is kept, and the others, empty, are deleted."""
+        found = client.search_runs(
+            [self.experiment_id],
+            filter_string=(f"tags.ray_trial_id = '{trial_id}' and "
+                           f"tags.mlflow.parentRunId = '{self.parent_run_id}'"),
+            order_by=["attributes.start_time ASC"])
+        if not found:
+            return None
+        in_use = self._runs.get(trial_id)
+        keep = next((r for r in found if r.info.run_id == in_use), None) or next(
+            (r for r in found if r.data.metrics), found[0])
+        for run in found:
+            if run is not keep and not run.data.metrics:
+                client.delete_run(run.info.run_id)
+        return keep.info.run_id
+
     def run_id(self, trial) -> str:
         """The trial's child run: from the map, else found by tag, else created."""
         trial_id = trial.trial_id
@@ -158,11 +399,7 @@ class MLflowTracking(tune.Callback):
         if trial_id in self._runs:
             found_id: str | None = self._runs[trial_id]
         else:
-            found = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=(f"tags.ray_trial_id = '{trial_id}' and "
-                               f"tags.mlflow.parentRunId = '{self.parent_run_id}'"))
-            found_id = found[0].info.run_id if found else None
+            found_id = self._find_run(self.client, trial_id)
         if found_id is not None:
             run_id = found_id
             # the saved state may be older than the run: read back what it already holds
@@ -171,17 +408,29 @@ class MLflowTracking(tune.Callback):
                                                *(m.step for m in history)])
         else:
             used = self.used(trial)
-            run = self.client.create_run(
-                self.experiment_id, run_name=child_run_name(self.family, used, self.searched),
-                tags={"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
-                      "sweep": self.sweep, "family": self.family})
-            run_id = run.info.run_id
+            tags = {"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
+                    "sweep": self.sweep, "family": self.family}
+            # a create retried after its answer was lost finds the run instead of a second one
+            run_id = self.client.retrying(
+                lambda raw: raw.create_run(
+                    self.experiment_id, tags=tags,
+                    run_name=child_run_name(self.family, used, self.searched)).info.run_id,
+                find=lambda raw: self._find_run(raw, trial_id))
             params = [Param(k, str(v)[:6000]) for k, v in sorted(used.items())]
-            for start in range(0, len(params), 100):
+            for start in range(0, len(params), 100):  # the same values again: idempotent
                 self.client.log_batch(run_id, params=params[start:start + 100])
         self._runs[trial_id] = run_id
         self._checked.add(trial_id)
         return run_id
+
+    def _drop_duplicates(self, trial_id: str) -> None:
+        """Delete empty duplicates of the trial's run that a lost create left behind."""
+        try:
+            self._find_run(self.client, trial_id)
+        except TrackingUnavailable:
+            raise
+        except MlflowException:
+            pass  # housekeeping: never worth failing the sweep
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
@@ -193,13 +442,15 @@ class MLflowTracking(tune.Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if step <= self._logged_step.get(trial.trial_id, -1):
             return
-        self._logged_step[trial.trial_id] = step
         now = int(time.time() * 1000)
+        # built once: a retried log_batch sends the same (key, value, step, timestamp), which
+        # MLflow's SQL store keeps once
         metrics = [Metric(key, float(value), now, step) for key, value in result.items()
                    if key not in _TUNE_KEYS and isinstance(value, (int, float))
                    and not isinstance(value, bool) and not math.isinf(float(value))]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        self._logged_step[trial.trial_id] = step  # only once MLflow has it
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
@@ -214,6 +465,7 @@ class MLflowTracking(tune.Callback):
                 log_surface(self.client, run_id, json.loads(found[0])["surface"], columns,
                             f"{self.sweep}: {title}")
         self.client.set_terminated(run_id, status="FINISHED")
+        self._drop_duplicates(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
@@ -228,3 +480,4 @@ class MLflowTracking(tune.Callback):
         self.client.log_batch(run_id, tags=[RunTag("error", (lines[-1] if lines else
                                                              "trial failed")[:5000])])
         self.client.set_terminated(run_id, status="FAILED")
+        self._drop_duplicates(trial.trial_id)
