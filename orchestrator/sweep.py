@@ -17,7 +17,8 @@ from orchestrator.searchers import param_space, tune_config
 from orchestrator.space import Family, SpaceError, SweepSpec
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
-from orchestrator.tracking import MLflowTracking, ensure_experiment, ensure_parent_run
+from orchestrator.tracking import (MLflowTracking, ensure_experiment, ensure_parent_run,
+                                   tracking_client)
 from orchestrator.trainables import make_trainable
 
 __all__ = ["run_sweep"]
@@ -55,7 +56,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
         storage_root.check_writable()
         sweep_storage.write_bytes(SPACE_FILE, json.dumps(spec.as_dict(), indent=2).encode())
 
-    client = MlflowClient(mlflow_uri)
+    client = tracking_client(mlflow_uri)
     experiment_id = ensure_experiment(client, name)
     parent_run_id = ensure_parent_run(
         client, experiment_id, name,
