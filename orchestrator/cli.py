@@ -7,6 +7,7 @@ Exit codes: 0 done, 2 bad input (one line saying what and where), 1 failure.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="continue the sweep --name after a crash, Ctrl-C or lost head node")
     parser.add_argument("--smoke-test", action="store_true",
                         help="tiny and fast: the space's smoke_test overrides")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray Tune's trial tables, Ray's and MLflow's logs and "
+                             "the trials' own output")
     return parser.parse_args(argv)
 
 
@@ -70,6 +74,12 @@ def format_front(result, spec) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Unless verbose: Tune's legacy reporter at verbosity 0 prints nothing (its new output
+    # engine prints a heading and a TensorBoard hint even then), and MLflow's INFO lines
+    # (store creation, migrations) stay out of the console.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1" if args.verbose else "0")
+    if not args.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         _positive("--num-samples", args.num_samples)
         _positive("--max-concurrent", args.max_concurrent)
@@ -96,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    if spec.family.value == "lesci" else "")
         log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
             f"{spec.trial_count} trial(s){surface}, storage {redact(storage.uri)}")
-        result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log)
+        result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log,
+                           verbose=args.verbose)
     except (SpaceError, StorageError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,5 +125,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     sys.exit(main())

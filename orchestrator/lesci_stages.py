@@ -25,6 +25,7 @@ from defenses.models import build_model, eval_mode
 from defenses.pca import StreamingPCA
 from defenses.trainer import TrainConfig, Trainer
 from orchestrator.params import Trial
+from orchestrator.progress import ProgressLine
 from orchestrator.space import SweepSpec
 from orchestrator.stages import StageCache
 
@@ -147,14 +148,9 @@ class LESCIStages:
     # -- PCA at the depth, with the largest n_components of the space ----------------------
 
     def _fit_pca(self) -> bytes:
-        logged = [0]
-
-        def progress(seen: int) -> None:  # early layers take long: say how far the fit is
-            if seen - logged[0] >= 10_000:
-                logged[0] = seen
-                self.log(f"PCA at {self.depth} ({self.max_components} components): "
-                         f"{seen} samples folded")
-
+        # early layers take long: say how far the fit is, how fast, and how long is left
+        progress = ProgressLine(f"PCA at {self.depth} ({self.max_components} components)",
+                                len(self.splits.train), "samples", self.log)
         return fit_pca_at_depth(self.model(), self.depth, self.splits.train,
                                 self.max_components, device=self.device,
                                 progress=progress).to_bytes()
@@ -163,7 +159,7 @@ class LESCIStages:
         """The stage's PCA, truncated to the trial's n_components (unless ``truncated`` is
         False)."""
         n = self.trial.lesci.n_components if truncated else None
-        return StreamingPCA.from_bytes(self.cache.get("pca", self.pca_inputs, self._fit_pca),
+        return StreamingPCA.from_bytes(self.cache.get("pca", self.pca_inputs, self._fit_pca, self.depth),
                                        "PCA stage", device=self.device, n_components=n)
 
     # -- the embedding space of that PCA, at the largest embedding size --------------------
@@ -176,7 +172,7 @@ class LESCIStages:
     def embedding_space(self) -> EmbeddingSpace:
         """The stage's space, truncated to the trial's n_components and embedding size."""
         space = EmbeddingSpace.from_bytes(
-            self.cache.get("space", self.space_inputs, self._build_space),
+            self.cache.get("space", self.space_inputs, self._build_space, self.depth),
             "embedding-space stage")
         size = self.trial.lesci.embedding_size
         return space.truncate(self.trial.lesci.n_components,

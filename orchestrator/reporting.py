@@ -165,13 +165,14 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     searched = spec.searched_names()
     parent_metrics: dict[str, float] = {}
     budget: dict[str, Any] = {}
+    failures: list[str] = []
     for result in grid:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id")
-        if result.error is not None or any(
-                not isinstance(metrics.get(m), (int, float)) or math.isnan(metrics[m])
-                for m in required):
+        trial_id = metrics.get("trial_id") or Path(str(result.path)).name
+        reason = _failure(result.error, metrics, required)
+        if reason is not None:
             failed += 1
+            failures.append(f"{trial_id}: {reason}")
             continue
         run = runs.get(trial_id)
         run_id = run.info.run_id if run else ""
@@ -184,6 +185,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         stored = sweep_storage.get_verified(f"results/{trial_id}.json")
         if stored is None:
             failed += 1
+            failures.append(f"{trial_id}: its stored surface is missing or corrupt")
             continue
         trial = json.loads(stored[0])
         budget = trial.get("budget") or budget
@@ -217,6 +219,10 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     client.log_metric(parent_run_id, "hypervolume", volume)
     client.log_metric(parent_run_id, "finished_trials", len(trial_runs))
     client.log_metric(parent_run_id, "failed_trials", failed)
+    if failures:  # why, on the parent run and in the console
+        client.set_tag(parent_run_id, "failures", "\n".join(failures)[:5000])
+        for line in failures:
+            log(f"  failed: {line}")
     if lesci:
         client.log_metric(parent_run_id, "surface_points", len(rows))
     for key, value in parent_metrics.items():
@@ -231,6 +237,24 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         f"{len(front)} of {len(rows)} {'surface points' if lesci else 'trials'}, hypervolume "
         f"{volume:.4f}")
     return SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id)
+
+
+def _failure(error: BaseException | None, metrics: dict[str, Any],
+             required: list[str]) -> str | None:
+    """Why a trial counts as failed, or None: it raised, or a metric it must report (the
+    searcher's: a LESCI trial's hypervolume, a training trial's optimized metrics) is missing
+    or NaN. Any other undefined metric (accuracy_projected when nothing is projected) is not
+    a failure."""
+    if error is not None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"raised {type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+    for metric in required:
+        value = metrics.get(metric)
+        if not isinstance(value, (int, float)):
+            return f"did not report {metric}"
+        if math.isnan(value):
+            return f"reported {metric} = NaN"
+    return None
 
 
 def surface_columns(spec: SweepSpec) -> list[str]:

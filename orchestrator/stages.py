@@ -37,11 +37,23 @@ def coordinator_name(sweep: str) -> str:
 @ray.remote(num_cpus=0)
 class StageCoordinator:
     """One claim per key: ``acquire`` returns True to the caller that must compute; the others
-    wait until it ``release``s (done: they load it; failed: one of them computes instead)."""
+    wait until it ``release``s (done: they load it; failed: one of them computes instead).
+
+    It also carries the trials' console lines to the driver (``note``, ``drain``), so that the
+    console shows them without Ray's log forwarding."""
 
     def __init__(self) -> None:
         self._state: dict[str, str] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._lines: list[str] = []
+
+    async def note(self, line: str) -> None:
+        self._lines.append(line)
+        del self._lines[:-1000]  # a driver that stopped reading must not grow this forever
+
+    async def drain(self) -> list[str]:
+        lines, self._lines = self._lines, []
+        return lines
 
     async def acquire(self, key: str) -> bool:
         while True:
@@ -86,9 +98,12 @@ class StageCache:
         if self.coordinator is not None:
             ray.get(self.coordinator.release.remote(key, ok))
 
-    def get(self, kind: str, inputs: dict[str, Any], compute: Callable[[], bytes]) -> bytes:
-        """The stage's bytes: from storage if present and intact, else computed once."""
+    def get(self, kind: str, inputs: dict[str, Any], compute: Callable[[], bytes],
+            label: str = "") -> bytes:
+        """The stage's bytes: from storage if present and intact, else computed once.
+        ``label``: a few words that tell this stage from the others of its kind (the depth)."""
         key = f"{kind}-{stage_key(inputs)}"
+        name = f"stage {kind}{f' {label}' if label else ''} ({key.rsplit('-', 1)[1][:8]})"
         path = f"stages/{key}"
         found = self.storage.get_verified(path)
         if found is not None:
@@ -107,7 +122,7 @@ class StageCache:
                     self._release(key, True)
                     return found[0]
                 start = time.perf_counter()
-                self.log(f"stage {key}: computing ({json.dumps(inputs, default=str)[:200]})")
+                self.log(f"{name}: computing")
                 data = compute()
                 seconds = time.perf_counter() - start
                 self.storage.put_verified(path, data, {"kind": kind, "inputs": inputs,
@@ -116,7 +131,7 @@ class StageCache:
                 record = {"key": key, "by": self.owner, "seconds": seconds, "at": time.time()}
                 self.storage.write_bytes(f"stages/computed/{key}-{uuid.uuid4().hex[:8]}.json",
                                          json.dumps(record).encode())
-                self.log(f"stage {key}: done in {seconds:.1f} s")
+                self.log(f"{name}: done in {seconds:.1f} s")
             except BaseException:
                 self._release(key, False)
                 raise

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.progress import ConsoleProgress
 from orchestrator.reporting import SweepResult, report_front, surface_columns
 from orchestrator.searchers import param_space, tune_config
 from orchestrator.space import Family, SpaceError, SweepSpec
@@ -26,35 +27,65 @@ __all__ = ["run_sweep"]
 SPACE_FILE = "space.json"
 
 
-def _init_ray() -> None:
+def _init_ray(verbose: bool) -> None:
     if ray.is_initialized():
         return
     # No resource arguments: on a cluster this attaches to the running Ray (ray submit),
-    # elsewhere it starts a local one.
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    # elsewhere it starts a local one. Unless verbose, Ray's own warnings and the trials'
+    # output stay out of the console (the trials send their lines through the coordinator).
+    ray.init(include_dashboard=False, logging_level="INFO" if verbose else "ERROR",
+             log_to_driver=verbose)
 
 
-def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str,
-              resume: bool = False, log=print) -> SweepResult:
-    """Run (or, with ``resume``, continue) the sweep ``name`` of ``spec``."""
+def _claim_name(spec: SweepSpec, name: str, storage_root: Storage, resume: bool,
+                log) -> bool:
+    """Store the sweep's space unless it is there; True if Tune has saved state to restore.
+
+    A sweep killed at any moment can be resumed: before anything was stored, ``--resume``
+    simply starts it; after its space was stored but before Tune first saved its state (MLflow
+    set-up, Ray's start), ``--resume`` starts its trials afresh."""
     sweep_storage = storage_root.child(name)
-    experiment_path = storage_root.join(name)
     stored = sweep_storage.read_bytes(SPACE_FILE)
-    exists = tune.Tuner.can_restore(experiment_path) if stored is not None else False
-    if resume:
-        if not exists:
-            raise SpaceError(f"--resume: no sweep named {name!r} in {redact(storage_root.uri)}")
-        if json.loads(stored) != spec.as_dict():
-            raise SpaceError(f"--resume: sweep {name!r} was started with another space (or "
-                             f"other --num-samples/--max-concurrent/--smoke-test); resume it "
-                             "with the same arguments")
-    elif stored is not None:
+    if stored is not None and resume and json.loads(stored) != spec.as_dict():
+        raise SpaceError(f"--resume: sweep {name!r} was started with another space (or "
+                         f"other --num-samples/--max-concurrent/--smoke-test); resume it "
+                         "with the same arguments")
+    if stored is not None and not resume:
         raise SpaceError(f"--name {name}: a sweep of that name exists in "
                          f"{redact(storage_root.uri)}; pass --resume to continue it or choose "
                          "another --name")
-    else:
+    if stored is None:
+        if resume:
+            log(f"sweep {name!r}: nothing was stored yet in {redact(storage_root.uri)}; "
+                "starting it")
         storage_root.check_writable()
         sweep_storage.write_bytes(SPACE_FILE, json.dumps(spec.as_dict(), indent=2).encode())
+        return False
+    restorable = tune.Tuner.can_restore(storage_root.join(name))
+    if not restorable:
+        log(f"sweep {name!r}: stopped before Ray saved its state; starting its trials")
+    return restorable
+
+
+def _forget_lost_trials(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                        log) -> None:
+    """Delete the child runs of trials that Tune never saved: a sweep stopped before Tune's
+    first state save starts its trials afresh, under new trial ids."""
+    lost = client.search_runs([experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10_000)
+    for run in lost:
+        client.delete_run(run.info.run_id)
+    if lost:
+        log(f"MLflow: {len(lost)} run(s) of trials lost before Ray saved its state, removed")
+
+
+def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str,
+              resume: bool = False, log=print, verbose: bool = False) -> SweepResult:
+    """Run (or, with ``resume``, continue) the sweep ``name`` of ``spec``."""
+    sweep_storage = storage_root.child(name)
+    experiment_path = storage_root.join(name)
+    restore = _claim_name(spec, name, storage_root, resume, log)
 
     client = tracking_client(mlflow_uri)
     experiment_id = ensure_experiment(client, name)
@@ -67,33 +98,40 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 "num_samples": str(spec.search.num_samples),
                 "storage": redact(storage_root.uri)},
         tags={"family": spec.family.value})
+    if resume and not restore:
+        _forget_lost_trials(client, experiment_id, parent_run_id, log)
     log(f"MLflow: experiment {name!r} ({experiment_id}), parent run {parent_run_id}")
 
-    _init_ray()
+    _init_ray(verbose)
     # On the driver's node: losing a worker node must not take the coordinator with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # the handle is held for the whole sweep, so the named actor lives as long as the trials
-    _coordinator = StageCoordinator.options(name=coordinator_name(name), get_if_exists=True,
+    coordinator = StageCoordinator.options(name=coordinator_name(name), get_if_exists=True,
                                            scheduling_strategy=here).remote()
     trainable = make_trainable(spec, sweep_storage)
-    if resume:
+    if restore:
         log(f"resuming sweep {name!r} from {redact(experiment_path)}")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
                                    param_space=param_space(spec))
     else:
         surfaces = ((sweep_storage.uri, surface_columns(spec))
                     if spec.family is Family.LESCI else None)
-        callback = MLflowTracking(mlflow_uri, experiment_id, parent_run_id, name, spec,
-                                  surfaces)
+        callbacks = [MLflowTracking(mlflow_uri, experiment_id, parent_run_id, name, spec,
+                                    surfaces),
+                     ConsoleProgress(name, spec.trial_count, spec.search.max_concurrent,
+                                     spec.optimize,
+                                     spec.family is Family.LESCI, sweep_storage.uri,
+                                     coordinator_name(name), log)]
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec), tune_config=tune_config(spec),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_root.uri,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[callback], verbose=1))
+                callbacks=callbacks, verbose=1 if verbose else 0))
     start = time.perf_counter()
     grid = tuner.fit()
+    del coordinator  # the trials are over
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
     return report_front(spec, name, grid, client, experiment_id, parent_run_id, sweep_storage,
                         log)

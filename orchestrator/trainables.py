@@ -11,8 +11,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
-import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -25,6 +24,7 @@ from defenses.surface import SurfacePoint, surface_metrics
 from defenses.trainer import Trainer
 from orchestrator.lesci_stages import LESCIStages, space_model, validation_tensors
 from orchestrator.params import resolve
+from orchestrator.progress import ProgressLine
 from orchestrator.reporting import BASE_METRICS, front_of
 from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
@@ -52,21 +52,39 @@ def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
     return spec, splits, _device(spec)
 
 
-def _log(message: str) -> None:
-    print(f"[{tune.get_context().get_trial_name() or 'trial'}] {message}", flush=True)
+def _coordinator(storage: Storage):
+    """The sweep's coordinator actor, or None when the trial runs outside a sweep driver."""
+    sweep = storage.uri.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        return ray.get_actor(coordinator_name(sweep))
+    except ValueError:
+        return None
+
+
+def _console(storage: Storage) -> Callable[[str], None]:
+    """A trial's console lines: sent to the driver through the sweep's coordinator (printed by
+    ``orchestrator.progress.ConsoleProgress``), or printed outside a sweep."""
+    coordinator = _coordinator(storage)
+    name = tune.get_context().get_trial_id() or "trial"
+
+    def log(message: str) -> None:
+        line = f"{name}: {message}"
+        if coordinator is None:
+            print(line, flush=True)
+        else:
+            coordinator.note.remote(line)
+
+    return log
 
 
 # ------------------------------------------------------------------------------------------------
 # LESCI
 
 
-def _stage_cache(storage: Storage) -> StageCache:
-    sweep = storage.uri.rstrip("/").rsplit("/", 1)[-1]
-    try:
-        coordinator = ray.get_actor(coordinator_name(sweep))
-    except ValueError:
-        coordinator = None  # running outside a sweep driver: storage alone dedups across runs
-    return StageCache(storage, coordinator, owner=tune.get_context().get_trial_id() or "", log=_log)
+def _stage_cache(storage: Storage, log: Callable[[str], None]) -> StageCache:
+    # outside a sweep driver there is no coordinator: storage alone dedups across runs
+    return StageCache(storage, _coordinator(storage),
+                      owner=tune.get_context().get_trial_id() or "", log=log)
 
 
 def _stored_result(storage: Storage) -> tuple[str, dict[str, float] | None]:
@@ -127,15 +145,16 @@ def operating_point(rows: list[dict[str, Any]], optimize: dict[str, str]) -> dic
 
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     storage = Storage(storage_uri)
+    log = _console(storage)
     result_path, done = _stored_result(storage)
     if done is not None:
-        _log("finished in an earlier run: reporting its stored result")
+        log("finished in an earlier run: reporting its stored result")
         tune.report(done["report"])
         return
     spec, splits, device = _setup(spec_json)
     trial = resolve(spec, config)
     points = spec.surface_points()
-    stages = LESCIStages(spec, trial, splits, device, _stage_cache(storage), log=_log)
+    stages = LESCIStages(spec, trial, splits, device, _stage_cache(storage, log), log=log)
     model, pca, space = stages.model(), stages.pca(), stages.embedding_space()
     k_max = max(p.k for p in points)
     if k_max > len(space):
@@ -144,10 +163,15 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     params = trial.lesci
     decision = LESCIDecision(model, params.depth, pca, space, k_max, center=params.center,
                              num_classes=splits.num_classes)
-    start = time.perf_counter()
+    samples = len(splits.val) if spec.attack is None or spec.attack.samples is None else min(
+        spec.attack.samples, len(splits.val))
+    line: list[ProgressLine] = []
 
-    def progress(done: int, total: int) -> None:
-        _log(f"attacks on the vote: {done}/{total} runs, {time.perf_counter() - start:.0f} s")
+    def progress(done: int, total: int) -> None:  # attack runs over the attacked samples
+        if not line:
+            line.append(ProgressLine(f"attacks on the vote at {params.depth}", total * samples,
+                                     "sample-runs", log))
+        line[0](done * samples)
 
     metrics, budget = lesci_surface(spec, decision, points, splits, attacks, device, progress)
     rows = []
@@ -217,7 +241,7 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         state, last_metrics = newest
         trainer.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
                                            weights_only=True))
-        _log(f"resumed from epoch {trainer.epoch}")
+        _console(Storage(storage_uri))(f"resumed from epoch {trainer.epoch}")
         # that epoch's result again: a driver that died may not have tracked it yet (the MLflow
         # callback skips epochs it has), and a trial that finished after Tune's last state
         # save ends here

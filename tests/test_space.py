@@ -182,7 +182,6 @@ def test_cli_input_errors(tmp_path, capsys):
         (["--name", "a b"], "--name 'a b': use letters"),
         (["--mlflow-uri", "sqlite:////nonexistent/dir/m.db"], "folder /nonexistent/dir"),
         (["--mlflow-uri", "http://127.0.0.1:9"], "--mlflow-uri http://127.0.0.1:9: unreachable"),
-        (["--name", "absent", "--resume"], "--resume: no sweep named 'absent'"),
         (["--storage", "/proc/forbidden"], "/proc/forbidden/.probe-"),
     ]
     for extra, message in cases:

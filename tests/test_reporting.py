@@ -1,0 +1,49 @@
+"""What counts as a failed trial, and the console's progress lines."""
+
+import math
+from types import SimpleNamespace
+
+from orchestrator.progress import ConsoleProgress, ProgressLine, format_seconds
+from orchestrator.reporting import _failure
+
+
+def test_a_trial_fails_only_when_it_raised_or_a_required_metric_is_missing_or_nan():
+    required = ["hypervolume"]
+    assert _failure(None, {"hypervolume": 0.7, "accuracy_projected": math.nan}, required) is None
+    assert _failure(None, {}, required) == "did not report hypervolume"
+    assert _failure(None, {"hypervolume": math.nan}, required) == "reported hypervolume = NaN"
+    error = RuntimeError("Traceback ...\n  File x\nValueError: k=50 exceeds the space's 40 samples")
+    assert _failure(error, {"hypervolume": 0.7}, required) == (
+        "raised RuntimeError: ValueError: k=50 exceeds the space's 40 samples")
+
+
+def test_progress_lines_say_rate_and_time_left():
+    lines = []
+    progress = ProgressLine("PCA at stem", 1000, "samples", lines.append, every=0.0)
+    progress(250)
+    progress(1000)  # the end is said by the stage's "done" line, not here
+    assert len(lines) == 1 and lines[0].startswith("PCA at stem: 250/1,000 samples, ")
+    assert "/s, about " in lines[0] and lines[0].endswith(" left")
+    assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"
+
+
+def test_status_line_counts_the_ending_trial_and_estimates_time_left():
+    lines = []
+    console = ConsoleProgress("s", total=4, concurrent=2, optimize={"a": "max", "b": "max"},
+                              lesci=False, storage_uri="/nowhere", coordinator=None,
+                              log=lines.append)
+    console.setup()
+    done = SimpleNamespace(trial_id="t1", status="TERMINATED",
+                           last_result={"a": 0.5, "b": 0.5, "time_total_s": 10.0})
+    ending = SimpleNamespace(trial_id="t2", status="RUNNING",
+                             last_result={"a": 1.0, "b": 0.25, "time_total_s": 10.0})
+    running = SimpleNamespace(trial_id="t3", status="RUNNING", last_result={})
+    pending = SimpleNamespace(trial_id="t4", status="PENDING", last_result={})
+    console._record(done, done.last_result)
+    console.on_trial_complete(0, [done, ending, running, pending], ending)
+    assert len(lines) == 1
+    line = lines[0]
+    assert "trials: 2 done, 1 running, 0 failed, of 4" in line
+    # one waiting and half of one running, at 10 s each, over two slots
+    assert "about 0:08 left" in line
+    assert "front hypervolume 0.3750" in line  # (0.5, 0.5) and (1, 0.25): 0.25 + 0.125
