@@ -15,7 +15,8 @@ from pathlib import Path
 
 from orchestrator.space import SpaceError, check_sweep_name, load_space, shipped_spaces
 from orchestrator.storage import Storage, StorageError, redact
-from orchestrator.tracking import TrackingError, check_tracking_uri
+from orchestrator.tracking import (TrackingError, TrackingUnavailable, check_tracking_uri,
+                                   tracking_failure)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,9 +109,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{spec.trial_count} trial(s){surface}, storage {redact(storage.uri)}")
         result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log,
                            verbose=args.verbose)
+    except TrackingUnavailable as exc:  # an outage, not bad input: --resume once it answers
+        print(f"error: {exc}; continue with --resume once it answers", file=sys.stderr)
+        return 1
     except (SpaceError, StorageError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        found = tracking_failure(exc)  # raised in a Tune callback: Tune wraps it
+        if found is None:
+            raise
+        print(f"error: {found}; continue with --resume once it answers", file=sys.stderr)
+        return 1
     log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.optimize.items())}"
         f"), {len(result.front)} of {len(result.rows)} "
         f"{'surface points' if spec.family.value == 'lesci' else 'finished trials'}, hypervolume "

@@ -33,7 +33,8 @@ def _init_ray(verbose: bool) -> None:
     # No resource arguments: on a cluster this attaches to the running Ray (ray submit),
     # elsewhere it starts a local one. Unless verbose, Ray's own warnings and the trials'
     # output stay out of the console (the trials send their lines through the coordinator).
-    ray.init(include_dashboard=False, logging_level="INFO" if verbose else "ERROR",
+    # (a failed trial's reason is printed by ConsoleProgress, without Ray's traceback)
+    ray.init(include_dashboard=False, logging_level="INFO" if verbose else "CRITICAL",
              log_to_driver=verbose)
 
 

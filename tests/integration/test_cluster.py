@@ -30,6 +30,9 @@ from tests.integration.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 ARTIFACTS = ROOT / "test-artifacts"
+# this interpreter's own tools: a virtualenv's bin need not be on PATH
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
 BUCKET = "cluster-test"
 
 
@@ -80,7 +83,7 @@ class Processes:
 @pytest.fixture(scope="module")
 def submitted(tmp_path_factory):
     """Services up, a sweep submitted through ``ray submit``; yields what the tests check."""
-    for tool in ("sshd", "rsync", "ray"):
+    for tool in ("sshd", "rsync"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             _missing(f"{tool} is not installed")
     with socket.socket() as s:
@@ -107,21 +110,31 @@ def submitted(tmp_path_factory):
         s3.create_bucket(Bucket=BUCKET)
         server_env = dict(os.environ, **s3_env,
                           MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"])
-        procs.start(["mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+        procs.start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
+                     "--port", str(mlflow_port),
                      "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
                      "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
                     tmp / "mlflow.log", env=server_env)
 
-        # sshd of the test's own: its key, its host key, and the environment a user's shell on
-        # the head would have (PATH to this Python, the S3 endpoint and credentials).
+        # sshd of the test's own: its key, its host key, and a home of its own for the head's
+        # user, whose ~/.bashrc gives a shell on the head the environment a user's would have
+        # (this interpreter's bin first on PATH, the S3 endpoint and credentials). Ray runs its
+        # commands in login shells, which reset PATH from /etc/profile and then source
+        # ~/.bashrc: a PATH set by sshd alone would not reach them (a virtualenv's `ray` would
+        # be "command not found" on the head).
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key")],
                        check=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(tmp / "hostkey")], check=True)
         shutil.copy(tmp / "key.pub", tmp / "authorized_keys")
+        home = tmp / "home"
+        home.mkdir()
+        exports = {"PATH": f"{BIN}:$PATH", **s3_env}
+        (home / ".bashrc").write_text(
+            "".join(f'export {k}="{v}"\n' for k, v in exports.items()))
         env_line = " ".join(f"{k}={v}" for k, v in {
-            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            **s3_env}.items())
+            "HOME": str(home),
+            "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", **s3_env}.items())
         (tmp / "sshd_config").write_text(
             f"Port 22\nListenAddress 127.0.0.1\nHostKey {tmp / 'hostkey'}\n"
             f"PidFile {tmp / 'sshd.pid'}\nAuthorizedKeysFile {tmp / 'authorized_keys'}\n"
@@ -136,12 +149,16 @@ def submitted(tmp_path_factory):
 
         cluster = yaml.safe_load((ROOT / "docker" / "cluster-local.yaml").read_text())
         cluster["auth"]["ssh_private_key"] = str(tmp / "key")
+        # the head runs this interpreter's own ray, whatever else is on its PATH
+        cluster["head_start_ray_commands"] = [
+            command.replace("ray ", f"{RAY} ", 1)
+            for command in cluster["head_start_ray_commands"]]
         config.write_text(yaml.safe_dump(cluster))
-        up = subprocess.run(["ray", "up", "-y", "--no-config-cache", str(config)],
+        up = subprocess.run([RAY, "up", "-y", "--no-config-cache", str(config)],
                             capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         submit = subprocess.run(
-            ["ray", "submit", "--no-config-cache", str(config), str(ROOT / "search.py"), "--",
+            [RAY, "submit", "--no-config-cache", str(config), str(ROOT / "search.py"), "--",
              "--smoke-test", "--name", "submitted", "--storage", f"s3://{BUCKET}/sweeps",
              "--mlflow-uri", f"http://127.0.0.1:{mlflow_port}"],
             capture_output=True, text=True, timeout=600)
@@ -150,8 +167,8 @@ def submitted(tmp_path_factory):
                "tmp": tmp}
     finally:
         if config.exists():
-            subprocess.run(["ray", "down", "-y", str(config)], capture_output=True, timeout=300)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+            subprocess.run([RAY, "down", "-y", str(config)], capture_output=True, timeout=300)
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
         procs.stop_all()
         if not token_existed:
             token.unlink(missing_ok=True)
