@@ -132,7 +132,7 @@ class ConsoleProgress(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info) -> None:
         now = time.time()
-        if now - self._last_drain >= 1.0:
+        if now - self._last_drain >= 0.25:
             self._last_drain = now
             self._drain()
         if now - self._last_status >= self.interval:
