@@ -298,3 +298,23 @@ def with_mlflow_uri(args: list[str], uri: str) -> list[str]:
     """``args`` of ``sweep_args`` tracked at ``uri`` instead of the SQLite store."""
     at = args.index("--mlflow-uri")
     return [*args[:at + 1], uri, *args[at + 2:]]
+
+
+def stop_driver(driver) -> None:
+    """SIGKILL a driver started with ``start_new_session`` (and its Ray) if still running."""
+    if driver.poll() is None:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+
+
+def check_each_trial_once(uri: str, name: str, trials: int, epochs: int,
+                          metric: str = "pgd_accuracy") -> None:
+    """The finished sweep ``name``: one parent, one FINISHED child run per trial, each epoch
+    of ``metric`` logged exactly once."""
+    client, parents, children = runs_of(uri, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == trials and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["ray_trial_id"] for c in children}) == trials
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+        assert steps == list(range(1, epochs + 1)), steps

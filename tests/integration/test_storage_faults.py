@@ -22,8 +22,8 @@ import os
 import signal
 import time
 
-from tests.integration.conftest import (cli, logged, poll_sweep, run_ok, runs_of, sweep_args,
-                                        training_space)
+from tests.integration.conftest import (check_each_trial_once, cli, logged, poll_sweep, run_ok,
+                                        runs_of, stop_driver, sweep_args, training_space)
 
 EPOCHS = 6
 
@@ -41,20 +41,8 @@ def start(tmp_path, env, name, max_failures):
     return driver, args, uri
 
 
-def stop_driver(driver):
-    if driver.poll() is None:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-
-
-def check_each_trial_once(uri, name, s3):
-    client, parents, children = runs_of(uri, name)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert len({c.data.tags["ray_trial_id"] for c in children}) == 2
-    for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "pgd_accuracy")]
-        assert steps == list(range(1, EPOCHS + 1)), steps
+def check_sweep_on_s3(uri, name, s3):
+    check_each_trial_once(uri, name, 2, EPOCHS)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sweeps")["Contents"]]
     assert f"runs/{name}/space.json" in keys
 
@@ -73,7 +61,7 @@ def test_sweep_rides_out_a_20_s_s3_outage(tmp_path, s3_server):
         stop_driver(driver)
     # ridden out: no error, no --resume
     assert driver.returncode == 0, output[-3000:]
-    check_each_trial_once(uri, "outage", s3)
+    check_sweep_on_s3(uri, "outage", s3)
     print(f"20 s S3 outage ridden out; {time.time() - began:.0f} s")
 
 
@@ -100,6 +88,6 @@ def test_an_s3_outage_longer_than_the_retries_fails_the_trials_and_resume_comple
     for child in children:
         assert "NETWORK_CONNECTION" in child.data.tags["error"], child.data.tags["error"]
     run_ok([*args, "--resume"], tmp_path, env=env)
-    check_each_trial_once(uri, "long-outage", s3)
+    check_sweep_on_s3(uri, "long-outage", s3)
     print(f"S3 outage longer than the retries: trials failed after {down:.0f} s, resumed; "
           f"{time.time() - began:.0f} s")

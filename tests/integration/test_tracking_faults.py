@@ -8,13 +8,12 @@ MLflow's own per-request timeout and retries are set short in the sweep's enviro
 choice, process-wide for that process only) so that the wrapper is what rides the outage out.
 """
 
-import os
-import signal
 import time
 
 from orchestrator.tracking import RETRY_ENV
-from tests.integration.conftest import (cli, logged, poll_sweep, run_ok, runs_of, sweep_args,
-                                        training_space, with_mlflow_uri)
+from tests.integration.conftest import (check_each_trial_once, cli, logged, poll_sweep, run_ok,
+                                        stop_driver, sweep_args, training_space,
+                                        with_mlflow_uri)
 
 EPOCHS = 6
 # each request tried once, for at most 2 s: a stopped server fails a call in 2 s
@@ -35,22 +34,6 @@ def start(tmp_path, server, name, env):
     return driver, args
 
 
-def stop_driver(driver):
-    if driver.poll() is None:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-
-
-def check_each_trial_once(uri, name):
-    client, parents, children = runs_of(uri, name)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert len({c.data.tags["ray_trial_id"] for c in children}) == 2
-    for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "pgd_accuracy")]
-        assert steps == list(range(1, EPOCHS + 1)), steps
-
-
 def test_sweep_rides_out_a_tracking_server_outage(tmp_path, mlflow_server):
     began = time.time()
     driver, _ = start(tmp_path, mlflow_server, "outage", SHORT_REQUESTS)
@@ -68,7 +51,7 @@ def test_sweep_rides_out_a_tracking_server_outage(tmp_path, mlflow_server):
     down = [line for line in output.splitlines() if "unreachable (" in line]
     assert len(down) == 1 and mlflow_server.uri in down[0], output[-3000:]
     assert sum("reachable again" in line for line in output.splitlines()) == 1
-    check_each_trial_once(mlflow_server.uri, "outage")
+    check_each_trial_once(mlflow_server.uri, "outage", 2, EPOCHS)
     print(f"tracking outage ridden out; {time.time() - began:.0f} s")
 
 
@@ -91,6 +74,6 @@ def test_an_outage_longer_than_the_retries_stops_the_sweep_and_resume_completes_
     assert "Traceback" not in output, output[-3000:]
     stopped = time.time() - began
     run_ok([*args, "--resume"], tmp_path, env=env)
-    check_each_trial_once(mlflow_server.uri, "long-outage")
+    check_each_trial_once(mlflow_server.uri, "long-outage", 2, EPOCHS)
     print(f"tracking outage outlasted the retries: stopped after {stopped:.0f} s, resumed; "
           f"{time.time() - began:.0f} s")
