@@ -68,6 +68,11 @@ def stream_activations(model: nn.Module, depth: str, data: Dataset | DataLoader 
             if len(outputs) != 1:
                 raise RuntimeError(f"depth {depth!r} ran {len(outputs)} times in one forward")
             activations = outputs[0].reshape(images.shape[0], -1).to(dtype)
+            if not only_correct and max_samples is None:  # the whole batch: no copy
+                seen += len(labels)
+                yield ActivationBatch(activations, labels, predictions,
+                                      images if keep_inputs else None)
+                continue
             keep = (predictions == labels if only_correct
                     else torch.ones_like(labels, dtype=torch.bool))
             if max_samples is not None:  # the first ones, up to max_samples in all

@@ -10,7 +10,7 @@ discriminated on that field, and ``params.build()`` gives the objective. One nam
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal, Protocol, Union
+from typing import Annotated, Any, Callable, Literal, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,18 @@ class _Params(BaseModel):
 
     def build(self) -> Objective:
         raise NotImplementedError  # every concrete parameter model overrides it
+
+
+def _fill_alpha(values: Any, rule: Callable[[float, int], float], steps: int = 1) -> Any:
+    """The raw parameters with ``alpha`` filled in by ``rule(eps, steps)`` when unset (left as
+    they are when eps or steps is not a valid number: the field checks then say why)."""
+    if not isinstance(values, dict) or values.get("alpha") is not None:
+        return values
+    try:
+        eps, steps = float(values["eps"]), int(values.get("steps", steps))
+    except (KeyError, TypeError, ValueError):
+        return values
+    return {**values, "alpha": rule(eps, steps)} if steps >= 1 else values
 
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -129,10 +141,7 @@ class FastFGSMParams(_Params):
     @model_validator(mode="before")
     @classmethod
     def _default_alpha(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("alpha") is None and \
-                isinstance(values.get("eps"), (int, float)):
-            values = {**values, "alpha": 1.25 * values["eps"]}
-        return values
+        return _fill_alpha(values, lambda eps, _: 1.25 * eps)
 
     def build(self) -> "PGDObjective":
         # one PGD step of alpha from a random start: the same loop as PGD training
@@ -152,12 +161,7 @@ class PGDParams(_Params):
     @model_validator(mode="before")
     @classmethod
     def _default_alpha(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("alpha") is None and \
-                isinstance(values.get("eps"), (int, float)):
-            steps = values.get("steps", cls.model_fields["steps"].default)
-            if isinstance(steps, int) and steps >= 1:
-                values = {**values, "alpha": default_alpha(values["eps"], steps)}
-        return values
+        return _fill_alpha(values, default_alpha, cls.model_fields["steps"].default)
 
     def build(self) -> "PGDObjective":
         return PGDObjective(self.eps, self.alpha, self.steps, self.restarts, self.objective)

@@ -69,9 +69,12 @@ def _claim_name(spec: SweepSpec, name: str, storage_root: Storage, resume: bool,
 
 
 def _forget_lost_trials(client: MlflowClient, experiment_id: str, parent_run_id: str,
-                        log) -> None:
+                        storage: str, log) -> None:
     """Delete the child runs of trials that Tune never saved: a sweep stopped before Tune's
-    first state save starts its trials afresh, under new trial ids."""
+    first state save starts its trials afresh, under new trial ids. Only when the parent run
+    is this storage's sweep: an experiment of the same name kept elsewhere is left alone."""
+    if client.get_run(parent_run_id).data.params.get("storage") != storage:
+        return
     lost = client.search_runs([experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=10_000)
@@ -100,7 +103,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 "storage": redact(storage_root.uri)},
         tags={"family": spec.family.value})
     if resume and not restore:
-        _forget_lost_trials(client, experiment_id, parent_run_id, log)
+        _forget_lost_trials(client, experiment_id, parent_run_id, redact(storage_root.uri), log)
     log(f"MLflow: experiment {name!r} ({experiment_id}), parent run {parent_run_id}")
 
     _init_ray(verbose)

@@ -201,7 +201,8 @@ class TrackingClient:
                     self._down_since = started
                     self._log(f"MLflow at {redact(self.uri)} unreachable ({_reason(exc)}); "
                               f"retrying for up to {self.budget_s:.0f} s")
-                left = self.budget_s - (now - started)
+                # one budget per outage, not per call: the calls of an outage share it
+                left = self.budget_s - (now - self._down_since)
                 if left <= 0:
                     down = now - self._down_since
                     self._down_since = None
@@ -236,22 +237,24 @@ def check_tracking_uri(uri: str) -> None:
     budget that is not a number)."""
     retry_budget()
     if uri.startswith(("http://", "https://")):
-        # one quick request of our own (MLflow's client would retry for minutes; its retry
-        # settings are process-wide environment variables, left untouched here)
-        import urllib.error
-        import urllib.request
+        # one quick request through MLflow's own HTTP layer (its credentials: token, user and
+        # password, certificates), with its retries off for this call only: MLflow's client
+        # would retry for minutes, and its retry settings are process-wide variables
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
 
-        probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
         try:
-            with urllib.request.urlopen(probe, timeout=10) as response:
-                json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            raise TrackingError(f"--mlflow-uri {redact(uri)}: the server answered HTTP "
-                                f"{exc.code} ({exc.reason}); is it an MLflow tracking server?"
-                                ) from None
-        except (OSError, ValueError) as exc:
-            reason = redact(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            response = http_request(get_default_host_creds(uri),
+                                    "/api/2.0/mlflow/experiments/search", "GET",
+                                    max_retries=0, timeout=10, raise_on_status=False,
+                                    params={"max_results": 1})
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is "unreachable"
+            reason = _reason(exc)
             raise TrackingError(f"--mlflow-uri {redact(uri)}: unreachable ({reason})") from None
+        if response.status_code != 200:
+            raise TrackingError(f"--mlflow-uri {redact(uri)}: the server answered HTTP "
+                                f"{response.status_code} ({response.reason}); check the URI "
+                                "and its credentials") from None
     elif uri.startswith("sqlite:///"):
         folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -427,9 +430,7 @@ class MLflowTracking(tune.Callback):
         """Delete empty duplicates of the trial's run that a lost create left behind."""
         try:
             self._find_run(self.client, trial_id)
-        except TrackingUnavailable:
-            raise
-        except MlflowException:
+        except (TrackingError, MlflowException):
             pass  # housekeeping: never worth failing the sweep
 
     def on_trial_start(self, iteration, trials, trial, **info):
