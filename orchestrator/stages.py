@@ -125,12 +125,14 @@ class StageCache:
                 self.log(f"{name}: computing")
                 data = compute()
                 seconds = time.perf_counter() - start
-                self.storage.put_verified(path, data, {"kind": kind, "inputs": inputs,
-                                                       "computed_by": self.owner,
-                                                       "seconds": seconds})
+                # the record of the computation first: a kill between the two writes then
+                # leaves a record of work whose result was lost, never a result without record
                 record = {"key": key, "by": self.owner, "seconds": seconds, "at": time.time()}
                 self.storage.write_bytes(f"stages/computed/{key}-{uuid.uuid4().hex[:8]}.json",
                                          json.dumps(record).encode())
+                self.storage.put_verified(path, data, {"kind": kind, "inputs": inputs,
+                                                       "computed_by": self.owner,
+                                                       "seconds": seconds})
                 self.log(f"{name}: done in {seconds:.1f} s")
             except BaseException:
                 self._release(key, False)

@@ -300,11 +300,57 @@ def with_mlflow_uri(args: list[str], uri: str) -> list[str]:
     return [*args[:at + 1], uri, *args[at + 2:]]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): Ray's workers run in process groups of their
+    own, under the raylet the driver started."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(driver: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL a driver started with ``start_new_session``, its process group and every process
+    it started, as when its machine dies; return once all of them are gone. (Killing the group
+    alone leaves Ray's workers running for a moment, still writing to the sweep's storage.)"""
+    tree = _descendants(driver.pid)
+    for kill in (lambda: os.killpg(driver.pid, signal.SIGKILL),
+                 *(lambda pid=pid: os.kill(pid, signal.SIGKILL) for pid in tree)):
+        try:
+            kill()
+        except ProcessLookupError:
+            pass
+    driver.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and
+                                         _state(pid) != "Z" for pid in tree):
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def stop_driver(driver) -> None:
     """SIGKILL a driver started with ``start_new_session`` (and its Ray) if still running."""
     if driver.poll() is None:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
+        kill_tree(driver)
 
 
 def check_each_trial_once(uri: str, name: str, trials: int, epochs: int,

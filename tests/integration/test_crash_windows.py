@@ -4,13 +4,12 @@ set-up, during Ray's start, mid-sweep, and at random moments (the earliest inclu
 
 import os
 import random
-import signal
 import time
 
 import pytest
 
-from tests.integration.conftest import (cli, logged, poll_sweep, run_ok, runs_of, sweep_args,
-                                        training_space)
+from tests.integration.conftest import (cli, kill_tree, logged, poll_sweep, run_ok, runs_of,
+                                        sweep_args, training_space)
 
 SEEDS = [1, 2]
 EPOCHS = 3
@@ -27,8 +26,7 @@ def kill_when(driver, ready, timeout: float = 120.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline and driver.poll() is None:
         if ready():
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+            kill_tree(driver)
             return True
         time.sleep(0.01)
     return False
@@ -69,8 +67,7 @@ def test_a_driver_killed_at_each_moment_is_resumed(tmp_path, moment):
     else:
         assert poll_sweep(driver, uri, "crash", lambda client, children: any(
             logged(client, c, "pgd_accuracy") >= 1 for c in children)), "ended too soon"
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_tree(driver)
     resumed_once_each(args, tmp_path, uri, "crash")
 
 
@@ -99,7 +96,7 @@ def test_random_crash_moments_are_all_resumable(tmp_path):
         driver = cli(args, folder, start_new_session=True)
         time.sleep(delay)
         if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+            kill_tree(driver)
         driver.wait()
         try:
             resumed_once_each(args, folder, uri, name)

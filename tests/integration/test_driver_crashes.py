@@ -12,7 +12,8 @@ import threading
 import time
 
 from orchestrator.storage import Storage
-from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages, logged,
+from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages,
+                                        kill_tree, logged,
                                         poll_sweep, run_ok, runs_of, sweep_args,
                                         training_space)
 
@@ -59,11 +60,7 @@ class Driver:
                 self._changed.wait(timeout=1)
 
     def kill(self) -> None:
-        import os
-        import signal
-
-        os.killpg(self.process.pid, signal.SIGKILL)  # the driver and everything it started
-        self.process.wait(timeout=60)
+        kill_tree(self.process)  # the driver and everything it started
         self._reader.join(timeout=10)
 
     def finish(self, timeout: float = 600) -> int:
@@ -144,7 +141,12 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(
                and not name.endswith(".json.json")]  # not the manifests
     assert len(results) == 6
     # every shared stage computed exactly once across the four drivers
-    assert computed_stages(crashed) == {"base": 1, "pca": 1, "space": 1, "transfer": 1}
+    records = {name: crashed.read_bytes(f"stages/computed/{name}")
+               for name in crashed.list("stages/computed") if name.endswith(".json")}
+    manifests = {name: crashed.read_bytes(f"stages/{name}") for name in crashed.list("stages")
+                 if name.endswith(".json")}
+    assert computed_stages(crashed) == {"base": 1, "pca": 1, "space": 1, "transfer": 1}, (
+        records, manifests)
     # the same results and the same Pareto front as the uninterrupted run
     keys, metrics = ["embedding_size"], ["accuracy", "projection_rate", "hypervolume"]
     reference = results_by_config(uri, "reference", keys, metrics)

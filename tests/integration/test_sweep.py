@@ -1,14 +1,12 @@
 """Sweeps end to end: the real CLI in a subprocess, local Ray, an MLflow SQLite store, local or
 S3-compatible storage (moto_server on 127.0.0.1)."""
 
-import os
-import signal
 
 import pytest
 
 from orchestrator.space import load_space
 from orchestrator.storage import Storage
-from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages,
+from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages, kill_tree,
                                         poll_sweep, read_csv_artifact, run_ok, runs_of,
                                         sweep_args)
 
@@ -43,8 +41,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     driver = cli(args, tmp_path, start_new_session=True)
     assert poll_sweep(driver, uri, "r", lambda client, children: sum(
         c.info.status == "FINISHED" for c in children) >= 2), "the sweep ended too soon"
-    os.killpg(driver.pid, signal.SIGKILL)  # as when the head machine dies
-    driver.wait()
+    kill_tree(driver)  # as when the head machine dies
     before = {c.data.tags["ray_trial_id"]: c.info.run_id for c in runs_of(uri, "r")[2]
               if c.info.status == "FINISHED"}
     assert len(before) >= 2
