@@ -1,4 +1,5 @@
-"""L-infinity attacks in pixel space: FGSM, PGD and APGD (SPEC.md section 3).
+"""L-infinity attacks in pixel space: FGSM, PGD, APGD with the cross-entropy or DLR loss
+(untargeted or targeted), and the black-box Square attack (SPEC.md section 3).
 
 The model runs in eval mode during an attack (its mode is restored after) and gradients are
 taken with respect to the input only: nothing accumulates in the model's parameters. Every
@@ -18,7 +19,8 @@ from torch import nn
 from defenses.activations import batches
 from defenses.models import eval_mode
 
-__all__ = ["fgsm", "pgd", "apgd", "robust_accuracy", "default_alpha", "cross_entropy_objective",
+__all__ = ["fgsm", "pgd", "apgd", "square", "robust_accuracy", "default_alpha",
+           "cross_entropy_objective", "dlr_objective", "dlr_loss", "margin", "top_wrong_classes",
            "Objective", "PerSampleLoss"]
 
 # (x_adv [n, ...], rows [n]: their indices into the attacked batch) -> (loss [n] to ascend,
@@ -282,3 +284,138 @@ class _APGDRun:
         for name in ("rows", "low", "high", "current", "previous", "eta", "loss", "hit", "grad",
                      "best", "best_loss", "increases", "loss_at_check", "eta_at_check"):
             setattr(self, name, getattr(self, name)[keep])
+
+
+# ------------------------------------------------------------------------------------------------
+# the losses of AutoAttack (Croce & Hein 2020): DLR, untargeted and targeted, and the margin
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{j != y} z_j`` per sample: negative exactly when the prediction is wrong
+    (ties count as wrong)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
+    return true - other
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """The Difference of Logits Ratio to ascend (Croce & Hein 2020, eqs. 6 and 7): untargeted
+    ``-(z_y - max_{j!=y} z_j) / (z_pi1 - z_pi3)``; toward ``target`` t,
+    ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, pi the logits sorted in decreasing
+    order. Invariant to shifting and scaling the logits. Needs at least 3 (targeted: 4)
+    classes."""
+    ordered = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    if target is None:
+        if logits.shape[1] < 3:
+            raise ValueError(f"DLR needs at least 3 classes, got {logits.shape[1]}")
+        return -margin(logits, y) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+    if logits.shape[1] < 4:
+        raise ValueError(f"targeted DLR needs at least 4 classes, got {logits.shape[1]}")
+    aimed = logits.gather(1, target[:, None]).squeeze(1)
+    return -(true - aimed) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
+
+
+def dlr_objective(model: nn.Module, y: torch.Tensor, target: torch.Tensor | None = None
+                  ) -> Objective:
+    """The DLR loss of ``model(x_adv)`` (toward ``target[rows]`` if given); success:
+    misclassified (any wrong class, also in the targeted run)."""
+    def objective(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(z)
+        loss = dlr_loss(logits, y[rows], None if target is None else target[rows])
+        return loss, logits.argmax(1) != y[rows]
+    return objective
+
+
+def top_wrong_classes(logits: torch.Tensor, y: torch.Tensor, count: int) -> torch.Tensor:
+    """[b, count]: the ``count`` likeliest wrong classes of each sample, likeliest first
+    (APGD-T's targets)."""
+    count = min(count, logits.shape[1] - 1)
+    return logits.scatter(1, y[:, None], -math.inf).topk(count, dim=1).indices
+
+
+# ------------------------------------------------------------------------------------------------
+# Square (Andriushchenko et al. 2020): score-based black box, L-inf
+
+
+def _square_fraction(p_init: float, query: int, queries: int) -> float:
+    """The share of pixels a square covers at ``query`` of ``queries``: the paper's schedule
+    for 10,000 queries, rescaled to the budget."""
+    i = int(query / queries * 10_000)
+    for bound, divisor in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32),
+                           (4000, 64), (6000, 128), (8000, 256)):
+        if i <= bound:
+            return p_init / divisor
+    return p_init / 512
+
+
+@torch.no_grad()
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+           queries: int = 1000, restarts: int = 1, p_init: float = 0.8,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-inf Square attack: random search over vertices of the eps-box, one square window
+    at a time, keeping a change only if it lowers the margin loss; it uses the model's
+    outputs only (no gradients, so gradient masking does not stop it).
+
+    Args:
+        queries: model evaluations per sample and restart (the first is the stripes init).
+        restarts: independent runs; every run attacks only the samples no earlier one fooled.
+        p_init: the starting share of pixels a square covers (0.8 as in AutoAttack).
+        generator: a CPU generator for every random draw.
+
+    Returns:
+        (x_adv [b, ...], succeeded [b] bool): a fooling point where one was found, else the
+        point of the lowest margin.
+    """
+    _check(eps, x)
+    if x.ndim != 4:
+        raise ValueError(f"square needs images [b, c, h, w], got shape {tuple(x.shape)}")
+    if queries < 1 or restarts < 1:
+        raise ValueError(f"queries and restarts must be >= 1, got {queries} and {restarts}")
+    x = x.detach()
+    b, c, h, w = x.shape
+    low, high = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+
+    def draw(*shape: int) -> torch.Tensor:  # uniform {-1, +1}
+        return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(x.device, x.dtype)
+
+    def loss(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return margin(model(z), y[rows])
+
+    with eval_mode(model):
+        best, best_loss = x.clone(), loss(x, torch.arange(b, device=x.device))
+        succeeded = best_loss < 0
+        for _ in range(restarts):
+            rows = torch.nonzero(~succeeded).flatten()
+            if rows.numel() == 0:
+                break
+            # vertical stripes of +-eps: the init of the paper
+            current = torch.min(torch.max(x[rows] + eps * draw(rows.numel(), c, 1, w),
+                                          low[rows]), high[rows])
+            current_loss = loss(current, rows)
+            for query in range(1, queries):
+                alive = current_loss >= 0
+                if not bool(alive.any()):
+                    break
+                side = max(int(round(math.sqrt(_square_fraction(p_init, query, queries)
+                                               * h * w))), 1)
+                side = min(side, h, w)
+                top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
+                left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+                idx = torch.nonzero(alive).flatten()
+                proposal = current[idx].clone()
+                window = (slice(None), slice(None), slice(top, top + side),
+                          slice(left, left + side))
+                # a new +-eps per channel over the window (around x, then clipped to the box)
+                proposal[window] = x[rows[idx]][window] + eps * draw(idx.numel(), c, 1, 1)
+                proposal = torch.min(torch.max(proposal, low[rows[idx]]), high[rows[idx]])
+                new_loss = loss(proposal, rows[idx])
+                better = new_loss < current_loss[idx]
+                current[idx[better]] = proposal[better]
+                current_loss[idx[better]] = new_loss[better]
+            improve = current_loss < best_loss[rows]
+            best[rows[improve]] = current[improve]
+            best_loss[rows[improve]] = current_loss[improve]
+            succeeded[rows] |= current_loss < 0
+    return best.detach(), succeeded

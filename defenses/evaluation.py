@@ -1,16 +1,20 @@
-"""Evaluation of a trained classifier: clean accuracy, PGD accuracy, IBP-verified accuracy."""
+"""Evaluation of a trained classifier: clean accuracy, PGD accuracy, the worst case of an
+AutoAttack-style suite, IBP-verified accuracy."""
 
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from defenses.attacks import default_alpha, robust_accuracy
+from defenses.activations import batches
+from defenses.attacks import (apgd, cross_entropy_objective, default_alpha, dlr_objective, pgd,
+                              robust_accuracy, square, top_wrong_classes)
 from defenses.ibp import verified
 from defenses.models import eval_mode
 
-__all__ = ["accuracy", "evaluate_robustness"]
+__all__ = ["accuracy", "evaluate_robustness", "AttackSuite", "suite_accuracy"]
 
 
 @torch.no_grad()
@@ -53,3 +57,83 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
                 total += y.numel()
         out["verified_accuracy"] = proven / max(total, 1)
     return out
+
+
+class AttackSuite(BaseModel):
+    """The budget of the suite behind ``robust_accuracy`` (RobustBench's AutoAttack without
+    FAB-T): PGD (``steps`` of step ``alpha``, ``restarts`` random starts), APGD-CE, APGD-T
+    toward each of the ``targets`` likeliest wrong classes (DLR loss), and Square
+    (``square_queries`` model queries per run). Every APGD attack makes ``1 + apgd_restarts``
+    runs from random starts; Square ``square_restarts`` runs. A sample counts as robust only
+    if every attack of the suite fails on it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=20, ge=1)
+    alpha: float | None = Field(default=None, gt=0.0)
+    restarts: int = Field(default=1, ge=1)
+    apgd_steps: int = Field(default=100, ge=1)
+    apgd_restarts: int = Field(default=1, ge=0)
+    targets: int = Field(default=3, ge=0)
+    square_queries: int = Field(default=1000, ge=0)  # 0: no Square
+    square_restarts: int = Field(default=1, ge=1)
+
+    def described(self) -> dict[str, str | int | float]:
+        """The budget as flat parameters (``attack.*`` on a sweep's parent run)."""
+        return {"pgd": f"{self.steps} steps x {self.restarts}",
+                "apgd_ce": f"{self.apgd_steps} steps x {1 + self.apgd_restarts}",
+                "apgd_t": f"{self.targets} targets x {self.apgd_steps} steps x "
+                          f"{1 + self.apgd_restarts}",
+                "square": (f"{self.square_queries} queries x {self.square_restarts}"
+                           if self.square_queries else "off")}
+
+
+def suite_accuracy(model: nn.Module, data: Dataset, eps: float, suite: AttackSuite | None = None,
+                   batch_size: int = 256, seed: int = 0) -> dict[str, float]:
+    """Accuracy under each attack of ``suite`` and under their per-sample worst case.
+
+    Keys: ``pgd_accuracy``, ``apgd_ce_accuracy``, ``apgd_t_accuracy``, ``square_accuracy``
+    (each attack alone, on all samples) and ``robust_accuracy`` (a sample counts only if it is
+    classified right clean and under every attack). Since PGD is in the suite, the worst case is
+    never above ``pgd_accuracy``.
+    """
+    suite = suite or AttackSuite()
+    alpha = default_alpha(eps, suite.steps) if suite.alpha is None else suite.alpha
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    right = {name: 0 for name in ("pgd", "apgd_ce", "apgd_t", "square", "robust")}
+    total = 0
+    with eval_mode(model):
+        for x, y in batches(data, batch_size):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                clean_logits = model(x)
+            robust = clean_logits.argmax(1) == y
+            with torch.enable_grad():
+                adv = pgd(model, x, y, eps, alpha, suite.steps, restarts=suite.restarts,
+                          generator=gen)
+            with torch.no_grad():
+                held = model(adv).argmax(1) == y
+            fooled = {"pgd": ~held}
+            runs = 1 + suite.apgd_restarts
+            _, fooled["apgd_ce"] = apgd(cross_entropy_objective(model, y), x, eps,
+                                        suite.apgd_steps, runs, gen)
+            targeted = torch.zeros_like(robust)
+            if suite.targets and clean_logits.shape[1] >= 4:
+                for target in top_wrong_classes(clean_logits, y, suite.targets).T:
+                    _, hit = apgd(dlr_objective(model, y, target), x, eps, suite.apgd_steps,
+                                  runs, gen)
+                    targeted |= hit
+            fooled["apgd_t"] = targeted
+            if suite.square_queries:
+                _, fooled["square"] = square(model, x, y, eps, suite.square_queries,
+                                             suite.square_restarts, generator=gen)
+            else:
+                fooled["square"] = torch.zeros_like(robust)
+            worst = robust.clone()
+            for name, hit in fooled.items():
+                right[name] += int((robust & ~hit).sum())
+                worst &= ~hit
+            right["robust"] += int(worst.sum())
+            total += y.numel()
+    return {f"{name}_accuracy": count / max(total, 1) for name, count in right.items()}
