@@ -36,6 +36,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from defenses.attacks import default_alpha
+from defenses.evaluation import AttackSuite
 from defenses.trainer import TrainConfig
 from orchestrator.distributions import (DIST_TYPES, Choice, Distribution, Grid, IntRange,
                                         LogUniform, ObjectiveSpace, Uniform, first_error,
@@ -44,7 +45,7 @@ from orchestrator.params import SURFACE_PARAMS, check_params, objective_space
 from orchestrator import probes
 
 __all__ = ["SpaceError", "Family", "Algorithm", "SweepSpec", "load_space", "shipped_spaces",
-           "FAMILY_METRICS", "Distribution", "check_sweep_name"]
+           "FAMILY_METRICS", "SUITE_METRICS", "Distribution", "check_sweep_name"]
 
 
 class SpaceError(ValueError):
@@ -67,9 +68,13 @@ class Algorithm(str, enum.Enum):
 FAMILY_METRICS: dict[Family, tuple[str, ...]] = {
     Family.LESCI: ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity",
                    "robust_accuracy", "transfer_robust_accuracy"),
-    Family.IBP: ("nominal_accuracy", "verified_accuracy", "pgd_accuracy"),
-    Family.ADVERSARIAL: ("nominal_accuracy", "pgd_accuracy"),
+    Family.IBP: ("nominal_accuracy", "verified_accuracy", "pgd_accuracy", "robust_accuracy",
+                 "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy"),
+    Family.ADVERSARIAL: ("nominal_accuracy", "pgd_accuracy", "robust_accuracy",
+                         "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy"),
 }
+# the training families' metrics of the attack suite, measured once, after the last epoch
+SUITE_METRICS = ("robust_accuracy", "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy")
 _REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k"), Family.IBP: (),
                     Family.ADVERSARIAL: ("objective",)}
 
@@ -113,6 +118,13 @@ class APGDSpec(_Strict):
     group: int = Field(default=2, ge=1)  # consecutive m per smoothed run
 
 
+class SquareSpec(_Strict):
+    """The black-box Square attack of the training families' suite."""
+
+    queries: int = Field(default=1000, ge=0)  # model queries per sample and run; 0: off
+    restarts: int = Field(default=1, ge=1)
+
+
 class AttackSpec(_Strict):
     eps: float = Field(ge=0.0, le=1.0)
     steps: int = Field(default=20, ge=1)  # PGD: the transfer set (LESCI), pgd_accuracy (training)
@@ -121,6 +133,18 @@ class AttackSpec(_Strict):
     restarts: int = Field(default=1, ge=1)
     apgd: APGDSpec = Field(default_factory=APGDSpec)
     samples: int | None = Field(default=None, ge=1)  # LESCI: attack the first N validation samples
+    square: SquareSpec = Field(default_factory=SquareSpec)  # training families' suite
+
+    def suite(self) -> AttackSuite:
+        """The training families' suite behind ``robust_accuracy``: PGD as configured, APGD-CE,
+        APGD-T and Square. ``apgd.steps``, ``apgd.restarts`` and ``apgd.targets`` apply where
+        the space sets them; otherwise the suite's own defaults do (``AttackSuite``)."""
+        names = {"steps": "apgd_steps", "restarts": "apgd_restarts", "targets": "targets"}
+        given = {names[key]: getattr(self.apgd, key) for key in self.apgd.model_fields_set
+                 if key in names}
+        return AttackSuite(steps=self.steps, alpha=self.alpha, restarts=self.restarts,
+                           square_queries=self.square.queries,
+                           square_restarts=self.square.restarts, **given)
 
     @model_validator(mode="before")
     @classmethod
@@ -383,8 +407,13 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
         if family is Family.LESCI:
             raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "
                              "report once (use none)")
+        suite = [m for m in spec.optimize if m in SUITE_METRICS]
+        if suite:
+            raise ValueError(f"optimize.{suite[0]}: measured once, after the last epoch, so "
+                             "scheduler asha cannot compare trials by it; optimize a per-epoch "
+                             "metric (pgd_accuracy, verified_accuracy) or use scheduler none")
     _check_algorithm(spec)
-    from defenses.data import DatasetName
+    from defenses.data import EMBEDDED, DatasetName
     from defenses.models import ModelName
 
     try:
@@ -392,7 +421,7 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
     except ValueError:
         raise ValueError(f"dataset.name: unknown dataset {spec.dataset.name!r}; allowed: "
                          f"{', '.join(d.value for d in DatasetName)}") from None
-    if spec.dataset.name not in ("digits", "synthetic") and not spec.dataset.root:
+    if spec.dataset.name not in EMBEDDED and not spec.dataset.root:
         raise ValueError(f"dataset.root: required for dataset {spec.dataset.name!r}")
     try:
         ModelName(spec.model.name)

@@ -5,6 +5,7 @@ shared-stage coordinator, resume with ``Tuner.restore``, and the Pareto front at
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import ray
@@ -15,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.progress import ConsoleProgress
 from orchestrator.reporting import SweepResult, report_front, surface_columns
 from orchestrator.searchers import param_space, tune_config
-from orchestrator.space import Family, SpaceError, SweepSpec
+from orchestrator.space import SUITE_METRICS, Family, SpaceError, SweepSpec
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
 from orchestrator.tracking import (MLflowTracking, ensure_experiment, ensure_parent_run,
@@ -133,6 +134,10 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=callbacks, verbose=1 if verbose else 0))
+    if spec.family is not Family.LESCI and any(m in SUITE_METRICS for m in spec.optimize):
+        # the suite's metrics come with the last epoch's result only; Tune would otherwise
+        # reject every earlier result for lacking a searched metric
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start = time.perf_counter()
     grid = tuner.fit()
     del coordinator  # the trials are over

@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from defenses.data import Splits, load_dataset
-from defenses.evaluation import evaluate_robustness
+from defenses.evaluation import evaluate_robustness, suite_accuracy
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
 from defenses.trainer import Trainer
@@ -254,6 +254,9 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         evaluated = evaluate_robustness(model, splits.val, attack.eps, attack.steps,
                                         attack.alpha, attack.restarts,
                                         verify=spec.family is Family.IBP, seed=trainer.epoch)
+        if trainer.epoch == trainer.config.epochs:  # the suite, once, on the final model
+            evaluated.update(suite_accuracy(model, splits.val, attack.eps, attack.suite(),
+                                            seed=trainer.epoch))
         metrics = {k: v for k, v in evaluated.items() if k in wanted}
         metrics.update(train_metrics)
         metrics = {k: float(v) for k, v in metrics.items()}

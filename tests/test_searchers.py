@@ -92,7 +92,8 @@ def test_logged_params_are_what_the_trial_used(tmp_path):
 
 
 @pytest.mark.parametrize("name, count", [("demo", 5), ("lesci", 12), ("ibp", 32),
-                                         ("adversarial", 16), ("ibp_mnist_paper", 1)])
+                                         ("adversarial", 16), ("ibp_mnist_paper", 1),
+                                         ("ibp_digits", 24), ("ibp_mnist5k", 8)])
 def test_shipped_trial_counts(name, count):
     assert load_space(name, check_model=False).trial_count == count
 

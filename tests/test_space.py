@@ -147,6 +147,13 @@ BAD = [
     ("num_samples 0", variant({"search": {"num_samples": 0}}),
      r"search.num_samples: Input should be greater than or equal to 1"),
     ("negative gpu", variant({"resources": {"gpu": -1}}), r"resources.gpu"),
+    ("suite metric under asha", variant({"optimize": {"robust_accuracy": "max"},
+                                         "scheduler": "asha"}, base=TRAINING),
+     r"optimize.robust_accuracy: measured once, after the last epoch, so scheduler asha"),
+    ("negative square budget", variant({"attack.square": {"queries": -1}}, base=TRAINING),
+     r"attack.square.queries: Input should be greater than or equal to 0"),
+    ("unknown square key", variant({"attack.square": {"p": 0.5}}, base=TRAINING),
+     r"attack.square.p: Extra inputs are not permitted"),
 ]
 
 
@@ -243,3 +250,21 @@ def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (updates, err)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_training_suite_takes_the_apgd_keys_the_space_sets(tmp_path):
+    """Unset keys keep the suite's own defaults (AttackSuite), set ones apply, and the
+    budget the parent run shows says what ran."""
+    path = tmp_path / "s.yaml"
+    path.write_text(TRAINING)
+    suite = load_space(path, check_model=False).attack.suite()
+    assert (suite.apgd_steps, suite.apgd_restarts, suite.targets) == (100, 1, 3)
+    assert (suite.square_queries, suite.steps) == (1000, 20)
+    path.write_text(variant({"attack": {"eps": 0.1, "steps": 10, "apgd": {"targets": 9},
+                                        "square": {"queries": 5000, "restarts": 2}}},
+                            base=TRAINING))
+    suite = load_space(path, check_model=False).attack.suite()
+    assert (suite.apgd_steps, suite.targets, suite.steps) == (100, 9, 10)
+    assert suite.described() == {"pgd": "10 steps x 1", "apgd_ce": "100 steps x 2",
+                                 "apgd_t": "9 targets x 100 steps x 2",
+                                 "square": "5000 queries x 2"}
