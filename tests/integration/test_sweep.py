@@ -1,6 +1,7 @@
 """Sweeps end to end: the real CLI in a subprocess, local Ray, an MLflow SQLite store, local or
 S3-compatible storage (moto_server on 127.0.0.1)."""
 
+import textwrap
 
 import pytest
 
@@ -112,3 +113,37 @@ def test_lesci_sampled_search_maximises_each_trials_surface_hypervolume(tmp_path
         assert child.data.metrics["surface_points"] == 5
     front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
     assert len(front) == 15 and parent.data.metrics["surface_points"] == 15
+
+
+def test_training_sweep_optimizes_the_suites_worst_case(tmp_path):
+    """A training sweep may optimize robust_accuracy, measured once after the last epoch:
+    every trial reports it (never above its PGD figure), the front is taken on it, and the
+    parent run says which attacks ran at what budget."""
+    space = textwrap.dedent("""
+        name: suite
+        family: adversarial
+        dataset: {name: digits}
+        model: {name: ibp_small, options: {padding: same}}
+        training: {epochs: 2, batch_size: 64}
+        params:
+          objective: {choice: {pgd: {eps: 0.1, steps: 2}, fgsm: {eps: 0.1}}}
+        attack: {eps: 0.1, steps: 5, apgd: {steps: 10, targets: 2}, square: {queries: 50}}
+        optimize: {robust_accuracy: max, nominal_accuracy: max}
+        search: {algorithm: tpe, num_samples: 3, max_concurrent: 2}
+    """)
+    args, uri = sweep_args(tmp_path, space, "suite")
+    run_ok(args, tmp_path)
+    client, parent, children = check_tracked(uri, "suite", "adversarial", 3)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "robust_accuracy")
+        assert [m.step for m in history] == [2]  # once, with the last epoch
+        metrics = child.data.metrics
+        assert metrics["robust_accuracy"] <= min(
+            metrics[m] for m in ("pgd_accuracy", "apgd_ce_accuracy", "apgd_t_accuracy",
+                                 "square_accuracy", "nominal_accuracy"))
+        assert len(client.get_metric_history(child.info.run_id, "pgd_accuracy")) == 2
+    params = parent.data.params
+    assert params["attack.apgd_t"] == "2 targets x 10 steps x 2"
+    assert params["attack.square"] == "50 queries x 1" and params["attack.pgd"] == "5 steps x 1"
+    front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+    assert len(front) == 3 and all(0 <= float(r["robust_accuracy"]) <= 1 for r in front)
