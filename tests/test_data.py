@@ -196,7 +196,7 @@ def test_missing_directory_and_unknown_name(tmp_path):
         load_dataset("cifar10", tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="wnids.txt"):
         load_dataset("tiny-imagenet", tmp_path)
-    with pytest.raises(ValueError, match="allowed: digits, mnist, cifar10, tiny-imagenet"):
+    with pytest.raises(ValueError, match="allowed: digits, mnist5k, mnist, cifar10, tiny-imagenet"):
         load_dataset("imagenet")
 
 
