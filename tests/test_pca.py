@@ -91,23 +91,47 @@ def test_transform_returns_input_kind():
     assert np.allclose(np.abs(sk.transform(batches[0].numpy())), np.abs(out), atol=1e-3)
 
 
-def test_small_batches_are_held_until_n_components_rows():
+def test_first_batch_is_held_until_n_components_rows_then_every_batch_counts():
     batches = low_rank_stream(batch=64)
-    pca = StreamingPCA(8)
-    pca.partial_fit(batches[0][:5])
-    assert (pca.n_samples_seen_, pca.n_samples_pending_) == (0, 5)
-    pca.partial_fit(batches[0][5:9])
-    assert (pca.n_samples_seen_, pca.n_samples_pending_) == (9, 0)
-    pca.partial_fit(batches[1][:3])
-    pca.flush()  # torch folds a small remainder once fitted
-    assert pca.n_samples_seen_ == 12
-    sk = StreamingPCA(8, backend="sklearn")
-    sk.partial_fit(batches[0][:20])
-    sk.partial_fit(batches[1][:3])
-    with pytest.warns(UserWarning, match="dropping the last 3 samples"):
-        sk.flush()
+    for backend in ("torch", "sklearn"):
+        pca = StreamingPCA(8, backend=backend)
+        pca.partial_fit(batches[0][:5])
+        assert (pca.n_samples_seen_, pca.n_samples_pending_) == (0, 5)
+        pca.partial_fit(batches[0][5:9])
+        assert (pca.n_samples_seen_, pca.n_samples_pending_) == (9, 0)
+        pca.partial_fit(batches[1][:3])  # after the first update: at once, any size
+        assert (pca.n_samples_seen_, pca.n_samples_pending_) == (12, 0)
     with pytest.raises(PCAError, match="fewer than n_components"):
         StreamingPCA(8).partial_fit(batches[0][:3]).flush()
+    with pytest.raises(PCAError, match="must be less or equal to the batch number of samples 3"):
+        StreamingPCA(8, hold_first_batch=False).partial_fit(batches[0][:3])
+
+
+@pytest.mark.parametrize("backend", ["torch", "sklearn"])
+def test_a_tail_smaller_than_n_components_is_folded_like_sklearn(backend):
+    """2,000 samples in batches of 130: a 50-row tail, fewer than the 64 components."""
+    from sklearn.decomposition import IncrementalPCA
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(2000, 100) @ np.diag(np.linspace(3, 0.1, 100)) + 5
+    ours, reference = StreamingPCA(64, backend=backend), IncrementalPCA(64)
+    for start in range(0, 2000, 130):
+        ours.partial_fit(X[start:start + 130])
+        reference.partial_fit(X[start:start + 130])
+    ours.flush()
+    assert X[1950:].shape[0] == 50 and ours.n_samples_seen_ == reference.n_samples_seen_ == 2000
+    assert np.allclose(ours.explained_variance_, reference.explained_variance_, rtol=1e-10)
+    assert np.allclose(ours.singular_values_, reference.singular_values_, rtol=1e-10)
+    assert ours.noise_variance_ == pytest.approx(reference.noise_variance_, rel=1e-10)
+    assert np.allclose(ours.transform(X[:300]), reference.transform(X[:300]), atol=1e-8)
+
+
+def test_n_components_none_and_n_components_():
+    X = np.random.RandomState(1).rand(10, 50)
+    pca = StreamingPCA().partial_fit(X)
+    assert pca.n_components is None and pca.n_components_ == 10
+    pca.partial_fit(X)
+    assert pca.n_components_ == 10 and pca.components_.shape == (10, 50)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -149,7 +173,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="allowed: torch, sklearn"):
         StreamingPCA(3, backend="faiss")
     pca = StreamingPCA(8)
-    with pytest.raises(PCAError, match="exceeds the number of features 5"):
+    with pytest.raises(PCAError, match="n_components=8 invalid for n_features=5"):
         pca.partial_fit(torch.rand(20, 5))
     pca = StreamingPCA(2).partial_fit(torch.rand(10, 6))
     with pytest.raises(PCAError, match="batch has 7 features"):
@@ -162,13 +186,106 @@ def test_bad_input():
         StreamingPCA(2).components_
 
 
-def test_rank_deficient_stream_gives_zero_components_not_nan():
-    x = torch.zeros(20, 10)
-    x[:, 0] = torch.arange(20.0)
-    pca = StreamingPCA(3).partial_fit(x)
-    assert torch.isfinite(pca.components_).all()
-    assert float(pca.components_[0].abs()[0]) == pytest.approx(1.0)
-    assert torch.equal(pca.components_[1:], torch.zeros(2, 10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_stream_keeps_orthonormal_components_like_sklearn(dtype):
+    """k = 6 components of data of rank 2: the weak directions are kept orthonormal with
+    singular values ~0 (as scikit-learn), not zeroed with a non-zero variance."""
+    from sklearn.decomposition import IncrementalPCA
+
+    gen = torch.Generator().manual_seed(0)
+    X = (torch.randn(200, 2, generator=gen, dtype=torch.float64)
+         @ torch.randn(2, 10, generator=gen, dtype=torch.float64) + 1.0)
+    pca, reference = StreamingPCA(6, dtype=dtype), IncrementalPCA(6)
+    for start in range(0, 200, 40):
+        pca.partial_fit(X[start:start + 40])
+        reference.partial_fit(X[start:start + 40].numpy())
+    C = pca.components_.double()
+    assert torch.isfinite(C).all()
+    assert torch.allclose(C @ C.T, torch.eye(6, dtype=torch.float64), atol=1e-5)
+    S = pca.singular_values_.double()
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(S[:2], torch.from_numpy(reference.singular_values_[:2]), rtol=10 * eps)
+    assert float(S[2:].max()) < 100 * eps * float(S[0])
+    # the variance follows the singular value: no direction with S ~ 0 and a variance > 0
+    assert torch.allclose(pca.explained_variance_.double(), S ** 2 / 199, rtol=1e-5, atol=0)
+    codes = pca.transform(X.to(dtype))
+    assert float(codes[:, 2:].abs().max()) < 1e3 * eps * float(codes[:, 0].abs().max())
+
+
+@pytest.mark.parametrize("ratio", [1e3, 1e7])
+def test_steep_spectrum_matches_sklearn(ratio):
+    """Singular values from 1 down to 1/ratio: the Gram route would lose the last ones
+    (error ~ eps * ratio^2), so the update falls back to an SVD of the stacked matrix."""
+    from sklearn.decomposition import IncrementalPCA
+
+    rng = np.random.RandomState(0)
+    d, k = 60, 12
+    basis = np.linalg.qr(rng.randn(d, d))[0]
+    scales = np.concatenate([np.logspace(0, -np.log10(ratio), k), np.full(d - k, 1e-2 / ratio)])
+    X = (rng.randn(1000, d) * scales) @ basis.T
+    batches = [X[i:i + 100] for i in range(0, 1000, 100)]
+    pca, reference = StreamingPCA(k), IncrementalPCA(k)
+    for batch in batches:
+        pca.partial_fit(batch)
+        reference.partial_fit(batch)
+    exact = np.linalg.svd(X - X.mean(0), compute_uv=False)[:k]
+    assert pca._state.last_route == "svd"
+    assert np.allclose(pca.singular_values_, reference.singular_values_, rtol=1e-6, atol=0)
+    assert np.allclose(pca.singular_values_, exact, rtol=1e-3, atol=0)
+    cosines = np.abs(np.sum(pca.components_ * reference.components_, axis=1))
+    assert cosines.min() > 1 - 1e-6
+
+
+def test_well_conditioned_wide_updates_take_the_gram_route_and_agree_with_sklearn():
+    from sklearn.decomposition import IncrementalPCA
+
+    batches = low_rank_stream(d=2000, rank=8, batch=100, noise=0.5)
+    pca, reference = StreamingPCA(8), IncrementalPCA(8)
+    for batch in batches:
+        pca.partial_fit(batch)
+        reference.partial_fit(batch.numpy())
+    assert pca._state.last_route == "gram" and pca.components_.dtype == torch.float32
+    assert np.allclose(pca.singular_values_.numpy(), reference.singular_values_, rtol=1e-5)
+    dots = np.abs(np.sum(pca.components_.double().numpy() * reference.components_, axis=1))
+    assert dots.min() > 1 - 1e-5
+
+
+def test_a_large_wide_batch_is_folded_in_slices_at_linear_cost():
+    """4,000 rows of 1,200 features in one partial_fit: slices of 512 rows (the Gram matrix
+    of the whole batch would be 4,000^2); the subspace is exact PCA's."""
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.randn(4000, 6, generator=gen, dtype=torch.float64) * torch.tensor(
+        [20.0, 15, 10, 8, 6, 4], dtype=torch.float64)
+    X = signal @ torch.randn(6, 1200, generator=gen, dtype=torch.float64) \
+        + 0.01 * torch.randn(4000, 1200, generator=gen, dtype=torch.float64)
+    pca = StreamingPCA(6)
+    seen = []
+    update = pca._fold
+
+    def spy(*args):
+        update(*args)
+        seen.append(pca.n_samples_seen_)
+    pca._fold = spy
+    pca.partial_fit(X)
+    assert seen == [4000] and pca.n_samples_seen_ == 4000
+    centred = X - X.mean(0)
+    eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
+    assert float(principal_cosines(pca.components_, vectors[:, -6:].T).min()) > 1 - 1e-9
+    assert torch.allclose(pca.singular_values_, eigenvalues[-6:].flip(0).sqrt(), rtol=1e-6)
+
+
+def test_slices_of_a_large_batch():
+    """The slicing itself: 1,100 rows fold as 512 + 512 + 76, each one update."""
+    from defenses.pca import _State
+
+    state = _State(4, torch.device("cpu"), torch.float64)
+    sizes = []
+    state._update = lambda X: sizes.append(X.shape[0])
+    state.update(torch.zeros(1100, 2000, dtype=torch.float64))
+    assert sizes == [512, 512, 76]
+    sizes.clear()
+    state.update(torch.zeros(1100, 600, dtype=torch.float64))  # more rows than features: whole
+    assert sizes == [1100]
 
 
 @pytest.mark.slow
