@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -285,13 +286,29 @@ def _as_tensor(X: Any, what: str) -> tuple[torch.Tensor, str]:
     if isinstance(X, torch.Tensor):
         return X, "torch"
     array = np.asarray(X)
+    if array.dtype.kind == "c":
+        raise PCAError(f"{what}: Complex data not supported (got dtype {array.dtype})")
+    if array.dtype.kind == "O":
+        array = array.astype(np.float64)  # numbers stored as objects; anything else raises
     if array.dtype.kind not in "biuf":
         raise PCAError(f"{what}: expected real numbers, got an array of dtype {array.dtype}")
     if array.dtype == np.float16:
         array = array.astype(np.float32)
     elif array.dtype.kind != "f":
         array = array.astype(np.float64)
-    return torch.from_numpy(array), "numpy"
+    with warnings.catch_warnings():  # a read-only array is fine: nothing here writes into X
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array), "numpy"
+
+
+def _check_2d(shape: tuple, what: str) -> None:
+    """One clear error for a batch that is not [samples >= 1, features >= 1]."""
+    if len(shape) != 2:
+        raise PCAError(f"{what}: expected a 2-D [samples, features] batch, got shape {shape}; "
+                       f"Reshape your data with X.reshape(1, -1) for a single sample")
+    if shape[1] == 0:
+        raise PCAError(f"{what}: 0 feature(s) (shape={shape}) while a minimum of 1 is "
+                       f"required.")
 
 
 def _to_kind(t: torch.Tensor, kind: str, dtype: torch.dtype | None = None) -> Any:
@@ -397,12 +414,15 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         before if it has fewer than ``n_components`` rows, as ``IncrementalPCA.fit`` does."""
         self._check_params()
         self._reset()
-        if not sparse.issparse(X) and not isinstance(X, torch.Tensor):
+        if sparse.issparse(X):
+            X = X if X.format in ("csr", "csc", "lil") else X.tocsr()  # rows can be sliced
+        elif not isinstance(X, torch.Tensor):
             X = np.asarray(X)
-        if X.ndim != 2:
-            raise PCAError(f"fit expects a 2-D [samples, features] input, got shape "
-                           f"{tuple(X.shape)}")
+        _check_2d(tuple(X.shape), "fit")
         n, d = X.shape
+        if n == 0:
+            raise PCAError(f"fit: Found array with 0 sample(s) (shape={tuple(X.shape)}) while "
+                           f"a minimum of 1 is required.")
         self.batch_size_ = 5 * d if self.batch_size is None else int(self.batch_size)
         for batch in gen_batches(n, self.batch_size_, min_batch_size=self.n_components or 0):
             chunk = X[batch]
@@ -422,8 +442,7 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     def _partial_fit(self, X: Any, check_input: bool = True) -> "StreamingPCA":
         backend, dtype = self._check_params()
         X, kind = _as_tensor(X, "partial_fit")
-        if not isinstance(X, torch.Tensor) or X.ndim != 2:
-            raise PCAError(f"a batch must be 2-D [batch, features], got shape {tuple(X.shape)}")
+        _check_2d(tuple(X.shape), "partial_fit")
         X = X.detach()
         n, d = X.shape
         k = self.n_components
@@ -434,7 +453,8 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                                f"exceeds the number of features")
             self._n_features, self._kind = d, kind
         elif d != self._n_features:
-            raise PCAError(f"batch has {d} features, the PCA was fitted on {self._n_features}")
+            raise PCAError(f"partial_fit: X has {d} features, but {type(self).__name__} is "
+                           f"expecting {self._n_features} features as input")
         fitted_with = (backend, self.dtype, self.device)
         if self._fitted_with is not None and fitted_with != self._fitted_with:
             raise PCAError(f"backend, dtype or device changed since the fit began (now "
@@ -551,8 +571,11 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         float64, else the fit's)."""
         state = self._fitted()
         Xt, kind = _as_tensor(X, what)
-        if Xt.ndim != 2:
-            raise PCAError(f"{what}: expected a 2-D batch, got shape {tuple(Xt.shape)}")
+        _check_2d(tuple(Xt.shape), what)
+        # tensors are not checked: attacks project through transform, and a check would
+        # synchronise the device at every step
+        if kind == "numpy" and not np.isfinite(Xt.numpy()).all():
+            raise PCAError(f"{what}: Input contains NaN or infinity")
         out_dtype = Xt.dtype if Xt.dtype in (torch.float32, torch.float64) else state.dtype
         return Xt, kind, out_dtype
 
@@ -575,13 +598,15 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if not 1 <= m <= state.k:
             raise PCAError(f"n_components must be in 1..{state.k}, got {m}")
         if sparse.issparse(X):
+            X = X if X.format in ("csr", "csc", "lil") else X.tocsr()
             rows = getattr(self, "batch_size_", None) or 5 * X.shape[1]
             return np.vstack([self.transform(X[batch].toarray(), m, center)
                               for batch in gen_batches(X.shape[0], rows)])
         Xt, kind, out_dtype = self._input(X, "transform")
         if Xt.shape[1] != self._n_features:
-            raise PCAError(f"transform: expected a batch [b, {self._n_features}], got "
-                           f"{tuple(Xt.shape)}")
+            raise PCAError(f"transform: X has {Xt.shape[1]} features, but "
+                           f"{type(self).__name__} is expecting {self._n_features} features "
+                           f"as input")
         work = torch.promote_types(out_dtype, state.dtype)
         components = state.components[:m].to(work)
         out = Xt.to(state.device, work)

@@ -176,7 +176,7 @@ def test_bad_input():
     with pytest.raises(PCAError, match="n_components=8 invalid for n_features=5"):
         pca.partial_fit(torch.rand(20, 5))
     pca = StreamingPCA(2).partial_fit(torch.rand(10, 6))
-    with pytest.raises(PCAError, match="batch has 7 features"):
+    with pytest.raises(PCAError, match="X has 7 features, but StreamingPCA is expecting 6"):
         pca.partial_fit(torch.rand(10, 7))
     bad = torch.rand(10, 6)
     bad[3, 2] = float("nan")
