@@ -142,3 +142,32 @@ def test_bad_budgets_are_rejected(small_cnn, val):
         square(small_cnn, x.flatten(1), y, EPS)
     with pytest.raises(ValueError):
         AttackSuite(apgd_steps=0)
+
+
+def test_no_attack_fools_a_verified_sample(digits):
+    """On an IBP-trained model, every sample IBP verifies survives the whole suite: the
+    verified figure bounds the worst case from below, as the attacks bound it from above."""
+    from defenses.evaluation import evaluate_robustness
+    from defenses.ibp import verified
+
+    torch.manual_seed(0)
+    model = build_model("ibp_small", 10, digits.input_shape, digits.mean, digits.std,
+                        padding="same")
+    Trainer(model, digits.train, TrainConfig(epochs=30, batch_size=50),
+            make_objective("ibp", eps_train=0.12, warmup=100, rampup=400)).fit()
+    model.eval()
+    suite = AttackSuite(apgd_steps=30, targets=2, square_queries=200)
+    result = suite_accuracy(model, digits.val, EPS, suite, seed=0)
+    proven = evaluate_robustness(model, digits.val, EPS, steps=5, verify=True)
+    assert proven["verified_accuracy"] > 0.5  # IBP training worked
+    assert proven["verified_accuracy"] <= result["robust_accuracy"] <= result["pgd_accuracy"]
+    # and sample by sample: APGD-CE, APGD-T and Square leave every verified sample right
+    x, y = digits.val.images, digits.val.labels
+    with torch.no_grad():
+        safe = verified(model, x, y, EPS)
+    _, ce = apgd(cross_entropy_objective(model, y), x, EPS, 30, 1,
+                 torch.Generator().manual_seed(0))
+    _, targeted = apgd(dlr_objective(model, y, top_wrong_classes(model(x), y, 1)[:, 0]), x, EPS,
+                       30, 1, torch.Generator().manual_seed(0))
+    _, boxed = square(model, x, y, EPS, queries=200, generator=torch.Generator().manual_seed(0))
+    assert not bool((safe & (ce | targeted | boxed)).any())
