@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                 # every comparison
     python -m benchmarks.run --only pca --dims 65536 262144 --batches 8
+    python -m benchmarks.run --only pca_large_batch   # one 4,000-row update: sliced vs whole
 
 Shared CPU machines are noisy: read the ratios, not the absolute times. Each measured backend
 runs in its own fresh process, so its peak resident memory is its own.
@@ -109,6 +110,43 @@ def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | N
             rows.append(result)
             print(json.dumps(result), flush=True)
     return rows
+
+
+def pca_large_batch_worker(route: str, d: int, k: int, rows: int, out: str) -> None:
+    """One partial_fit of ``rows`` rows after a first batch of 256: the torch backend's
+    default (a wide batch folds in slices of max(512, 2k) rows) or ``whole`` (one update of
+    the whole batch: a Gram matrix of (k + rows + 1)^2, the route before slicing)."""
+    from defenses.pca import StreamingPCA
+
+    pca = StreamingPCA(k).partial_fit(_pca_batch(d, 256, 0, rank=k))
+    x = _pca_batch(d, rows, 1, rank=k)
+    start = time.perf_counter()
+    if route == "whole":
+        pca._state._update(x)
+    else:
+        pca.partial_fit(x)
+    seconds = time.perf_counter() - start
+    np.save(out, pca.components_.cpu().numpy())
+    print(json.dumps({"seconds": seconds, "peak_rss_gb":
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}))
+
+
+def bench_pca_large_batch(d: int, k: int, rows: int) -> list[dict]:
+    row = {"benchmark": "pca_large_batch", "dims": d, "n_components": k, "rows": rows}
+    components = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for route in ("sliced", "whole"):
+            measured = _run_worker(["pca_large_batch", route, str(d), str(k), str(rows),
+                                    f"{tmp}/{route}.npy"])
+            row[f"{route}_sec"] = measured["seconds"]
+            row[f"{route}_peak_rss_gb"] = measured["peak_rss_gb"]
+            components[route] = np.load(f"{tmp}/{route}.npy").astype(np.float64)
+    qa = np.linalg.qr(components["sliced"].T)[0]
+    qb = np.linalg.qr(components["whole"].T)[0]
+    row["subspace_agreement"] = float(np.linalg.svd(qa.T @ qb, compute_uv=False).min())
+    row["speedup"] = row["whole_sec"] / row["sliced_sec"]
+    print(json.dumps(row), flush=True)
+    return [row]
 
 
 def stream_worker(images: int, batch: int, k: int, device: str | None) -> None:
@@ -436,7 +474,7 @@ def print_table(rows: list[dict]) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
-COMPARISONS = ["pca", "stream", "knn", "steps", "sweep", "demo"]
+COMPARISONS = ["pca", "pca_large_batch", "stream", "knn", "steps", "sweep", "demo"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "pca":
             backend, d, k, batch, batches, out, device = rest
             pca_worker(backend, int(d), int(k), int(batch), int(batches), out, device or None)
+        elif name == "pca_large_batch":
+            route, d, k, rows, out = rest
+            pca_large_batch_worker(route, int(d), int(k), int(rows), out)
         elif name == "stream":
             images, batch, k, device = rest
             stream_worker(int(images), int(batch), int(k), device or None)
@@ -469,17 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     # 10,000+ images on a GPU; a CPU anchor of 2,560
     stream_images = 10_240 if args.device and args.device.startswith("cuda") else 2_560
     stream_batch = 256
+    large_batch_dims, large_batch_rows = 65_536, 4_000
     if args.smoke_test:
+        large_batch_dims, large_batch_rows = 4096, 1200
         args.dims, args.n_components, args.batch, args.batches = [4096], 8, 64, 3
         step_models, step_batch, step_repeats = ["ibp_small"], 16, 1
         knn_size, knn_queries, knn_repeats = 5_000, 256, 1
         stream_images, stream_batch = 64, 32
     # the smoke test leaves out the two that run whole sweeps (minutes)
-    only = set(args.only or (["pca", "stream", "knn", "steps"] if args.smoke_test
-                             else COMPARISONS))
+    only = set(args.only or (["pca", "pca_large_batch", "stream", "knn", "steps"]
+                             if args.smoke_test else COMPARISONS))
     rows: list[dict] = []
     if "pca" in only:
         rows += bench_pca(args.dims, args.n_components, args.batch, args.batches, args.device)
+    if "pca_large_batch" in only:
+        rows += bench_pca_large_batch(large_batch_dims, args.n_components, large_batch_rows)
     if "stream" in only:
         rows += bench_stream(stream_images, stream_batch, args.n_components, args.device)
     if "knn" in only:

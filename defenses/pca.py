@@ -81,13 +81,13 @@ class PCANotFittedError(PCAError, NotFittedError):
 # the math: pure functions on torch tensors
 
 
-def _svd_flip_rows(V: torch.Tensor) -> torch.Tensor:
-    """Sign convention of sklearn's ``svd_flip(u_based_decision=False)``: each row's largest
-    absolute entry is positive."""
+def _svd_flip_rows_(V: torch.Tensor) -> torch.Tensor:
+    """Sign convention of sklearn's ``svd_flip(u_based_decision=False)``, in place: each row's
+    largest absolute entry is positive."""
     idx = V.abs().argmax(dim=1)
     signs = torch.sign(V.gather(1, idx[:, None]))
     signs[signs == 0] = 1
-    return V * signs
+    return V.mul_(signs)
 
 
 def _column_moments(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +119,10 @@ def _stacked_blocks(X: torch.Tensor, batch_mean: torch.Tensor, head: torch.Tenso
             yield cols, torch.cat([top, centred, correction[None, cols]])
 
 
-def _gram_factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Singular values [m] and the top-k right singular vectors [k, d] of M via G = M M^T.
+def _gram_factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: torch.device,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Singular values [m] and the top-k right singular vectors [k, d] of M via G = M M^T
+    (written into ``out`` if given: column block j of M is read before block j is written).
 
     Returns None when G cannot resolve S_{k-1} to the state's precision: G's eigenvalues carry
     an absolute error of about eps * S_0^2, so S_i's relative error grows with (S_0 / S_i)^2.
@@ -138,7 +139,7 @@ def _gram_factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: 
         return None
     S = eigenvalues.sqrt()
     projector = U[:, :k].T / S[:k, None]  # [k, m]: V_k = diag(1 / S_k) U_k^T M
-    V = torch.empty((k, d), dtype=dtype, device=device)
+    V = torch.empty((k, d), dtype=dtype, device=device) if out is None else out
     for cols, block in blocks():
         V[:, cols] = (projector @ block).to(dtype)
     return S, V
@@ -152,11 +153,12 @@ def _svd_factorise(blocks, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return S, Vt[:k].to(dtype)
 
 
-def _factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(S, V_k, route): the Gram route when M is wide and well conditioned, else the SVD."""
+def _factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: torch.device,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(S, V_k, route): the Gram route when M is wide and well conditioned (V_k written into
+    ``out`` if given), else the SVD."""
     if m <= d:
-        found = _gram_factorise(blocks, m, d, k, dtype, device)
+        found = _gram_factorise(blocks, m, d, k, dtype, device, out)
         if found is not None:
             return (*found, "gram")
     return (*_svd_factorise(blocks, k, dtype), "svd")
@@ -180,6 +182,9 @@ class _State:
         self.noise_variance = 0.0  # mean of the explained variances beyond k
         self.noise_dims = 0  # how many explained variances that mean is over
         self.last_route = ""
+        # components handed out (an attribute read, a truncated copy) are never overwritten;
+        # until then an update writes the new components over the old ones (k x d less memory)
+        self.components_shared = False
 
     @torch.no_grad()
     def update(self, X: torch.Tensor) -> None:
@@ -216,9 +221,11 @@ class _State:
         def blocks():
             return _stacked_blocks(X, batch_mean, head, self.components, correction)
 
-        S, V, self.last_route = _factorise(blocks, m, d, self.k, self.dtype, self.device)
+        reuse = self.components if head is not None and not self.components_shared else None
+        S, V, self.last_route = _factorise(blocks, m, d, self.k, self.dtype, self.device, reuse)
         explained = S * S / (total - 1)
-        self.components = _svd_flip_rows(V)
+        self.components = _svd_flip_rows_(V)
+        self.components_shared = False
         self.singular_values = S[:self.k]
         self.mean = mean
         self.var = unnormalized_var / total
@@ -236,6 +243,7 @@ class _State:
         """The first m components; the noise variance becomes the mean over every discarded
         direction (the k - m dropped here and the ``noise_dims`` dropped by the fit)."""
         state = _State(m, self.device, self.dtype)
+        self.components_shared = state.components_shared = True
         state.n_samples_seen = self.n_samples_seen
         state.mean, state.var = self.mean, self.var
         state.components = self.components[:m]
@@ -526,6 +534,7 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
 
     def _public(self, name: str) -> Any:
         state = self._fitted()
+        state.components_shared |= name == "components"
         return _to_kind(getattr(state, name), self._kind, state.dtype)
 
     components_ = property(lambda self: self._public("components"))

@@ -81,6 +81,21 @@ def test_nested_components_truncate():
     assert float(principal_cosines(small.components_, direct.components_).min()) >= 0.999
 
 
+def test_components_read_out_are_not_overwritten_by_later_updates():
+    """An update writes over the old components only while nobody has been handed them."""
+    batches = low_rank_stream()
+    pca = StreamingPCA(4).partial_fit(batches[0]).partial_fit(batches[1])
+    before = pca.components_
+    saved = before.clone()
+    pca.partial_fit(batches[2])
+    assert pca._state.last_route == "gram"
+    assert torch.equal(before, saved) and not torch.equal(pca.components_, saved)
+    small = pca.truncate(2)
+    kept = small.components_.clone()
+    pca.partial_fit(batches[3])
+    assert torch.equal(small.components_, kept)
+
+
 def test_transform_returns_input_kind():
     batches = low_rank_stream()
     pca = fit("torch", batches, 4)
