@@ -76,11 +76,12 @@ def format_front(result, spec) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Unless verbose: Tune's legacy reporter at verbosity 0 prints nothing (its new output
-    # engine prints a heading and a TensorBoard hint even then), and MLflow's INFO lines
-    # (store creation, migrations) stay out of the console.
+    # engine prints a heading and a TensorBoard hint even then), and MLflow's and Optuna's INFO
+    # lines (store creation, migrations, a new study) stay out of the console.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1" if args.verbose else "0")
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("optuna").setLevel(logging.WARNING)  # "A new study created ..."
     try:
         _positive("--num-samples", args.num_samples)
         _positive("--max-concurrent", args.max_concurrent)
