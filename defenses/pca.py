@@ -23,11 +23,18 @@ fed tensors (and after ``load``/``from_bytes``).
 
 Truncation is not an m-component fit. ``truncate(m)`` keeps the first m components of a
 k-component fit. For exact PCA the two are the same thing; for incremental PCA they are not: an
-m-component fit discards everything beyond m after every batch, while a k-component fit carries
-k directions from batch to batch and so loses less of the spectrum's tail. On the demo's
-activations (``benchmarks/pca_truncation.py``) the truncated fit is the one closer to exact PCA;
-the LESCI sweep fits once per depth at the largest ``n_components`` and truncates per trial,
-which is therefore at least as good as fitting each trial's own ``n_components``, and cheaper.
+m-component fit keeps only m directions from one batch to the next, so a direction that ranks
+just below m early on and gains weight later is lost, while a k-component fit carries k
+directions and loses less of the spectrum. Measured on the demo's activations
+(``benchmarks/pca_truncation.py``: digits, ``resnet_digits`` after 5 epochs, 1,437 samples in
+batches of 256, every depth, k = 32, m = 4, 8, 16), against exact PCA: the truncated fit's
+subspace has a smallest principal cosine of at least 0.998 and its explained variances are
+within 0.8%; the m-component fits' smallest cosine goes down to 0.37 (layer1, m = 16, whose
+subspace still holds 99.8% of the variance exact PCA's holds: the direction it misses is a weak
+one) and their explained variances are up to 12% off; the truncated and the m-component fit
+differ as much from each other (smallest cosine 0.38). The LESCI sweep
+fits once per depth at the largest ``n_components`` and truncates per trial: the closer of the
+two to exact PCA, and one fit instead of one per ``n_components``.
 
 One difference from ``IncrementalPCA`` by default: a first batch with fewer than
 ``n_components`` rows is held (``n_samples_pending_``) until enough rows arrive, instead of
