@@ -44,9 +44,10 @@ class EmbeddingSpace:
 
     def check_pca(self, pca: StreamingPCA) -> None:
         """ValueError unless ``pca`` holds the components this space was compressed with."""
-        if self.n_components > pca.n_components:
+        kept = pca.n_components_  # as fitted (n_components may be None: all of them)
+        if self.n_components > kept:
             raise ValueError(f"embedding space has {self.n_components} components, the PCA "
-                             f"only {pca.n_components}")
+                             f"only {kept}")
 
     def truncate(self, n_components: int | None = None, size: int | None = None
                  ) -> "EmbeddingSpace":
