@@ -54,15 +54,13 @@ def methods(dataset: str) -> dict[str, tuple[str, dict, dict]]:
     }
 
 
-def run(dataset: str, smoke_test: bool) -> tuple[list[dict], dict]:
+def run(dataset: str, smoke_test: bool, suite: AttackSuite) -> tuple[list[dict], dict]:
     splits = load_dataset(dataset)
     val = splits.val
-    suite = SUITE
     if smoke_test:
         from torch.utils.data import Subset
 
         val = Subset(splits.val, range(64))
-        suite = AttackSuite(steps=2, apgd_steps=3, targets=1, square_queries=10)
     padding = {"padding": "same"} if dataset == "digits" else {}
     rows, models = [], {}
     for name, (objective, params, training) in methods(dataset).items():
@@ -98,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="1 epoch per method, 64 samples, a tiny attack budget")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"suite: {json.dumps(SUITE.described())}, eps {EPS}")
+    suite = (AttackSuite(steps=2, apgd_steps=3, targets=1, square_queries=10)
+             if args.smoke_test else SUITE)
+    print(f"suite: {json.dumps(suite.described())}, eps {EPS}")
     for dataset in args.dataset or ["digits", "mnist5k"]:
-        rows, models = run(dataset, args.smoke_test)
-        print(f"\n{dataset}\n| training | epochs | nominal | PGD-20 | APGD-CE | APGD-T | Square "
-              "| worst case | verified | train s |\n|---|---|---|---|---|---|---|---|---|---|")
+        rows, models = run(dataset, args.smoke_test, suite)
+        print(f"\n{dataset}\n| training | epochs | nominal | PGD-{suite.steps} | APGD-CE | APGD-T "
+              "| Square | worst case | verified | train s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['method']} | {r['epochs']} | {r['nominal_accuracy']:.3f} | "
                   f"{r['pgd_accuracy']:.3f} | {r['apgd_ce_accuracy']:.3f} | "

@@ -291,8 +291,8 @@ class _APGDRun:
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``z_y - max_{j != y} z_j`` per sample: negative exactly when the prediction is wrong
-    (ties count as wrong)."""
+    """``z_y - max_{j != y} z_j`` per sample: negative when another class scores higher, 0 at
+    a tie (success is judged by ``argmax != y`` everywhere, as the decision is)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], -math.inf).amax(1)
     return true - other
@@ -380,12 +380,13 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     def draw(*shape: int) -> torch.Tensor:  # uniform {-1, +1}
         return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(x.device, x.dtype)
 
-    def loss(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return margin(model(z), y[rows])
+    def loss(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(z)  # (margin to lower, fooled: the decision is wrong)
+        return margin(logits, y[rows]), logits.argmax(1) != y[rows]
 
     with eval_mode(model):
-        best, best_loss = x.clone(), loss(x, torch.arange(b, device=x.device))
-        succeeded = best_loss < 0
+        best = x.clone()
+        best_loss, succeeded = loss(x, torch.arange(b, device=x.device))
         for _ in range(restarts):
             rows = torch.nonzero(~succeeded).flatten()
             if rows.numel() == 0:
@@ -393,9 +394,9 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             # vertical stripes of +-eps: the init of the paper
             current = torch.min(torch.max(x[rows] + eps * draw(rows.numel(), c, 1, w),
                                           low[rows]), high[rows])
-            current_loss = loss(current, rows)
+            current_loss, fooled = loss(current, rows)
             for query in range(1, queries):
-                alive = current_loss >= 0
+                alive = ~fooled
                 if not bool(alive.any()):
                     break
                 side = max(int(round(math.sqrt(_square_fraction(p_init, query, queries)
@@ -404,18 +405,32 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                 top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
                 left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
                 idx = torch.nonzero(alive).flatten()
-                proposal = current[idx].clone()
                 window = (slice(None), slice(None), slice(top, top + side),
                           slice(left, left + side))
-                # a new +-eps per channel over the window (around x, then clipped to the box)
-                proposal[window] = x[rows[idx]][window] + eps * draw(idx.numel(), c, 1, 1)
-                proposal = torch.min(torch.max(proposal, low[rows[idx]]), high[rows[idx]])
-                new_loss = loss(proposal, rows[idx])
-                better = new_loss < current_loss[idx]
+                centre = x[rows[idx]][window]
+                box_low, box_high = low[rows[idx]][window], high[rows[idx]][window]
+                old = current[idx][window]
+                # a new +-eps per channel over the window (around x, clipped to the box),
+                # drawn again where it would leave the window as it is (a wasted query)
+                new = torch.min(torch.max(centre + eps * draw(idx.numel(), c, 1, 1), box_low),
+                                box_high)
+                for _ in range(10):
+                    same = (new - old).abs().flatten(1).amax(1) < 1e-7
+                    if not bool(same.any()):
+                        break
+                    redraw = torch.min(torch.max(
+                        centre[same] + eps * draw(int(same.sum()), c, 1, 1), box_low[same]),
+                        box_high[same])
+                    new[same] = redraw
+                proposal = current[idx].clone()
+                proposal[window] = new
+                new_loss, new_fooled = loss(proposal, rows[idx])
+                better = (new_loss < current_loss[idx]) | new_fooled
                 current[idx[better]] = proposal[better]
                 current_loss[idx[better]] = new_loss[better]
-            improve = current_loss < best_loss[rows]
+                fooled[idx[better]] = new_fooled[better]
+            improve = fooled | (current_loss < best_loss[rows])
             best[rows[improve]] = current[improve]
             best_loss[rows[improve]] = current_loss[improve]
-            succeeded[rows] |= current_loss < 0
+            succeeded[rows] |= fooled
     return best.detach(), succeeded

@@ -100,7 +100,10 @@ def build_embedding_space(model: nn.Module, depth: str, pca: StreamingPCA,
     chunks, labels = [], []
     for batch in stream_activations(model, depth, data, batch_size, device, only_correct=True,
                                     max_samples=embedding_size):
-        chunks.append(pca.transform(batch.activations, center=center).cpu())
+        acts = batch.activations  # in the PCA's precision (transform keeps its input's)
+        if isinstance(pca.components_, torch.Tensor):
+            acts = acts.to(pca.components_.dtype)
+        chunks.append(pca.transform(acts, center=center).cpu())
         labels.append(batch.labels.cpu())
     if not chunks:
         raise ValueError(f"no correctly classified sample for the embedding space at {depth!r}")

@@ -60,12 +60,13 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
 
 
 class AttackSuite(BaseModel):
-    """The budget of the suite behind ``robust_accuracy`` (RobustBench's AutoAttack without
-    FAB-T): PGD (``steps`` of step ``alpha``, ``restarts`` random starts), APGD-CE, APGD-T
-    toward each of the ``targets`` likeliest wrong classes (DLR loss), and Square
-    (``square_queries`` model queries per run). Every APGD attack makes ``1 + apgd_restarts``
-    runs from random starts; Square ``square_restarts`` runs. A sample counts as robust only
-    if every attack of the suite fails on it."""
+    """The budget of the suite behind ``robust_accuracy``, AutoAttack-style (APGD-CE, APGD-T,
+    Square; no FAB-T) at a reduced default budget (standard AutoAttack: 9 targets, 5,000 Square
+    queries), plus PGD: PGD (``steps`` of step ``alpha``, ``restarts`` random starts), APGD-CE,
+    APGD-T toward each of the ``targets`` likeliest wrong classes (DLR loss), and Square
+    (``square_queries`` model queries per run; 0: off). Every APGD attack makes
+    ``1 + apgd_restarts`` runs from random starts; Square ``square_restarts`` runs. A sample
+    counts as robust only if every attack of the suite fails on it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,8 +83,9 @@ class AttackSuite(BaseModel):
         """The budget as flat parameters (``attack.*`` on a sweep's parent run)."""
         return {"pgd": f"{self.steps} steps x {self.restarts}",
                 "apgd_ce": f"{self.apgd_steps} steps x {1 + self.apgd_restarts}",
-                "apgd_t": f"{self.targets} targets x {self.apgd_steps} steps x "
-                          f"{1 + self.apgd_restarts}",
+                "apgd_t": (f"{self.targets} targets x {self.apgd_steps} steps x "
+                           f"{1 + self.apgd_restarts}"
+                           if self.targets else "off"),
                 "square": (f"{self.square_queries} queries x {self.square_restarts}"
                            if self.square_queries else "off")}
 
@@ -93,15 +95,16 @@ def suite_accuracy(model: nn.Module, data: Dataset, eps: float, suite: AttackSui
     """Accuracy under each attack of ``suite`` and under their per-sample worst case.
 
     Keys: ``pgd_accuracy``, ``apgd_ce_accuracy``, ``apgd_t_accuracy``, ``square_accuracy``
-    (each attack alone, on all samples) and ``robust_accuracy`` (a sample counts only if it is
-    classified right clean and under every attack). Since PGD is in the suite, the worst case is
-    never above ``pgd_accuracy``.
+    (each attack alone, on all samples; an attack that does not run, APGD-T with no targets or
+    fewer than 4 classes, Square with no queries, has no key) and ``robust_accuracy`` (a sample
+    counts only if it is classified right clean and under every attack). Since PGD is in the
+    suite, the worst case is never above ``pgd_accuracy``.
     """
     suite = suite or AttackSuite()
     alpha = default_alpha(eps, suite.steps) if suite.alpha is None else suite.alpha
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    right = {name: 0 for name in ("pgd", "apgd_ce", "apgd_t", "square", "robust")}
+    right: dict[str, int] = {"robust": 0}
     total = 0
     with eval_mode(model):
         for x, y in batches(data, batch_size):
@@ -118,21 +121,19 @@ def suite_accuracy(model: nn.Module, data: Dataset, eps: float, suite: AttackSui
             runs = 1 + suite.apgd_restarts
             _, fooled["apgd_ce"] = apgd(cross_entropy_objective(model, y), x, eps,
                                         suite.apgd_steps, runs, gen)
-            targeted = torch.zeros_like(robust)
             if suite.targets and clean_logits.shape[1] >= 4:
+                targeted = torch.zeros_like(robust)
                 for target in top_wrong_classes(clean_logits, y, suite.targets).T:
                     _, hit = apgd(dlr_objective(model, y, target), x, eps, suite.apgd_steps,
                                   runs, gen)
                     targeted |= hit
-            fooled["apgd_t"] = targeted
+                fooled["apgd_t"] = targeted
             if suite.square_queries:
                 _, fooled["square"] = square(model, x, y, eps, suite.square_queries,
                                              suite.square_restarts, generator=gen)
-            else:
-                fooled["square"] = torch.zeros_like(robust)
             worst = robust.clone()
             for name, hit in fooled.items():
-                right[name] += int((robust & ~hit).sum())
+                right[name] = right.get(name, 0) + int((robust & ~hit).sum())
                 worst &= ~hit
             right["robust"] += int(worst.sum())
             total += y.numel()

@@ -150,6 +150,9 @@ class LESCIDecision:
         self.num_classes = self.num_classes or int(self.space.labels.max()) + 1
         self.space.check_pca(self.pca)
         components = self.pca.components_
+        if not isinstance(components, torch.Tensor):
+            raise TypeError("LESCIDecision needs a PCA fitted on torch tensors (its components "
+                            "on the model's device), got one fitted on numpy arrays")
         self._device = components.device
         e = F.normalize(self.space.embeddings.to(components.device, components.dtype), dim=1)
         labels = self.space.labels.to(components.device)
@@ -176,8 +179,9 @@ class LESCIDecision:
         with capture(self.model, [self.depth]) as captured:
             logits = self.model(x)
         acts = captured[self.depth][0].reshape(x.shape[0], -1)
-        return self.pca.transform(acts.to(self._device), self.space.n_components,
-                                  self.center), logits
+        # in the PCA's precision, the embeddings' (transform keeps its input's dtype)
+        acts = acts.to(self._device, self._blocks.dtype)
+        return self.pca.transform(acts, self.space.n_components, self.center), logits
 
     def tops(self, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_c(1..k), s_~c(1..k)), each [b, C, k], most similar first; absent: below -1."""

@@ -228,7 +228,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     for key, value in parent_metrics.items():
         client.log_metric(parent_run_id, key, value)
     if not lesci and spec.attack is not None:  # which attacks ran, at what budget
-        budget = {"eps": spec.attack.eps, **spec.attack.suite().described(),
+        budget = {"eps": spec.attack.eps, **spec.attack.attack_suite().described(),
                   "robust_accuracy": "per-sample worst case of the suite, after the last epoch"}
     if budget:
         logged = client.get_run(parent_run_id).data.params

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.distributions import DIST_TYPES, Choice, Grid, IntRange, LogUniform, Uniform
 from orchestrator.params import branch_key, objective_space
@@ -94,21 +95,32 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
+class FinalMetricOptunaSearch(OptunaSearch):
+    """OptunaSearch that skips an intermediate result without the searched metric (the
+    training families' suite metrics come with the last epoch only); Optuna gets the final
+    result at the trial's end either way."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, str) and self.metric not in result:
+            return
+        super().on_trial_result(trial_id, result)
+
+
 def tune_config(spec: SweepSpec) -> tune.TuneConfig:
     metrics, modes = spec.search_metrics
     single = len(metrics) == 1
     search_alg = None
     if _uses_optuna(spec):
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
 
         sampler = (optuna.samplers.TPESampler(seed=spec.search.seed)
                    if spec.search.algorithm is Algorithm.TPE
                    else optuna.samplers.NSGAIISampler(seed=spec.search.seed))
         # metric/mode go to the searcher only: TuneConfig's would make it single-objective
-        search_alg = OptunaSearch(space=DefineByRun(spec),
-                                  metric=metrics[0] if single else metrics,
-                                  mode=modes[0] if single else modes, sampler=sampler)
+        search_alg = FinalMetricOptunaSearch(space=DefineByRun(spec),
+                                             metric=metrics[0] if single else metrics,
+                                             mode=modes[0] if single else modes,
+                                             sampler=sampler)
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler

@@ -118,11 +118,19 @@ class APGDSpec(_Strict):
     group: int = Field(default=2, ge=1)  # consecutive m per smoothed run
 
 
-class SquareSpec(_Strict):
-    """The black-box Square attack of the training families' suite."""
+def _suite_default(name: str) -> Any:
+    return AttackSuite.model_fields[name].default  # the one place the suite's defaults live
 
-    queries: int = Field(default=1000, ge=0)  # model queries per sample and run; 0: off
-    restarts: int = Field(default=1, ge=1)
+
+class SuiteSpec(_Strict):
+    """The training families' suite behind ``robust_accuracy`` (``defenses.evaluation.
+    AttackSuite``, PGD aside): APGD-CE and APGD-T runs, APGD-T's targets, Square's budget."""
+
+    apgd_steps: int = Field(default=_suite_default("apgd_steps"), ge=1)
+    apgd_restarts: int = Field(default=_suite_default("apgd_restarts"), ge=0)
+    targets: int = Field(default=_suite_default("targets"), ge=0)
+    square_queries: int = Field(default=_suite_default("square_queries"), ge=0)  # 0: no Square
+    square_restarts: int = Field(default=_suite_default("square_restarts"), ge=1)
 
 
 class AttackSpec(_Strict):
@@ -131,20 +139,15 @@ class AttackSpec(_Strict):
     # PGD's step; unset: defenses.attacks.default_alpha(eps, steps), filled in at load
     alpha: float | None = Field(default=None, gt=0.0, le=1.0)
     restarts: int = Field(default=1, ge=1)
-    apgd: APGDSpec = Field(default_factory=APGDSpec)
+    apgd: APGDSpec = Field(default_factory=APGDSpec)  # LESCI only
     samples: int | None = Field(default=None, ge=1)  # LESCI: attack the first N validation samples
-    square: SquareSpec = Field(default_factory=SquareSpec)  # training families' suite
+    suite: SuiteSpec = Field(default_factory=SuiteSpec)  # the training families only
 
-    def suite(self) -> AttackSuite:
-        """The training families' suite behind ``robust_accuracy``: PGD as configured, APGD-CE,
-        APGD-T and Square. ``apgd.steps``, ``apgd.restarts`` and ``apgd.targets`` apply where
-        the space sets them; otherwise the suite's own defaults do (``AttackSuite``)."""
-        names = {"steps": "apgd_steps", "restarts": "apgd_restarts", "targets": "targets"}
-        given = {names[key]: getattr(self.apgd, key) for key in self.apgd.model_fields_set
-                 if key in names}
+    def attack_suite(self) -> AttackSuite:
+        """The training families' suite behind ``robust_accuracy``: PGD as configured
+        (``steps``, ``alpha``, ``restarts``), then ``suite``'s APGD-CE, APGD-T and Square."""
         return AttackSuite(steps=self.steps, alpha=self.alpha, restarts=self.restarts,
-                           square_queries=self.square.queries,
-                           square_restarts=self.square.restarts, **given)
+                           **self.suite.model_dump())
 
     @model_validator(mode="before")
     @classmethod
@@ -400,6 +403,16 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
                              f"allowed: {', '.join(metrics)}")
         if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
             raise ValueError(f"optimize.{metric}: needs an attack (attack: {{eps: ...}})")
+    if spec.attack is not None:  # keys of the other family's attacks would be ignored
+        given = spec.attack.model_fields_set
+        lesci_only, training_only = {"apgd", "samples"} & given, {"suite"} & given
+        if family is Family.LESCI and training_only:
+            raise ValueError("attack.suite: the training families' suite; LESCI's attacks on "
+                             "the vote are set under attack.apgd")
+        if family is not Family.LESCI and lesci_only:
+            raise ValueError(f"attack.{sorted(lesci_only)[0]}: LESCI only; the training "
+                             "families' suite is set under attack.suite (apgd_steps, "
+                             "apgd_restarts, targets, square_queries, square_restarts)")
     if spec.scheduler == "asha":
         if len(spec.optimize) > 1:
             raise ValueError("scheduler: asha takes one metric to optimize; early-stopped trials would "

@@ -4,9 +4,11 @@ shared-stage coordinator, resume with ``Tuner.restore``, and the Pareto front at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from typing import Iterator
 
 import ray
 from mlflow.tracking import MlflowClient
@@ -85,6 +87,24 @@ def _forget_lost_trials(client: MlflowClient, experiment_id: str, parent_run_id:
         log(f"MLflow: {len(lost)} run(s) of trials lost before Ray saved its state, removed")
 
 
+@contextlib.contextmanager
+def _lenient_metrics(needed: bool) -> Iterator[None]:
+    """While the Tuner runs: the suite's metrics come with a training trial's last epoch only,
+    and Tune would reject every earlier result for lacking a searched metric. Restored after."""
+    key, before = "TUNE_DISABLE_STRICT_METRIC_CHECKING", os.environ.get(
+        "TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    if needed:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if needed:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+
+
 def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str,
               resume: bool = False, log=print, verbose: bool = False) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep ``name`` of ``spec``."""
@@ -134,12 +154,10 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=callbacks, verbose=1 if verbose else 0))
-    if spec.family is not Family.LESCI and any(m in SUITE_METRICS for m in spec.optimize):
-        # the suite's metrics come with the last epoch's result only; Tune would otherwise
-        # reject every earlier result for lacking a searched metric
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start = time.perf_counter()
-    grid = tuner.fit()
+    with _lenient_metrics(spec.family is not Family.LESCI and
+                          any(m in SUITE_METRICS for m in spec.optimize)):
+        grid = tuner.fit()
     del coordinator  # the trials are over
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
     return report_front(spec, name, grid, client, experiment_id, parent_run_id, sweep_storage,

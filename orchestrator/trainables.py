@@ -255,7 +255,7 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
                                         attack.alpha, attack.restarts,
                                         verify=spec.family is Family.IBP, seed=trainer.epoch)
         if trainer.epoch == trainer.config.epochs:  # the suite, once, on the final model
-            evaluated.update(suite_accuracy(model, splits.val, attack.eps, attack.suite(),
+            evaluated.update(suite_accuracy(model, splits.val, attack.eps, attack.attack_suite(),
                                             seed=trainer.epoch))
         metrics = {k: v for k, v in evaluated.items() if k in wanted}
         metrics.update(train_metrics)

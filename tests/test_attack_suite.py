@@ -39,11 +39,14 @@ def _accuracy(model, x, y, fooled=None):
     return float((right if fooled is None else right & ~fooled).float().mean())
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "difference_logits_ratio"])
-def test_apgd_agrees_with_the_reference_implementation(small_cnn, val, loss):
+@pytest.mark.parametrize("loss, targeted", [("cross_entropy", False),
+                                           ("difference_logits_ratio", False),
+                                           ("difference_logits_ratio", True)])
+def test_apgd_agrees_with_the_reference_implementation(small_cnn, val, loss, targeted):
     """Our APGD and ART's AutoProjectedGradientDescent, each 100 steps from one random start,
     leave the same accuracy within 1 point on the 360 validation digits (the mean over three
-    seeds: one start alone varies by about a point either way)."""
+    seeds: one start alone varies by about a point either way): APGD-CE, APGD-DLR and APGD-T
+    (targeted DLR toward each sample's likeliest wrong class, the suite's APGD-T run)."""
     art = pytest.importorskip("art", reason="the reference library (dev extra)")
     from art.attacks.evasion import AutoProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
@@ -53,19 +56,43 @@ def test_apgd_agrees_with_the_reference_implementation(small_cnn, val, loss):
                                    input_shape=tuple(x.shape[1:]), nb_classes=10,
                                    clip_values=(0.0, 1.0))
     reference = AutoProjectedGradientDescent(classifier, norm=np.inf, eps=EPS, eps_step=2 * EPS,
-                                             max_iter=100, targeted=False, nb_random_init=1,
+                                             max_iter=100, targeted=targeted, nb_random_init=1,
                                              batch_size=len(y), loss_type=loss, verbose=False)
+    with torch.no_grad():
+        target = top_wrong_classes(small_cnn(x), y, 1)[:, 0] if targeted else None
     objective = (cross_entropy_objective(small_cnn, y) if loss == "cross_entropy"
-                 else dlr_objective(small_cnn, y))
+                 else dlr_objective(small_cnn, y, target))
     ours, theirs = [], []
     for seed in range(3):
         np.random.seed(seed)
-        adv = reference.generate(x.numpy(), y=y.numpy())
+        adv = reference.generate(x.numpy(), y=(target if targeted else y).numpy())
         theirs.append(float((classifier.predict(adv).argmax(1) == y.numpy()).mean()))
         _, fooled = apgd(objective, x, EPS, 100, 1, torch.Generator().manual_seed(seed))
         ours.append(_accuracy(small_cnn, x, y, fooled))
     assert np.mean(ours) < _accuracy(small_cnn, x, y) - 0.2  # the attack does something
     assert abs(np.mean(ours) - np.mean(theirs)) <= 0.01, (ours, theirs, art.__version__)
+
+
+def test_square_is_at_least_as_strong_as_the_reference_implementation(small_cnn, val):
+    """With the same 300 queries, our Square leaves no more accuracy than ART's SquareAttack
+    (measured: 0.54 vs 0.59)."""
+    pytest.importorskip("art", reason="the reference library (dev extra)")
+    from art.attacks.evasion import SquareAttack
+    from art.estimators.classification import PyTorchClassifier
+
+    x, y = val
+    classifier = PyTorchClassifier(small_cnn, loss=nn.CrossEntropyLoss(),
+                                   input_shape=tuple(x.shape[1:]), nb_classes=10,
+                                   clip_values=(0.0, 1.0))
+    np.random.seed(0)
+    adv = SquareAttack(classifier, norm=np.inf, eps=EPS, max_iter=300, p_init=0.8,
+                       nb_restarts=1, batch_size=len(y), verbose=False).generate(
+        x.numpy(), y=y.numpy())
+    theirs = float((classifier.predict(adv).argmax(1) == y.numpy()).mean())
+    _, fooled = square(small_cnn, x, y, EPS, queries=300,
+                       generator=torch.Generator().manual_seed(0))
+    ours = _accuracy(small_cnn, x, y, fooled)
+    assert ours < _accuracy(small_cnn, x, y) - 0.2 and ours <= theirs + 0.01, (ours, theirs)
 
 
 def test_the_worst_case_is_never_above_any_attack_of_the_suite(small_cnn, digits):
@@ -109,13 +136,14 @@ def test_square_is_a_black_box_that_gradient_masking_does_not_stop(small_cnn, va
         assert bool((masked(adv).argmax(1) != y)[by_queries].all())
 
 
-def test_square_restarts_only_add_strength(small_cnn, val):
+def test_square_restarts_add_strength(small_cnn, val):
+    """More restarts of a short budget fool more samples, and never undo the first run."""
     x, y = val[0][:100], val[1][:100]
-    _, once = square(small_cnn, x, y, 0.05, queries=50, restarts=1,
+    _, once = square(small_cnn, x, y, 0.05, queries=20, restarts=1,
                      generator=torch.Generator().manual_seed(3))
-    _, thrice = square(small_cnn, x, y, 0.05, queries=50, restarts=3,
+    _, thrice = square(small_cnn, x, y, 0.05, queries=20, restarts=4,
                        generator=torch.Generator().manual_seed(3))
-    assert bool(thrice[once].all()) and int(thrice.sum()) >= int(once.sum())
+    assert bool(thrice[once].all()) and int(thrice.sum()) > int(once.sum())
 
 
 def test_dlr_and_margin_by_hand():

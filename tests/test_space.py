@@ -150,10 +150,16 @@ BAD = [
     ("suite metric under asha", variant({"optimize": {"robust_accuracy": "max"},
                                          "scheduler": "asha"}, base=TRAINING),
      r"optimize.robust_accuracy: measured once, after the last epoch, so scheduler asha"),
-    ("negative square budget", variant({"attack.square": {"queries": -1}}, base=TRAINING),
-     r"attack.square.queries: Input should be greater than or equal to 0"),
-    ("unknown square key", variant({"attack.square": {"p": 0.5}}, base=TRAINING),
-     r"attack.square.p: Extra inputs are not permitted"),
+    ("negative square budget", variant({"attack.suite": {"square_queries": -1}}, base=TRAINING),
+     r"attack.suite.square_queries: Input should be greater than or equal to 0"),
+    ("unknown suite key", variant({"attack.suite": {"p_init": 0.5}}, base=TRAINING),
+     r"attack.suite.p_init: Extra inputs are not permitted"),
+    ("lesci's apgd in a training space", variant({"attack.apgd": {"steps": 10}}, base=TRAINING),
+     r"attack.apgd: LESCI only; the training families' suite is set under attack.suite"),
+    ("samples in a training space", variant({"attack.samples": 100}, base=TRAINING),
+     r"attack.samples: LESCI only"),
+    ("the training suite in a lesci space", variant({"attack": {"eps": 0.1, "suite": {
+        "targets": 2}}}), r"attack.suite: the training families' suite; LESCI's attacks"),
 ]
 
 
@@ -252,18 +258,23 @@ def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def test_the_training_suite_takes_the_apgd_keys_the_space_sets(tmp_path):
-    """Unset keys keep the suite's own defaults (AttackSuite), set ones apply, and the
-    budget the parent run shows says what ran."""
+def test_the_training_suite_is_what_the_space_says_in_the_driver_and_in_each_trial(tmp_path):
+    """Unset keys keep the suite's own defaults (AttackSuite); a trial rebuilds the spec from
+    its JSON and gets the same suite, so the budget the parent run shows is what ran."""
+    from orchestrator.space import SweepSpec
+
     path = tmp_path / "s.yaml"
     path.write_text(TRAINING)
-    suite = load_space(path, check_model=False).attack.suite()
+    spec = load_space(path, check_model=False)
+    suite = spec.attack.attack_suite()
     assert (suite.apgd_steps, suite.apgd_restarts, suite.targets) == (100, 1, 3)
     assert (suite.square_queries, suite.steps) == (1000, 20)
-    path.write_text(variant({"attack": {"eps": 0.1, "steps": 10, "apgd": {"targets": 9},
-                                        "square": {"queries": 5000, "restarts": 2}}},
-                            base=TRAINING))
-    suite = load_space(path, check_model=False).attack.suite()
+    assert SweepSpec(**spec.as_dict()).attack.attack_suite() == suite  # as in a trial
+    path.write_text(variant({"attack": {"eps": 0.1, "steps": 10, "suite": {
+        "targets": 9, "square_queries": 5000, "square_restarts": 2}}}, base=TRAINING))
+    spec = load_space(path, check_model=False)
+    suite = spec.attack.attack_suite()
+    assert SweepSpec(**spec.as_dict()).attack.attack_suite() == suite
     assert (suite.apgd_steps, suite.targets, suite.steps) == (100, 9, 10)
     assert suite.described() == {"pgd": "10 steps x 1", "apgd_ce": "100 steps x 2",
                                  "apgd_t": "9 targets x 100 steps x 2",

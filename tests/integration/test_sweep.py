@@ -127,7 +127,7 @@ def test_training_sweep_optimizes_the_suites_worst_case(tmp_path):
         training: {epochs: 2, batch_size: 64}
         params:
           objective: {choice: {pgd: {eps: 0.1, steps: 2}, fgsm: {eps: 0.1}}}
-        attack: {eps: 0.1, steps: 5, apgd: {steps: 10, targets: 2}, square: {queries: 50}}
+        attack: {eps: 0.1, steps: 5, suite: {apgd_steps: 10, targets: 2, square_queries: 50}}
         optimize: {robust_accuracy: max, nominal_accuracy: max}
         search: {algorithm: tpe, num_samples: 3, max_concurrent: 2}
     """)
@@ -147,3 +147,9 @@ def test_training_sweep_optimizes_the_suites_worst_case(tmp_path):
     assert params["attack.square"] == "50 queries x 1" and params["attack.pgd"] == "5 steps x 1"
     front = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
     assert len(front) == 3 and all(0 <= float(r["robust_accuracy"]) <= 1 for r in front)
+    # TPE on robust_accuracy alone: Optuna's searcher skips the epochs that lack it
+    (tmp_path / "space.yaml").write_text(space.replace(
+        "optimize: {robust_accuracy: max, nominal_accuracy: max}",
+        "optimize: {robust_accuracy: max}").replace("name: suite", "name: single"))
+    run_ok([*args[:3], "single", *args[4:]], tmp_path)
+    check_tracked(uri, "single", "adversarial", 3)
