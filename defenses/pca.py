@@ -480,7 +480,10 @@ class StreamingPCA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                            f"call fit() to start over, or truncate({k}) for fewer")
         if n == 0:
             return self
-        if check_input and not bool(torch.isfinite(X).all()):
+        # a finite sum means every value is finite (NaN and inf propagate); only a sum that
+        # is not (those, or an overflow) needs the elementwise check, 50x slower
+        if check_input and not bool(torch.isfinite(X.sum())) and not bool(
+                torch.isfinite(X).all()):
             raise PCAError("batch contains NaN or infinite values")
         if self._state is None and k is not None and not self.hold_first_batch and n < k:
             raise PCAError(f"n_components={k} must be less or equal to the batch number of "
