@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1" if args.verbose else "0")
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("optuna").setLevel(logging.WARNING)  # "A new study created ..."
+        import optuna  # its own call: optuna sets its logger's level when it first logs
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..."
     try:
         _positive("--num-samples", args.num_samples)
         _positive("--max-concurrent", args.max_concurrent)
