@@ -404,8 +404,11 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
         if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
             raise ValueError(f"optimize.{metric}: needs an attack (attack: {{eps: ...}})")
     if spec.attack is not None:  # keys of the other family's attacks would be ignored
-        given = spec.attack.model_fields_set
-        lesci_only, training_only = {"apgd", "samples"} & given, {"suite"} & given
+        # (a value other than the default: a full dump of a spec, as_dict, loads again)
+        attack = spec.attack
+        lesci_only = {k for k, changed in (("apgd", attack.apgd != APGDSpec()),
+                                           ("samples", attack.samples is not None)) if changed}
+        training_only = {"suite"} if attack.suite != SuiteSpec() else set()
         if family is Family.LESCI and training_only:
             raise ValueError("attack.suite: the training families' suite; LESCI's attacks on "
                              "the vote are set under attack.apgd")

@@ -279,3 +279,14 @@ def test_the_training_suite_is_what_the_space_says_in_the_driver_and_in_each_tri
     assert suite.described() == {"pgd": "10 steps x 1", "apgd_ce": "100 steps x 2",
                                  "apgd_t": "9 targets x 100 steps x 2",
                                  "square": "5000 queries x 2"}
+
+
+@pytest.mark.parametrize("base", [GOOD, TRAINING])
+def test_a_full_dump_of_a_space_loads_again(tmp_path, base):
+    """as_dict writes every field, the other family's attack defaults included: they are
+    defaults, not settings, so the dump loads to the same spec."""
+    path = tmp_path / "s.yaml"
+    path.write_text(base)
+    spec = load_space(path, check_model=False)
+    path.write_text(yaml.safe_dump(spec.as_dict()))
+    assert load_space(path, check_model=False) == spec
