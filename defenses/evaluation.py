@@ -35,18 +35,24 @@ def accuracy(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 512
 @torch.no_grad()
 def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int = 20,
                         alpha: float | None = None, restarts: int = 1, verify: bool = False,
-                        batch_size: int = 256, seed: int = 0) -> dict[str, float]:
+                        batch_size: int = 256, seed: int = 0,
+                        suite: AttackSuite | None = None) -> dict[str, float]:
     """Clean, PGD (random start) and, with ``verify``, IBP-verified accuracy at ``eps``.
 
     Keys (DESIGN.md metric names): ``nominal_accuracy`` (clean inputs), ``pgd_accuracy``
     (``steps`` of PGD of step ``alpha``, by default ``default_alpha(eps, steps)``, with
-    ``restarts`` random starts) and, with verify, ``verified_accuracy``.
+    ``restarts`` random starts) and, with verify, ``verified_accuracy``. With ``suite``, the
+    keys of ``suite_accuracy`` too, its PGD run (the suite's steps, alpha and restarts) giving
+    ``pgd_accuracy``: PGD runs once.
     """
-    alpha = default_alpha(eps, steps) if alpha is None else alpha
     out = {"nominal_accuracy": accuracy(model, data, batch_size)}
-    with torch.enable_grad():
-        out["pgd_accuracy"] = robust_accuracy(model, data, eps, alpha, steps, restarts,
-                                              batch_size, seed)
+    if suite is not None:
+        out.update(suite_accuracy(model, data, eps, suite, batch_size, seed))
+    else:
+        alpha = default_alpha(eps, steps) if alpha is None else alpha
+        with torch.enable_grad():
+            out["pgd_accuracy"] = robust_accuracy(model, data, eps, alpha, steps, restarts,
+                                                  batch_size, seed)
     if verify:
         device = next(model.parameters()).device
         proven = total = 0

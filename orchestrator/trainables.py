@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from defenses.data import Splits, load_dataset
-from defenses.evaluation import evaluate_robustness, suite_accuracy
+from defenses.evaluation import evaluate_robustness
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
 from defenses.trainer import Trainer
@@ -251,12 +251,11 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     wanted = FAMILY_METRICS[spec.family]
     while trainer.epoch < trainer.config.epochs:
         train_metrics = trainer.run_epoch()
+        last = trainer.epoch == trainer.config.epochs  # the suite, once, on the final model
         evaluated = evaluate_robustness(model, splits.val, attack.eps, attack.steps,
                                         attack.alpha, attack.restarts,
-                                        verify=spec.family is Family.IBP, seed=trainer.epoch)
-        if trainer.epoch == trainer.config.epochs:  # the suite, once, on the final model
-            evaluated.update(suite_accuracy(model, splits.val, attack.eps, attack.attack_suite(),
-                                            seed=trainer.epoch))
+                                        verify=spec.family is Family.IBP, seed=trainer.epoch,
+                                        suite=attack.attack_suite() if last else None)
         metrics = {k: v for k, v in evaluated.items() if k in wanted}
         metrics.update(train_metrics)
         metrics = {k: float(v) for k, v in metrics.items()}

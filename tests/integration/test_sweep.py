@@ -117,7 +117,7 @@ def test_lesci_sampled_search_maximises_each_trials_surface_hypervolume(tmp_path
 
 def test_training_sweep_optimizes_the_suites_worst_case(tmp_path):
     """A training sweep may optimize robust_accuracy, measured once after the last epoch:
-    every trial reports it (never above its PGD figure), the front is taken on it, and the
+    every trial reports it and each attack's figure then, the front is taken on it, and the
     parent run says which attacks ran at what budget."""
     space = textwrap.dedent("""
         name: suite
@@ -135,13 +135,13 @@ def test_training_sweep_optimizes_the_suites_worst_case(tmp_path):
     run_ok(args, tmp_path)
     client, parent, children = check_tracked(uri, "suite", "adversarial", 3)
     for child in children:
-        history = client.get_metric_history(child.info.run_id, "robust_accuracy")
-        assert [m.step for m in history] == [2]  # once, with the last epoch
-        metrics = child.data.metrics
-        assert metrics["robust_accuracy"] <= min(
-            metrics[m] for m in ("pgd_accuracy", "apgd_ce_accuracy", "apgd_t_accuracy",
-                                 "square_accuracy", "nominal_accuracy"))
-        assert len(client.get_metric_history(child.info.run_id, "pgd_accuracy")) == 2
+        for name in ("robust_accuracy", "apgd_ce_accuracy", "apgd_t_accuracy",
+                     "square_accuracy"):  # once, with the last epoch
+            history = client.get_metric_history(child.info.run_id, name)
+            assert [m.step for m in history] == [2], name
+        # PGD every epoch (at the last, the suite's own PGD run: one run, not two)
+        assert [m.step for m in client.get_metric_history(child.info.run_id,
+                                                           "pgd_accuracy")] == [1, 2]
     params = parent.data.params
     assert params["attack.apgd_t"] == "2 targets x 10 steps x 2"
     assert params["attack.square"] == "50 queries x 1" and params["attack.pgd"] == "5 steps x 1"
