@@ -11,8 +11,10 @@ the objective under ``objective``, either as a name with its own parameters as
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -20,7 +22,8 @@ from orchestrator.distributions import DIST_TYPES, Choice, Grid, IntRange, LogUn
 from orchestrator.params import branch_key, objective_space
 from orchestrator.space import Algorithm, SweepSpec
 
-__all__ = ["param_space", "tune_config", "DefineByRun"]
+__all__ = ["param_space", "tune_config", "DefineByRun", "sampler_of",
+           "PicklableNSGAIISampler"]
 
 
 def _domain(dist):
@@ -106,16 +109,52 @@ class FinalMetricOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
 
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, picklable on every Optuna release the ranges allow.
+
+    Tune pickles the searcher, and with it the study's sampler, when the Tuner is built and
+    whenever it saves the sweep's state. Optuna 5.1's genetic samplers guard an in-memory
+    cache of the study's generations with a ``threading.Lock`` and define no ``__getstate__``,
+    so pickling them raises ``TypeError: cannot pickle '_thread.lock' object``. A lock holds
+    no state: it is left out of the pickle and a new one is made when the sampler is read
+    back; the cache it guards is rebuilt from the study when it does not match.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            self._thread_lock = threading.Lock()
+
+
+# Optuna 5 names a genetic sampler's study attributes after its class
+# ("NSGAIISampler:generation"); the subclass keeps upstream's names, so a study reads the same
+# either way.
+for _key in ("_GENERATION_KEY", "_PARENT_CACHE_KEY_PREFIX"):
+    if hasattr(optuna.samplers.NSGAIISampler, _key):
+        setattr(PicklableNSGAIISampler, _key, getattr(optuna.samplers.NSGAIISampler, _key))
+
+
+def sampler_of(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a space searched with TPE or NSGA-II, seeded with its seed."""
+    if spec.search.algorithm is Algorithm.TPE:
+        return optuna.samplers.TPESampler(seed=spec.search.seed)
+    if spec.search.algorithm is Algorithm.NSGA2:
+        return PicklableNSGAIISampler(seed=spec.search.seed)
+    raise ValueError(f"search.algorithm {spec.search.algorithm.value!r} has no Optuna sampler")
+
+
 def tune_config(spec: SweepSpec) -> tune.TuneConfig:
     metrics, modes = spec.search_metrics
     single = len(metrics) == 1
     search_alg = None
     if _uses_optuna(spec):
-        import optuna
-
-        sampler = (optuna.samplers.TPESampler(seed=spec.search.seed)
-                   if spec.search.algorithm is Algorithm.TPE
-                   else optuna.samplers.NSGAIISampler(seed=spec.search.seed))
+        sampler = sampler_of(spec)
         # metric/mode go to the searcher only: TuneConfig's would make it single-objective
         search_alg = FinalMetricOptunaSearch(space=DefineByRun(spec),
                                              metric=metrics[0] if single else metrics,

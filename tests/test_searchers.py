@@ -1,17 +1,19 @@
 """How a space is searched: Tune's param_space (grid/random), Optuna's define-by-run space,
 trial counting, and each trial's typed parameters resolved from its config."""
 
+import pickle
 import textwrap
 
 import optuna
 import pytest
 import yaml
-from ray import tune
+from ray import cloudpickle, tune
 
 from defenses.objectives import FGSMParams, PGDParams
 from orchestrator.params import resolve
-from orchestrator.searchers import DefineByRun, param_space
-from orchestrator.space import load_space
+from orchestrator.searchers import (DefineByRun, PicklableNSGAIISampler, param_space,
+                                    sampler_of, tune_config)
+from orchestrator.space import load_space, shipped_spaces
 
 CONDITIONAL = textwrap.dedent("""
     name: t
@@ -103,3 +105,69 @@ def test_fixed_single_objective_takes_top_level_parameters(tmp_path):
     assert "standard" not in spec.params["objective"].branches
     assert spec.trial_count == 1 and spec.searched_names() == []
     assert resolve(spec, {}).objective == PGDParams(eps=0.1, steps=3)
+
+
+def _noop(config):
+    return None
+
+
+def _finish(searcher, trial_id: str, spec) -> dict:
+    """Ask the searcher for a trial and report it finished with made-up values."""
+    config = searcher.suggest(trial_id)
+    assert config is not None
+    metrics, _ = spec.search_metrics
+    searcher.on_trial_complete(trial_id, {m: 0.1 + 0.01 * len(trial_id) for m in metrics})
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(shipped_spaces()))
+def test_every_shipped_searcher_survives_tunes_pickling(name, tmp_path):
+    """Tune pickles the searcher (sampler and study included) when the Tuner is built and in
+    every save of the sweep's state; a searcher that cannot be pickled fails the sweep at
+    its start (Optuna 5.1's NSGA-II sampler held a threading.Lock)."""
+    spec = load_space(name, check_model=False)
+    config = tune_config(spec)
+    # the Tuner pickles its whole state on construction, as `search.py` builds it
+    tune.Tuner(_noop, param_space=param_space(spec), tune_config=config,
+               run_config=tune.RunConfig(name="t", storage_path=str(tmp_path)))
+    searcher = config.search_alg
+    if spec.search.algorithm.value in ("grid", "random") or spec.grid_only:
+        assert searcher is None
+        return
+    for i in range(3):
+        _finish(searcher, f"t{i}", spec)
+    cloudpickle.dumps(searcher)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune writes at each save
+    restored = tune_config(spec).search_alg
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert len(restored._ot_study.trials) == 3
+    _finish(restored, "t3", spec)  # a restored searcher goes on sampling
+    assert len(restored._ot_study.trials) == 4
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "nsga2"])
+@pytest.mark.parametrize("objectives", [1, 2])
+def test_samplers_pickle_and_go_on_where_they_stopped(tmp_path, algorithm, objectives):
+    """Each Optuna sampler a space can name, single- and multi-objective, through enough
+    trials for NSGA-II to breed a generation, pickled and read back mid-study."""
+    spec = space(tmp_path, search={"algorithm": algorithm, "num_samples": 30, "seed": 3})
+    sampler = sampler_of(spec)
+    if algorithm == "nsga2":
+        assert isinstance(sampler, PicklableNSGAIISampler)
+        sampler._population_size = 4
+    directions = ["maximize"] * objectives
+    study = optuna.create_study(directions=directions, sampler=sampler)
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        return x if objectives == 1 else (x, 1 - x)
+
+    study.optimize(objective, n_trials=10)
+    copy = pickle.loads(pickle.dumps(study))
+    copy.optimize(objective, n_trials=6)
+    assert len(copy.trials) == 16
+    if algorithm == "nsga2":  # the copy breeds on from its generations, with a lock of its own
+        key = getattr(optuna.samplers.NSGAIISampler, "_GENERATION_KEY", "nsga2:generation")
+        assert max(t.system_attrs.get(key, 0) for t in copy.trials) >= 3
+        if "_thread_lock" in sampler.__dict__:  # Optuna >= 5.1
+            assert copy.sampler._thread_lock is not sampler._thread_lock

@@ -5,14 +5,14 @@ import textwrap
 
 import pytest
 
-from orchestrator.space import load_space
+from orchestrator.space import load_space, shipped_spaces
 from orchestrator.storage import Storage
 from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages, kill_tree,
                                         poll_sweep, read_csv_artifact, run_ok, runs_of,
                                         sweep_args)
 
 
-@pytest.mark.parametrize("space", ["demo", "lesci", "ibp", "adversarial", "ibp_mnist_paper"])
+@pytest.mark.parametrize("space", sorted(shipped_spaces()))
 def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
     spec = load_space(space, smoke_test=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
