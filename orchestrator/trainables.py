@@ -14,6 +14,7 @@ import tempfile
 from typing import Any, Callable
 
 import ray
+import threadpoolctl
 import torch
 from ray import tune
 
@@ -31,7 +32,7 @@ from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
 __all__ = ["make_trainable", "lesci_trial", "training_trial",
-           "lesci_surface", "operating_point"]
+           "lesci_surface", "operating_point", "limit_threads"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -44,10 +45,23 @@ def _device(spec: SweepSpec) -> torch.device:
     return torch.device("cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
 
 
+def limit_threads(cpus: float) -> int:
+    """Size this process's thread pools to the cores a trial reserved (at least one): torch's
+    intra-op pool and, through threadpoolctl, every BLAS and OpenMP runtime loaded (numpy's
+    and faiss's OpenBLAS, torch's and faiss's OpenMP). Two trials on two cores then run one
+    thread each instead of fighting over both. Returns the thread count.
+
+    OpenMP's limit holds for the calling thread: call it from the thread that computes (a Tune
+    function trainable runs in a thread of its own)."""
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    threadpoolctl.threadpool_limits(threads)
+    return threads
+
+
 def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
     spec = SweepSpec(**spec_json)
-    # a trial gets spec.resources.cpu cores: no more threads than that (no oversubscription)
-    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    limit_threads(spec.resources.cpu)
     splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
     return spec, splits, _device(spec)
 
