@@ -367,7 +367,6 @@ def sweep_direct_worker(space_file: str) -> None:
 
     import torch
 
-    from defenses.data import load_dataset
     from defenses.embedding_space import build_embedding_space
     from defenses.lesci import fit_pca_at_depth
     from defenses.lesci_attack import LESCIDecision
@@ -379,7 +378,7 @@ def sweep_direct_worker(space_file: str) -> None:
     grid = spec.grid_values()
     points = spec.surface_points()
     start = time.perf_counter()
-    splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+    splits = spec.dataset.load()
     model = train_base_model(spec, splits, None, spec.training).eval()
     attacks = None
     if spec.attack is not None:

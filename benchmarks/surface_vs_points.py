@@ -45,7 +45,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from defenses.data import Splits, load_dataset
+from defenses.data import Splits
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.knn import KnnIndex
 from defenses.lesci import fit_pca_at_depth
@@ -102,7 +102,7 @@ def _timed(fn):
 
 def build_shared(spec: SweepSpec, depths: list[str]) -> Shared:
     """Base model, bare-model attack pool, and PCA + embedding space per depth, each timed."""
-    splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+    splits = spec.dataset.load()
     model, t_model = _timed(lambda: train_base_model(spec, splits, None, spec.training).eval())
     _log(f"base model trained in {t_model:.1f} s")
     stored, t_pool = _timed(lambda: craft_transfer_set(model, splits, spec.attack, None))

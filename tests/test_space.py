@@ -235,15 +235,21 @@ def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
 
     args = ["--storage", str(tmp_path / "s"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     make_mnist(tmp_path / "mnist")
-    (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x01" * 9)
+    (tmp_path / "mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x01" * 9)
+    make_mnist(tmp_path / "no-test")
+    (tmp_path / "no-test" / "t10k-labels-idx1-ubyte").unlink()
     save_checkpoint(build_model("resnet18", 10, (1, 8, 8), (0.5,), (0.2,)), tmp_path / "r18.pt")
     save_checkpoint(build_model("resnet_digits", 4, (1, 8, 8), (0.5,), (0.2,)), tmp_path / "c4.pt")
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
     cases = [
         ({"dataset": {"name": "mnist", "root": str(tmp_path / "absent")}},
          "absent: no such directory"),
-        ({"dataset": {"name": "mnist", "root": str(tmp_path / "mnist")}},
-         "t10k-images-idx3-ubyte: truncated IDX header"),
+        ({"dataset": {"name": "mnist", "root": str(tmp_path / "mnist"), "val": 10}},
+         "train-images-idx3-ubyte: truncated IDX header"),
+        # the test split's files must be there (they are read only after the search)
+        ({"dataset": {"name": "mnist", "root": str(tmp_path / "no-test"), "val": 10}},
+         "t10k-labels-idx1-ubyte"),
+        ({"dataset": {"name": "digits", "val": 1.5}}, "dataset.val"),
         ({"model__checkpoint": str(tmp_path / "r18.pt")},
          "holds a resnet18, the space's model is resnet_digits"),
         ({"model__checkpoint": str(tmp_path / "c4.pt")}, "was built for 4 classes"),
