@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from defenses.intervals import format_interval
+from orchestrator.reporting import TEST_PREFIX
 from orchestrator.space import SpaceError, check_sweep_name, load_space, shipped_spaces
 from orchestrator.storage import Storage, StorageError, redact
 from orchestrator.tracking import (TrackingError, TrackingUnavailable, check_tracking_uri,
@@ -43,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="continue the sweep --name after a crash, Ctrl-C or lost head node")
     parser.add_argument("--smoke-test", action="store_true",
                         help="tiny and fast: the space's smoke_test overrides")
+    parser.add_argument("--no-test", action="store_true",
+                        help="do not evaluate the front on the test split after the search "
+                             "(no test_* figures)")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray Tune's trial tables, Ray's and MLflow's logs and "
                              "the trials' own output")
@@ -59,17 +65,51 @@ def _positive(flag: str, value: int | None) -> None:
 
 
 def format_front(result, spec) -> str:
-    surface = ["k", "min_votes", "threshold"] if spec.family.value == "lesci" else []
-    columns = [*spec.searched_names(), *surface, *spec.metric_names]
-    widths = [max(len(c), 10) for c in columns]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    for row in sorted(result.front, key=lambda r: [-r[m] if spec.optimize[m] == "max"
-                                                   else r[m] for m in spec.metric_names]):
-        cells = []
-        for column, width in zip(columns, widths):
-            value = row.get(column, "")
-            cells.append((f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(width))
-        lines.append("  ".join(cells))
+    """The front as a table: each point's optimized figures with their 95% intervals, on the
+    validation split and (below it) on the test split, best first; then the bare model and
+    the selection gap."""
+    lesci = spec.family.value == "lesci"
+    keys = [*spec.searched_names(), *(["k", "min_votes", "threshold"] if lesci else [])]
+    metrics = list(spec.metric_names)
+    splits = [("val", "")] + ([("test", TEST_PREFIX)] if result.tested else [])
+    widths = [max(len(c), 6) for c in keys] + [5] + [max(len(m), 18) for m in metrics]
+    header = [*keys, "split", *metrics]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
+    order = sorted(result.front, key=lambda r: [-r[m] if spec.optimize[m] == "max" else r[m]
+                                                for m in metrics])
+    for row in order:
+        for i, (split, prefix) in enumerate(splits):
+            cells = []
+            for key in keys:
+                value = row.get(key, "") if i == 0 else ""
+                cells.append(f"{value:.4f}" if isinstance(value, float) else str(value))
+            cells.append(split)
+            for m in metrics:
+                cells.append(format_interval(row.get(prefix + m, math.nan),
+                                             row.get(f"{prefix}{m}_ci_low", math.nan),
+                                             row.get(f"{prefix}{m}_ci_high", math.nan)))
+            lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    base = result.base
+    if "base_accuracy" in base:
+        for split, prefix in splits:
+            if prefix + "base_accuracy" in base:
+                figures = ", ".join(
+                    f"{name} " + format_interval(base[prefix + key],
+                                                 base.get(f"{prefix}{key}_ci_low", math.nan),
+                                                 base.get(f"{prefix}{key}_ci_high", math.nan))
+                    for key, name in (("base_accuracy", "accuracy"),
+                                      ("base_robust_accuracy", "robust_accuracy"))
+                    if prefix + key in base)
+                lines.append(f"the bare model ({split}): {figures}")
+    if result.tested:
+        gaps = "; ".join(f"{m} {mean:+.3f} (largest {largest:+.3f})"
+                         for m, (mean, largest) in result.selection_gap.items())
+        lines.append(f"selection gap, val minus test over the front: {gaps}")
+        lines.append("95% intervals (Wilson; gains: Newcombe's paired interval); where two "
+                     "intervals overlap, these samples do not resolve the difference")
+    else:
+        lines.append("validation figures only (--no-test): the test split was not read, and "
+                     "these figures are measured on the samples that chose them")
     return "\n".join(lines)
 
 
@@ -111,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
             f"{spec.trial_count} trial(s){surface}, storage {redact(storage.uri)}")
         result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log,
-                           verbose=args.verbose)
+                           verbose=args.verbose, test=not args.no_test)
     except TrackingUnavailable as exc:  # an outage, not bad input: --resume once it answers
         print(f"error: {exc}; continue with --resume once it answers", file=sys.stderr)
         return 1
@@ -124,16 +164,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {found}; continue with --resume once it answers", file=sys.stderr)
         return 1
+    volume = f"hypervolume {result.hypervolume:.4f} (val)" + (
+        f", {result.test_hypervolume:.4f} (test)" if result.tested else "")
     log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.optimize.items())}"
         f"), {len(result.front)} of {len(result.rows)} "
-        f"{'surface points' if spec.family.value == 'lesci' else 'finished trials'}, hypervolume "
-        f"{result.hypervolume:.4f}:")
+        f"{'surface points' if spec.family.value == 'lesci' else 'finished trials'}, "
+        f"{volume}:")
     log(format_front(result, spec))
     ui = (f"mlflow ui --backend-store-uri {mlflow_uri}" if mlflow_uri.startswith("sqlite")
           else f"open {redact(mlflow_uri)}")
     log(f"\nBrowse the runs: {ui}  (experiment {name!r})")
     log(f"Continue after an interruption: python search.py --space {args.space} --name {name} "
-        f"--resume{' --smoke-test' if args.smoke_test else ''}")
+        f"--resume{' --smoke-test' if args.smoke_test else ''}"
+        f"{' --no-test' if args.no_test else ''}")
     return 1 if result.failed and not result.rows else 0
 
 

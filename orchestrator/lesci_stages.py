@@ -1,7 +1,7 @@
 """The shared stages of a LESCI sweep, declared as a graph apart from the trial function.
 
     base model ──> pca (depth, largest n_components) ──> embedding space (size, center)
-        └────────> attacks on the bare model (the space's attack)
+        └────────> attacks on the bare model (the space's attack), on val; on test at the end
 
 Each stage's output is keyed by everything it depends on (its inputs, which name the inputs of
 the stages it reads), so trials that share a depth share its PCA and space, and a stage is
@@ -15,6 +15,7 @@ import io
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import Dataset
 
 from defenses.attacks import apgd, cross_entropy_objective, pgd
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint
@@ -30,7 +31,10 @@ from orchestrator.space import SweepSpec
 from orchestrator.stages import StageCache
 
 __all__ = ["LESCIStages", "space_model", "train_base_model", "craft_transfer_set",
-           "validation_tensors", "predict"]
+           "split_tensors", "predict", "SPLITS"]
+
+# the splits a sweep evaluates on: val while it searches, test once at the end
+SPLITS = ("val", "test")
 
 
 def space_model(spec: SweepSpec, splits: Splits) -> torch.nn.Module:
@@ -39,11 +43,11 @@ def space_model(spec: SweepSpec, splits: Splits) -> torch.nn.Module:
                        splits.std, **spec.model.options)
 
 
-def validation_tensors(splits: Splits, samples: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split (its first ``samples``, when given) as tensors."""
-    n = len(splits.val) if samples is None else min(samples, len(splits.val))
-    xs, ys = zip(*(splits.val[i] for i in range(n)))
+def split_tensors(data: Dataset, samples: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split (its first ``samples``, when given) as tensors."""
+    n = len(data) if samples is None else min(samples, len(data))
+    xs, ys = zip(*(data[i] for i in range(n)))
     return torch.stack(xs), torch.as_tensor(ys)
 
 
@@ -63,19 +67,20 @@ def train_base_model(spec: SweepSpec, splits: Splits, device,
     return model
 
 
-def craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
+def craft_transfer_set(model: torch.nn.Module, data: Dataset, attack, device) -> bytes:
     """``_craft_transfer_set`` with the model in eval mode."""
     with eval_mode(model):
-        return _craft_transfer_set(model, splits, attack, device)
+        return _craft_transfer_set(model, data, attack, device)
 
 
-def _craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) -> bytes:
+def _craft_transfer_set(model: torch.nn.Module, data: Dataset, attack, device) -> bytes:
     """Attacks on the bare base model (``torch.save`` bytes of plain tensors), shared by every
     LESCI trial of a sweep: PGD (the transfer set) and APGD-CE (the suite's steps, 2 starts),
     which also warm-start the attacks on the vote; and the bare model's figures beside LESCI's:
-    ``base_accuracy`` (validation split) and ``base_robust_accuracy`` (the per-sample worst
-    case of clean, PGD and APGD-CE on the attacked samples)."""
-    x_val, y_val = validation_tensors(splits, attack.samples)
+    ``base_accuracy`` (the whole split) and ``base_robust_accuracy`` (the per-sample worst
+    case of clean, PGD and APGD-CE on the attacked samples, each sample's outcome kept as
+    ``base_robust`` for paired comparisons)."""
+    x_val, y_val = split_tensors(data, attack.samples)
     gen = torch.Generator().manual_seed(0)
     transfer = torch.cat([pgd(model, x.to(device), y.to(device), attack.eps, attack.alpha,
                               attack.steps, restarts=attack.restarts, generator=gen).cpu()
@@ -89,11 +94,12 @@ def _craft_transfer_set(model: torch.nn.Module, splits: Splits, attack, device) 
     right = torch.ones(len(y_val), dtype=torch.bool)
     for inputs in (x_val, transfer, base_apgd):
         right &= predict(model, inputs, device) == y_val
-    x_all, y_all = validation_tensors(splits)
+    x_all, y_all = split_tensors(data)
     buffer = io.BytesIO()
     torch.save({"adversarial": transfer, "base_apgd": base_apgd, "labels": y_val,
                 "base_accuracy": float((predict(model, x_all, device) == y_all).double().mean()),
-                "base_robust_accuracy": float(right.double().mean())}, buffer)
+                "base_robust_accuracy": float(right.double().mean()), "base_robust": right,
+                "samples": len(y_all)}, buffer)
     return buffer.getvalue()
 
 
@@ -180,12 +186,17 @@ class LESCIStages:
 
     # -- attacks on the bare base model ----------------------------------------------------
 
-    def attacks(self) -> dict[str, Any] | None:
-        """The transfer set, the bare model's APGD-CE examples and its figures (None
-        without an attack in the space)."""
+    def attacks(self, split: str = "val") -> dict[str, Any] | None:
+        """The transfer set, the bare model's APGD-CE examples and its figures on ``split``
+        (``val`` while searching, ``test`` in the final evaluation); None without an attack in
+        the space."""
         if self.attack_inputs is None:
             return None
-        stored = self.cache.get("transfer", self.attack_inputs,
-                                lambda: craft_transfer_set(self.model(), self.splits,
-                                                           self.spec.attack, self.device))
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        inputs = {**self.attack_inputs, "split": split}
+        stored = self.cache.get("transfer", inputs,
+                                lambda: craft_transfer_set(self.model(), getattr(self.splits, split),
+                                                           self.spec.attack, self.device),
+                                "" if split == "val" else split)
         return torch.load(io.BytesIO(stored), weights_only=True)

@@ -10,9 +10,9 @@ import csv
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -23,10 +23,13 @@ from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.storage import Storage
 
 __all__ = ["front_of", "write_csv", "plot_front", "plot_surface", "log_surface",
-           "report_front", "surface_columns", "SweepResult", "BASE_METRICS", "SURFACE_COLUMNS"]
+           "report_front", "surface_columns", "metric_columns", "reported_metrics",
+           "SweepResult", "BASE_METRICS", "SURFACE_COLUMNS", "TEST_PREFIX"]
 
 # the bare model under the suite's PGD and APGD-CE, logged beside LESCI's figures
 BASE_METRICS = ("base_accuracy", "base_robust_accuracy")
+# the final evaluation's figures: test_<metric>
+TEST_PREFIX = "test_"
 # surface.csv: the trial's point, the (k, m) point, then the metrics
 SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
                    "threshold")
@@ -62,32 +65,62 @@ def _pyplot():
     return plt
 
 
+def _error(rows: list[dict[str, Any]], metric: str, prefix: str = "") -> list[list[float]] | None:
+    """matplotlib's [lower, upper] error lengths of a metric, from its interval (None if the
+    rows have none)."""
+    lows = [row.get(f"{prefix}{metric}_ci_low") for row in rows]
+    if not rows or any(v is None or v != v for v in lows):
+        return None
+    values = [row[f"{prefix}{metric}"] for row in rows]
+    highs = [row[f"{prefix}{metric}_ci_high"] for row in rows]
+    return [[max(0.0, v - lo) for v, lo in zip(values, lows)],
+            [max(0.0, hi - v) for v, hi in zip(values, highs)]]
+
+
 def plot_front(rows: list[dict[str, Any]], on_front: Sequence[bool], optimize: dict[str, str],
                path: Path, title: str) -> None:
-    """The first two optimized metrics against each other, the third as colour, the front circled."""
+    """The first two optimized metrics against each other, the third as colour, the front
+    circled with its 95% intervals as error bars; where the front was evaluated on the test
+    split, each front point's test figure (a triangle, with its interval) joined to its
+    validation figure."""
     plt = _pyplot()
     metrics = list(optimize)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
     if rows:
+        one = len(metrics) == 1
         x = [row[metrics[0]] for row in rows]
-        y = [row[metrics[1]] if len(metrics) > 1 else i for i, row in enumerate(rows)]
+        y = [i if one else row[metrics[1]] for i, row in enumerate(rows)]
         colour = [row[metrics[2]] for row in rows] if len(metrics) > 2 else None
         shade = {"c": colour, "cmap": "viridis"} if colour else {"color": "lightgray"}
-        points = ax.scatter(x, y, s=30, edgecolors="gray", label="all points", **shade)
+        points = ax.scatter(x, y, s=30, edgecolors="gray", label="all points (val)", **shade)
         if colour:
-            fig.colorbar(points, ax=ax, label=metrics[2])
-        front = [(a, b) for a, b, on in zip(x, y, on_front) if on]
+            fig.colorbar(points, ax=ax, label=f"{metrics[2]} (val)")
+        front = [row for row, on in zip(rows, on_front) if on]
         if front:
-            fx, fy = zip(*sorted(front))
-            ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="red", linewidths=2,
-                       label="Pareto front")
-            if len(metrics) == 2:
-                ax.plot(fx, fy, color="red", alpha=0.5)
+            fx = [row[metrics[0]] for row in front]
+            fy = [i if one else row[metrics[1]] for i, row in enumerate(front)]
+            ax.errorbar(fx, fy, xerr=_error(front, metrics[0]),
+                        yerr=None if one else _error(front, metrics[1]), fmt="o", ms=10,
+                        mfc="none", mec="red", mew=2, ecolor="red", elinewidth=1, capsize=2,
+                        label="Pareto front (val, 95% CI)")
+            tested = [row for row in front if TEST_PREFIX + metrics[0] in row]
+            if tested:
+                tx = [row[TEST_PREFIX + metrics[0]] for row in tested]
+                ty = [i if one else row[TEST_PREFIX + metrics[1]]
+                      for i, row in enumerate(tested)]
+                ax.errorbar(tx, ty, xerr=_error(tested, metrics[0], TEST_PREFIX),
+                            yerr=None if one else _error(tested, metrics[1], TEST_PREFIX),
+                            fmt="^", ms=8, color="black", ecolor="black", elinewidth=1,
+                            capsize=2, label="the front on test (95% CI)")
+                for row, a, b in zip(tested, tx, ty):
+                    ax.plot([row[metrics[0]], a],
+                            [b if one else row[metrics[1]], b], color="black", alpha=0.3,
+                            linewidth=0.8)
     ax.set_xlabel(f"{metrics[0]} ({optimize[metrics[0]]})")
     ax.set_ylabel(f"{metrics[1]} ({optimize[metrics[1]]})" if len(metrics) > 1 else "trial")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -140,22 +173,58 @@ def log_surface(client: MlflowClient, run_id: str, rows: list[dict[str, Any]],
 class SweepResult:
     name: str
     # one per finished trial (LESCI: per point of every finished trial's surface): trial_id,
-    # run_id, params, metrics, pareto_optimal
+    # run_id, params, metrics with their intervals, pareto_optimal; front rows also test_*
     rows: list[dict[str, Any]]
     front: list[dict[str, Any]]
     hypervolume: float
     failed: int
     experiment_id: str
     parent_run_id: str
+    tested: bool = False  # the front was evaluated on the test split
+    test_hypervolume: float = math.nan
+    selection_gap: dict[str, tuple[float, float]] = field(default_factory=dict)
+    base: dict[str, float] = field(default_factory=dict)  # LESCI: the bare model, val and test
+
+
+def _row_key(row: dict[str, Any], lesci: bool) -> tuple:
+    return (row["trial_id"], int(row["k"]), int(row["min_votes"])) if lesci else (row["trial_id"],)
+
+
+def selection_gaps(front: list[dict[str, Any]], metrics: Sequence[str]
+                   ) -> dict[str, tuple[float, float]]:
+    """Per metric: (mean, largest) of val minus test over the front's points."""
+    gaps: dict[str, tuple[float, float]] = {}
+    for metric in metrics:
+        diffs = [row[metric] - row[TEST_PREFIX + metric] for row in front
+                 if TEST_PREFIX + metric in row
+                 and not math.isnan(row[metric]) and not math.isnan(row[TEST_PREFIX + metric])]
+        if diffs:
+            gaps[metric] = (float(np.mean(diffs)), float(max(diffs)))
+    return gaps
+
+
+def _log_metrics(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, key, float(value))
 
 
 def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experiment_id: str,
-                 parent_run_id: str, sweep_storage: Storage, log=print) -> SweepResult:
-    """The end of a sweep: every finished trial (LESCI: every point of its surface) to the
-    parent run's ``pareto_front.csv``/``.png``, its hypervolume and the bare model's figures;
-    each child tagged ``pareto_optimal``; failed trials counted (an error, or a required
-    metric missing or NaN)."""
-    log(f"sweep {name!r}: every trial ended; logging the Pareto front to MLflow")
+                 parent_run_id: str, sweep_storage: Storage, log=print,
+                 evaluate_test: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+                 ) -> SweepResult:
+    """The end of a sweep.
+
+    Every finished trial (LESCI: every point of its surface) goes to the parent run's
+    ``pareto_front.csv``/``.png``, with its hypervolume and the bare model's figures; each
+    child is tagged ``pareto_optimal``; failed trials are counted (an error, or a required
+    metric missing or NaN). With ``evaluate_test`` (``orchestrator.holdout.evaluate_front``),
+    the front, chosen on the validation split, is evaluated once on the test split: its
+    points get ``test_*`` figures (the CSV, the plot, the front trials' child runs), the
+    parent run ``test_hypervolume`` and each optimized metric's selection gap (val minus
+    test over the front: ``selection_gap_<metric>_mean`` and ``_max``).
+    """
+    log(f"sweep {name!r}: every trial ended; its Pareto front on the validation split")
     runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         max_results=10_000)}
@@ -178,9 +247,11 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         run_id = run.info.run_id if run else ""
         trial_runs[trial_id] = run_id
         used = resolve(spec, result.config).logged()
-        base = {"trial_id": trial_id, "run_id": run_id, **{k: used.get(k) for k in searched}}
+        base = {"trial_id": trial_id, "run_id": run_id, "config": result.config,
+                "trial_dir": Path(str(result.path)).name, **{k: used.get(k) for k in searched}}
         if not lesci:
-            rows.append({**base, **{m: float(metrics[m]) for m in spec.metric_names}})
+            rows.append({**base, **{m: float(metrics[m]) for m in metric_columns(spec)
+                                    if isinstance(metrics.get(m), (int, float))}})
             continue
         stored = sweep_storage.get_verified(f"results/{trial_id}.json")
         if stored is None:
@@ -189,9 +260,9 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             continue
         trial = json.loads(stored[0])
         budget = trial.get("budget") or budget
-        for key in BASE_METRICS:
-            if key in trial["report"]:
-                parent_metrics[key] = trial["report"][key]
+        for key, value in trial["report"].items():
+            if key.startswith(BASE_METRICS):
+                parent_metrics[key] = value
         if run_id:
             log_surface(client, run_id, trial["surface"], surface_columns(spec),
                         f"{name}: {run.info.run_name}")
@@ -200,46 +271,83 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     mask, volume = front_of(rows, spec.optimize)
     for row, on in zip(rows, mask):
         row["pareto_optimal"] = bool(on)
-    for trial_id, run_id in trial_runs.items():
-        if run_id:
-            on = any(r["pareto_optimal"] for r in rows if r["trial_id"] == trial_id)
-            client.set_tag(run_id, "pareto_optimal", "true" if on else "false")
     front = [row for row in rows if row["pareto_optimal"]]
+    outcome = SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id,
+                          base={k: v for k, v in parent_metrics.items()})
+    if evaluate_test is not None and front:
+        test = evaluate_test(front)
+        for row in front:
+            found = test["rows"].get(_row_key(row, lesci), {})
+            for key in metric_columns(spec):
+                if key in found:
+                    row[TEST_PREFIX + key] = found[key]
+        outcome.tested = True
+        _, outcome.test_hypervolume = front_of(
+            [{m: row[TEST_PREFIX + m] for m in spec.optimize} for row in front], spec.optimize)
+        outcome.selection_gap = selection_gaps(front, spec.optimize)
+        parent_metrics.update({TEST_PREFIX + k: v for k, v in test.get("base", {}).items()})
+        outcome.base = dict(parent_metrics)
+        if test.get("budget"):
+            budget = {**budget, "test_samples": test["budget"].get("samples")}
+    for trial_id, run_id in trial_runs.items():
+        if not run_id:
+            continue
+        mine = [row for row in front if row["trial_id"] == trial_id]
+        client.set_tag(run_id, "pareto_optimal", "true" if mine else "false")
+        tested = [row for row in mine if any(k.startswith(TEST_PREFIX) for k in row)]
+        if tested:  # LESCI: the trial's best front point, by its operating-point rule
+            row = max(tested, key=lambda r: (sum(r[m] if d == "max" else 1 - r[m]
+                                                 for m, d in spec.optimize.items()),
+                                             -r.get("k", 0), -r.get("min_votes", 0)))
+            values = {k: v for k, v in row.items() if k.startswith(TEST_PREFIX)}
+            if lesci:
+                values.update({"test_point_k": row["k"], "test_point_min_votes": row["min_votes"]})
+            _log_metrics(client, run_id, values)
     with tempfile.TemporaryDirectory() as folder:
         csv_path = Path(folder) / "pareto_front.csv"
+        tested_columns = ([f"{TEST_PREFIX}{c}" for c in metric_columns(spec)]
+                          if outcome.tested else [])
         columns = ["trial_id", "run_id", *searched,
-                   *(surface_columns(spec) if lesci else spec.metric_names), "pareto_optimal"]
+                   *(surface_columns(spec) if lesci else metric_columns(spec)),
+                   *tested_columns, "pareto_optimal"]
         write_csv(rows, list(dict.fromkeys(columns)), csv_path)
         png_path = Path(folder) / "pareto_front.png"
         unit = "surface points" if lesci else "trials"
         plot_front(rows, mask, spec.optimize, png_path,
-                   f"{name}: {len(front)} of {len(rows)} {unit} on the front")
+                   f"{name}: {len(front)} of {len(rows)} {unit} on the front"
+                   + (" (val; test: triangles)" if outcome.tested else ""))
         client.log_artifact(parent_run_id, str(csv_path))
         client.log_artifact(parent_run_id, str(png_path))
     client.log_metric(parent_run_id, "hypervolume", volume)
     client.log_metric(parent_run_id, "finished_trials", len(trial_runs))
     client.log_metric(parent_run_id, "failed_trials", failed)
+    if outcome.tested:
+        client.log_metric(parent_run_id, "test_hypervolume", outcome.test_hypervolume)
+        for metric, (mean, largest) in outcome.selection_gap.items():
+            client.log_metric(parent_run_id, f"selection_gap_{metric}_mean", mean)
+            client.log_metric(parent_run_id, f"selection_gap_{metric}_max", largest)
+    client.set_tag(parent_run_id, "test_split", "evaluated" if outcome.tested else "not read")
     if failures:  # why, on the parent run and in the console
         client.set_tag(parent_run_id, "failures", "\n".join(failures)[:5000])
         for line in failures:
             log(f"  failed: {line}")
     if lesci:
         client.log_metric(parent_run_id, "surface_points", len(rows))
-    for key, value in parent_metrics.items():
-        client.log_metric(parent_run_id, key, value)
+    _log_metrics(client, parent_run_id, parent_metrics)
     if not lesci and spec.attack is not None:  # which attacks ran, at what budget
         budget = {"eps": spec.attack.eps, **spec.attack.attack_suite().described(),
                   "robust_accuracy": "per-sample worst case of the suite, after the last epoch"}
     if budget:
         logged = client.get_run(parent_run_id).data.params
         for key, value in budget.items():
-            if f"attack.{key}" not in logged:
+            if f"attack.{key}" not in logged and value is not None:
                 client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
     client.set_terminated(parent_run_id, status="FINISHED")
     log(f"sweep {name!r}: {len(trial_runs)} finished, {failed} failed; Pareto front of "
         f"{len(front)} of {len(rows)} {'surface points' if lesci else 'trials'}, hypervolume "
-        f"{volume:.4f}")
-    return SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id)
+        f"{volume:.4f}" + (f" (val), {outcome.test_hypervolume:.4f} (test)"
+                           if outcome.tested else " (val)"))
+    return outcome
 
 
 def _failure(error: BaseException | None, metrics: dict[str, Any],
@@ -261,6 +369,25 @@ def _failure(error: BaseException | None, metrics: dict[str, Any],
 
 
 def surface_columns(spec: SweepSpec) -> list[str]:
-    metrics = [m for m in FAMILY_METRICS[Family.LESCI]
-               if spec.attack is not None or "robust" not in m]
-    return [*SURFACE_COLUMNS, *metrics]
+    """surface.csv: the point, each metric with its interval, the gain over the bare model
+    (with an attack) and the sample counts behind the intervals."""
+    return [*SURFACE_COLUMNS, *metric_columns(spec)]
+
+
+def reported_metrics(spec: SweepSpec) -> list[str]:
+    """The figures a trial reports with intervals: its family's, LESCI's robust ones only
+    with an attack in the space, and LESCI's gain over the bare model."""
+    if spec.family is Family.LESCI:
+        names = [m for m in FAMILY_METRICS[Family.LESCI]
+                 if spec.attack is not None or "robust" not in m]
+        return names + (["robust_gain"] if spec.attack is not None else [])
+    return list(FAMILY_METRICS[spec.family])
+
+
+def metric_columns(spec: SweepSpec, prefix: str = "") -> list[str]:
+    """Each reported figure, then its 95% interval, then the sample counts."""
+    columns = []
+    for name in reported_metrics(spec):
+        columns += [f"{prefix}{name}", f"{prefix}{name}_ci_low", f"{prefix}{name}_ci_high"]
+    counts = ["samples", "attacked_samples"] if spec.family is Family.LESCI else ["samples"]
+    return columns + [f"{prefix}{c}" for c in counts]

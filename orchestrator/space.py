@@ -105,6 +105,13 @@ class DatasetSpec(_Strict):
     val: int | float | None = None
     split_seed: int = 0
 
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, value: str | None) -> str | None:
+        # trials run in folders of their own (Tune's trial dirs): a relative path is the
+        # launching directory's
+        return None if value is None else str(Path(value).expanduser().absolute())
+
     @field_validator("val")
     @classmethod
     def _val_size(cls, value: int | float | None) -> int | float | None:
@@ -125,6 +132,11 @@ class ModelSpec(_Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, value: str | None) -> str | None:
+        return None if value is None else str(Path(value).expanduser().absolute())
 
 
 class APGDSpec(_Strict):

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.holdout import evaluate_front
 from orchestrator.progress import ConsoleProgress
 from orchestrator.reporting import SweepResult, report_front, surface_columns
 from orchestrator.searchers import param_space, tune_config
@@ -106,8 +107,11 @@ def _lenient_metrics(needed: bool) -> Iterator[None]:
 
 
 def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str,
-              resume: bool = False, log=print, verbose: bool = False) -> SweepResult:
-    """Run (or, with ``resume``, continue) the sweep ``name`` of ``spec``."""
+              resume: bool = False, log=print, verbose: bool = False,
+              test: bool = True) -> SweepResult:
+    """Run (or, with ``resume``, continue) the sweep ``name`` of ``spec``; then its front,
+    chosen on the validation split, is evaluated once on the test split (unless ``test`` is
+    False: ``--no-test``)."""
     sweep_storage = storage_root.child(name)
     experiment_path = storage_root.join(name)
     restore = _claim_name(spec, name, storage_root, resume, log)
@@ -158,7 +162,13 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
     with _lenient_metrics(spec.family is not Family.LESCI and
                           any(m in SUITE_METRICS for m in spec.optimize)):
         grid = tuner.fit()
-    del coordinator  # the trials are over
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
-    return report_front(spec, name, grid, client, experiment_id, parent_run_id, sweep_storage,
-                        log)
+    evaluate_test = (None if not test else
+                     lambda front: evaluate_front(spec, front, name, sweep_storage, log))
+    if not test:
+        log(f"sweep {name!r}: --no-test: the test split is not read; every figure below is "
+            "a validation figure, measured on the samples that chose it")
+    result = report_front(spec, name, grid, client, experiment_id, parent_run_id,
+                          sweep_storage, log, evaluate_test)
+    del coordinator  # the test split's tasks are over too
+    return result

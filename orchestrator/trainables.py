@@ -17,22 +17,26 @@ import ray
 import threadpoolctl
 import torch
 from ray import tune
+from torch.utils.data import Dataset
 
 from defenses.data import Splits
+from defenses.intervals import paired_difference, rate_interval
 from defenses.evaluation import evaluate_robustness
+from defenses.embedding_space import EmbeddingSpace
 from defenses.lesci_attack import LESCIDecision, attack_surface
 from defenses.surface import SurfacePoint, surface_metrics
 from defenses.trainer import Trainer
-from orchestrator.lesci_stages import LESCIStages, space_model, validation_tensors
-from orchestrator.params import resolve
+from orchestrator.lesci_stages import LESCIStages, space_model, split_tensors
+from orchestrator.params import Trial, resolve
 from orchestrator.progress import ProgressLine
 from orchestrator.reporting import BASE_METRICS, front_of
 from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
-__all__ = ["make_trainable", "lesci_trial", "training_trial",
-           "lesci_surface", "operating_point", "limit_threads"]
+__all__ = ["make_trainable", "lesci_trial", "training_trial", "lesci_surface",
+           "lesci_decision", "surface_rows", "attack_progress", "operating_point",
+           "limit_threads", "newest_checkpoint", "trial_model"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -112,39 +116,72 @@ def _stored_result(storage: Storage) -> tuple[str, dict[str, float] | None]:
     return path, (json.loads(found[0]) if found is not None else None)
 
 
+def _rates_with_intervals(metrics: dict[str, list[float]], sizes: dict[str, list[int]]
+                          ) -> dict[str, list[float]]:
+    """``<metric>_ci_low`` and ``_ci_high`` (Wilson, 95%) of each rate, from its sample count."""
+    out: dict[str, list[float]] = {}
+    for name, values in metrics.items():
+        bounds = [rate_interval(v, n) for v, n in zip(values, sizes[name])]
+        out[f"{name}_ci_low"] = [low for low, _ in bounds]
+        out[f"{name}_ci_high"] = [high for _, high in bounds]
+    return out
+
+
 def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[SurfacePoint],
-                  splits: Splits, attacks: dict[str, torch.Tensor] | None, device,
-                  progress=None) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Every point's metrics ({name: [P] values}) and the attack budget: the four of SPEC.md on
-    the validation split; with an attack, ``transfer_robust_accuracy`` (the PGD transfer set
-    alone) and ``robust_accuracy``, the per-sample worst case of the whole suite on the real
-    vote (``defenses.lesci_attack.attack_surface``)."""
-    x_val, y_val = validation_tensors(splits)
+                  data: Dataset, attacks: dict[str, Any] | None, device, progress=None,
+                  generator_seed: int = 1) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Every point's metrics ({name: [P] values}) on ``data`` (the val split while the sweep
+    searches, the test split in its final evaluation) and the attack budget.
+
+    The four of SPEC.md on the whole split; with an attack, ``transfer_robust_accuracy`` (the
+    PGD transfer set alone) and ``robust_accuracy``, the per-sample worst case of the whole
+    suite on the real vote (``defenses.lesci_attack.attack_surface``) on its first
+    ``attack.samples``, and ``robust_gain``, robust accuracy minus the bare model's on the same
+    samples (``attacks``: the bare model's stage on this split). Each figure comes with its 95%
+    interval (``<name>_ci_low``, ``_ci_high``: Wilson; the gain's: Newcombe's paired interval)
+    and the counts behind it (``samples``, ``attacked_samples``).
+    """
+    x_all, y_all = split_tensors(data)
     prediction, projected = [], []
-    for xb in x_val.split(512):
+    for xb in x_all.split(512):
         p, pr = decision.decide(xb.to(device), points)
         prediction.append(p.cpu())
         projected.append(pr.cpu())
+    projected_all = torch.cat(projected)
     metrics = {name: values.tolist() for name, values in surface_metrics(
-        y_val, torch.cat(prediction), torch.cat(projected)).items()}
+        y_all, torch.cat(prediction), projected_all).items()}
+    n = len(y_all)
+    n_projected = projected_all.sum(0).tolist()
+    sizes = {"accuracy": [n] * len(points), "projection_rate": [n] * len(points),
+             "accuracy_projected": n_projected,
+             "accuracy_identity": [n - p for p in n_projected]}
     budget: dict[str, Any] = {}
+    extra: dict[str, list[float]] = {"samples": [n] * len(points)}
     if spec.attack is not None and attacks is not None:
         attack = spec.attack
-        x_att, y_att = validation_tensors(splits, attack.samples)
+        x_att, y_att = split_tensors(data, attack.samples)
         pool = {"transfer": attacks["adversarial"], "base_apgd": attacks["base_apgd"]}
         suite = attack_surface(decision, x_att.to(device), y_att.to(device), points, attack.eps,
                                attack.apgd.steps, attack.apgd.restarts, attack.apgd.targets,
                                attack.apgd.smooth, attack.apgd.group,
                                pool={k: v.to(device) for k, v in pool.items()},
                                starts=("base_apgd", "transfer"), progress=progress,
-                               generator=torch.Generator().manual_seed(1))
+                               generator=torch.Generator().manual_seed(generator_seed))
         metrics["robust_accuracy"] = suite.accuracy().tolist()
         metrics["transfer_robust_accuracy"] = suite.accuracy("transfer").tolist()
+        sizes["robust_accuracy"] = sizes["transfer_robust_accuracy"] = [len(y_att)] * len(points)
+        robust = suite.robust().numpy()
+        gains = [paired_difference(robust[:, i], attacks["base_robust"].numpy())
+                 for i in range(len(points))]
+        extra.update({"robust_gain": [g[0] for g in gains],
+                      "robust_gain_ci_low": [g[1] for g in gains],
+                      "robust_gain_ci_high": [g[2] for g in gains],
+                      "attacked_samples": [len(y_att)] * len(points)})
         budget = {**suite.budget, "samples": len(y_att), "transfer": f"PGD-{attack.steps}",
                   "suite": "clean, transfer PGD, bare-model APGD-CE (2 starts), APGD on the "
                            "exact and on the smoothed vote margin (started from both), "
                            "targeted APGD"}
-    return metrics, budget
+    return {**metrics, **_rates_with_intervals(metrics, sizes), **extra}, budget
 
 
 def operating_point(rows: list[dict[str, Any]], optimize: dict[str, str]) -> dict[str, Any]:
@@ -155,6 +192,62 @@ def operating_point(rows: list[dict[str, Any]], optimize: dict[str, str]) -> dic
         return sum(v for v in values if v == v)  # NaN counts as nothing
 
     return max(rows, key=lambda r: (score(r), -r["k"], -r["min_votes"]))
+
+
+def base_figures(attacks: dict[str, Any]) -> dict[str, float]:
+    """The bare model's figures on a split (its attack stage), with their intervals."""
+    sizes = {"base_accuracy": int(attacks["samples"]),
+             "base_robust_accuracy": len(attacks["labels"])}
+    out: dict[str, float] = {}
+    for key in BASE_METRICS:
+        value = float(attacks[key])
+        out[key] = value
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = rate_interval(value, sizes[key])
+    return out
+
+
+def lesci_decision(spec: SweepSpec, trial: Trial, splits: Splits, device, cache: StageCache,
+                   log: Callable[[str], None], k_max: int
+                   ) -> tuple[LESCIStages, LESCIDecision, EmbeddingSpace]:
+    """A trial's LESCI decision from the sweep's shared stages (base model, PCA, embedding
+    space), with its stages (for the bare model's attacks) and its embedding space."""
+    stages = LESCIStages(spec, trial, splits, device, cache, log=log)
+    model, pca, space = stages.model(), stages.pca(), stages.embedding_space()
+    if k_max > len(space):
+        raise ValueError(f"k={k_max} exceeds the embedding space's {len(space)} samples")
+    params = trial.lesci
+    decision = LESCIDecision(model, params.depth, pca, space, k_max, center=params.center,
+                             num_classes=splits.num_classes)
+    return stages, decision, space
+
+
+def attack_progress(spec: SweepSpec, data: Dataset, label: str,
+                    log: Callable[[str], None]) -> Callable[[int, int], None]:
+    """``progress(done, total)`` of ``attack_surface`` as a console line in sample-runs."""
+    samples = len(data) if spec.attack is None or spec.attack.samples is None else min(
+        spec.attack.samples, len(data))
+    line: list[ProgressLine] = []
+
+    def progress(done: int, total: int) -> None:  # attack runs over the attacked samples
+        if not line:
+            line.append(ProgressLine(label, total * samples, "sample-runs", log))
+        line[0](done * samples)
+
+    return progress
+
+
+def surface_rows(trial: Trial, space_size: int, points: list[SurfacePoint],
+                 metrics: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """One row per point: the trial's LESCI parameters, the point, its figures."""
+    params = trial.lesci
+    rows = []
+    for i, point in enumerate(points):
+        row = {"depth": params.depth, "n_components": params.n_components,
+               "embedding_size": space_size, "center": params.center, "k": point.k,
+               "min_votes": point.min_votes, "threshold": point.threshold}
+        row.update({name: values[i] for name, values in metrics.items()})
+        rows.append(row)
+    return rows
 
 
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
@@ -168,33 +261,15 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     spec, splits, device = _setup(spec_json)
     trial = resolve(spec, config)
     points = spec.surface_points()
-    stages = LESCIStages(spec, trial, splits, device, _stage_cache(storage, log), log=log)
-    model, pca, space = stages.model(), stages.pca(), stages.embedding_space()
-    k_max = max(p.k for p in points)
-    if k_max > len(space):
-        raise ValueError(f"k={k_max} exceeds the embedding space's {len(space)} samples")
-    attacks = stages.attacks()
-    params = trial.lesci
-    decision = LESCIDecision(model, params.depth, pca, space, k_max, center=params.center,
-                             num_classes=splits.num_classes)
-    samples = len(splits.val) if spec.attack is None or spec.attack.samples is None else min(
-        spec.attack.samples, len(splits.val))
-    line: list[ProgressLine] = []
-
-    def progress(done: int, total: int) -> None:  # attack runs over the attacked samples
-        if not line:
-            line.append(ProgressLine(f"attacks on the vote at {params.depth}", total * samples,
-                                     "sample-runs", log))
-        line[0](done * samples)
-
-    metrics, budget = lesci_surface(spec, decision, points, splits, attacks, device, progress)
-    rows = []
-    for i, point in enumerate(points):
-        row = {"depth": params.depth, "n_components": params.n_components,
-               "embedding_size": len(space), "center": params.center, "k": point.k,
-               "min_votes": point.min_votes, "threshold": point.threshold}
-        row.update({name: values[i] for name, values in metrics.items()})
-        rows.append(row)
+    stages, decision, space = lesci_decision(spec, trial, splits, device,
+                                             _stage_cache(storage, log), log,
+                                             max(p.k for p in points))
+    attacks = stages.attacks("val")
+    progress = attack_progress(spec, splits.val, f"attacks on the vote at {trial.lesci.depth}",
+                               log)
+    metrics, budget = lesci_surface(spec, decision, points, splits.val, attacks, device,
+                                    progress)
+    rows = surface_rows(trial, len(space), points, metrics)
     on_front, volume = front_of(rows, spec.optimize)
     best = operating_point(rows, spec.optimize)
     report = {name: float(best[name]) for name in metrics}
@@ -203,7 +278,7 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
                    "operating_min_votes": best["min_votes"],
                    "operating_threshold": best["threshold"]})
     if attacks is not None:  # the bare model's figures, from the shared stage
-        report.update({key: float(attacks[key]) for key in BASE_METRICS})
+        report.update(base_figures(attacks))
     storage.put_verified(result_path, json.dumps({"report": report, "surface": rows,
                                                   "budget": budget}).encode(),
                          {"config": config})
@@ -217,22 +292,38 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
 _STATE_FILE = "trainer.pt"  # with its manifest trainer.pt.json: sha256, epoch, metrics
 
 
-def _newest_checkpoint(sweep_storage: Storage) -> tuple[bytes, dict[str, float]] | None:
-    """(trainer state, metrics) of this trial's newest intact checkpoint, if any.
+def newest_checkpoint(trial_storage: Storage) -> tuple[bytes, dict[str, float]] | None:
+    """(trainer state, metrics) of a trial's newest intact checkpoint in its folder, if any.
 
     Tune restores a trial from the checkpoint named in its last saved experiment state, which
     it writes every few seconds; a driver that died later leaves newer checkpoints in the
     trial's folder. All of them are read (checked against their manifests) and the latest
     epoch wins, so no finished epoch is redone.
     """
-    trial = sweep_storage.child(tune.get_context().get_storage().trial_dir_name)
-    found = [trial.get_verified(f"{name}/{_STATE_FILE}") for name in trial.list("")
-             if name.startswith("checkpoint_")]
+    found = [trial_storage.get_verified(f"{name}/{_STATE_FILE}")
+             for name in trial_storage.list("") if name.startswith("checkpoint_")]
     intact = [item for item in found if item is not None]
     if not intact:
         return None
     data, manifest = max(intact, key=lambda item: item[1]["epoch"])
     return data, manifest["metrics"]
+
+
+def trial_model(spec: SweepSpec, splits: Splits, state: bytes, device) -> torch.nn.Module:
+    """A training trial's model with the weights of a trainer state (``newest_checkpoint``)."""
+    model = space_model(spec, splits).to(device)
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
+                                     weights_only=True)["model"])
+    return model.eval()
+
+
+def with_intervals(metrics: dict[str, float], samples: int) -> dict[str, float]:
+    """A training trial's rates with their 95% intervals (Wilson) over ``samples``."""
+    out = dict(metrics)
+    for name, value in metrics.items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = rate_interval(value, samples)
+    out["samples"] = float(samples)
+    return out
 
 
 def _checkpoint(trainer: Trainer, metrics: dict[str, float], folder: str) -> tune.Checkpoint:
@@ -243,6 +334,19 @@ def _checkpoint(trainer: Trainer, metrics: dict[str, float], folder: str) -> tun
     return tune.Checkpoint.from_directory(folder)
 
 
+def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, seed: int,
+                      final: bool = True) -> dict[str, float]:
+    """A training trial's figures on ``data``: nominal, PGD and (IBP) verified accuracy; with
+    ``final``, the attack suite's worst case and each attack's figure too, every figure with
+    its 95% interval."""
+    attack = spec.attack
+    evaluated = evaluate_robustness(model, data, attack.eps, attack.steps, attack.alpha,
+                                    attack.restarts, verify=spec.family is Family.IBP, seed=seed,
+                                    suite=attack.attack_suite() if final else None)
+    metrics = {k: float(v) for k, v in evaluated.items() if k in FAMILY_METRICS[spec.family]}
+    return with_intervals(metrics, len(data)) if final else metrics
+
+
 def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     spec, splits, device = _setup(spec_json)
     trial = resolve(spec, config)
@@ -250,7 +354,8 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     model = space_model(spec, splits)
     trainer = Trainer(model, splits.train, trial.training, trial.objective.build(),
                       device=device)
-    newest = _newest_checkpoint(Storage(storage_uri))
+    newest = newest_checkpoint(Storage(storage_uri).child(
+        tune.get_context().get_storage().trial_dir_name))
     if newest is not None:
         state, last_metrics = newest
         trainer.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
@@ -261,16 +366,10 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         # save ends here
         with tempfile.TemporaryDirectory() as folder:
             tune.report(last_metrics, checkpoint=_checkpoint(trainer, last_metrics, folder))
-    attack = spec.attack
-    wanted = FAMILY_METRICS[spec.family]
     while trainer.epoch < trainer.config.epochs:
         train_metrics = trainer.run_epoch()
         last = trainer.epoch == trainer.config.epochs  # the suite, once, on the final model
-        evaluated = evaluate_robustness(model, splits.val, attack.eps, attack.steps,
-                                        attack.alpha, attack.restarts,
-                                        verify=spec.family is Family.IBP, seed=trainer.epoch,
-                                        suite=attack.attack_suite() if last else None)
-        metrics = {k: v for k, v in evaluated.items() if k in wanted}
+        metrics = evaluate_training(spec, model, splits.val, seed=trainer.epoch, final=last)
         metrics.update(train_metrics)
         metrics = {k: float(v) for k, v in metrics.items()}
         with tempfile.TemporaryDirectory() as folder:

@@ -13,6 +13,7 @@ import time
 
 from orchestrator.storage import Storage
 from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages,
+                                        read_csv_artifact,
                                         kill_tree, logged,
                                         poll_sweep, run_ok, runs_of, sweep_args,
                                         training_space)
@@ -119,9 +120,9 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(
                 if c.info.status == "FINISHED"}
     assert 2 <= len(finished) < 6
 
-    # 3. while the final Pareto front is being logged
+    # 3. while the front is being evaluated on the test split, before it is logged
     driver = Driver([*args, "--resume"], tmp_path, env)
-    assert driver.wait_for_line("logging the Pareto front"), driver.output[-3000:]
+    assert driver.wait_for_line(r"on the test split \(read once, now\)"), driver.output[-3000:]
     driver.kill()
     _, parents, _ = runs_of(uri, "crashed")
     assert parents[0].info.status == "RUNNING", "killed after the Pareto front was logged"
@@ -145,8 +146,11 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(
                for name in crashed.list("stages/computed") if name.endswith(".json")}
     manifests = {name: crashed.read_bytes(f"stages/{name}") for name in crashed.list("stages")
                  if name.endswith(".json")}
-    assert computed_stages(crashed) == {"base": 1, "pca": 1, "space": 1, "transfer": 1}, (
-        records, manifests)
+    front = {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
+                                                          "pareto_front.csv")
+             if row["pareto_optimal"] == "True"}
+    assert computed_stages(crashed) == {"base": 1, "pca": 1, "space": 1, "transfer": 2,
+                                        "test": len(front)}, (records, manifests)
     # the same results and the same Pareto front as the uninterrupted run
     keys, metrics = ["embedding_size"], ["accuracy", "projection_rate", "hypervolume"]
     reference = results_by_config(uri, "reference", keys, metrics)

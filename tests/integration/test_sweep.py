@@ -30,10 +30,14 @@ def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
 def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
     args, uri = sweep_args(tmp_path, LESCI_GRID, "g")
     run_ok(args, tmp_path)
-    check_tracked(uri, "g", "lesci", 6)
-    # six trials, two at a time: one base model, one PCA, one embedding space, one transfer set
+    client, parent, _ = check_tracked(uri, "g", "lesci", 6)
+    front = {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
+                                                          "pareto_front.csv")
+             if row["pareto_optimal"] == "True"}
+    # six trials, two at a time: one base model, one PCA, one embedding space, the bare
+    # model's attacks once on val and once on test, and each front trial once on test
     assert computed_stages(Storage.from_uri(tmp_path / "sweeps" / "g")) == {
-        "base": 1, "pca": 1, "space": 1, "transfer": 1}
+        "base": 1, "pca": 1, "space": 1, "transfer": 2, "test": len(front)}
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):

@@ -1,0 +1,210 @@
+"""The final evaluation on the test split: once, after the search has ended, for every point of
+the Pareto front. This is the only code that reads a dataset's test split.
+
+Selection (the searcher, the schedulers, each LESCI trial's operating point, the front) sees
+the validation split only; the figures it chose are then measured again on data the search
+never saw, with the same attack suite:
+
+- LESCI: each front trial's decision (its depth, PCA and embedding space, the sweep's shared
+  stages) at each of its front points (k, m), and the bare model once (its stage on test);
+- IBP and adversarial training: each front trial's final checkpoint.
+
+Each trial's evaluation is a stage (``orchestrator.stages.StageCache``, kind ``test``): a Ray
+task with the space's resources computes it once and stores it in the sweep's storage, so a
+resumed sweep finds what was done. A test split that cannot be read is bad input: one line,
+exit 2, and ``--resume`` once the files are fixed (nothing of the search is lost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Callable
+
+import ray
+
+from defenses.data import DatasetError
+from defenses.surface import SurfacePoint
+from orchestrator.params import resolve
+from orchestrator.space import Family, SpaceError, SweepSpec
+from orchestrator.stages import StageCache, coordinator_name
+from orchestrator.storage import Storage
+
+__all__ = ["evaluate_front", "TestSplitError"]
+
+
+class TestSplitError(SpaceError):
+    """The test split could not be read (a missing or malformed file): bad input, exit 2."""
+
+    __test__ = False  # not a pytest class
+
+
+def _note(sweep: str, owner: str) -> Callable[[str], None]:
+    """A console line of the driver's, through the sweep's coordinator."""
+    try:
+        coordinator = ray.get_actor(coordinator_name(sweep))
+    except ValueError:
+        coordinator = None
+
+    def log(message: str) -> None:
+        line = f"{owner}: {message}"
+        if coordinator is None:
+            print(line, flush=True)
+        else:
+            coordinator.note.remote(line)
+
+    return log
+
+
+def _evaluate_lesci(spec: SweepSpec, splits, device, cache: StageCache, log, item
+                    ) -> dict[str, Any]:
+    from orchestrator.trainables import (attack_progress, base_figures, lesci_decision,
+                                         lesci_surface, surface_rows)
+
+    trial = resolve(spec, item["config"])
+    points = [SurfacePoint(int(k), int(m)) for k, m in item["points"]]
+    inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
+              "model": spec.model.model_dump(), "training": trial.training.as_dict(),
+              "lesci": trial.lesci.model_dump(),
+              "attack": None if spec.attack is None else spec.attack.model_dump(),
+              "points": [[p.k, p.min_votes] for p in points]}
+
+    def compute() -> bytes:
+        stages, decision, space = lesci_decision(spec, trial, splits, device, cache, log,
+                                                 max(p.k for p in points))
+        attacks = stages.attacks("test")
+        progress = attack_progress(spec, splits.test,
+                                   f"attacks on the vote at {trial.lesci.depth} (test)", log)
+        metrics, budget = lesci_surface(spec, decision, points, splits.test, attacks, device,
+                                        progress)
+        return json.dumps({"rows": surface_rows(trial, len(space), points, metrics),
+                           "base": base_figures(attacks) if attacks is not None else {},
+                           "budget": budget}).encode()
+
+    return json.loads(cache.get("test", inputs, compute, trial.lesci.depth))
+
+
+def _evaluate_training(spec: SweepSpec, splits, device, cache: StageCache, log, item,
+                       storage: Storage) -> dict[str, Any]:
+    from orchestrator.trainables import evaluate_training, newest_checkpoint, trial_model
+
+    found = newest_checkpoint(storage.child(item["trial_dir"]))
+    if found is None:
+        raise RuntimeError(f"trial {item['trial_id']}: no intact checkpoint in "
+                           f"{item['trial_dir']} to evaluate on the test split")
+    state, _ = found
+    inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
+              "attack": spec.attack.model_dump(), "family": spec.family.value,
+              "checkpoint": hashlib.sha256(state).hexdigest()}
+
+    def compute() -> bytes:
+        model = trial_model(spec, splits, state, device)
+        return json.dumps({"metrics": evaluate_training(spec, model, splits.test, seed=0)}
+                          ).encode()
+
+    return json.loads(cache.get("test", inputs, compute, item["trial_id"]))
+
+
+@ray.remote(max_retries=0)
+def _evaluate(spec_json: dict[str, Any], storage_uri: str, sweep: str, item: dict[str, Any]
+              ) -> dict[str, Any]:
+    """One front trial on the test split (a stage: computed once, then read back)."""
+    from orchestrator.trainables import _setup
+
+    spec, splits, device = _setup(spec_json)
+    storage = Storage(storage_uri)
+    log = _note(sweep, f"test {item['trial_id']}")
+    try:
+        coordinator = ray.get_actor(coordinator_name(sweep))
+    except ValueError:
+        coordinator = None
+    cache = StageCache(storage, coordinator, owner=f"test-{item['trial_id']}", log=log)
+    if spec.family is Family.LESCI:
+        return _evaluate_lesci(spec, splits, device, cache, log, item)
+    return _evaluate_training(spec, splits, device, cache, log, item, storage)
+
+
+def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
+                   sweep_storage: Storage, log: Callable[[str], None] = print
+                   ) -> dict[str, Any]:
+    """Every front point's figures on the test split, computed by Ray tasks (at most the
+    space's ``max_concurrent`` at once, each with its resources).
+
+    Args:
+        front: the front's rows, each with ``trial_id`` and, for LESCI, ``config``, ``k`` and
+            ``min_votes``, for the training families ``trial_dir``.
+
+    Returns:
+        ``{"rows": {(trial_id, k, m) or (trial_id,): {metric: value}}, "base": {...}}``: LESCI
+        rows per (trial, k, m) and the bare model's figures; a training trial's per trial.
+
+    Raises:
+        TestSplitError: the test split's files could not be read.
+    """
+    lesci = spec.family is Family.LESCI
+    items: dict[str, dict[str, Any]] = {}
+    for row in front:
+        item = items.setdefault(row["trial_id"], {"trial_id": row["trial_id"],
+                                                  "config": row.get("config"),
+                                                  "trial_dir": row.get("trial_dir"),
+                                                  "points": []})
+        if lesci:
+            item["points"].append([int(row["k"]), int(row["min_votes"])])
+    options = {"num_cpus": spec.resources.cpu, "num_gpus": spec.resources.gpu}
+    spec_json = spec.as_dict()
+    todo = list(items.values())
+    running: dict[Any, str] = {}
+    results: dict[str, dict[str, Any]] = {}
+    drain = _drainer(sweep, log)
+    start = time.perf_counter()
+    log(f"sweep {sweep!r}: the front's {len(todo)} trial(s) on the test split (read once, "
+        "now)")
+    try:
+        while todo or running:
+            while todo and len(running) < spec.search.max_concurrent:
+                item = todo.pop(0)
+                ref = _evaluate.options(**options).remote(spec_json, sweep_storage.uri, sweep,
+                                                          item)
+                running[ref] = item["trial_id"]
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            drain()
+            for ref in done:
+                results[running.pop(ref)] = ray.get(ref)
+    except DatasetError as exc:  # raised in a task: Ray's error is also a DatasetError
+        cause = getattr(exc, "cause", None) or exc
+        raise TestSplitError(f"test split: {cause}; fix it and continue with --resume "
+                             "(the search is kept)") from None
+    finally:
+        drain()
+    log(f"sweep {sweep!r}: test split evaluated in {time.perf_counter() - start:.1f} s")
+    rows: dict[tuple, dict[str, Any]] = {}
+    base: dict[str, Any] = {}
+    budget: dict[str, Any] = {}
+    for trial_id, result in results.items():
+        if lesci:
+            for row in result["rows"]:
+                rows[(trial_id, int(row["k"]), int(row["min_votes"]))] = row
+            base = result.get("base") or base
+            budget = result.get("budget") or budget
+        else:
+            rows[(trial_id,)] = result["metrics"]
+    return {"rows": rows, "base": base, "budget": budget}
+
+
+def _drainer(sweep: str, log: Callable[[str], None]) -> Callable[[], None]:
+    """Print the tasks' console lines (sent through the sweep's coordinator)."""
+    try:
+        coordinator = ray.get_actor(coordinator_name(sweep))
+    except ValueError:
+        return lambda: None
+
+    def drain() -> None:
+        try:
+            lines = ray.get(coordinator.drain.remote(), timeout=5)
+        except Exception:
+            return
+        for line in lines:
+            log(f"  {line}")
+
+    return drain
