@@ -72,7 +72,8 @@ def format_front(result, spec) -> str:
     keys = [*spec.searched_names(), *(["k", "min_votes", "threshold"] if lesci else [])]
     metrics = list(spec.metric_names)
     splits = [("val", "")] + ([("test", TEST_PREFIX)] if result.tested else [])
-    widths = [max(len(c), 6) for c in keys] + [5] + [max(len(m), 18) for m in metrics]
+    width = 18 if spec.search.repeats == 1 else 27  # "0.742 (0.70-0.78) sd 0.012"
+    widths = [max(len(c), 6) for c in keys] + [5] + [max(len(m), width) for m in metrics]
     header = [*keys, "split", *metrics]
     lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
     order = sorted(result.front, key=lambda r: [-r[m] if spec.optimize[m] == "max" else r[m]
@@ -85,9 +86,11 @@ def format_front(result, spec) -> str:
                 cells.append(f"{value:.4f}" if isinstance(value, float) else str(value))
             cells.append(split)
             for m in metrics:
-                cells.append(format_interval(row.get(prefix + m, math.nan),
-                                             row.get(f"{prefix}{m}_ci_low", math.nan),
-                                             row.get(f"{prefix}{m}_ci_high", math.nan)))
+                cell = format_interval(row.get(prefix + m, math.nan),
+                                       row.get(f"{prefix}{m}_ci_low", math.nan),
+                                       row.get(f"{prefix}{m}_ci_high", math.nan))
+                spread = row.get(f"{prefix}{m}_seed_std")
+                cells.append(cell if spread is None else f"{cell} sd {spread:.3f}")
             lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     base = result.base
     if "base_accuracy" in base:
@@ -107,6 +110,9 @@ def format_front(result, spec) -> str:
         lines.append(f"selection gap, val minus test over the front: {gaps}")
         lines.append("95% intervals (Wilson; gains: Newcombe's paired interval); where two "
                      "intervals overlap, these samples do not resolve the difference")
+    if spec.search.repeats > 1:
+        lines.append(f"each figure is the mean over {spec.search.repeats} seeds; sd: its "
+                     "standard deviation across them")
     else:
         lines.append("validation figures only (--no-test): the test split was not read, and "
                      "these figures are measured on the samples that chose them")

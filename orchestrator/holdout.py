@@ -59,27 +59,20 @@ def _note(sweep: str, owner: str) -> Callable[[str], None]:
 
 def _evaluate_lesci(spec: SweepSpec, splits, device, cache: StageCache, log, item
                     ) -> dict[str, Any]:
-    from orchestrator.trainables import (attack_progress, base_figures, lesci_decision,
-                                         lesci_surface, surface_rows)
+    from orchestrator.trainables import lesci_figures, surface_rows
 
     trial = resolve(spec, item["config"])
     points = [SurfacePoint(int(k), int(m)) for k, m in item["points"]]
     inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
               "model": spec.model.model_dump(), "training": trial.training.as_dict(),
-              "lesci": trial.lesci.model_dump(),
+              "lesci": trial.lesci.model_dump(), "repeats": spec.search.repeats,
               "attack": None if spec.attack is None else spec.attack.model_dump(),
               "points": [[p.k, p.min_votes] for p in points]}
 
     def compute() -> bytes:
-        stages, decision, space = lesci_decision(spec, trial, splits, device, cache, log,
-                                                 max(p.k for p in points))
-        attacks = stages.attacks("test")
-        progress = attack_progress(spec, splits.test,
-                                   f"attacks on the vote at {trial.lesci.depth} (test)", log)
-        metrics, budget = lesci_surface(spec, decision, points, splits.test, attacks, device,
-                                        progress)
-        return json.dumps({"rows": surface_rows(trial, len(space), points, metrics),
-                           "base": base_figures(attacks) if attacks is not None else {},
+        metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "test",
+                                                    device, cache, log)
+        return json.dumps({"rows": surface_rows(trial, size, points, metrics), "base": base,
                            "budget": budget}).encode()
 
     return json.loads(cache.get("test", inputs, compute, trial.lesci.depth))
@@ -87,7 +80,8 @@ def _evaluate_lesci(spec: SweepSpec, splits, device, cache: StageCache, log, ite
 
 def _evaluate_training(spec: SweepSpec, splits, device, cache: StageCache, log, item,
                        storage: Storage) -> dict[str, Any]:
-    from orchestrator.trainables import evaluate_training, newest_checkpoint, trial_model
+    from orchestrator.trainables import (evaluate_training, newest_checkpoint, over_seeds,
+                                         trial_models)
 
     found = newest_checkpoint(storage.child(item["trial_dir"]))
     if found is None:
@@ -99,9 +93,9 @@ def _evaluate_training(spec: SweepSpec, splits, device, cache: StageCache, log, 
               "checkpoint": hashlib.sha256(state).hexdigest()}
 
     def compute() -> bytes:
-        model = trial_model(spec, splits, state, device)
-        return json.dumps({"metrics": evaluate_training(spec, model, splits.test, seed=0)}
-                          ).encode()
+        runs = [evaluate_training(spec, model, splits.test, seed=1000 * r)
+                for r, model in enumerate(trial_models(spec, splits, state, device))]
+        return json.dumps({"metrics": over_seeds(runs)}).encode()
 
     return json.loads(cache.get("test", inputs, compute, item["trial_id"]))
 

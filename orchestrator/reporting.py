@@ -385,9 +385,12 @@ def reported_metrics(spec: SweepSpec) -> list[str]:
 
 
 def metric_columns(spec: SweepSpec, prefix: str = "") -> list[str]:
-    """Each reported figure, then its 95% interval, then the sample counts."""
+    """Each reported figure, then its 95% interval (and, with ``search.repeats``, its spread
+    across seeds), then the sample counts."""
     columns = []
+    spread = spec.search.repeats > 1  # search.repeats: the spread across seeds too
     for name in reported_metrics(spec):
         columns += [f"{prefix}{name}", f"{prefix}{name}_ci_low", f"{prefix}{name}_ci_high"]
+        columns += [f"{prefix}{name}_seed_std"] if spread else []
     counts = ["samples", "attacked_samples"] if spec.family is Family.LESCI else ["samples"]
     return columns + [f"{prefix}{c}" for c in counts]

@@ -16,7 +16,7 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
       # training families: objective: {choice: {pgd: {steps: {int: [3, 10]}}, fgsm: {}}}
     attack: {eps: 0.1, steps: 20}   # evaluation attacks (LESCI: adds robust metrics)
     optimize: {accuracy: max, projection_rate: max}   # the metrics of the Pareto front
-    search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0}
+    search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0, repeats: 1}
     resources: {cpu: 1, gpu: 0}
     scheduler: none                 # asha: single-objective training sweeps only
     smoke_test: {training: {epochs: 2}, search: {num_samples: 2}}
@@ -197,6 +197,9 @@ class SearchSpec(_Strict):
     num_samples: int = Field(default=8, ge=1)
     max_concurrent: int = Field(default=2, ge=1)
     seed: int = 0
+    # each configuration with this many seeds (training.seed, +1, ...: the model's training
+    # and the attacks' starts); its figures are the mean, with the spread across seeds
+    repeats: int = Field(default=1, ge=1)
 
 
 class ResourcesSpec(_Strict):

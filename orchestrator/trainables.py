@@ -8,11 +8,14 @@ validated space and the sweep's storage with ``tune.with_parameters`` and its re
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tempfile
+import warnings
 from typing import Any, Callable
 
+import numpy as np
 import ray
 import threadpoolctl
 import torch
@@ -34,9 +37,13 @@ from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
+# sample counts behind a figure's interval: the same for every seed
+COUNTS = ("samples", "attacked_samples")
+
 __all__ = ["make_trainable", "lesci_trial", "training_trial", "lesci_surface",
            "lesci_decision", "surface_rows", "attack_progress", "operating_point",
-           "limit_threads", "newest_checkpoint", "trial_model"]
+           "limit_threads", "newest_checkpoint", "trial_models", "repeat_trials",
+           "over_seeds", "lesci_figures", "evaluate_training", "base_figures", "COUNTS"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -61,6 +68,40 @@ def limit_threads(cpus: float) -> int:
     torch.set_num_threads(threads)
     threadpoolctl.threadpool_limits(threads)
     return threads
+
+
+def repeat_trials(spec: SweepSpec, trial: Trial) -> list[Trial]:
+    """The trial once per seed of ``search.repeats``: training.seed, training.seed + 1, ..."""
+    return [dataclasses.replace(trial, training=trial.training.model_copy(
+        update={"seed": trial.training.seed + r})) for r in range(spec.search.repeats)]
+
+
+def _is_figure(key: str) -> bool:
+    return not (key.endswith(("_ci_low", "_ci_high", "_seed_std")) or key in COUNTS)
+
+
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's figures over its seeds (``search.repeats``): each figure's mean
+    and, with more than one seed, its spread ``<figure>_seed_std`` (the standard deviation
+    across seeds); each interval bound the mean of the seeds' (every seed measures the same
+    samples, so this is the sampling interval of the mean); sample counts as they are.
+    Values are numbers (a training trial's) or lists of one per surface point (LESCI's)."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        values = np.array([run[key] for run in runs], dtype=float)  # [seeds] or [seeds, P]
+        if key in COUNTS:
+            out[key] = first
+            continue
+        with warnings.catch_warnings():  # a NaN in every seed (nothing projected) stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0)
+            spread = np.nanstd(values, axis=0, ddof=1)
+        out[key] = mean.tolist() if values.ndim > 1 else float(mean)
+        if _is_figure(key):
+            out[f"{key}_seed_std"] = spread.tolist() if values.ndim > 1 else float(spread)
+    return out
 
 
 def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
@@ -250,6 +291,31 @@ def surface_rows(trial: Trial, space_size: int, points: list[SurfacePoint],
     return rows
 
 
+def lesci_figures(spec: SweepSpec, trial: Trial, points: list[SurfacePoint], splits: Splits,
+                  split: str, device, cache: StageCache, log: Callable[[str], None]
+                  ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, float], int]:
+    """A LESCI trial's figures at ``points`` on ``split`` (``val`` while searching, ``test``
+    in the final evaluation), over its seeds (``search.repeats``): (metrics per point, the
+    attack budget, the bare model's figures, the embedding space's size)."""
+    runs, bases, budget, size = [], [], {}, 0
+    seeded = repeat_trials(spec, trial)
+    for r, one in enumerate(seeded):
+        stages, decision, space = lesci_decision(spec, one, splits, device, cache, log,
+                                                 max(p.k for p in points))
+        attacks = stages.attacks(split)
+        seed = f", seed {one.training.seed}" if len(seeded) > 1 else ""
+        where = "" if split == "val" else f" ({split})"
+        progress = attack_progress(spec, getattr(splits, split),
+                                   f"attacks on the vote at {one.lesci.depth}{where}{seed}", log)
+        metrics, budget = lesci_surface(spec, decision, points, getattr(splits, split),
+                                        attacks, device, progress, generator_seed=1 + r)
+        runs.append(metrics)
+        if attacks is not None:
+            bases.append(base_figures(attacks))
+        size = len(space)
+    return over_seeds(runs), budget, over_seeds(bases) if bases else {}, size
+
+
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     storage = Storage(storage_uri)
     log = _console(storage)
@@ -261,15 +327,9 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     spec, splits, device = _setup(spec_json)
     trial = resolve(spec, config)
     points = spec.surface_points()
-    stages, decision, space = lesci_decision(spec, trial, splits, device,
-                                             _stage_cache(storage, log), log,
-                                             max(p.k for p in points))
-    attacks = stages.attacks("val")
-    progress = attack_progress(spec, splits.val, f"attacks on the vote at {trial.lesci.depth}",
-                               log)
-    metrics, budget = lesci_surface(spec, decision, points, splits.val, attacks, device,
-                                    progress)
-    rows = surface_rows(trial, len(space), points, metrics)
+    metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
+                                                _stage_cache(storage, log), log)
+    rows = surface_rows(trial, size, points, metrics)
     on_front, volume = front_of(rows, spec.optimize)
     best = operating_point(rows, spec.optimize)
     report = {name: float(best[name]) for name in metrics}
@@ -277,8 +337,7 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
                    "surface_front_points": int(on_front.sum()), "operating_k": best["k"],
                    "operating_min_votes": best["min_votes"],
                    "operating_threshold": best["threshold"]})
-    if attacks is not None:  # the bare model's figures, from the shared stage
-        report.update(base_figures(attacks))
+    report.update(base)  # the bare model's figures, from the shared stage
     storage.put_verified(result_path, json.dumps({"report": report, "surface": rows,
                                                   "budget": budget}).encode(),
                          {"config": config})
@@ -309,12 +368,16 @@ def newest_checkpoint(trial_storage: Storage) -> tuple[bytes, dict[str, float]] 
     return data, manifest["metrics"]
 
 
-def trial_model(spec: SweepSpec, splits: Splits, state: bytes, device) -> torch.nn.Module:
-    """A training trial's model with the weights of a trainer state (``newest_checkpoint``)."""
-    model = space_model(spec, splits).to(device)
-    model.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
-                                     weights_only=True)["model"])
-    return model.eval()
+def trial_models(spec: SweepSpec, splits: Splits, state: bytes, device
+                 ) -> list[torch.nn.Module]:
+    """A training trial's models, one per seed, with the weights of its trainer states
+    (``newest_checkpoint``)."""
+    models = []
+    for one in torch.load(io.BytesIO(state), map_location=device, weights_only=True):
+        model = space_model(spec, splits).to(device)
+        model.load_state_dict(one["model"])
+        models.append(model.eval())
+    return models
 
 
 def with_intervals(metrics: dict[str, float], samples: int) -> dict[str, float]:
@@ -326,11 +389,13 @@ def with_intervals(metrics: dict[str, float], samples: int) -> dict[str, float]:
     return out
 
 
-def _checkpoint(trainer: Trainer, metrics: dict[str, float], folder: str) -> tune.Checkpoint:
+def _checkpoint(trainers: list[Trainer], metrics: dict[str, float], folder: str
+                ) -> tune.Checkpoint:
+    """Every seed's trainer state, as one file."""
     buffer = io.BytesIO()
-    torch.save(trainer.state_dict(), buffer)
+    torch.save([trainer.state_dict() for trainer in trainers], buffer)
     Storage.from_uri(folder).put_verified(_STATE_FILE, buffer.getvalue(),
-                                          {"epoch": trainer.epoch, "metrics": metrics})
+                                          {"epoch": trainers[0].epoch, "metrics": metrics})
     return tune.Checkpoint.from_directory(folder)
 
 
@@ -348,29 +413,36 @@ def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, se
 
 
 def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
+    """Train the trial's model (one per seed of ``search.repeats``, in step, epoch by epoch),
+    report each epoch's figures (the mean over seeds) and checkpoint every seed's state."""
     spec, splits, device = _setup(spec_json)
-    trial = resolve(spec, config)
-    torch.manual_seed(trial.training.seed)
-    model = space_model(spec, splits)
-    trainer = Trainer(model, splits.train, trial.training, trial.objective.build(),
-                      device=device)
+    trainers = []
+    for one in repeat_trials(spec, resolve(spec, config)):
+        torch.manual_seed(one.training.seed)
+        trainers.append(Trainer(space_model(spec, splits), splits.train, one.training,
+                                one.objective.build(), device=device))
     newest = newest_checkpoint(Storage(storage_uri).child(
         tune.get_context().get_storage().trial_dir_name))
     if newest is not None:
         state, last_metrics = newest
-        trainer.load_state_dict(torch.load(io.BytesIO(state), map_location=device,
-                                           weights_only=True))
-        _console(Storage(storage_uri))(f"resumed from epoch {trainer.epoch}")
+        for trainer, saved in zip(trainers, torch.load(io.BytesIO(state), map_location=device,
+                                                       weights_only=True), strict=True):
+            trainer.load_state_dict(saved)
+        _console(Storage(storage_uri))(f"resumed from epoch {trainers[0].epoch}")
         # that epoch's result again: a driver that died may not have tracked it yet (the MLflow
         # callback skips epochs it has), and a trial that finished after Tune's last state
         # save ends here
         with tempfile.TemporaryDirectory() as folder:
-            tune.report(last_metrics, checkpoint=_checkpoint(trainer, last_metrics, folder))
-    while trainer.epoch < trainer.config.epochs:
-        train_metrics = trainer.run_epoch()
-        last = trainer.epoch == trainer.config.epochs  # the suite, once, on the final model
-        metrics = evaluate_training(spec, model, splits.val, seed=trainer.epoch, final=last)
-        metrics.update(train_metrics)
-        metrics = {k: float(v) for k, v in metrics.items()}
+            tune.report(last_metrics, checkpoint=_checkpoint(trainers, last_metrics, folder))
+    while trainers[0].epoch < trainers[0].config.epochs:
+        runs = []
+        for r, trainer in enumerate(trainers):
+            train_metrics = trainer.run_epoch()
+            last = trainer.epoch == trainer.config.epochs  # the suite, once, on the final model
+            metrics = evaluate_training(spec, trainer.model, splits.val,
+                                        seed=trainer.epoch + 1000 * r, final=last)
+            metrics.update({k: float(v) for k, v in train_metrics.items()})
+            runs.append(metrics)
+        metrics = over_seeds(runs)
         with tempfile.TemporaryDirectory() as folder:
-            tune.report(metrics, checkpoint=_checkpoint(trainer, metrics, folder))
+            tune.report(metrics, checkpoint=_checkpoint(trainers, metrics, folder))

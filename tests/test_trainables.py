@@ -38,3 +38,22 @@ def test_a_trials_thread_pools_match_its_reserved_cores():
     for n, probe in zip(threads, seen):
         assert probe["torch"] == n and probe["faiss"] == n, (n, probe)
         assert probe["pools"] and set(probe["pools"].values()) == {n}, (n, probe["pools"])
+
+
+def test_figures_over_seeds_are_means_with_their_spread():
+    from orchestrator.trainables import over_seeds
+
+    runs = [{"accuracy": [0.5, 0.9], "accuracy_ci_low": [0.4, 0.8], "accuracy_ci_high":
+             [0.6, 1.0], "accuracy_projected": [float("nan"), 0.7], "samples": [10, 10]},
+            {"accuracy": [0.7, 0.9], "accuracy_ci_low": [0.6, 0.8], "accuracy_ci_high":
+             [0.8, 1.0], "accuracy_projected": [float("nan"), 0.9], "samples": [10, 10]}]
+    out = over_seeds(runs)
+    assert out["accuracy"] == [0.6, 0.9] and out["samples"] == [10, 10]
+    assert out["accuracy_ci_low"] == [0.5, 0.8] and out["accuracy_ci_high"] == [0.7, 1.0]
+    assert abs(out["accuracy_seed_std"][0] - 0.1414213) < 1e-6  # sample std of 0.5 and 0.7
+    assert out["accuracy_seed_std"][1] == 0.0
+    assert out["accuracy_projected"][0] != out["accuracy_projected"][0]  # NaN in every seed
+    assert abs(out["accuracy_projected"][1] - 0.8) < 1e-12
+    assert "accuracy_ci_low_seed_std" not in out and "samples_seed_std" not in out
+    one = over_seeds([{"nominal_accuracy": 0.9, "samples": 5.0}])  # one seed: as it is
+    assert one == {"nominal_accuracy": 0.9, "samples": 5.0}

@@ -40,6 +40,28 @@ def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
         "base": 1, "pca": 1, "space": 1, "transfer": 2, "test": len(front)}
 
 
+def test_repeats_run_each_configuration_with_each_seed(tmp_path):
+    """search.repeats: 2 seeds per configuration, so two base models (and their stages), each
+    figure the mean of the two with its spread across them, on val and on test."""
+    space = LESCI_GRID.replace("embedding_size: {grid: [100, 200, 300, 400, 500, 600]}",
+                               "embedding_size: {grid: [200, 400]}").replace(
+        "search: {algorithm: grid, max_concurrent: 2}",
+        "search: {algorithm: grid, max_concurrent: 2, repeats: 2}")
+    args, uri = sweep_args(tmp_path, space, "rep")
+    done = run_ok(args, tmp_path)
+    assert "mean over 2 seeds" in done.stdout and " sd " in done.stdout
+    client, parent, children = check_tracked(uri, "rep", "lesci", 2)
+    stages = computed_stages(Storage.from_uri(tmp_path / "sweeps" / "rep"))
+    assert stages["base"] == 2 and stages["pca"] == 2 and stages["transfer"] == 4  # val, test
+    for child in children:
+        assert {"accuracy_seed_std", "accuracy_ci_low", "robust_accuracy_seed_std"} <= set(
+            child.data.metrics)
+    rows = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+    assert all(float(r["accuracy_seed_std"]) >= 0 for r in rows)
+    assert any(float(r["accuracy_seed_std"]) > 0 for r in rows)  # the seeds differ
+    assert all(r["test_accuracy_seed_std"] != "" for r in rows if r["pareto_optimal"] == "True")
+
+
 def test_resume_after_the_driver_is_killed(tmp_path):
     space = LESCI_GRID.replace("max_concurrent: 2", "max_concurrent: 1")
     args, uri = sweep_args(tmp_path, space, "r")
