@@ -19,7 +19,7 @@ runs (as ``attack_surface`` counts them in its progress: distinct k among a call
 points x its runs per k, 1 + targets in the original suite, summed over calls), every
 ``KnnIndex.search`` call including the ones judging attack iterates, the trials' wall time,
 the points evaluated, the Pareto front (accuracy, projection_rate, robust_accuracy, all max,
-over every depth's points, ``orchestrator.reporting.front_of``) and its hypervolume. Then the
+over every depth's points, ``orchestrator.pareto.front_of``) and its hypervolume. Then the
 wall-time ratio, whether the clean metrics (accuracy, projection rate: the same decision rule
 on the same neighbours, so they must be identical) and their front agree, and the per-point
 difference of robust accuracy (it may differ: the two modes run different attacks).
@@ -52,7 +52,7 @@ from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import LESCIDecision
 from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint
-from orchestrator.reporting import front_of
+from orchestrator.pareto import front_of
 from orchestrator.space import SweepSpec, load_space
 from orchestrator.lesci_stages import craft_transfer_set, train_base_model
 from orchestrator.trainables import lesci_surface

@@ -110,12 +110,12 @@ def format_front(result, spec) -> str:
         lines.append(f"selection gap, val minus test over the front: {gaps}")
         lines.append("95% intervals (Wilson; gains: Newcombe's paired interval); where two "
                      "intervals overlap, these samples do not resolve the difference")
-    if spec.search.repeats > 1:
-        lines.append(f"each figure is the mean over {spec.search.repeats} seeds; sd: its "
-                     "standard deviation across them")
     else:
         lines.append("validation figures only (--no-test): the test split was not read, and "
                      "these figures are measured on the samples that chose them")
+    if spec.search.repeats > 1:
+        lines.append(f"each figure is the mean over {spec.search.repeats} seeds; sd: its "
+                     "standard deviation across them")
     return "\n".join(lines)
 
 

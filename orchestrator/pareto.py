@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["pareto_mask", "hypervolume"]
+__all__ = ["pareto_mask", "hypervolume", "front_of", "BASE_METRICS"]
+
+# the bare model under the suite's PGD and APGD-CE, reported beside LESCI's figures
+BASE_METRICS = ("base_accuracy", "base_robust_accuracy")
 
 
 def _as_minimisation(values: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
@@ -58,3 +61,17 @@ def _hv(points: np.ndarray, ref: np.ndarray) -> float:
             volume += _hv(front[pareto_mask(front, [False] * front.shape[1])], ref[:-1]) * (
                 upper - points[i, -1])
     return volume
+
+
+def front_of(rows: list[dict[str, Any]], optimize: dict[str, str]) -> tuple[np.ndarray, float]:
+    """(on-front mask, hypervolume) of the rows' values of the metrics in ``optimize``.
+
+    Hypervolume reference: 0 for maximised and 1 for minimised metrics (all of this
+    project's metrics are accuracies or rates in [0, 1]).
+    """
+    if not rows:
+        return np.zeros(0, dtype=bool), 0.0
+    values = np.array([[row[m] for m in optimize] for row in rows], dtype=float)
+    maximize = [mode == "max" for mode in optimize.values()]
+    reference = [0.0 if up else 1.0 for up in maximize]
+    return pareto_mask(values, maximize), hypervolume(values, maximize, reference)

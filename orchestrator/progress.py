@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from orchestrator.reporting import front_of
+from orchestrator.pareto import front_of
 
 __all__ = ["ConsoleProgress", "failure_reason", "format_seconds"]
 

@@ -18,7 +18,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from orchestrator.params import resolve
-from orchestrator.pareto import hypervolume, pareto_mask
+from orchestrator.pareto import BASE_METRICS, front_of
 from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.storage import Storage
 
@@ -26,27 +26,11 @@ __all__ = ["front_of", "write_csv", "plot_front", "plot_surface", "log_surface",
            "report_front", "surface_columns", "metric_columns", "reported_metrics",
            "SweepResult", "BASE_METRICS", "SURFACE_COLUMNS", "TEST_PREFIX"]
 
-# the bare model under the suite's PGD and APGD-CE, logged beside LESCI's figures
-BASE_METRICS = ("base_accuracy", "base_robust_accuracy")
 # the final evaluation's figures: test_<metric>
 TEST_PREFIX = "test_"
 # surface.csv: the trial's point, the (k, m) point, then the metrics
 SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
                    "threshold")
-
-
-def front_of(rows: list[dict[str, Any]], optimize: dict[str, str]) -> tuple[np.ndarray, float]:
-    """(on-front mask, hypervolume) of the rows' values of the metrics in ``optimize``.
-
-    Hypervolume reference: 0 for maximised and 1 for minimised metrics (all of this
-    project's metrics are accuracies or rates in [0, 1]).
-    """
-    if not rows:
-        return np.zeros(0, dtype=bool), 0.0
-    values = np.array([[row[m] for m in optimize] for row in rows], dtype=float)
-    maximize = [mode == "max" for mode in optimize.values()]
-    reference = [0.0 if up else 1.0 for up in maximize]
-    return pareto_mask(values, maximize), hypervolume(values, maximize, reference)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:

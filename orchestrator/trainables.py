@@ -32,7 +32,7 @@ from defenses.trainer import Trainer
 from orchestrator.lesci_stages import LESCIStages, space_model, split_tensors
 from orchestrator.params import Trial, resolve
 from orchestrator.progress import ProgressLine
-from orchestrator.reporting import BASE_METRICS, front_of
+from orchestrator.pareto import BASE_METRICS, front_of
 from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage

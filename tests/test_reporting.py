@@ -47,3 +47,40 @@ def test_status_line_counts_the_ending_trial_and_estimates_time_left():
     # one waiting and half of one running, at 10 s each, over two slots
     assert "about 0:08 left" in line
     assert "front hypervolume 0.3750" in line  # (0.5, 0.5) and (1, 0.25): 0.25 + 0.125
+
+
+def _front_result(tested: bool):
+    from orchestrator.reporting import SweepResult
+
+    row = {"trial_id": "t1", "depth": "stem", "k": 3, "min_votes": 3, "threshold": 1.0,
+           "accuracy": 0.9806, "accuracy_ci_low": 0.961, "accuracy_ci_high": 0.990,
+           "projection_rate": 0.9417, "projection_rate_ci_low": 0.913,
+           "projection_rate_ci_high": 0.961}
+    if tested:
+        row.update({"test_accuracy": 0.975, "test_accuracy_ci_low": 0.952,
+                    "test_accuracy_ci_high": 0.987, "test_projection_rate": 0.95,
+                    "test_projection_rate_ci_low": 0.921, "test_projection_rate_ci_high": 0.968})
+    return SweepResult("s", [row], [row], 0.9, 0, "1", "p", tested=tested,
+                       selection_gap={"accuracy": (0.0056, 0.0056),
+                                      "projection_rate": (-0.0083, -0.0083)} if tested else {},
+                       base={"base_accuracy": 0.975, "base_accuracy_ci_low": 0.95,
+                             "base_accuracy_ci_high": 0.99})
+
+
+def test_the_console_front_shows_val_and_test_figures_with_their_intervals(tmp_path):
+    from orchestrator.cli import format_front
+    from orchestrator.space import load_space
+
+    spec = load_space("demo", check_model=False).model_copy(
+        update={"optimize": {"accuracy": "max", "projection_rate": "max"}})
+    lines = format_front(_front_result(True), spec).splitlines()
+    assert "split" in lines[0] and "accuracy" in lines[0]
+    assert lines[1].split()[:5] == ["stem", "3", "3", "1.0000", "val"]
+    assert "0.981 (0.96-0.99)" in lines[1] and "0.942 (0.91-0.96)" in lines[1]
+    assert lines[2].split()[0] == "test" and "0.975 (0.95-0.99)" in lines[2]
+    assert any(line.startswith("the bare model (val): accuracy 0.975") for line in lines)
+    assert any("selection gap" in line and "accuracy +0.006" in line for line in lines)
+    assert not any("--no-test" in line for line in lines)
+    untested = format_front(_front_result(False), spec)
+    assert "--no-test" in untested and "test" not in untested.splitlines()[2:3]
+    assert "selection gap" not in untested
