@@ -3,6 +3,8 @@
     python -m benchmarks.run                 # every comparison
     python -m benchmarks.run --only pca --dims 65536 262144 --batches 8
     python -m benchmarks.run --only pca_large_batch   # one 4,000-row update: sliced vs whole
+    python -m benchmarks.run --only demo     # the demo, one trial at a time and two at once
+    python -m benchmarks.run --only layout   # an attack step's passes: NCHW vs channels_last
 
 Shared CPU machines are noisy: read the ratios, not the absolute times. Each measured backend
 runs in its own fresh process, so its peak resident memory is its own.
@@ -440,22 +442,88 @@ def bench_sweep() -> list[dict]:
     return rows
 
 
-def bench_demo() -> list[dict]:
-    """``python search.py`` as a user runs it: the embedded demo, end to end."""
+def machine_calibration(device: str | None = None) -> float:
+    """Seconds per 256-row update of a 64-component torch StreamingPCA at 262,144 dims (the
+    README's PCA figure), measured in a fresh process: how fast this machine is, so that a
+    time measured here can be read against another machine's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = _run_worker(["pca", "torch", "262144", "64", "256", "3", f"{tmp}/c.npy",
+                                device or ""])
+    return float(measured["sec_per_batch"])
+
+
+def _demo_run(extra: list[str]) -> dict:
+    """``python search.py`` (plus ``extra``) in a fresh folder: wall time, the trials' time,
+    the test evaluation's and the front's size."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "search.py")], capture_output=True,
-                              text=True, cwd=tmp, env=env)
+        proc = subprocess.run([sys.executable, str(ROOT / "search.py"), *extra],
+                              capture_output=True, text=True, cwd=tmp, env=env)
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"the demo failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    found = re.search(r"(\d+) of (\d+) surface points, hypervolume ([\d.]+)", proc.stdout)
-    trials = re.search(r"sweep '[^']+': (\d+) finished", proc.stdout)
-    row = {"benchmark": "demo", "command": "python search.py", "wall_sec": wall,
-           "cpus": os.cpu_count(), "trials": int(trials.group(1)),
-           "surface_points": int(found.group(2)), "front_points": int(found.group(1)),
-           "hypervolume": float(found.group(3))}
+    found = re.search(r"(\d+) of (\d+) surface points, hypervolume ([\d.]+) \(val\), "
+                      r"([\d.]+) \(test\)", proc.stdout)
+    trials = float(re.search(r"trials ran for ([\d.]+) s", proc.stdout).group(1))
+    tested = float(re.search(r"test split evaluated in ([\d.]+) s", proc.stdout).group(1))
+    return {"wall_sec": wall, "trials_sec": trials, "test_sec": tested,
+            "front_points": int(found.group(1)), "surface_points": int(found.group(2)),
+            "hypervolume_val": float(found.group(3)), "hypervolume_test": float(found.group(4))}
+
+
+def bench_demo() -> list[dict]:
+    """``python search.py`` as a user runs it (two trials at once on two cores), beside the
+    same demo one trial at a time (``--max-concurrent 1``): the trials' throughput with two at
+    once over one, and this machine's PCA figure to read the times against."""
+    calibration = machine_calibration()
+    rows = []
+    for concurrent in (1, 2):
+        extra = ["--max-concurrent", "1"] if concurrent == 1 else []
+        row = {"benchmark": "demo", "command": " ".join(["python search.py", *extra]),
+               "concurrent_trials": concurrent, "cpus": os.cpu_count(), **_demo_run(extra),
+               "pca_sec_per_batch_262144": calibration}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows[1]["throughput_vs_one"] = rows[0]["trials_sec"] / rows[1]["trials_sec"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# memory layout: NCHW against channels_last, on the attacks' hot loop
+
+
+def bench_layout(batch: int, repeats: int) -> list[dict]:
+    """A forward and input-gradient pass of ``resnet_digits`` (what every attack step does),
+    its weights and inputs in NCHW against channels_last, one thread, taking turns."""
+    import torch
+
+    from defenses.models import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("resnet_digits", 10, (1, 8, 8), (0.3,), (0.4,)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(batch, 1, 8, 8)
+
+    def step(layout) -> float:
+        z = x.contiguous(memory_format=layout).requires_grad_(True)
+        return float(torch.autograd.grad(model(z).logsumexp(1).sum(), z)[0].abs().sum())
+
+    def with_layout(layout):
+        def run():
+            model.to(memory_format=layout)
+            for _ in range(10):
+                step(layout)
+        return run
+
+    best = _best_of_interleaved({"nchw": with_layout(torch.contiguous_format),
+                                 "channels_last": with_layout(torch.channels_last)}, repeats)
+    row = {"benchmark": "layout", "model": "resnet_digits", "batch": batch,
+           "nchw_sec_per_pass": best["nchw"] / 10,
+           "channels_last_sec_per_pass": best["channels_last"] / 10,
+           "speedup": best["nchw"] / best["channels_last"]}
     print(json.dumps(row), flush=True)
     return [row]
 
@@ -473,7 +541,7 @@ def print_table(rows: list[dict]) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
-COMPARISONS = ["pca", "pca_large_batch", "stream", "knn", "steps", "sweep", "demo"]
+COMPARISONS = ["pca", "pca_large_batch", "stream", "knn", "steps", "layout", "sweep", "demo"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,8 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         step_models, step_batch, step_repeats = ["ibp_small"], 16, 1
         knn_size, knn_queries, knn_repeats = 5_000, 256, 1
         stream_images, stream_batch = 64, 32
+        layout_batch, layout_repeats = 32, 1
+    layout_batch, layout_repeats = 360, 5
     # the smoke test leaves out the two that run whole sweeps (minutes)
-    only = set(args.only or (["pca", "pca_large_batch", "stream", "knn", "steps"]
+    only = set(args.only or (["pca", "pca_large_batch", "stream", "knn", "steps", "layout"]
                              if args.smoke_test else COMPARISONS))
     rows: list[dict] = []
     if "pca" in only:
@@ -531,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     if "steps" in only:
         rows += bench_training_steps(step_models, (1, 28, 28), step_batch, 7, step_repeats,
                                      args.device)
+    if "layout" in only:
+        rows += bench_layout(layout_batch, layout_repeats)
     if "sweep" in only:
         rows += bench_sweep()
     if "demo" in only:
