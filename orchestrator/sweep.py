@@ -4,6 +4,7 @@ shared-stage coordinator, resume with ``Tuner.restore``, and the Pareto front at
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -116,22 +117,30 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
     experiment_path = storage_root.join(name)
     restore = _claim_name(spec, name, storage_root, resume, log)
 
-    client = tracking_client(mlflow_uri)
-    experiment_id = ensure_experiment(client, name)
-    parent_run_id = ensure_parent_run(
-        client, experiment_id, name,
-        params={"space": spec.name, "family": spec.family.value,
-                "dataset": spec.dataset.name, "model": spec.model.name,
-                "optimize": json.dumps(spec.optimize),
-                "algorithm": spec.search.algorithm.value,
-                "num_samples": str(spec.search.num_samples),
-                "storage": redact(storage_root.uri)},
-        tags={"family": spec.family.value})
-    if resume and not restore:
-        _forget_lost_trials(client, experiment_id, parent_run_id, redact(storage_root.uri), log)
-    log(f"MLflow: experiment {name!r} ({experiment_id}), parent run {parent_run_id}")
+    def track() -> tuple[MlflowClient, str, str]:
+        client = tracking_client(mlflow_uri)
+        experiment_id = ensure_experiment(client, name)
+        parent_run_id = ensure_parent_run(
+            client, experiment_id, name,
+            params={"space": spec.name, "family": spec.family.value,
+                    "dataset": spec.dataset.name, "model": spec.model.name,
+                    "optimize": json.dumps(spec.optimize),
+                    "algorithm": spec.search.algorithm.value,
+                    "num_samples": str(spec.search.num_samples),
+                    "storage": redact(storage_root.uri)},
+            tags={"family": spec.family.value})
+        if resume and not restore:
+            _forget_lost_trials(client, experiment_id, parent_run_id,
+                                redact(storage_root.uri), log)
+        log(f"MLflow: experiment {name!r} ({experiment_id}), parent run {parent_run_id}")
+        return client, experiment_id, parent_run_id
 
-    _init_ray(verbose)
+    # the tracking store's set-up (a new SQLite store migrates its schema) and Ray's start
+    # take seconds each: side by side
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tracked = pool.submit(track)
+        _init_ray(verbose)
+        client, experiment_id, parent_run_id = tracked.result()
     # On the driver's node: losing a worker node must not take the coordinator with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # the handle is held for the whole sweep, so the named actor lives as long as the trials
