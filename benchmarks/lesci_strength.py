@@ -23,13 +23,18 @@ Every adversarial example counts only if it lies in the eps-ball and fools the r
 stronger attack fooled it. The table gives both robust accuracies, their gap (default - strong)
 and the wall time of each, and, per point, how many extra samples each attack found.
 
+Everything else is the demo space's (``search_spaces/demo.yaml``), read from it so the two
+cannot drift apart: the base model (trained as the sweep trains it, cached under ``--cache``),
+n_components, the surface's (k, m) points, eps, the attacked validation samples, the bare
+model's attacks (``orchestrator.lesci_stages.craft_transfer_set``) and the default suite's
+budget (``attack.apgd``; each ``--default-*`` option overrides one).
+
     python -m benchmarks.lesci_strength --depths stem,layer1,pool
     python -m benchmarks.lesci_strength --depths stem --smoke-test   # < 60 s
     # the earlier default suite (one warm start from base_apgd, a random restart, no smoothing):
     python -m benchmarks.lesci_strength --default-starts base_apgd --default-restarts 1 \
         --default-smooth 0
 
-The base model is the demo's (digits, ``resnet_digits``, 5 epochs), cached under ``--cache``.
 CPU, one thread by default (``--threads``).
 """
 
@@ -44,21 +49,21 @@ from typing import Callable
 
 import torch
 
-from defenses.attacks import apgd, cross_entropy_objective, default_alpha, pgd
-from defenses.data import load_dataset
+import io
+
+from defenses.attacks import apgd
 from defenses.embedding_space import build_embedding_space
 from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
                                    projection_margins)
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint
-from defenses.models import build_model
-from defenses.surface import SurfacePoint, surface_decisions, surface_points
-from defenses.trainer import TrainConfig, Trainer
+from defenses.surface import SurfacePoint, surface_decisions
+from orchestrator.lesci_stages import craft_transfer_set, split_tensors, train_base_model
+from orchestrator.space import load_space
 
-EPS = 0.1
-N_COMPONENTS = 32
-KS = (3, 10)
-THRESHOLDS = (0.5, 1.0)
+DEMO = load_space("demo", check_model=False)
+EPS = DEMO.attack.eps
+N_COMPONENTS = int(DEMO.values_of("n_components")[0])
 # "certainly true" inside the soft min/max (any margin of similarities is far below it)
 CERTAIN = 8.0
 STRONG_ATTACKS = ("rand", "xfer", "tgt", "lse")
@@ -98,25 +103,15 @@ class PointResult:
 
 
 def load_base_model(splits, cache: Path) -> torch.nn.Module:
-    """The demo's base model: trained once with seed 0, then read from ``cache``."""
-    path = cache / "base.pt"
+    """The demo's base model, trained as the sweep trains it, then read from ``cache``."""
+    path = cache / f"base-{DEMO.training.seed}-{DEMO.training.epochs}.pt"
     if path.is_file():
         model, _ = load_checkpoint(path.read_bytes())
     else:
-        torch.manual_seed(0)
-        model = build_model("resnet_digits", splits.num_classes, splits.input_shape,
-                            splits.mean, splits.std)
-        Trainer(model, splits.train, TrainConfig(epochs=5, batch_size=64, lr=0.003,
-                                                 seed=0)).fit()
+        model = train_base_model(DEMO, splits, None, DEMO.training)
         cache.mkdir(parents=True, exist_ok=True)
         path.write_bytes(checkpoint_bytes(model))
     return model.eval()
-
-
-def validation_set(splits, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    n = len(splits.val) if limit is None else min(limit, len(splits.val))
-    xs, ys = zip(*(splits.val[i] for i in range(n)))
-    return torch.stack(xs), torch.as_tensor(ys)
 
 
 def build_decision(model, splits, depth: str, k_max: int) -> LESCIDecision:
@@ -129,15 +124,12 @@ def build_decision(model, splits, depth: str, k_max: int) -> LESCIDecision:
 # the default suite (exactly the demo's pool and call)
 
 
-def attack_pool(model, x: torch.Tensor, y: torch.Tensor, apgd_steps: int
-                ) -> dict[str, torch.Tensor]:
-    """The sweep's attacks on the bare model (``craft_transfer_set``), one generator seeded 0:
-    ``transfer``, PGD-20 with alpha 2.5 eps / 20, and ``base_apgd``, APGD-CE with 2 starts."""
-    generator = torch.Generator().manual_seed(0)
-    transfer = torch.cat([pgd(model, xb, yb, EPS, default_alpha(EPS, 20), 20, generator=generator)
-                          for xb, yb in zip(x.split(256), y.split(256))])
-    base_apgd, _ = apgd(cross_entropy_objective(model, y), x, EPS, apgd_steps, 2, generator)
-    return {"transfer": transfer, "base_apgd": base_apgd}
+def attack_pool(model, splits) -> dict[str, torch.Tensor]:
+    """The sweep's attacks on the bare model on the attacked validation samples
+    (``craft_transfer_set``): ``transfer`` (PGD-20) and ``base_apgd`` (APGD-CE)."""
+    pool = torch.load(io.BytesIO(craft_transfer_set(model, splits.val, DEMO.attack, None)),
+                      weights_only=True)
+    return {"transfer": pool["adversarial"], "base_apgd": pool["base_apgd"]}
 
 
 def default_suite(decision, x, y, points, pool, args) -> tuple[torch.Tensor, float]:
@@ -359,12 +351,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesci_strength"),
                         help="where the base model is cached (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=None,
-                        help="first N validation samples (default: all 360)")
-    parser.add_argument("--default-steps", type=int, default=100)
-    parser.add_argument("--default-restarts", type=int, default=0)
-    parser.add_argument("--default-targets", type=int, default=1)
-    parser.add_argument("--default-smooth", type=float, default=0.01)
-    parser.add_argument("--default-group", type=int, default=2)
+                        help="first N of the demo's attacked validation samples (default: all "
+                             f"{DEMO.attack.samples})")
+    parser.add_argument("--default-steps", type=int, default=DEMO.attack.apgd.steps)
+    parser.add_argument("--default-restarts", type=int, default=DEMO.attack.apgd.restarts)
+    parser.add_argument("--default-targets", type=int, default=DEMO.attack.apgd.targets)
+    parser.add_argument("--default-smooth", type=float, default=DEMO.attack.apgd.smooth)
+    parser.add_argument("--default-group", type=int, default=DEMO.attack.apgd.group)
     parser.add_argument("--default-starts", default="base_apgd,transfer",
                         help="pool sets that warm-start the default suite's untargeted runs")
     parser.add_argument("--steps", type=int, default=Budget.steps)
@@ -391,23 +384,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     budget = Budget(args.steps, args.restarts, args.targets, args.tau, args.lse_restarts)
-    splits = load_dataset("digits")
+    splits = DEMO.dataset.load()
     model = load_base_model(splits, args.cache)
-    x, y = validation_set(splits, args.samples)
-    points = surface_points(KS, THRESHOLDS)
+    pool = attack_pool(model, splits)
+    x, y = split_tensors(splits.val, DEMO.attack.samples)
+    if args.samples is not None:
+        x, y = x[:args.samples], y[:args.samples]
+        pool = {name: adv[:args.samples] for name, adv in pool.items()}
+    points = DEMO.surface_points()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).double().mean().item()
-    print(f"digits: {len(y)} samples, clean acc {clean:.3f}, eps {EPS}, {N_COMPONENTS} "
-          f"components; default suite steps={args.default_steps} "
+    print(f"digits: {len(y)} validation samples, clean acc {clean:.3f}, eps {EPS}, "
+          f"{N_COMPONENTS} components; default suite steps={args.default_steps} "
           f"restarts={args.default_restarts} targets={args.default_targets} "
           f"smooth={args.default_smooth} group={args.default_group} "
           f"starts={args.default_starts}; strong suite "
           f"{budget}", flush=True)
-    pool = attack_pool(model, x, y, args.default_steps)
     results = []
     print(HEADER, flush=True)
     for depth in args.depths.split(","):
-        decision = build_decision(model, splits, depth, max(KS))
+        decision = build_decision(model, splits, depth, max(p.k for p in points))
         robust, default_s = default_suite(decision, x, y, points, pool, args)
         for i, point in enumerate(points):
             _, r = attack_point(decision, x, y, point, robust[:, i], pool, budget,

@@ -93,7 +93,7 @@ def test_logged_params_are_what_the_trial_used(tmp_path):
     assert spec.searched_names() == ["lr", "mix", "objective", "steps"]
 
 
-@pytest.mark.parametrize("name, count", [("demo", 5), ("lesci", 12), ("ibp", 32),
+@pytest.mark.parametrize("name, count", [("demo", 4), ("lesci", 12), ("ibp", 32),
                                          ("adversarial", 16), ("ibp_mnist_paper", 1),
                                          ("ibp_digits", 24), ("ibp_mnist5k", 8)])
 def test_shipped_trial_counts(name, count):

@@ -66,7 +66,7 @@ def test_a_space_lists_its_surface(tmp_path):
     demo = load_space("demo", check_model=False)
     assert demo.surface_ks() == [3, 10]
     assert len(demo.surface_points()) == 8
-    assert demo.trial_count == 5  # one trial per depth: k and threshold are not trials
+    assert demo.trial_count == 4  # one trial per depth: k and threshold are not trials
     assert "k" not in demo.searched() and "k" not in demo.fixed()
     text = (tmp_path / "s.yaml")
     body = demo.as_dict()
