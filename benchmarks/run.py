@@ -384,7 +384,7 @@ def sweep_direct_worker(space_file: str) -> None:
     model = train_base_model(spec, splits, None, spec.training).eval()
     attacks = None
     if spec.attack is not None:
-        attacks = torch.load(io.BytesIO(craft_transfer_set(model, splits, spec.attack, None)),
+        attacks = torch.load(io.BytesIO(craft_transfer_set(model, splits.val, spec.attack, None)),
                              weights_only=True)
     stages = time.perf_counter() - start
     evaluations, trials = 0.0, 0
@@ -399,7 +399,7 @@ def sweep_direct_worker(space_file: str) -> None:
             decision = LESCIDecision(model, depth, pca.truncate(n_components),
                                      space.truncate(n_components, min(size, len(space))),
                                      max(p.k for p in points), num_classes=splits.num_classes)
-            lesci_surface(spec, decision, points, splits, attacks, None)
+            lesci_surface(spec, decision, points, splits.val, attacks, None)
             evaluations += time.perf_counter() - t0
             trials += 1
     print(json.dumps({"stages_sec": stages, "evaluations_sec": evaluations, "trials": trials}))

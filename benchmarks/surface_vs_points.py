@@ -105,7 +105,7 @@ def build_shared(spec: SweepSpec, depths: list[str]) -> Shared:
     splits = spec.dataset.load()
     model, t_model = _timed(lambda: train_base_model(spec, splits, None, spec.training).eval())
     _log(f"base model trained in {t_model:.1f} s")
-    stored, t_pool = _timed(lambda: craft_transfer_set(model, splits, spec.attack, None))
+    stored, t_pool = _timed(lambda: craft_transfer_set(model, splits.val, spec.attack, None))
     _log(f"bare-model attack pool crafted in {t_pool:.1f} s")
     shared = Shared(splits, model, torch.load(io.BytesIO(stored), weights_only=True),
                     seconds={"base model": t_model, "attack pool": t_pool})
@@ -167,7 +167,7 @@ def run_trial(spec: SweepSpec, shared: Shared, depth: str, points: list[SurfaceP
     with counting_searches() as searches:
         decision = LESCIDecision(shared.model, depth, pca, space, max(p.k for p in points),
                                  num_classes=shared.splits.num_classes)
-        metrics, budget = lesci_surface(spec, decision, points, shared.splits, shared.attacks,
+        metrics, budget = lesci_surface(spec, decision, points, shared.splits.val, shared.attacks,
                                         None, progress)
     seconds = time.perf_counter() - start
     rows = [{"depth": depth, "k": p.k, "min_votes": p.min_votes,

@@ -28,7 +28,7 @@ from defenses.data import DatasetError
 from defenses.surface import SurfacePoint
 from orchestrator.params import resolve
 from orchestrator.space import Family, SpaceError, SweepSpec
-from orchestrator.stages import StageCache, coordinator_name
+from orchestrator.stages import StageCache
 from orchestrator.storage import Storage
 
 __all__ = ["evaluate_front", "TestSplitError"]
@@ -38,23 +38,6 @@ class TestSplitError(SpaceError):
     """The test split could not be read (a missing or malformed file): bad input, exit 2."""
 
     __test__ = False  # not a pytest class
-
-
-def _note(sweep: str, owner: str) -> Callable[[str], None]:
-    """A console line of the driver's, through the sweep's coordinator."""
-    try:
-        coordinator = ray.get_actor(coordinator_name(sweep))
-    except ValueError:
-        coordinator = None
-
-    def log(message: str) -> None:
-        line = f"{owner}: {message}"
-        if coordinator is None:
-            print(line, flush=True)
-        else:
-            coordinator.note.remote(line)
-
-    return log
 
 
 def _evaluate_lesci(spec: SweepSpec, splits, device, cache: StageCache, log, item
@@ -101,19 +84,16 @@ def _evaluate_training(spec: SweepSpec, splits, device, cache: StageCache, log, 
 
 
 @ray.remote(max_retries=0)
-def _evaluate(spec_json: dict[str, Any], storage_uri: str, sweep: str, item: dict[str, Any]
+def _evaluate(spec_json: dict[str, Any], storage_uri: str, item: dict[str, Any]
               ) -> dict[str, Any]:
     """One front trial on the test split (a stage: computed once, then read back)."""
-    from orchestrator.trainables import _setup
+    from orchestrator.trainables import console, setup, sweep_coordinator
 
-    spec, splits, device = _setup(spec_json)
+    spec, splits, device = setup(spec_json)
     storage = Storage(storage_uri)
-    log = _note(sweep, f"test {item['trial_id']}")
-    try:
-        coordinator = ray.get_actor(coordinator_name(sweep))
-    except ValueError:
-        coordinator = None
-    cache = StageCache(storage, coordinator, owner=f"test-{item['trial_id']}", log=log)
+    log = console(storage, f"test {item['trial_id']}")
+    cache = StageCache(storage, sweep_coordinator(storage), owner=f"test-{item['trial_id']}",
+                       log=log)
     if spec.family is Family.LESCI:
         return _evaluate_lesci(spec, splits, device, cache, log, item)
     return _evaluate_training(spec, splits, device, cache, log, item, storage)
@@ -150,7 +130,7 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     todo = list(items.values())
     running: dict[Any, str] = {}
     results: dict[str, dict[str, Any]] = {}
-    drain = _drainer(sweep, log)
+    drain = _drainer(sweep_storage, log)
     start = time.perf_counter()
     log(f"sweep {sweep!r}: the front's {len(todo)} trial(s) on the test split (read once, "
         "now)")
@@ -158,8 +138,7 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
         while todo or running:
             while todo and len(running) < spec.search.max_concurrent:
                 item = todo.pop(0)
-                ref = _evaluate.options(**options).remote(spec_json, sweep_storage.uri, sweep,
-                                                          item)
+                ref = _evaluate.options(**options).remote(spec_json, sweep_storage.uri, item)
                 running[ref] = item["trial_id"]
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             drain()
@@ -186,11 +165,12 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     return {"rows": rows, "base": base, "budget": budget}
 
 
-def _drainer(sweep: str, log: Callable[[str], None]) -> Callable[[], None]:
+def _drainer(sweep_storage: Storage, log: Callable[[str], None]) -> Callable[[], None]:
     """Print the tasks' console lines (sent through the sweep's coordinator)."""
-    try:
-        coordinator = ray.get_actor(coordinator_name(sweep))
-    except ValueError:
+    from orchestrator.trainables import sweep_coordinator
+
+    coordinator = sweep_coordinator(sweep_storage)
+    if coordinator is None:
         return lambda: None
 
     def drain() -> None:

@@ -22,9 +22,9 @@ from orchestrator.pareto import BASE_METRICS, front_of
 from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
 from orchestrator.storage import Storage
 
-__all__ = ["front_of", "write_csv", "plot_front", "plot_surface", "log_surface",
-           "report_front", "surface_columns", "metric_columns", "reported_metrics",
-           "SweepResult", "BASE_METRICS", "SURFACE_COLUMNS", "TEST_PREFIX"]
+__all__ = ["write_csv", "plot_front", "plot_surface", "log_surface", "report_front",
+           "surface_columns", "metric_columns", "reported_metrics", "selection_gaps",
+           "SweepResult", "SURFACE_COLUMNS", "TEST_PREFIX"]
 
 # the final evaluation's figures: test_<metric>
 TEST_PREFIX = "test_"

@@ -43,7 +43,8 @@ COUNTS = ("samples", "attacked_samples")
 __all__ = ["make_trainable", "lesci_trial", "training_trial", "lesci_surface",
            "lesci_decision", "surface_rows", "attack_progress", "operating_point",
            "limit_threads", "newest_checkpoint", "trial_models", "repeat_trials",
-           "over_seeds", "lesci_figures", "evaluate_training", "base_figures", "COUNTS"]
+           "over_seeds", "lesci_figures", "evaluate_training", "base_figures", "COUNTS",
+           "console", "sweep_coordinator", "setup"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
@@ -104,15 +105,16 @@ def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
+def setup(spec_json: dict[str, Any]) -> tuple[SweepSpec, Splits, torch.device]:
     spec = SweepSpec(**spec_json)
     limit_threads(spec.resources.cpu)
     splits = spec.dataset.load()
     return spec, splits, _device(spec)
 
 
-def _coordinator(storage: Storage):
-    """The sweep's coordinator actor, or None when the trial runs outside a sweep driver."""
+def sweep_coordinator(storage: Storage):
+    """The sweep's coordinator actor (from the sweep's storage), or None when the trial runs
+    outside a sweep driver."""
     sweep = storage.uri.rstrip("/").rsplit("/", 1)[-1]
     try:
         return ray.get_actor(coordinator_name(sweep))
@@ -120,11 +122,12 @@ def _coordinator(storage: Storage):
         return None
 
 
-def _console(storage: Storage) -> Callable[[str], None]:
-    """A trial's console lines: sent to the driver through the sweep's coordinator (printed by
-    ``orchestrator.progress.ConsoleProgress``), or printed outside a sweep."""
-    coordinator = _coordinator(storage)
-    name = tune.get_context().get_trial_id() or "trial"
+def console(storage: Storage, name: str | None = None) -> Callable[[str], None]:
+    """A trial's (or ``name``'s) console lines: sent to the driver through the sweep's
+    coordinator (printed by ``orchestrator.progress.ConsoleProgress``), or printed outside a
+    sweep."""
+    coordinator = sweep_coordinator(storage)
+    name = name or tune.get_context().get_trial_id() or "trial"
 
     def log(message: str) -> None:
         line = f"{name}: {message}"
@@ -142,7 +145,7 @@ def _console(storage: Storage) -> Callable[[str], None]:
 
 def _stage_cache(storage: Storage, log: Callable[[str], None]) -> StageCache:
     # outside a sweep driver there is no coordinator: storage alone dedups across runs
-    return StageCache(storage, _coordinator(storage),
+    return StageCache(storage, sweep_coordinator(storage),
                       owner=tune.get_context().get_trial_id() or "", log=log)
 
 
@@ -318,13 +321,13 @@ def lesci_figures(spec: SweepSpec, trial: Trial, points: list[SurfacePoint], spl
 
 def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     storage = Storage(storage_uri)
-    log = _console(storage)
+    log = console(storage)
     result_path, done = _stored_result(storage)
     if done is not None:
         log("finished in an earlier run: reporting its stored result")
         tune.report(done["report"])
         return
-    spec, splits, device = _setup(spec_json)
+    spec, splits, device = setup(spec_json)
     trial = resolve(spec, config)
     points = spec.surface_points()
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
@@ -415,7 +418,7 @@ def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, se
 def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
     """Train the trial's model (one per seed of ``search.repeats``, in step, epoch by epoch),
     report each epoch's figures (the mean over seeds) and checkpoint every seed's state."""
-    spec, splits, device = _setup(spec_json)
+    spec, splits, device = setup(spec_json)
     trainers = []
     for one in repeat_trials(spec, resolve(spec, config)):
         torch.manual_seed(one.training.seed)
@@ -428,7 +431,7 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         for trainer, saved in zip(trainers, torch.load(io.BytesIO(state), map_location=device,
                                                        weights_only=True), strict=True):
             trainer.load_state_dict(saved)
-        _console(Storage(storage_uri))(f"resumed from epoch {trainers[0].epoch}")
+        console(Storage(storage_uri))(f"resumed from epoch {trainers[0].epoch}")
         # that epoch's result again: a driver that died may not have tracked it yet (the MLflow
         # callback skips epochs it has), and a trial that finished after Tune's last state
         # save ends here
