@@ -32,7 +32,7 @@ from ray import tune
 from orchestrator.storage import redact
 
 __all__ = ["MLflowTracking", "TrackingClient", "TrackingError", "TrackingUnavailable",
-           "check_tracking_uri", "ensure_experiment", "ensure_parent_run", "child_run_name",
+           "check_tracking_uri", "create_sqlite_store", "ensure_experiment", "ensure_parent_run", "child_run_name",
            "is_transient", "retry_budget", "tracking_client", "tracking_failure", "RETRY_ENV",
            "DEFAULT_RETRY_S"]
 
@@ -223,7 +223,69 @@ class TrackingClient:
 
 def tracking_client(uri: str, **options: Any) -> TrackingClient:
     """The MLflow client every part of a sweep uses (see ``TrackingClient``)."""
+    create_sqlite_store(uri)
     return TrackingClient(uri, **options)
+
+
+def _sqlite_path(uri: str) -> str | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    from urllib.parse import unquote
+
+    return os.path.abspath(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create a SQLite tracking store that does not exist yet all at once.
+
+    MLflow builds a new store's schema in dozens of migrations, each committed on its own; a
+    sweep killed among them would leave a file that no later MLflow can open (the next run
+    repeats a migration whose column exists: ``duplicate column name``). So the schema is built
+    in a file beside it, and that file is linked into place only when complete (a link fails
+    rather than replacing a store that another sweep created meanwhile). A kill before the link
+    leaves only the side file, which the next start removes.
+    """
+    path = _sqlite_path(uri)
+    if path is None or os.path.exists(path):
+        return
+    folder, base = os.path.split(path)
+    for stale in os.listdir(folder):  # side files of starts that were killed
+        if stale.startswith(f".{base}.creating-"):
+            pid = stale[len(f".{base}.creating-"):].split("-", 1)[0]
+            if not pid.isdigit() or not _alive(int(pid)):
+                _remove(os.path.join(folder, stale))
+    side = os.path.join(folder, f".{base}.creating-{os.getpid()}")
+    _remove(side)
+    try:
+        client = MlflowClient(f"sqlite:///{side}")
+        client.search_experiments(max_results=1)  # builds the store: every migration
+        engine = getattr(client._tracking_client.store, "engine", None)
+        if engine is not None:
+            engine.dispose()
+        try:
+            os.link(side, path)
+        except FileExistsError:
+            pass  # another sweep created it first: theirs is used
+    finally:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            _remove(side + suffix)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _create_once(client: Any, create: Callable[[Any], T], find: Callable[[Any], T | None]) -> T:

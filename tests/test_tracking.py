@@ -1,6 +1,7 @@
 """The MLflow callback: one child run per trial and each step logged once, also when the state
 saved with the experiment is older than the runs (what a restore after a crash sees)."""
 
+import os
 import pickle
 from types import SimpleNamespace
 
@@ -312,3 +313,43 @@ def test_a_create_whose_answer_was_lost_and_that_lands_late_is_deleted(tmp_path)
     runs = client.search_runs([experiment], filter_string="tags.ray_trial_id = 't3'")
     assert [r.info.run_id for r in runs] == [callback.run_id(trial)]
     assert runs[0].data.metrics["accuracy"] == 0.8
+
+
+def test_a_start_killed_while_creating_the_sqlite_store_leaves_nothing_that_breaks_the_next(
+        tmp_path):
+    """MLflow builds a new SQLite store in many committed migrations; a sweep killed among them
+    used to leave a half-built file that every later start failed on ("duplicate column
+    name"). The store is built beside its path and linked in only when complete."""
+    import signal
+    import subprocess
+    import sys
+
+    from orchestrator.tracking import tracking_client
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    # the killed start: held just before its store would be linked into place
+    script = (
+        "import os, sys, time\n"
+        "def hold(*args):\n"
+        "    print('built', flush=True)\n"
+        "    time.sleep(600)\n"
+        "os.link = hold\n"
+        "from orchestrator.tracking import create_sqlite_store\n"
+        f"create_sqlite_store({uri!r})\n")
+    killed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert killed.stdout.readline().strip() == "built"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".mlflow.db.creating-")]
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert not db.exists()
+
+    client = tracking_client(uri)
+    experiment_id = ensure_experiment(client, "after-a-kill")
+    assert client.get_experiment(experiment_id).name == "after-a-kill"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns") == ["mlflow.db"]
+    # an existing store is used as it is
+    assert tracking_client(uri).get_experiment_by_name("after-a-kill") is not None
