@@ -25,12 +25,13 @@ and the wall time of each, and, per point, how many extra samples each attack fo
 
 Everything else is the demo space's (``search_spaces/demo.yaml``), read from it so the two
 cannot drift apart: the base model (trained as the sweep trains it, cached under ``--cache``),
-n_components, the surface's (k, m) points, eps, the attacked validation samples, the bare
+n_components, the surface's (k, m) points, eps, the attacked samples (``--split``), the bare
 model's attacks (``orchestrator.lesci_stages.craft_transfer_set``) and the default suite's
 budget (``attack.apgd``; each ``--default-*`` option overrides one).
 
     python -m benchmarks.lesci_strength --depths stem,layer1,pool
     python -m benchmarks.lesci_strength --depths stem --smoke-test   # < 60 s
+    python -m benchmarks.lesci_strength --split test    # the test samples of the final report
     # the earlier default suite (one warm start from base_apgd, a random restart, no smoothing):
     python -m benchmarks.lesci_strength --default-starts base_apgd --default-restarts 1 \
         --default-smooth 0
@@ -124,10 +125,10 @@ def build_decision(model, splits, depth: str, k_max: int) -> LESCIDecision:
 # the default suite (exactly the demo's pool and call)
 
 
-def attack_pool(model, splits) -> dict[str, torch.Tensor]:
-    """The sweep's attacks on the bare model on the attacked validation samples
-    (``craft_transfer_set``): ``transfer`` (PGD-20) and ``base_apgd`` (APGD-CE)."""
-    pool = torch.load(io.BytesIO(craft_transfer_set(model, splits.val, DEMO.attack, None)),
+def attack_pool(model, data) -> dict[str, torch.Tensor]:
+    """The sweep's attacks on the bare model on the attacked samples of ``data`` (a split;
+    ``craft_transfer_set``): ``transfer`` (PGD-20) and ``base_apgd`` (APGD-CE)."""
+    pool = torch.load(io.BytesIO(craft_transfer_set(model, data, DEMO.attack, None)),
                       weights_only=True)
     return {"transfer": pool["adversarial"], "base_apgd": pool["base_apgd"]}
 
@@ -346,12 +347,16 @@ def print_summary(results: list[PointResult]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", default="stem,layer1,pool",
+    parser.add_argument("--depths", default=",".join(DEMO.values_of("depth")),
                         help="comma-separated depths of the model (default: %(default)s)")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="the demo's validation samples, as the search attacks them, or the "
+                             "test samples, as the final evaluation of its front does "
+                             "(default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesci_strength"),
                         help="where the base model is cached (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=None,
-                        help="first N of the demo's attacked validation samples (default: all "
+                        help="first N of the attacked samples (default: all "
                              f"{DEMO.attack.samples})")
     parser.add_argument("--default-steps", type=int, default=DEMO.attack.apgd.steps)
     parser.add_argument("--default-restarts", type=int, default=DEMO.attack.apgd.restarts)
@@ -386,15 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.steps, args.restarts, args.targets, args.tau, args.lse_restarts)
     splits = DEMO.dataset.load()
     model = load_base_model(splits, args.cache)
-    pool = attack_pool(model, splits)
-    x, y = split_tensors(splits.val, DEMO.attack.samples)
+    data = getattr(splits, args.split)
+    pool = attack_pool(model, data)
+    x, y = split_tensors(data, DEMO.attack.samples)
     if args.samples is not None:
         x, y = x[:args.samples], y[:args.samples]
         pool = {name: adv[:args.samples] for name, adv in pool.items()}
     points = DEMO.surface_points()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).double().mean().item()
-    print(f"digits: {len(y)} validation samples, clean acc {clean:.3f}, eps {EPS}, "
+    print(f"digits: {len(y)} {args.split} samples, clean acc {clean:.3f}, eps {EPS}, "
           f"{N_COMPONENTS} components; default suite steps={args.default_steps} "
           f"restarts={args.default_restarts} targets={args.default_targets} "
           f"smooth={args.default_smooth} group={args.default_group} "

@@ -361,8 +361,9 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
                     target = _likeliest_wrong(decision, xb, yb, k, min(ms), rank) if rank else None
                     objective = decision.margin_objective(yb, k, ms, points,
                                                           fooled[s:s + batch_size], target, tau)
-                    # the exact run starts from the first pool set, the smoothed ones from each
-                    names = [] if rank else starts if tau > 0 else starts[:1]
+                    # the untargeted runs, exact and smoothed, start from each pool set in
+                    # starts (then from restarts random points); the targeted ones at random
+                    names = [] if rank else starts
                     warm = [pool[n][s:s + batch_size] for n in names]
                     apgd(objective, xb, eps, steps, max(restarts, 1) if rank else restarts,
                          generator, starts=warm)
