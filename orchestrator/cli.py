@@ -149,15 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SpaceError(f"--name {name!r}: {exc}") from None
         storage = Storage.from_uri(args.storage)
         mlflow_uri = args.mlflow_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-        from orchestrator.sweep import run_sweep
+        from orchestrator.sweep import SweepInterrupted, run_sweep
 
         check_tracking_uri(mlflow_uri)
         surface = (f", each a surface of {len(spec.surface_points())} (k, m) points"
                    if spec.family.value == "lesci" else "")
         log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
             f"{spec.trial_count} trial(s){surface}, storage {redact(storage.uri)}")
-        result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log,
-                           verbose=args.verbose, test=not args.no_test)
+        try:
+            result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log,
+                               verbose=args.verbose, test=not args.no_test)
+        except SweepInterrupted as exc:
+            print(f"{exc}; continue with: {resume_command(args, name)}", file=sys.stderr)
+            return 130
     except TrackingUnavailable as exc:  # an outage, not bad input: --resume once it answers
         print(f"error: {exc}; continue with --resume once it answers", file=sys.stderr)
         return 1
@@ -180,10 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     ui = (f"mlflow ui --backend-store-uri {mlflow_uri}" if mlflow_uri.startswith("sqlite")
           else f"open {redact(mlflow_uri)}")
     log(f"\nBrowse the runs: {ui}  (experiment {name!r})")
-    log(f"Continue after an interruption: python search.py --space {args.space} --name {name} "
-        f"--resume{' --smoke-test' if args.smoke_test else ''}"
-        f"{' --no-test' if args.no_test else ''}")
+    log(f"Continue after an interruption: {resume_command(args, name)}")
     return 1 if result.failed and not result.rows else 0
+
+
+def resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues this sweep: the same arguments, with --resume."""
+    words = ["python search.py", "--space", args.space, "--name", name, "--resume"]
+    for flag, value in (("--num-samples", args.num_samples),
+                        ("--max-concurrent", args.max_concurrent),
+                        ("--storage", None if args.storage == "sweeps" else redact(args.storage)),
+                        ("--mlflow-uri", args.mlflow_uri and redact(args.mlflow_uri))):
+        if value is not None:
+            words += [flag, str(value)]
+    words += [flag for flag, on in (("--smoke-test", args.smoke_test),
+                                    ("--no-test", args.no_test)) if on]
+    return " ".join(words)
 
 
 def entry_point() -> None:

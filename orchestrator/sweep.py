@@ -27,7 +27,17 @@ from orchestrator.tracking import (MLflowTracking, ensure_experiment, ensure_par
                                    tracking_client)
 from orchestrator.trainables import make_trainable
 
-__all__ = ["run_sweep"]
+__all__ = ["SweepInterrupted", "run_sweep"]
+
+
+class SweepInterrupted(Exception):
+    """The search stopped before its trials ended (Ctrl-C, or SIGUSR1, which Tune turns into a
+    saved stop): no front is chosen and the test split stays unread; ``--resume`` goes on."""
+
+    def __init__(self, name: str, ended: int, total: int):
+        super().__init__(f"sweep {name!r}: interrupted with {ended} of {total} trial(s) ended; "
+                         "Tune saved its state, nothing is lost")
+        self.ended, self.total = ended, total
 
 SPACE_FILE = "space.json"
 
@@ -172,6 +182,15 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                           any(m in SUITE_METRICS for m in spec.optimize)):
         grid = tuner.fit()
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
+    # Tune catches Ctrl-C itself, saves its state, stops the trials (TERMINATED, like finished
+    # ones) and returns: a front chosen now would be the front of part of the search, and its
+    # test figures would read the test split too early. A trial that ended has failed, or its
+    # last result is marked done (it returned, or the scheduler stopped it).
+    ended = sum(1 for result in grid
+                if result.error is not None or (result.metrics or {}).get("done"))
+    if ended < spec.trial_count:
+        client.set_terminated(parent_run_id, "KILLED")
+        raise SweepInterrupted(name, ended, spec.trial_count)
     evaluate_test = (None if not test else
                      lambda front: evaluate_front(spec, front, name, sweep_storage, log))
     if not test:

@@ -117,3 +117,46 @@ def test_the_test_split_is_read_only_after_the_search_and_once(tmp_path, space):
     again = run_ok([*args, "--resume"], tmp_path)
     assert computed_stages(sweep) == evaluated  # the stored evaluation is read back
     assert "(test)" in again.stdout
+
+
+def test_ctrl_c_stops_the_search_before_any_front_or_test_figure(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it): Tune saves its
+    state and returns; the sweep then must not choose a front of part of the search, nor read
+    the test split for it. It says how to go on (exit 130), and --resume finishes the trials
+    from their checkpoints, each epoch once."""
+    import os
+    import signal
+
+    from tests.integration.conftest import check_each_trial_once, poll_sweep, stop_driver
+
+    folder = tmp_path / "mnist"
+    make_mnist(folder)
+    write_real_mnist(folder)
+    real = {name: (folder / name).read_bytes() for name in
+            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    for name in real:  # a premature final evaluation would stop with exit 2 on these
+        (folder / name).write_bytes(b"not an IDX file")
+    epochs = 40
+    space = {**TRAINING, "training": {**TRAINING["training"], "epochs": epochs}}
+    args, uri = sweep_args(tmp_path, yaml.safe_dump(space), "held")
+    driver = cli(args, tmp_path, start_new_session=True)
+    try:
+        started = poll_sweep(driver, uri, "held", lambda client, children: any(
+            client.get_metric_history(c.info.run_id, "nominal_accuracy") for c in children))
+        assert started, driver.stdout.read()[-3000:] if driver.poll() is not None else ""
+        os.killpg(driver.pid, signal.SIGINT)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        stop_driver(driver)
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted with" in output and "--resume" in output, output[-3000:]
+    assert "Pareto front" not in output and "test split" not in output, output[-3000:]
+    client, parents, children = runs_of(uri, "held")
+    assert parents[0].info.status == "KILLED"
+    assert not any(k.startswith("test_") for r in parents + children for k in r.data.metrics)
+
+    for name, data in real.items():
+        (folder / name).write_bytes(data)
+    done = run_ok([*args, "--resume"], tmp_path)
+    assert "(test)" in done.stdout
+    check_each_trial_once(uri, "held", 2, epochs, metric="nominal_accuracy")
