@@ -30,6 +30,24 @@ from orchestrator.trainables import make_trainable
 __all__ = ["SweepInterrupted", "run_sweep"]
 
 
+# sweep name -> trials ended (finished or failed) after Tune's last step in this process; Tune
+# pickles its callbacks with the experiment and a restore brings back its own copies, so they
+# report here rather than to an instance the driver holds
+_ENDED_AFTER_STEP: dict[str, int] = {}
+
+
+class TrialsEnded(tune.Callback):
+    """Counts the trials that have ended after each step of Tune's loop. Tune catches Ctrl-C,
+    saves its state and then stops the live trials, which marks them TERMINATED like finished
+    ones; what the loop's last step saw tells the two apart."""
+
+    def __init__(self, sweep: str):
+        self.sweep = sweep
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        _ENDED_AFTER_STEP[self.sweep] = sum(trial.is_finished() for trial in trials)
+
+
 class SweepInterrupted(Exception):
     """The search stopped before its trials ended (Ctrl-C, or SIGUSR1, which Tune turns into a
     saved stop): no front is chosen and the test split stays unread; ``--resume`` goes on."""
@@ -176,18 +194,20 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 name=name, storage_path=storage_root.uri,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=callbacks, verbose=1 if verbose else 0))
+                callbacks=[*callbacks, TrialsEnded(name)], verbose=1 if verbose else 0))
     start = time.perf_counter()
+    _ENDED_AFTER_STEP.pop(name, None)
     with _lenient_metrics(spec.family is not Family.LESCI and
                           any(m in SUITE_METRICS for m in spec.optimize)):
         grid = tuner.fit()
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
     # Tune catches Ctrl-C itself, saves its state, stops the trials (TERMINATED, like finished
     # ones) and returns: a front chosen now would be the front of part of the search, and its
-    # test figures would read the test split too early. A trial that ended has failed, or its
-    # last result is marked done (it returned, or the scheduler stopped it).
-    ended = sum(1 for result in grid
-                if result.error is not None or (result.metrics or {}).get("done"))
+    # test figures would read the test split too early. Without a step (a restore of a search
+    # that had ended) the restored trials' states are the saved ones.
+    ended = _ENDED_AFTER_STEP.pop(name, None)
+    if ended is None:
+        ended = grid.num_terminated + grid.num_errors
     if ended < spec.trial_count:
         client.set_terminated(parent_run_id, "KILLED")
         raise SweepInterrupted(name, ended, spec.trial_count)
