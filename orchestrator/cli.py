@@ -22,6 +22,9 @@ from orchestrator.tracking import (TrackingError, TrackingUnavailable, check_tra
                                    tracking_failure)
 
 
+DEFAULT_STORAGE = "sweeps"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shipped = ", ".join(sorted(shipped_spaces()))
     parser = argparse.ArgumentParser(
@@ -36,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, help="trials to run (overrides the space)")
     parser.add_argument("--max-concurrent", type=int,
                         help="trials at once (overrides the space)")
-    parser.add_argument("--storage", default="sweeps",
+    parser.add_argument("--storage", default=DEFAULT_STORAGE,
                         help="local folder or s3://bucket/prefix for sweep state, checkpoints "
                              "and shared stages (default: ./sweeps)")
     parser.add_argument("--mlflow-uri",
@@ -193,7 +196,8 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
     words = ["python search.py", "--space", args.space, "--name", name, "--resume"]
     for flag, value in (("--num-samples", args.num_samples),
                         ("--max-concurrent", args.max_concurrent),
-                        ("--storage", None if args.storage == "sweeps" else redact(args.storage)),
+                        ("--storage", None if args.storage == DEFAULT_STORAGE
+                                     else redact(args.storage)),
                         ("--mlflow-uri", args.mlflow_uri and redact(args.mlflow_uri))):
         if value is not None:
             words += [flag, str(value)]

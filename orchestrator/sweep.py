@@ -55,7 +55,6 @@ class SweepInterrupted(Exception):
     def __init__(self, name: str, ended: int, total: int):
         super().__init__(f"sweep {name!r}: interrupted with {ended} of {total} trial(s) ended; "
                          "Tune saved its state, nothing is lost")
-        self.ended, self.total = ended, total
 
 SPACE_FILE = "space.json"
 

@@ -32,7 +32,8 @@ from ray import tune
 from orchestrator.storage import redact
 
 __all__ = ["MLflowTracking", "TrackingClient", "TrackingError", "TrackingUnavailable",
-           "check_tracking_uri", "create_sqlite_store", "ensure_experiment", "ensure_parent_run", "child_run_name",
+           "check_tracking_uri", "create_sqlite_store", "ensure_experiment", "ensure_parent_run",
+           "child_run_name",
            "is_transient", "retry_budget", "tracking_client", "tracking_failure", "RETRY_ENV",
            "DEFAULT_RETRY_S"]
 
@@ -257,11 +258,8 @@ def create_sqlite_store(uri: str) -> None:
     side = os.path.join(folder, f".{base}.creating-{os.getpid()}")
     _remove(side)
     try:
-        client = MlflowClient(f"sqlite:///{side}")
-        client.search_experiments(max_results=1)  # builds the store: every migration
-        engine = getattr(client._tracking_client.store, "engine", None)
-        if engine is not None:
-            engine.dispose()
+        # the first call builds the store (every migration), committed before it returns
+        MlflowClient(f"sqlite:///{side}").search_experiments(max_results=1)
         try:
             os.link(side, path)
         except FileExistsError:

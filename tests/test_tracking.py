@@ -3,12 +3,15 @@ saved with the experiment is older than the runs (what a restore after a crash s
 
 import os
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 
 from orchestrator.space import load_space
 from orchestrator.tracking import MLflowTracking, ensure_experiment, ensure_parent_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(tmp_path):
@@ -338,7 +341,7 @@ def test_a_start_killed_while_creating_the_sqlite_store_leaves_nothing_that_brea
         "from orchestrator.tracking import create_sqlite_store\n"
         f"create_sqlite_store({uri!r})\n")
     killed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()})
+                              cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert killed.stdout.readline().strip() == "built"
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".mlflow.db.creating-")]
