@@ -1,24 +1,38 @@
-"""Interval Bound Propagation (Gowal et al. 2018; SPEC.md section 2).
+"""Interval Bound Propagation (Gowal et al. 2018; SPEC.md section 2) on any torch.fx-traceable model.
 
-Bounds travel as (lower, upper) through one rule per primitive module type: affine layers
-(Linear, Conv2d, BatchNorm2d, Normalize) in centre/radius form, monotone layers (ReLU & co.,
-pooling, Flatten, padding) on each end. Containers are not special-cased: an ``nn.Sequential``
-and a ``defenses.models.Composite`` (every block and model there) are walked along their
-structure, the same walk their forward makes, with the ends of a ``Residual`` sum adding up. A
-module without a rule raises ``ValueError`` naming it. The last linear layer is elided for
-verification: bounds on ``z_j - z_y`` come straight from the penultimate interval.
+The model's ``forward`` is traced once with ``torch.fx`` (``Normalize`` and torch.nn's own
+modules are leaves) and the graph is cached per model object; every call interprets that graph
+against the live model, so parameter updates are seen and the batch size is free. A value in the
+interpreter is an ``Interval`` (lower, upper) or a concrete value (a constant tensor, a shape, an
+int), and each node has one rule:
+
+- affine layers (Linear, Conv1d/2d, BatchNorm1d/2d, Normalize, ``F.linear``/``F.conv2d`` with
+  constant weights) in centre/radius form;
+- monotone non-decreasing maps (ReLU & co., max pools) and positive linear maps (average pools,
+  ``mean``, ``sum``, reshaping, slicing) on each end;
+- sums and differences of intervals, products and quotients with a constant (sign-aware),
+  ``torch.cat`` / ``torch.stack``; shape queries (``size``, ``shape``, ``dim``) on the lower end;
+- anything computed from constants alone is computed as the forward computes it.
+
+Anything else (``x @ x``, a GELU, an untraceable forward) raises ``ValueError`` naming the
+operation and the node or module path; ``check_bounds`` runs once at load to refuse such models.
+Dropout is the identity (bounds are for the network without dropout, in either mode). The last
+layer is elided for verification when the model's output is a Linear (module or ``F.linear``):
+bounds on ``z_j - z_y`` come straight from the penultimate interval.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import operator
+import weakref
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from defenses.models import Composite, Normalize, Steps, walk
+from defenses.models import Normalize, eval_mode
 
 __all__ = [
     "Interval",
@@ -28,21 +42,33 @@ __all__ = [
     "verified",
     "ibp_loss",
     "layer_bound_widths",
+    "check_bounds",
 ]
 
-Interval = tuple[torch.Tensor, torch.Tensor]
+
+class Interval(NamedTuple):
+    """Elementwise bounds ``lower <= value <= upper``, two tensors of one shape."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
 Recorder = Callable[[str, Interval], None]
 
 
+class _NoRule(Exception):
+    """A rule's refusal of its arguments; the interpreter adds the node and raises ValueError."""
+
+
 # ------------------------------------------------------------------------------------------------
-# rules for single modules
+# the math: affine maps in centre/radius form, soundness of the outputs
 
 
 def _affine(lower: torch.Tensor, upper: torch.Tensor, fn_centre, fn_radius) -> Interval:
     """Centre c = (l+u)/2, radius r = (u-l)/2; c' = f(c) (with bias), r' = |f|(r) (no bias)."""
     c, r = (upper + lower) / 2, (upper - lower) / 2
     c, r = fn_centre(c), fn_radius(r)
-    return c - r, c + r
+    return Interval(c - r, c + r)
 
 
 def _sound(lower: torch.Tensor, upper: torch.Tensor) -> Interval:
@@ -50,148 +76,620 @@ def _sound(lower: torch.Tensor, upper: torch.Tensor) -> Interval:
 
     Applied once to the outputs: a NaN (from inf - inf) propagates through every rule here
     (ReLU, pools, affine maps), so only entries whose true bound is already vacuous are NaN."""
-    return (torch.nan_to_num(lower, nan=-math.inf, posinf=math.inf, neginf=-math.inf),
-            torch.nan_to_num(upper, nan=math.inf, posinf=math.inf, neginf=-math.inf))
+    return Interval(torch.nan_to_num(lower, nan=-math.inf, posinf=math.inf, neginf=-math.inf),
+                    torch.nan_to_num(upper, nan=math.inf, posinf=math.inf, neginf=-math.inf))
+
+
+def _linear_map(b: Interval, weight: torch.Tensor, bias: torch.Tensor | None) -> Interval:
+    """[..., in] -> [..., out] through ``F.linear``."""
+    return _affine(*b, lambda c: F.linear(c, weight, bias), lambda r: F.linear(r, weight.abs()))
+
+
+def _conv_map(conv, b: Interval, weight: torch.Tensor, bias: torch.Tensor | None,
+              *options: Any, **kw: Any) -> Interval:
+    """``conv`` (F.conv1d / F.conv2d) with zero padding: an affine map."""
+    return _affine(*b, lambda c: conv(c, weight, bias, *options, **kw),
+                   lambda r: conv(r, weight.abs(), None, *options, **kw))
+
+
+def _scale(b: Interval, c: Any) -> Interval:
+    """``b * c`` for a constant c (number or tensor): the ends swap where c < 0."""
+    if isinstance(c, torch.Tensor):
+        lo, hi = b.lower * c, b.upper * c
+        return Interval(torch.minimum(lo, hi), torch.maximum(lo, hi))
+    return Interval(b.lower * c, b.upper * c) if c >= 0 else Interval(b.upper * c, b.lower * c)
+
+
+# ------------------------------------------------------------------------------------------------
+# rules for leaf modules (call_module nodes): rule(module, interval) -> interval
 
 
 def _linear(m: nn.Linear, b: Interval) -> Interval:
-    return _affine(*b, lambda c: F.linear(c, m.weight, m.bias),
-                   lambda r: F.linear(r, m.weight.abs()))
+    return _linear_map(b, m.weight, m.bias)
 
 
-def _conv2d(m: nn.Conv2d, b: Interval) -> Interval:
+def _conv(m: nn.Conv1d | nn.Conv2d, b: Interval) -> Interval:
     if m.padding_mode != "zeros":
-        raise ValueError(f"cannot bound {m}: padding_mode {m.padding_mode!r} (only 'zeros')")
-    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
-    return _affine(*b, lambda c: F.conv2d(c, m.weight, m.bias, **kw),
-                   lambda r: F.conv2d(r, m.weight.abs(), None, **kw))
+        raise _NoRule(f"padding_mode {m.padding_mode!r} (only 'zeros')")
+    conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+    return _conv_map(conv, b, m.weight, m.bias, stride=m.stride, padding=m.padding,
+                     dilation=m.dilation, groups=m.groups)
 
 
-def _batchnorm(m: nn.BatchNorm2d, b: Interval) -> Interval:
+def _batchnorm(m: nn.BatchNorm1d | nn.BatchNorm2d, b: Interval) -> Interval:
     """Affine with running statistics in eval mode; in train mode, with the statistics of the
-    box centres' batch, held constant (as IBP implementations do)."""
+    box centres' batch, held constant (as IBP implementations do). [b, C, *spatial]."""
     lower, upper = b
     if m.training or m.running_mean is None:
         c = (lower + upper) / 2
-        mean = c.mean(dim=(0, 2, 3))
-        var = c.var(dim=(0, 2, 3), unbiased=False)
+        dims = (0, *range(2, c.dim()))
+        mean = c.mean(dim=dims)
+        var = c.var(dim=dims, unbiased=False)
     else:
         mean, var = m.running_mean, m.running_var
     scale = torch.rsqrt(var + m.eps)
     if m.weight is not None:
         scale = scale * m.weight
     shift = -mean * scale + (m.bias if m.bias is not None else 0)
-    view = (1, -1, 1, 1)
+    view = (1, -1) + (1,) * (lower.dim() - 2)
     return _affine(lower, upper, lambda c: c * scale.view(view) + shift.view(view),
                    lambda r: r * scale.abs().view(view))
 
 
 def _normalize(m: Normalize, b: Interval) -> Interval:
     lower, upper = b
-    return (lower - m.mean) / m.std, (upper - m.mean) / m.std  # std > 0: order kept
+    return Interval((lower - m.mean) / m.std, (upper - m.mean) / m.std)  # std > 0: order kept
 
 
-def _on_both_ends(m: nn.Module, b: Interval) -> Interval:
-    """Monotone non-decreasing maps (ReLU & co., max pool) and positive linear maps without
-    bias (average pools), flattening, padding with zeros: apply to each end."""
-    return m(b[0]), m(b[1])
+def _module_on_both_ends(m: nn.Module, b: Interval) -> Interval:
+    """Monotone non-decreasing maps and positive linear maps without bias: each end."""
+    if isinstance(m, nn.LeakyReLU) and m.negative_slope < 0:
+        raise _NoRule(f"negative_slope {m.negative_slope} < 0 is not monotone")
+    if isinstance(m, nn.ELU) and m.alpha < 0:
+        raise _NoRule(f"alpha {m.alpha} < 0 is not monotone")
+    lower, upper = m(b.lower), m(b.upper)
+    if not isinstance(lower, torch.Tensor):
+        raise _NoRule("it returns more than a tensor (return_indices?)")
+    return Interval(lower, upper)
 
 
-_MONOTONE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Softplus,
-             nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
-             nn.Identity, nn.ZeroPad2d)
+def _dropout(_m: nn.Module, b: Interval) -> Interval:
+    return b  # bounds of the network without dropout, in train mode too
 
 
-_LEAF_RULES: dict[type, Callable[[nn.Module, Interval], Interval]] = {
-    nn.Linear: _linear, nn.Conv2d: _conv2d, nn.BatchNorm2d: _batchnorm, Normalize: _normalize,
+_MODULE_RULES: dict[type, Callable[[Any, Interval], Interval]] = {
+    nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv,
+    nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm, Normalize: _normalize,
+    **{cls: _module_on_both_ends for cls in (
+        nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.ReLU6, nn.Hardtanh,
+        nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.ZeroPad2d)},
+    **{cls: _dropout for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d)},
+}
+_MODULE_RULE_CACHE: dict[type, Callable[[Any, Interval], Interval] | None] = {}
+
+
+def _module_rule(m: nn.Module) -> Callable[[Any, Interval], Interval] | None:
+    cls = type(m)
+    if cls not in _MODULE_RULE_CACHE:  # subclasses take their nearest base's rule
+        _MODULE_RULE_CACHE[cls] = next((_MODULE_RULES[base] for base in cls.__mro__
+                                        if base in _MODULE_RULES), None)
+    return _MODULE_RULE_CACHE[cls]
+
+
+# ------------------------------------------------------------------------------------------------
+# rules for functions and tensor methods: rule(args, kwargs) -> value, some argument an Interval
+
+
+Rule = Callable[[tuple, dict], Any]
+
+
+def _has_interval(values) -> bool:
+    return any(isinstance(v, Interval)
+               or (isinstance(v, (list, tuple)) and _has_interval(v)) for v in values)
+
+
+def _on_both_ends(fn: Callable, check: Callable[[tuple, dict], str | None] | None = None) -> Rule:
+    """``fn(interval, *constants)``: monotone non-decreasing or positive linear in its first
+    argument, applied to each end."""
+
+    def rule(args: tuple, kwargs: dict) -> Interval:
+        b, rest = args[0], args[1:]
+        if not isinstance(b, Interval) or _has_interval(rest) or _has_interval(kwargs.values()):
+            raise _NoRule("an interval beyond the first argument")
+        reason = check(args, kwargs) if check else None
+        if reason:
+            raise _NoRule(reason)
+        lower, upper = fn(b.lower, *rest, **kwargs), fn(b.upper, *rest, **kwargs)
+        if not isinstance(lower, torch.Tensor):
+            raise _NoRule("it returns more than a tensor (return_indices?)")
+        return Interval(lower, upper)
+
+    return rule
+
+
+def _shape_only(fn: Callable) -> Rule:
+    """A question about the shape: asked of the lower end, answered with a plain value."""
+
+    def rule(args: tuple, kwargs: dict) -> Any:
+        if fn is getattr and args[1] not in ("shape", "ndim", "dtype", "device"):
+            raise _NoRule(f"attribute {args[1]!r} (only shape, ndim, dtype, device)")
+        return fn(args[0].lower, *args[1:], **kwargs)
+
+    return rule
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _at_least(index: int, name: str, default: float) -> Callable[[tuple, dict], str | None]:
+    """Monotone only for a non-negative parameter (leaky_relu's slope, elu's alpha)."""
+
+    def check(args: tuple, kwargs: dict) -> str | None:
+        value = _arg(args, kwargs, index, name, default)
+        return f"{name} {value} < 0 is not monotone" if value < 0 else None
+
+    return check
+
+
+def _alpha(kwargs: dict, b: Any) -> Any:
+    alpha = kwargs.get("alpha", 1)
+    if set(kwargs) - {"alpha"}:
+        raise _NoRule(f"keyword arguments {sorted(set(kwargs) - {'alpha'})}")
+    return b if alpha == 1 else (_scale(b, alpha) if isinstance(b, Interval) else b * alpha)
+
+
+def _add(args: tuple, kwargs: dict) -> Interval:
+    """Residual sums: the ends add. ``torch.add``'s alpha scales the second term."""
+    a, b = args[0], _alpha(kwargs, args[1])
+    if isinstance(a, Interval) and isinstance(b, Interval):
+        return Interval(a.lower + b.lower, a.upper + b.upper)
+    if isinstance(a, Interval):
+        return Interval(a.lower + b, a.upper + b)
+    return Interval(a + b.lower, a + b.upper)
+
+
+def _sub(args: tuple, kwargs: dict) -> Interval:
+    a, b = args[0], _alpha(kwargs, args[1])
+    if isinstance(a, Interval) and isinstance(b, Interval):
+        return Interval(a.lower - b.upper, a.upper - b.lower)
+    if isinstance(a, Interval):
+        return Interval(a.lower - b, a.upper - b)
+    return Interval(a - b.upper, a - b.lower)
+
+
+def _neg(args: tuple, kwargs: dict) -> Interval:
+    return Interval(-args[0].upper, -args[0].lower)
+
+
+def _mul(args: tuple, kwargs: dict) -> Interval:
+    a, b = args
+    if kwargs:
+        raise _NoRule(f"keyword arguments {sorted(kwargs)}")
+    if isinstance(a, Interval) and isinstance(b, Interval):
+        raise _NoRule("of two intervals (only products with a constant)")
+    return _scale(a, b) if isinstance(a, Interval) else _scale(b, a)
+
+
+def _div(args: tuple, kwargs: dict) -> Interval:
+    a, b = args
+    if not isinstance(a, Interval) or isinstance(b, Interval):
+        raise _NoRule("by an interval (only quotients by a constant)")
+    if kwargs.get("rounding_mode") is not None:
+        raise _NoRule(f"rounding_mode {kwargs['rounding_mode']!r}")
+    if isinstance(b, torch.Tensor) or b == 0:
+        lo, hi = a.lower / b, a.upper / b
+        return Interval(torch.minimum(lo, hi), torch.maximum(lo, hi))
+    return Interval(a.lower / b, a.upper / b) if b > 0 else Interval(a.upper / b, a.lower / b)
+
+
+def _joined(fn: Callable) -> Rule:
+    """``torch.cat`` / ``torch.stack`` of intervals and constants: lower ends, upper ends."""
+
+    def rule(args: tuple, kwargs: dict) -> Interval:
+        parts, rest = args[0], args[1:]
+        if _has_interval(rest) or _has_interval(kwargs.values()):
+            raise _NoRule("an interval beyond the tensors joined")
+        lower = [p.lower if isinstance(p, Interval) else p for p in parts]
+        upper = [p.upper if isinstance(p, Interval) else p for p in parts]
+        return Interval(fn(lower, *rest, **kwargs), fn(upper, *rest, **kwargs))
+
+    return rule
+
+
+def _weights(args: tuple, kwargs: dict) -> tuple[Interval, torch.Tensor, Any, tuple, dict]:
+    """(input, weight, bias, further args, further kwargs) of F.linear / F.conv*d; the weights
+    must be constants (parameters), the input an interval."""
+    kwargs = dict(kwargs)
+    weight = args[1] if len(args) > 1 else kwargs.pop("weight")
+    bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+    if not isinstance(args[0], Interval) or isinstance(weight, Interval) \
+            or isinstance(bias, Interval):
+        raise _NoRule("with interval weights (only constant weights)")
+    return args[0], weight, bias, args[3:], kwargs
+
+
+def _functional_linear(args: tuple, kwargs: dict) -> Interval:
+    b, weight, bias, _, _ = _weights(args, kwargs)
+    return _linear_map(b, weight, bias)
+
+
+def _functional_conv(conv: Callable) -> Rule:
+    def rule(args: tuple, kwargs: dict) -> Interval:
+        b, weight, bias, options, kw = _weights(args, kwargs)
+        return _conv_map(conv, b, weight, bias, *options, **kw)
+
+    return rule
+
+
+def _identity(args: tuple, kwargs: dict) -> Interval:
+    if _has_interval(args[1:]) or _has_interval(kwargs.values()):
+        raise _NoRule("an interval beyond the first argument")
+    return args[0]
+
+
+def _constant_pad(args: tuple, kwargs: dict) -> str | None:
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    return None if mode == "constant" else f"mode {mode!r} (only 'constant')"
+
+
+def _view(args: tuple, kwargs: dict) -> str | None:
+    return "a view as another dtype" if any(isinstance(a, torch.dtype) for a in args) else None
+
+
+_FUNCTION_RULES: dict[Any, Rule] = {
+    **{fn: _on_both_ends(fn) for fn in (
+        F.relu, torch.relu, F.relu6, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh,
+        F.tanh, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.reshape,
+        torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.mean, torch.sum,
+        operator.getitem)},
+    F.leaky_relu: _on_both_ends(F.leaky_relu, _at_least(1, "negative_slope", 0.01)),
+    F.elu: _on_both_ends(F.elu, _at_least(1, "alpha", 1.0)),
+    F.pad: _on_both_ends(F.pad, _constant_pad),
+    F.dropout: _identity,
+    F.linear: _functional_linear, F.conv1d: _functional_conv(F.conv1d),
+    F.conv2d: _functional_conv(F.conv2d),
+    # fx records ``x += y`` as operator.add; an explicit operator.iadd gets fresh ends too
+    operator.add: _add, operator.iadd: _add, torch.add: _add,
+    operator.sub: _sub, operator.isub: _sub, torch.sub: _sub,
+    operator.neg: _neg, torch.neg: _neg,
+    operator.mul: _mul, operator.imul: _mul, torch.mul: _mul,
+    operator.truediv: _div, operator.itruediv: _div, torch.div: _div,
+    torch.cat: _joined(torch.cat), torch.stack: _joined(torch.stack),
+    getattr: _shape_only(getattr),
+}
+
+_METHOD_RULES: dict[str, Rule] = {
+    **{name: _on_both_ends(getattr(torch.Tensor, name)) for name in (
+        "relu", "sigmoid", "tanh", "flatten", "reshape", "contiguous", "squeeze", "unsqueeze",
+        "permute", "transpose", "mean", "sum")},
+    "view": _on_both_ends(torch.Tensor.view, _view),
+    **{name: _shape_only(getattr(torch.Tensor, name)) for name in ("size", "dim", "numel")},
+    "add": _add, "sub": _sub, "neg": _neg, "mul": _mul, "div": _div,
 }
 
 
-# ------------------------------------------------------------------------------------------------
-# containers: walked along the structure their forward walks
+def _function_name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    module = {"_operator": "operator", "torch._C._nn": "torch.nn.functional",
+              "torch._C._VariableFunctions": "torch", "builtins": ""}.get(module, module)
+    name = getattr(fn, "__name__", repr(fn))
+    return f"{module}.{name}" if module else name
 
 
-def _add(a: Interval, b: Interval) -> Interval:
-    """A residual sum: the ends add."""
-    return a[0] + b[0], a[1] + b[1]
+def _supported(op: str) -> str:
+    if op == "call_module":
+        return ", ".join(sorted({cls.__name__ for cls in _MODULE_RULES}))
+    if op == "call_method":
+        return ", ".join(f"Tensor.{name}" for name in _METHOD_RULES)
+    return ", ".join(sorted({_function_name(fn) for fn in _FUNCTION_RULES}))
 
 
-def _steps(m: nn.Module) -> Steps | None:
-    """The children a container applies, in order; None for a primitive module."""
-    if isinstance(m, Composite):
-        return m.structure
-    if isinstance(m, nn.Sequential):
-        return tuple(m._modules)  # not named_children(): that skips a module used twice
-    return None
-
-
-def _join(name: str, child_name: str) -> str:
-    return f"{name}.{child_name}" if name else child_name
-
-
-def _walk(m: nn.Module, steps: Steps, b: Interval, rec: Recorder, name: str) -> Interval:
-    def apply(child_name: str, child: nn.Module, iv: Interval) -> Interval:
-        return _propagate(child, iv, rec, _join(name, child_name))
-
-    return walk(m, steps, b, apply, _add)
-
-
-def _propagate(m: nn.Module, b: Interval, rec: Recorder, name: str) -> Interval:
-    """Bounds on ``m``'s output; ``rec(name, interval)`` after every primitive module."""
-    steps = _steps(m)
-    if steps is not None:
-        return _walk(m, steps, b, rec, name)
-    rule = next((_LEAF_RULES[cls] for cls in type(m).__mro__ if cls in _LEAF_RULES), None)
-    if rule is not None:
-        out = rule(m, b)
-    elif isinstance(m, _MONOTONE):
-        out = _on_both_ends(m, b)
+def _no_rule(node: fx.Node, model: nn.Module, reason: str = "") -> ValueError:
+    if node.op == "call_module":
+        what = f"module {node.target} ({type(model.get_submodule(node.target)).__name__})"
+    elif node.op == "call_method":
+        what = f"call_method Tensor.{node.target}"
     else:
-        raise ValueError(f"interval bounds: no rule for module {name or '<root>'} "
-                         f"({type(m).__name__}); supported: Linear, Conv2d, BatchNorm2d, "
-                         "Normalize, monotone activations, pooling, Flatten, ZeroPad2d, "
-                         "nn.Sequential and defenses.models.Composite")
-    rec(name, out)
-    return out
+        what = f"call_function {_function_name(node.target)}"
+    reason = f": {reason}" if reason else ""
+    return ValueError(f"interval bounds: no rule for {what}{reason} at node {node.name!r} "
+                      f"(supported: {_supported(node.op)})")
 
 
 # ------------------------------------------------------------------------------------------------
-# whole models: everything up to the last linear layer, which verification elides
+# tracing, once per model object and mode
 
 
-def _penultimate(m: nn.Module, b: Interval, rec: Recorder, name: str = ""
-                 ) -> tuple[Interval, nn.Linear]:
-    """Walk all but the last step; the last is the elided linear layer or a container whose
-    own last step is (IBPCNN's ``layers``)."""
-    steps = _steps(m)
-    if not steps or not isinstance(steps[-1], str):
-        raise ValueError(f"interval bounds: {type(m).__name__} {name or '<root>'} does not end "
-                         "in nn.Linear; models must be an nn.Sequential or a "
-                         "defenses.models.Composite whose last step is the logit layer")
-    b = _walk(m, steps[:-1], b, rec, name)
-    last = getattr(m, steps[-1])
-    if isinstance(last, nn.Linear):
-        return b, last
-    return _penultimate(last, b, rec, _join(name, steps[-1]))
+def _first_line(err: Exception) -> str:
+    return next(iter(str(err).strip().splitlines()), "") or type(err).__name__
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn's own modules and ``Normalize`` are leaves; everything else is traced through.
+    ``inside`` is the stack of modules whose forward is being traced (left as it was when
+    tracing fails, so the error can name the module that failed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside: list[nn.Module] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, Normalize) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs) -> Any:
+        self.inside.append(m)
+        out = super().call_module(m, forward, args, kwargs)
+        self.inside.pop()
+        return out
+
+
+class _Elided(NamedTuple):
+    """The last layer, a Linear: a module path, or F.linear's weight and bias (nodes or
+    constants)."""
+
+    input: fx.Node
+    module: str | None
+    weight: Any = None
+    bias: Any = None
+
+
+# (node, nodes whose values are dropped after it): the interpreter's program
+_Steps = tuple[tuple[fx.Node, tuple[fx.Node, ...]], ...]
+
+
+class _Plan(NamedTuple):
+    input: fx.Node
+    output: fx.Node
+    full: _Steps  # computes the output
+    elided: _Elided | None
+    penultimate: _Steps  # computes the elided layer's input and weights (empty if none)
+    constants: dict[str, torch.Tensor]  # tensors the forward captured (fx's _tensor_constant*)
+
+
+def _program(nodes: list[fx.Node], first: fx.Node, roots: tuple[Any, ...]) -> _Steps:
+    """The nodes ``roots`` need, in graph order, each with the values it is the last user of
+    (roots are kept; constants among them are ignored)."""
+    roots = {r for r in roots if isinstance(r, fx.Node)}
+    live: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    order = [n for n in nodes if n in live and n is not first]
+    last_use: dict[fx.Node, int] = {}
+    for i, node in enumerate(order):
+        for used in node.all_input_nodes:
+            last_use[used] = i
+    free: list[list[fx.Node]] = [[] for _ in order]
+    for used, i in last_use.items():
+        if used not in roots:
+            free[i].append(used)
+    return tuple((node, tuple(f)) for node, f in zip(order, free))
+
+
+def _trace(model: nn.Module) -> _Plan:
+    name = type(model).__name__
+    before = set(vars(model))
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:
+        failed, where = model, ""
+        if tracer.inside:  # a submodule's forward: name it, and where it sits
+            failed = tracer.inside[-1]
+            path = next((p for p, m in model.named_modules() if m is failed), "?")
+            where = f"; in module {path!r} of {name}"
+        raise ValueError(f"interval bounds: cannot trace {type(failed).__name__} with torch.fx "
+                         f"({_first_line(err)}{where})") from err
+    finally:  # fx stores captured tensors on the model; keep them out of it
+        added = {key: vars(model).pop(key) for key in set(vars(model)) - before}
+    nodes = list(graph.nodes)
+    constants = {n.target: added[n.target] for n in nodes
+                 if n.op == "get_attr" and n.target in added}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if not placeholders:
+        raise ValueError(f"interval bounds: {name}.forward takes no input")
+    for extra in placeholders[1:]:
+        if not extra.args:
+            raise ValueError(f"interval bounds: {name}.forward takes more than one input "
+                             f"({extra.target!r} has no default)")
+    out = next(n for n in nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node):
+        raise ValueError(f"interval bounds: {name}.forward returns {type(out).__name__}, "
+                         "not one logits tensor")
+    elided = None
+    if (out.op == "call_module" and isinstance(model.get_submodule(out.target), nn.Linear)
+            and len(out.args) == 1 and not out.kwargs and isinstance(out.args[0], fx.Node)):
+        elided = _Elided(out.args[0], out.target)
+    elif out.op == "call_function" and out.target is F.linear and isinstance(out.args[0], fx.Node):
+        weight = out.args[1] if len(out.args) > 1 else out.kwargs["weight"]
+        bias = out.args[2] if len(out.args) > 2 else out.kwargs.get("bias")
+        elided = _Elided(out.args[0], None, weight, bias)
+    first = placeholders[0]
+    return _Plan(first, out, _program(nodes, first, (out,)), elided,
+                 _program(nodes, first, (elided.input, elided.weight, elided.bias))
+                 if elided else (), constants)
+
+
+# Keyed by the model object (weakly: a plan holds no reference to its model) and its mode, as a
+# forward may branch on self.training.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[bool, _Plan]] = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module) -> _Plan:
+    by_mode = _PLANS.get(model)
+    if by_mode is None:
+        by_mode = _PLANS[model] = {}
+    plan = by_mode.get(model.training)
+    if plan is None:
+        plan = by_mode[model.training] = _trace(model)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# the interpreter
+
+
+def _submodule(model: nn.Module, target: str) -> nn.Module:
+    """``model.get_submodule(target)``, looked up live in a few dict reads (once per node and
+    call: get_submodule's checks cost as much as a small layer's bounds)."""
+    module = model
+    try:
+        for atom in target.split(".") if target else ():
+            module = module._modules[atom]
+    except KeyError:
+        return model.get_submodule(target)  # raises the error that says what is missing
+    return module
+
+
+def _attr(model: nn.Module, plan: _Plan, target: str) -> Any:
+    if target in plan.constants:
+        return plan.constants[target]
+    owner, _, attr = target.rpartition(".")
+    return getattr(_submodule(model, owner), attr)
+
+
+def _eval(model: nn.Module, plan: _Plan, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    op = node.op
+    if op == "get_attr":
+        return _attr(model, plan, node.target)
+    if op == "placeholder":
+        return node.args[0]  # a further input's default
+    args = fx.node.map_arg(node.args, env.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+    intervals = _has_interval(args) or _has_interval(kwargs.values())
+    if op == "call_module":
+        module = _submodule(model, node.target)
+        if not intervals:
+            return module(*args, **kwargs)
+        rule = _module_rule(module)
+        if rule is None:
+            raise _no_rule(node, model)
+        if len(args) != 1 or kwargs:
+            raise _no_rule(node, model, "called with more than one argument")
+        try:
+            return rule(module, args[0])
+        except _NoRule as refusal:
+            raise _no_rule(node, model, str(refusal)) from None
+    if op == "call_function":
+        if not intervals:
+            return node.target(*args, **kwargs)
+        rule = _FUNCTION_RULES.get(node.target)
+    else:  # call_method
+        if not intervals:
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        rule = _METHOD_RULES.get(node.target) if isinstance(args[0], Interval) else None
+    if rule is None:
+        raise _no_rule(node, model)
+    try:
+        return rule(args, kwargs)
+    except _NoRule as refusal:
+        raise _no_rule(node, model, str(refusal)) from None
+
+
+def _run(model: nn.Module, plan: _Plan, steps: _Steps, box: Interval, rec: Recorder
+         ) -> dict[fx.Node, Any]:
+    """Values of the steps' roots; ``rec(name, interval)`` after every node with an interval
+    (named by module path for modules, by fx node name otherwise)."""
+    env: dict[fx.Node, Any] = {plan.input: box}
+    for node, free in steps:
+        try:
+            value = _eval(model, plan, node, env)
+        except ValueError:
+            raise
+        except Exception as err:  # a torch error: say where
+            err.add_note(f"interval bounds: at node {node.name!r} ({node.op} {node.target})")
+            raise
+        env[node] = value
+        if isinstance(value, Interval):
+            rec(node.target if node.op == "call_module" else node.name, value)
+        for done in free:
+            del env[done]
+    return env
+
+
+def _as_interval(value: Any, model: nn.Module) -> Interval:
+    if isinstance(value, Interval):
+        return value
+    if isinstance(value, torch.Tensor):  # independent of the input
+        return Interval(value, value)
+    raise ValueError(f"interval bounds: {type(model).__name__} computes "
+                     f"{type(value).__name__}, not a tensor")
+
+
+def _penultimate(model: nn.Module, box: Interval, rec: Recorder
+                 ) -> tuple[Interval, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """The elided layer's input interval and (weight, bias); the logit interval and None when
+    the output is not a Linear's."""
+    plan = _plan(model)
+    if plan.elided is None:
+        return _as_interval(_run(model, plan, plan.full, box, rec)[plan.output], model), None
+    el = plan.elided
+    env = _run(model, plan, plan.penultimate, box, rec)
+    if el.module is not None:
+        last = _submodule(model, el.module)
+        weight, bias = last.weight, last.bias
+    else:
+        weight, bias = (env[w] if isinstance(w, fx.Node) else w for w in (el.weight, el.bias))
+        if isinstance(weight, Interval) or isinstance(bias, Interval):
+            raise ValueError("interval bounds: no rule for call_function "
+                             "torch.nn.functional.linear with interval weights at the output")
+    return _as_interval(env[el.input], model), (weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# the public API
 
 
 def _input_box(x: torch.Tensor, eps: float) -> Interval:
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    return Interval((x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0))
+
+
+def _ignore(_name: str, _b: Interval) -> None:
+    pass
 
 
 def penultimate_bounds(model: nn.Module, x: torch.Tensor, eps: float,
                        record: Recorder | None = None) -> tuple[Interval, nn.Linear]:
-    """Bounds on the input of the last linear layer over the box [clip(x-eps), clip(x+eps)]."""
-    b, last = _penultimate(model, _input_box(x, eps), record or (lambda _n, _b: None))
-    return _sound(*b), last
+    """Bounds on the input of the last linear layer over the box [clip(x-eps), clip(x+eps)],
+    and that layer.
+
+    The layer is the model's own ``nn.Linear`` when its output is one; for an output computed by
+    ``F.linear``, an ``nn.Linear`` stand-in holding that call's weight and bias tensors; when the
+    output is no linear layer's, the interval is the logits' and the layer the identity (so that
+    ``W_j - W_y`` on it gives the unelided ``upper_j - lower_y``).
+    """
+    b, last = _penultimate(model, _input_box(x, eps), record or _ignore)
+    b = _sound(*b)
+    if last is None:
+        return b, _stand_in(torch.eye(b.lower.shape[-1], dtype=b.lower.dtype,
+                                      device=b.lower.device), None)
+    plan = _plan(model)
+    if plan.elided is not None and plan.elided.module is not None:
+        return b, model.get_submodule(plan.elided.module)
+    return b, _stand_in(*last)
+
+
+def _stand_in(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` computing ``F.linear(x, weight, bias)`` with these very tensors."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    del layer.weight, layer.bias
+    layer.weight, layer.bias = weight, bias
+    return layer
 
 
 def interval_bounds(model: nn.Module, x: torch.Tensor, eps: float) -> Interval:
     """(lower, upper) logit bounds [b, classes] over the L-inf box of radius eps in [0, 1]."""
-    b, last = penultimate_bounds(model, x, eps)
-    return _sound(*_linear(last, b))
+    b, last = _penultimate(model, _input_box(x, eps), _ignore)
+    b = _sound(*b)
+    return b if last is None else _sound(*_linear_map(b, *last))
 
 
 def elided_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
@@ -199,12 +697,17 @@ def elided_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     """Upper bounds [b, classes] of ``z_j - z_y`` with the last layer elided (0 at j = y).
 
     For w = W_j - W_y, bias b_j - b_y on the penultimate interval (c, r): w.c + b + |w|.r.
+    Without an elidable last layer: ``upper_j - lower_y`` on the logit interval.
     """
-    (lower, upper), last = penultimate_bounds(model, x, eps)
+    (lower, upper), last = _penultimate(model, _input_box(x, eps), _ignore)
+    lower, upper = _sound(lower, upper)
+    if last is None:
+        upper_bound = (upper - lower.gather(1, y[:, None])).scatter(1, y[:, None], 0.0)
+        return torch.nan_to_num(upper_bound, nan=math.inf)
+    W, b = last
     c, r = (upper + lower) / 2, (upper - lower) / 2
-    W = last.weight
     w = W[None, :, :] - W[y][:, None, :]  # [b, classes, hidden]
-    bias = 0 if last.bias is None else last.bias[None, :] - last.bias[y][:, None]
+    bias = 0 if b is None else b[None, :] - b[y][:, None]
     upper_bound = torch.einsum("bkh,bh->bk", w, c) + torch.einsum("bkh,bh->bk", w.abs(), r) + bias
     return torch.nan_to_num(upper_bound, nan=math.inf)
 
@@ -229,18 +732,43 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
     return loss, logits, worst if worst is not None else logits.detach()
 
 
-# ------------------------------------------------------------------------------------------------
-# how loose the bounds get, layer by layer
-
-
 @torch.no_grad()
 def layer_bound_widths(model: nn.Module, x: torch.Tensor, eps: float) -> list[tuple[str, float]]:
-    """Mean width (upper - lower) of the interval after every bounded module, in order,
-    ending with the logits."""
+    """Mean width (upper - lower) of the interval after every bounded node, in order (module
+    paths for modules, fx node names for functions and methods), ending with the logits."""
     widths: list[tuple[str, float]] = []
-    b, last = penultimate_bounds(model, x, eps,
-                                 lambda name, iv: widths.append((name, float((iv[1] - iv[0])
-                                                                             .mean()))))
-    lower, upper = _linear(last, b)
+    b, last = _penultimate(model, _input_box(x, eps),
+                           lambda name, iv: widths.append((name, float((iv[1] - iv[0]).mean()))))
+    b = _sound(*b)
+    lower, upper = b if last is None else _linear_map(b, *last)
     widths.append(("logits", float((upper - lower).mean())))
     return widths
+
+
+def check_bounds(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Refuse a model IBP cannot bound, before training it: trace it and bound a zeros batch of
+    2 with shape ``input_shape`` (no batch axis) in eval mode; the mode is restored.
+
+    Raises:
+        ValueError: the forward is not traceable by torch.fx, a node has no interval rule (the
+            message names the operation and the node or module path), the bounds fail on such
+            inputs, or the output is not [batch, classes].
+    """
+    tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                  None)
+    x = torch.zeros((2, *input_shape), dtype=tensor.dtype if tensor is not None else None,
+                    device=tensor.device if tensor is not None else None)
+    name = type(model).__name__
+    with eval_mode(model), torch.no_grad():
+        try:
+            lower, _ = interval_bounds(model, x, 0.0)
+        except ValueError:
+            raise
+        except Exception as err:
+            where = " ".join(getattr(err, "__notes__", []))
+            raise ValueError(f"interval bounds: {name} fails on inputs of shape {tuple(x.shape)}"
+                             f" ({type(err).__name__}: {_first_line(err)}"
+                             f"{'; ' + where if where else ''})") from err
+    if lower.dim() != 2 or lower.shape[0] != 2:
+        raise ValueError(f"interval bounds: {name} outputs shape {tuple(lower.shape)} on inputs "
+                         f"{tuple(x.shape)}, not [batch, classes]")

@@ -5,20 +5,18 @@ mean/std are not part of the state_dict, so the ResNets keep torchvision's param
 torchvision ``resnet18().state_dict()`` loads into ``resnet18(stem="imagenet")`` unchanged.
 ReLUs are never in-place: captured activations and interval bounds stay valid after the forward.
 
-Every model and residual block is a ``Composite``: its forward is a declared ``structure`` over
-its named children (applied in order, ``Residual`` for the skip connections), and
-``defenses.ibp`` bounds it by walking the same structure, so forward and bounds cannot drift apart.
+Every model is a plain ``nn.Module`` with its own ``forward`` (as torchvision's ``resnet.py``);
+``defenses.ibp`` bounds it by interpreting the ``torch.fx`` graph of that forward, so forward and
+bounds cannot drift apart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import math
-import operator
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Sequence, TypeVar, Union
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,9 +26,6 @@ from defenses.capture import capture
 __all__ = [
     "ModelName",
     "Normalize",
-    "Residual",
-    "Composite",
-    "walk",
     "BasicBlock",
     "Bottleneck",
     "PreActBlock",
@@ -86,55 +81,6 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-# ----------------------------------------------------------------------------------------------
-# structure: what a composite module computes, declared once over its named children
-
-
-@dataclasses.dataclass(frozen=True)
-class Residual:
-    """The skip connection ``body(x) + shortcut(x)``; an empty shortcut is the identity."""
-
-    body: "Steps"
-    shortcut: "Steps" = ()
-
-
-# Names of children (applied in order) and residual sums. Names, not modules: the children stay
-# registered under their own attribute names, so state_dict keys are torchvision's.
-Steps = tuple[Union[str, Residual], ...]
-_X = TypeVar("_X")
-
-
-def walk(owner: nn.Module, steps: Steps, x: _X, apply: Callable[[str, nn.Module, _X], _X],
-         add: Callable[[_X, _X], _X]) -> _X:
-    """Evaluate ``steps`` of ``owner`` on ``x``: ``apply(name, child, x)`` for a named child,
-    ``add`` of both branches for a ``Residual``. ``x`` is a tensor for the forward, an interval
-    for ``defenses.ibp``."""
-    for step in steps:
-        if isinstance(step, Residual):
-            x = add(walk(owner, step.body, x, apply, add),
-                    walk(owner, step.shortcut, x, apply, add))
-        else:
-            x = apply(step, getattr(owner, step), x)
-    return x
-
-
-def _call(_name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return module(x)
-
-
-class Composite(nn.Module):
-    """A module whose forward is its ``structure`` (set in ``__init__``), walked with tensors."""
-
-    structure: Steps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return walk(self, self.structure, x, _call, operator.add)
-
-
-def _shortcut(name: str, module: nn.Module | None) -> Steps:
-    return () if module is None else (name,)
-
-
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -143,7 +89,7 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(Composite):
+class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1,
@@ -155,11 +101,14 @@ class BasicBlock(Composite):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.structure = (Residual(("conv1", "bn1", "relu", "conv2", "bn2"),
-                                   _shortcut("downsample", downsample)), "relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
-class Bottleneck(Composite):
+class Bottleneck(nn.Module):
     """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 convolution)."""
 
     expansion = 4
@@ -175,8 +124,13 @@ class Bottleneck(Composite):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU()
         self.downsample = downsample
-        self.structure = (Residual(("conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"),
-                                   _shortcut("downsample", downsample)), "relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
 class DepthsMixin:
@@ -212,7 +166,7 @@ class _ResidualDepths(DepthsMixin):
         return named
 
 
-class ResNet(_ResidualDepths, Composite):
+class ResNet(_ResidualDepths, nn.Module):
     """ResNet with torchvision parameter names.
 
     stem="imagenet": 7x7/2 convolution and 3x3/2 max pool (torchvision). stem="small": 3x3/1
@@ -255,9 +209,6 @@ class ResNet(_ResidualDepths, Composite):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.structure = ("normalize", "conv1", "bn1", "relu", "maxpool",
-                          *(f"layer{i + 1}" for i in range(self.num_layers)),
-                          "avgpool", "flatten", "fc")
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -269,11 +220,17 @@ class ResNet(_ResidualDepths, Composite):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        for layer in self.layers():
+            x = layer(x)
+        return self.fc(self.flatten(self.avgpool(x)))
+
     def _stem(self) -> nn.Module:
         return self.maxpool  # the identity with the small stem
 
 
-class PreActBlock(Composite):
+class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al. 2016, "Identity Mappings")."""
 
     expansion = 1
@@ -286,15 +243,15 @@ class PreActBlock(Composite):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.shortcut = (conv1x1(cin, planes, stride) if stride != 1 or cin != planes else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
         # A projection shortcut starts after the shared pre-activation, the identity before it.
-        if self.shortcut is None:
-            self.structure = (Residual(("bn1", "relu", "conv1", "bn2", "relu", "conv2")),)
-        else:
-            self.structure = ("bn1", "relu",
-                              Residual(("conv1", "bn2", "relu", "conv2"), ("shortcut",)))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
 
 
-class PreActResNet(_ResidualDepths, Composite):
+class PreActResNet(_ResidualDepths, nn.Module):
     """Pre-activation ResNet-18 with a 3x3 stem (the adversarial-training workhorse on CIFAR)."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, input_shape: tuple[int, int, int],
@@ -318,9 +275,12 @@ class PreActResNet(_ResidualDepths, Composite):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(cin, num_classes)
-        self.structure = ("normalize", "conv1",
-                          *(f"layer{i + 1}" for i in range(self.num_layers)),
-                          "bn", "relu", "avgpool", "flatten", "fc")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(self.normalize(x))
+        for layer in self.layers():
+            x = layer(x)
+        return self.fc(self.flatten(self.avgpool(self.relu(self.bn(x)))))
 
     def _stem(self) -> nn.Module:
         return self.conv1
@@ -343,7 +303,7 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class IBPCNN(DepthsMixin, Composite):
+class IBPCNN(DepthsMixin, nn.Module):
     """The small / medium / large CNNs of the IBP paper, as one ``nn.Sequential`` (``layers``).
 
     Named depths: ``conv1`` .. ``convN`` and ``fc1`` .. ``fcM`` (each after its ReLU).
@@ -383,7 +343,9 @@ class IBPCNN(DepthsMixin, Composite):
             features = width
         mods.append(("logits", nn.Linear(features, num_classes)))
         self.layers = nn.Sequential(OrderedDict(mods))
-        self.structure = ("layers",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
     def depth_modules(self) -> "OrderedDict[str, nn.Module]":
         return OrderedDict((name, getattr(self.layers, module)) for name, module in self._depths)
