@@ -1,6 +1,8 @@
-"""Model checkpoints: a model made by ``build_model`` with its build arguments, as a dict of
-tensors and plain values loaded with ``weights_only=True``; and bare state_dicts (ours or
-torchvision's) loaded into a given model, with one clear error on any mismatch.
+"""Model checkpoints: a model made by ``build_model`` or ``build_user_model`` with its build
+arguments, as a dict of tensors and plain values loaded with ``weights_only=True``; and other
+people's weights (a bare state_dict, ``{"state_dict": ...}`` or ``{"model": ...}``, keys
+prefixed ``module.`` or ``model.``) loaded into a given model, with one clear error on any
+mismatch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from defenses._io import atomic_write_bytes
 from defenses.models import build_model
+from defenses.user_models import UserModel, build_user_model
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -22,6 +25,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_weights",
+    "read_checkpoint",
+    "is_our_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "robust-sweeps-model/1"
@@ -32,13 +37,14 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_bytes(model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
-    """A model made by ``build_model`` with its build arguments, as ``torch.save`` bytes.
+    """A model made by ``build_model`` or ``build_user_model`` with its build arguments, as
+    ``torch.save`` bytes.
 
     ``extra`` holds plain values (metrics, training config) returned again by load_checkpoint.
     """
     config = getattr(model, "build_config", None)
     if config is None:
-        raise ValueError("checkpoints need a model made by build_model")
+        raise ValueError("checkpoints need a model made by build_model or build_user_model")
     payload = {"format": CHECKPOINT_FORMAT, **config, "extra": dict(extra or {}),
                "state_dict": model.state_dict()}
     buffer = io.BytesIO()
@@ -73,27 +79,76 @@ def _read(source: str | Path | bytes, name: str | None = None) -> tuple[Any, str
 def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu",
                     name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by ``save_checkpoint`` (a path, or ``checkpoint_bytes``);
-    returns (model, extra)."""
+    returns (model, extra). A user model's factory must import here."""
     payload, name = _read(source, name)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not is_our_checkpoint(payload):
         raise CheckpointError(f"{name}: not a checkpoint written by save_checkpoint "
                               "(use load_weights for a bare state_dict)")
-    model = build_model(payload["model"], payload["num_classes"], payload["input_shape"],
-                        payload["mean"], payload["std"], **payload["options"])
-    _load_state(model, payload["state_dict"], name, payload["model"])
+    if payload.get("factory"):
+        model = build_user_model(payload["factory"], payload["options"],
+                                 payload["num_classes"], payload["input_shape"],
+                                 payload["mean"], payload["std"])
+        arch = payload["factory"]
+    else:
+        model = build_model(payload["model"], payload["num_classes"], payload["input_shape"],
+                            payload["mean"], payload["std"], **payload["options"])
+        arch = payload["model"]
+    _load_state(model, payload["state_dict"], name, arch)
     return model.to(map_location), payload["extra"]
 
 
+def is_our_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """What a checkpoint file holds, loaded with ``weights_only=True``."""
+    return _read(path)[0]
+
+
+_WRAPPERS = ("state_dict", "model")  # {"state_dict": ...} (Lightning & co.), {"model": ...}
+_PREFIXES = ("module.", "model.")  # DataParallel / DDP, Lightning modules
+
+
+def _unwrap(payload: Any) -> Any:
+    while isinstance(payload, dict):
+        inner = next((payload[key] for key in _WRAPPERS if isinstance(payload.get(key), dict)),
+                     None)
+        if inner is None:
+            return payload
+        payload = inner
+    return payload
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``model.`` in front of every key while that makes keys match."""
+    while not set(state) <= own:
+        prefix = next((p for p in _PREFIXES if state and all(k.startswith(p) for k in state)),
+                      None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state_dict (ours, or a torchvision one) into ``model``; clear error on mismatch."""
+    """Load weights into ``model``: our checkpoints, a bare state_dict (ours, torchvision's,
+    anyone's), or the usual wrappers (``{"state_dict": ...}``, ``{"model": ...}``, keys prefixed
+    ``module.`` or ``model.``). A ``UserModel`` takes the net's own keys; clear error on any
+    mismatch."""
     payload, name = _read(path)
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        state, arch = payload["state_dict"], payload["model"]
+    if is_our_checkpoint(payload):
+        state, arch, target = payload["state_dict"], payload.get("factory") or payload[
+            "model"], model
     else:
-        state, arch = payload, "a bare state_dict"
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{name}: holds no state_dict of tensors")
-    _load_state(model, state, name, arch)
+        state, arch = _unwrap(payload), "a bare state_dict"
+        target = model.net if isinstance(model, UserModel) else model
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{name}: holds no state_dict of tensors (nor one under "
+                              f"{' or '.join(repr(k) for k in _WRAPPERS)})")
+    state = _strip_prefixes(state, set(target.state_dict()))
+    _load_state(target, state, name, arch)
     return model
 
 

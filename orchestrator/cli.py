@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-test", action="store_true",
                         help="do not evaluate the front on the test split after the search "
                              "(no test_* figures)")
+    parser.add_argument("--list-depths", action="store_true",
+                        help="print every module path of the space's model (a LESCI depth) "
+                             "with its activation shape and dimension, and exit")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray Tune's trial tables, Ray's and MLflow's logs and "
                              "the trials' own output")
@@ -76,11 +79,13 @@ def format_front(result, spec) -> str:
     metrics = list(spec.metric_names)
     splits = [("val", "")] + ([("test", TEST_PREFIX)] if result.tested else [])
     width = 18 if spec.search.repeats == 1 else 27  # "0.742 (0.70-0.78) sd 0.012"
-    widths = [max(len(c), 6) for c in keys] + [5] + [max(len(m), width) for m in metrics]
-    header = [*keys, "split", *metrics]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
     order = sorted(result.front, key=lambda r: [-r[m] if spec.optimize[m] == "max" else r[m]
                                                 for m in metrics])
+    # a column as wide as its header and its values (module paths can be long)
+    widths = ([max([len(c), 6, *(len(str(r.get(c, ""))) for r in order)]) for c in keys]
+              + [5] + [max(len(m), width) for m in metrics])
+    header = [*keys, "split", *metrics]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(header, widths))]
     for row in order:
         for i, (split, prefix) in enumerate(splits):
             cells = []
@@ -122,8 +127,48 @@ def format_front(result, spec) -> str:
     return "\n".join(lines)
 
 
+def list_depths_table(spec) -> str:
+    """Every depth of the space's model, in forward order: its path (or built-in name), the
+    module's class, the activation's shape and dimension; a module that runs more than once
+    per forward, or does not output one tensor, is marked: no LESCI layer can go there."""
+    from defenses.capture import list_depths
+    from orchestrator.probes import probe_model
+
+    model, shape = probe_model(spec)
+    try:
+        rows = list_depths(model, shape)
+    except Exception as exc:  # the model's own forward failed
+        raise ValueError(f"model {spec.model.label}: the forward of a {list(shape)} batch "
+                         f"failed ({type(exc).__name__}: {exc})") from None
+    width = max([len("depth"), *(len(r.name) for r in rows)])
+    mod_width = max([len("module"), *(len(r.module) for r in rows)])
+    lines = [f"depths of {spec.model.label} on {spec.dataset.name} inputs "
+             f"{'x'.join(map(str, shape))}:",
+             f"{'depth'.ljust(width)}  {'module'.ljust(mod_width)}  {'shape':>16}  "
+             f"{'dimension':>10}"]
+    for r in rows:
+        shape_text = "x".join(map(str, r.shape)) if r.shape is not None else "(not a tensor)"
+        note = "" if r.usable or r.shape is None else f"  (runs {r.calls} times per forward)"
+        dims = "" if r.dimension is None else f"{r.dimension:,}"
+        lines.append(f"{r.name.ljust(width)}  {r.module.ljust(mod_width)}  {shape_text:>16}  "
+                     f"{dims:>10}{note}")
+    return "\n".join(lines)
+
+
+def _importable_from_here() -> None:
+    """A factory's module may live where search.py is run from: on the path here and, through
+    an absolute PYTHONPATH, in every trial (Tune runs trials in folders of their own)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    entries = [os.path.abspath(e) for e in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+               if e]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*entries, cwd]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _importable_from_here()
     # Unless verbose: Tune's legacy reporter at verbosity 0 prints nothing (its new output
     # engine prints a heading and a TensorBoard hint even then), and MLflow's and Optuna's INFO
     # lines (store creation, migrations, a new study) stay out of the console.
@@ -141,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides["search"] = {k: v for k, v in (("num_samples", args.num_samples),
                                                      ("max_concurrent", args.max_concurrent))
                                    if v is not None}
+        if args.list_depths:  # before the depths are checked: this is how to find them
+            spec = load_space(args.space, smoke_test=args.smoke_test, overrides=overrides,
+                              check_model=False)
+            try:
+                log(list_depths_table(spec))
+            except ValueError as exc:
+                raise SpaceError(f"{args.space}: {exc}") from None
+            return 0
         spec = load_space(args.space, smoke_test=args.smoke_test, overrides=overrides,
                           check_data=True)
         if args.resume and not args.name:

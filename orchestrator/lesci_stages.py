@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import Dataset
 
 from defenses.attacks import apgd, cross_entropy_objective, pgd
-from defenses.checkpoints import checkpoint_bytes, load_checkpoint
+from defenses.checkpoints import (checkpoint_bytes, is_our_checkpoint, load_checkpoint,
+                                  load_weights, read_checkpoint)
 from defenses.data import Splits
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.lesci import fit_pca_at_depth
 from defenses.models import build_model, eval_mode
+from defenses.user_models import build_user_model
 from defenses.pca import StreamingPCA
 from defenses.trainer import TrainConfig, Trainer
 from orchestrator.params import Trial
@@ -37,10 +39,20 @@ __all__ = ["LESCIStages", "space_model", "train_base_model", "craft_transfer_set
 SPLITS = ("val", "test")
 
 
-def space_model(spec: SweepSpec, splits: Splits) -> torch.nn.Module:
-    """A fresh model of the space's architecture for the dataset."""
-    return build_model(spec.model.name, splits.num_classes, splits.input_shape, splits.mean,
-                       splits.std, **spec.model.options)
+def space_model(spec: SweepSpec, splits: Splits, weights: bool = False) -> torch.nn.Module:
+    """A model of the space's architecture for the dataset: a built-in one (normalised with
+    the dataset's statistics) or the factory's; with ``weights``, those of the space's
+    checkpoint (ours is rebuilt as it was saved; others' weights load into a fresh model)."""
+    source = spec.model
+    if weights and source.checkpoint:
+        if is_our_checkpoint(read_checkpoint(source.checkpoint)):
+            return load_checkpoint(source.checkpoint)[0]
+        return load_weights(space_model(spec, splits), source.checkpoint)
+    if source.factory:
+        return build_user_model(source.factory, source.options, splits.num_classes,
+                                splits.input_shape, source.mean, source.std)
+    return build_model(source.name, splits.num_classes, splits.input_shape, splits.mean,
+                       splits.std, **source.options)
 
 
 def split_tensors(data: Dataset, samples: int | None = None
@@ -138,8 +150,7 @@ class LESCIStages:
 
     def _train_base(self) -> bytes:
         if self.spec.model.checkpoint:
-            model, extra = load_checkpoint(self.spec.model.checkpoint)
-            return checkpoint_bytes(model, extra)
+            return checkpoint_bytes(space_model(self.spec, self.splits, weights=True))
         return checkpoint_bytes(train_base_model(self.spec, self.splits, self.device,
                                                  self.trial.training).cpu())
 

@@ -5,9 +5,13 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
 
     name: demo                      # default sweep name
     family: lesci                   # lesci | ibp | adversarial
-    dataset: {name: digits}         # root: /data/... for mnist, cifar10, tiny-imagenet;
+    dataset: {name: digits}         # root: /data/... for mnist, cifar10, tiny-imagenet,
+                                    # folder (DIR/train/<class>/*, DIR/test/<class>/*;
+                                    # options: {size, channels}); arrays: path: FILE.npz;
                                     # val: 0.2 or 5000 (carved from train), split_seed: 0
-    model: {name: resnet_digits}    # options: {...}; checkpoint: path (LESCI: skip training)
+    model: {name: resnet_digits}    # options: {...}; checkpoint: path (LESCI: skip training;
+                                    # training families: fine-tune); or your own module:
+                                    # {factory: "pkg.mod:make_net", options, mean, std}
     training: {epochs: 15, lr: 0.003}            # defenses.trainer.TrainConfig fields
     params:                         # per-trial values: fixed, or one distribution each
       depth: {choice: [stem, layer1, pool]}
@@ -98,14 +102,16 @@ class _Strict(BaseModel):
 
 class DatasetSpec(_Strict):
     name: str
-    root: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)  # synthetic only: input_shape, ...
+    root: str | None = None  # the data folder (mnist, cifar10, tiny-imagenet, folder)
+    path: str | None = None  # the .npz file of ``arrays``
+    # synthetic: num_classes, input_shape, ...; folder: size, channels
+    options: dict[str, Any] = Field(default_factory=dict)
     # the validation split carved from the training data: a fraction in (0, 1) or a count;
     # unset: defenses.data.DEFAULT_VAL (as large as the test split)
     val: int | float | None = None
     split_seed: int = 0
 
-    @field_validator("root")
+    @field_validator("root", "path")
     @classmethod
     def _absolute_root(cls, value: str | None) -> str | None:
         # trials run in folders of their own (Tune's trial dirs): a relative path is the
@@ -125,18 +131,53 @@ class DatasetSpec(_Strict):
         """The dataset's splits (``defenses.data.load_dataset``)."""
         from defenses.data import load_dataset
 
-        return load_dataset(self.name, self.root, self.val, self.split_seed, **self.options)
+        return load_dataset(self.name, self.root, self.val, self.split_seed, path=self.path,
+                            **self.options)
 
 
 class ModelSpec(_Strict):
-    name: str
+    """The classifier: a built-in architecture (``name``) or a researcher's own (``factory``:
+    ``"module:callable"`` returning an ``nn.Module``, called with ``options``; ``mean``/``std``
+    when it expects normalised inputs). ``checkpoint``: its weights (LESCI: no training; the
+    training families: fine-tuned from them)."""
+
+    name: str | None = None
+    factory: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     @field_validator("checkpoint")
     @classmethod
     def _absolute_checkpoint(cls, value: str | None) -> str | None:
         return None if value is None else str(Path(value).expanduser().absolute())
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError(f"must be positive, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give either name (a built-in model) or factory "
+                             "('module:callable'), not " + ("both" if self.name else "neither"))
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together: give both or neither")
+        if self.mean is not None and self.name is not None:
+            raise ValueError("mean/std: only for a factory; a built-in model normalises with "
+                             "the dataset's statistics")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} channels, std {len(self.std)}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How runs and tables name the model: the built-in name or the factory."""
+        return self.name or self.factory
 
 
 class APGDSpec(_Strict):
@@ -472,18 +513,31 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
     except ValueError:
         raise ValueError(f"dataset.name: unknown dataset {spec.dataset.name!r}; allowed: "
                          f"{', '.join(d.value for d in DatasetName)}") from None
-    if spec.dataset.name not in EMBEDDED and not spec.dataset.root:
+    if spec.dataset.name == DatasetName.ARRAYS.value:
+        if not spec.dataset.path:
+            raise ValueError("dataset.path: required for dataset 'arrays' (an .npz file with "
+                             "x_train, y_train, x_test, y_test)")
+        if spec.dataset.root:
+            raise ValueError("dataset.root: dataset 'arrays' reads dataset.path, not a folder")
+    elif spec.dataset.path:
+        raise ValueError(f"dataset.path: only for dataset 'arrays'; dataset "
+                         f"{spec.dataset.name!r} reads " + (
+                             "no file" if spec.dataset.name in EMBEDDED else "dataset.root"))
+    elif spec.dataset.name not in EMBEDDED and not spec.dataset.root:
         raise ValueError(f"dataset.root: required for dataset {spec.dataset.name!r}")
-    try:
-        ModelName(spec.model.name)
-    except ValueError:
-        raise ValueError(f"model.name: unknown model {spec.model.name!r}; allowed: "
-                         f"{', '.join(m.value for m in ModelName)}") from None
-    if family is Family.LESCI:
-        _check_lesci(spec, check_model)
+    if spec.model.name is not None:
+        try:
+            ModelName(spec.model.name)
+        except ValueError:
+            raise ValueError(f"model.name: unknown model {spec.model.name!r}; allowed: "
+                             f"{', '.join(m.value for m in ModelName)} (or your own: "
+                             "model.factory)") from None
+    n_components = _check_lesci(spec) if family is Family.LESCI else None
     if family is not Family.LESCI and spec.attack is None:
         raise ValueError(f"attack: family {family.value!r} needs an evaluation attack "
                          "(attack: {eps: ...})")
+    if check_model:
+        probes.check_model(spec, n_components)
 
 
 def _check_algorithm(spec: SweepSpec) -> None:
@@ -531,7 +585,8 @@ def _number_range(spec: SweepSpec, key: str) -> tuple[float, float] | None:
     return min(values), max(values)
 
 
-def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
+def _check_lesci(spec: SweepSpec) -> tuple[float, float] | None:
+    """LESCI's surface and sizes; returns the range of n_components."""
     k_value = spec.params["k"]
     if isinstance(k_value, (Uniform, LogUniform)):
         raise ValueError("params.k: the surface needs whole numbers: a number, a list, "
@@ -565,5 +620,4 @@ def _check_lesci(spec: SweepSpec, check_model: bool) -> None:
     if size and size[0] < k_max:
         raise ValueError(f"params.embedding_size: {int(size[0])} is smaller than the largest "
                          f"k ({k_max})")
-    if check_model:
-        probes.check_depths(spec, n_components)
+    return n_components

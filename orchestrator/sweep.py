@@ -150,7 +150,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
         parent_run_id = ensure_parent_run(
             client, experiment_id, name,
             params={"space": spec.name, "family": spec.family.value,
-                    "dataset": spec.dataset.name, "model": spec.model.name,
+                    "dataset": spec.dataset.name, "model": spec.model.label,
                     "optimize": json.dumps(spec.optimize),
                     "algorithm": spec.search.algorithm.value,
                     "num_samples": str(spec.search.num_samples),

@@ -422,8 +422,10 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     trainers = []
     for one in repeat_trials(spec, resolve(spec, config)):
         torch.manual_seed(one.training.seed)
-        trainers.append(Trainer(space_model(spec, splits), splits.train, one.training,
-                                one.objective.build(), device=device))
+        # from the space's checkpoint, when it has one: fine-tuning
+        model = space_model(spec, splits, weights=True)
+        trainers.append(Trainer(model, splits.train, one.training, one.objective.build(),
+                                device=device))
     newest = newest_checkpoint(Storage(storage_uri).child(
         tune.get_context().get_storage().trial_dir_name))
     if newest is not None:
