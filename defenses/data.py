@@ -13,20 +13,25 @@ the path and what was expected, in one line.
 A researcher's own data comes in two forms: ``folder`` (class-per-folder images,
 ``root/train/<class>/*`` and ``root/test/<class>/*``, decoded on access) and ``arrays`` (an
 ``.npz`` archive with ``x_train``, ``y_train``, ``x_test`` and ``y_test``); see ``load_dataset``.
+
+This module is the core: the names (``DatasetName``), the datasets (``ArrayDataset``,
+``ImageFolderDataset``, ``DeferredDataset``), ``Splits`` and the validation carving, the embedded
+sets (``digits``, ``mnist5k``) and ``synthetic``, the ``load_dataset`` dispatcher and train-time
+augmentation. The loaders of files live beside it: published formats (MNIST IDX, CIFAR-10
+pickles, Tiny ImageNet) in ``defenses._published_data``, a researcher's ``folder`` and ``arrays``
+in ``defenses._own_data``. They import the core from here, so ``load_dataset`` imports them when
+it loads such a dataset (no import cycle when a module is loaded), and the public names they
+hold (``read_idx``, ``STATS_SAMPLE``) are served from here on first use (``__getattr__``).
 """
 
 from __future__ import annotations
 
 import enum
-import gzip
+import importlib
 import math
-import numbers
-import os
-import pickle
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +58,25 @@ __all__ = [
     "read_idx",
     "EMBEDDED",
 ]
+
+# Public names defined in the loaders' modules, served from this one (``__getattr__``): those
+# modules import the core from here, so they are imported on first use, not at load.
+_MOVED = {"read_idx": "defenses._published_data", "STATS_SAMPLE": "defenses._own_data"}
+
+if TYPE_CHECKING:  # for type checkers and linters; at run time ``__getattr__`` serves them
+    from defenses._own_data import STATS_SAMPLE
+    from defenses._published_data import read_idx
+
+
+def __getattr__(name: str):
+    """``read_idx`` and ``STATS_SAMPLE``, from the module that defines them (PEP 562)."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MOVED))
 
 
 class DatasetName(str, enum.Enum):
@@ -113,8 +137,7 @@ class ArrayDataset(Dataset):
         return image, self.labels[index]
 
 
-# Pillow modes of one grey channel (a folder's default channel count: 1 for these, else 3)
-_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I;16N"})
+# Pillow modes of 16-bit grey (scaled by 1/65535 by ``_image_pixels``)
 _16BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
@@ -370,553 +393,6 @@ def _load_mnist5k(val: float | int | None, seed: int) -> Splits:
 EMBEDDED = frozenset({DatasetName.DIGITS.value, DatasetName.MNIST5K.value,
                       DatasetName.SYNTHETIC.value})
 
-
-# ----------------------------------------------------------------------------------------------
-# MNIST: the four IDX files, gzipped or not
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (LeCun's MNIST format), plain or gzipped."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DatasetError(f"{path}: corrupt gzip stream ({exc})") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
-    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DatasetError(
-            f"{path}: IDX header promises shape {shape} ({expected} bytes of data), "
-            f"file holds {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-
-
-def _find_file(root: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (root / name).is_file():
-            return root / name
-    raise DatasetError(f"{root}: missing {stem} (or {stem}.gz), expected the four MNIST IDX files")
-
-
-def _read_mnist_pair(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(_find_file(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find_file(root, f"{prefix}-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise DatasetError(
-            f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match "
-            "(expected [n, 28, 28] images and [n] labels)"
-        )
-    if labels.size and labels.max() > 9:
-        raise DatasetError(f"{root}: {prefix} labels must be 0..9, found {labels.max()}")
-    return images[:, None].copy(), labels.astype(np.int64)
-
-
-def _load_mnist(root: Path, val: float | int | None, seed: int) -> Splits:
-    """train-* (train and val) and t10k-* (test, read on first use)."""
-    images, labels = _read_mnist_pair(root, "train")
-    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        _find_file(root, stem)  # there, not read
-    test = DeferredDataset(lambda: ArrayDataset(*_read_mnist_pair(root, "t10k")),
-                           [_find_file(root, stem) for stem in
-                            ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")])
-    return _array_splits("mnist", images, labels, None, None, val, seed, test=test,
-                         mean=(0.1307,), std=(0.3081,),
-                         class_names=tuple(str(i) for i in range(10)))
-
-
-# ----------------------------------------------------------------------------------------------
-# CIFAR-10: the python pickle batches
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches only: dicts of bytes, lists and numpy arrays, nothing callable."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing, expected a CIFAR-10 python batch file")
-    try:
-        with path.open("rb") as fh:
-            batch = _CifarUnpickler(fh, encoding="bytes").load()
-    except Exception as exc:  # any unpickling failure is a malformed file
-        raise DatasetError(f"{path}: not a CIFAR-10 python batch ({exc})") from exc
-    if not isinstance(batch, dict):
-        raise DatasetError(f"{path}: not a CIFAR-10 python batch (no dict inside)")
-    data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
-    if data is None or labels is None:
-        raise DatasetError(f"{path}: CIFAR-10 batch without 'data' and 'labels'")
-    data = np.asarray(data, dtype=np.uint8)
-    labels = np.asarray(labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise DatasetError(
-            f"{path}: expected data [n, 3072] and n labels, got {data.shape} and {labels.shape}"
-        )
-    return data.reshape(-1, *INPUT_SHAPES["cifar10"]), labels
-
-
-def _load_cifar10(root: Path, val: float | int | None, seed: int) -> Splits:
-    """data_batch_1..5 (train and val) and test_batch (test, read on first use)."""
-    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    train = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-    test_file = folder / "test_batch"
-    if not test_file.is_file():
-        raise DatasetError(f"{test_file}: missing, expected a CIFAR-10 python batch file")
-    test = DeferredDataset(lambda: ArrayDataset(*_read_cifar_batch(test_file)), [test_file])
-    x_train = np.concatenate([x for x, _ in train])
-    y_train = np.concatenate([y for _, y in train])
-    classes: tuple[str, ...] = ()
-    meta = folder / "batches.meta"
-    if meta.is_file():
-        try:
-            with meta.open("rb") as fh:
-                names = _CifarUnpickler(fh, encoding="bytes").load().get(b"label_names", [])
-            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-        except Exception as exc:
-            raise DatasetError(f"{meta}: not a CIFAR-10 batches.meta file ({exc})") from exc
-    return _array_splits("cifar10", x_train, y_train, None, None, val, seed, test=test,
-                         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                         class_names=classes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny ImageNet: wnids.txt, train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt
-
-
-def _tiny_imagenet_val(root: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:
-    """The published val/ folder (Tiny ImageNet's labelled held-out set): our test split."""
-    annotations = root / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-        raise DatasetError(f"{annotations}: missing, expected '<file>\\t<wnid>\\t...' lines")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for lineno, line in enumerate(annotations.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2 or fields[1] not in index:
-            raise DatasetError(
-                f"{annotations}:{lineno}: expected '<file>\\t<wnid from wnids.txt>\\t...', "
-                f"got {line[:80]!r}"
-            )
-        path = root / "val" / "images" / fields[0]
-        if not path.is_file():
-            raise DatasetError(f"{path}: listed in {annotations.name} line {lineno} but missing")
-        paths.append(path)
-        labels.append(index[fields[1]])
-    return paths, labels
-
-
-def _load_tiny_imagenet(root: Path, val: float | int | None, seed: int) -> Splits:
-    """train/<wnid>/images (train and val) and the published val/ folder (test, read on first
-    use: its annotation file is parsed then)."""
-    wnids_file = root / "wnids.txt"
-    if not wnids_file.is_file():
-        raise DatasetError(f"{wnids_file.parent}: missing wnids.txt, expected the Tiny ImageNet "
-                           "layout")
-    wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
-    if not wnids:
-        raise DatasetError(f"{wnids_file}: empty, expected one WordNet id per line")
-    index = {wnid: i for i, wnid in enumerate(wnids)}
-    paths: list[Path] = []
-    labels: list[int] = []
-    for wnid in wnids:
-        folder = root / "train" / wnid / "images"
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: missing, expected the training images of {wnid}")
-        files = sorted(folder.glob("*.JPEG"))
-        if not files:
-            raise DatasetError(f"{folder}: no *.JPEG images")
-        paths += files
-        labels += [index[wnid]] * len(files)
-    annotations = root / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-        raise DatasetError(f"{annotations}: missing, expected '<file>\\t<wnid>\\t...' lines")
-    label_array = np.asarray(labels, dtype=np.int64)
-    train_idx, val_idx = carve_validation(label_array, DEFAULT_VAL["tiny-imagenet"] if val is None
-                                          else val, seed, "tiny-imagenet's training data")
-
-    def subset(rows: np.ndarray) -> ImageFolderDataset:
-        return ImageFolderDataset([paths[i] for i in rows], label_array[rows].tolist(), 64)
-
-    test = DeferredDataset(lambda: ImageFolderDataset(*_tiny_imagenet_val(root, index), 64),
-                           [annotations])
-    return Splits("tiny-imagenet", subset(train_idx), subset(val_idx), test, len(wnids),
-                  INPUT_SHAPES["tiny-imagenet"],
-                  (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), tuple(wnids))
-
-
-# ----------------------------------------------------------------------------------------------
-# folder: a researcher's images, root/train/<class>/* and root/test/<class>/*
-
-# How many training images the mean and std of a folder are estimated from (seeded draw).
-STATS_SAMPLE = 1000
-
-# Never a class folder or an image: hidden names (.DS_Store, ._x.png, .ipynb_checkpoints) and
-# what Windows and macOS archives leave behind.
-_JUNK_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
-
-
-def _junk(name: str) -> bool:
-    return name.startswith(".") or name in _JUNK_NAMES
-
-
-def _class_folders(split: Path) -> list[str]:
-    """The class folders of ``split`` (train/ or test/), sorted by name."""
-    if not split.is_dir():
-        raise DatasetError(f"{split}: missing, expected one folder per class "
-                           f"({split.name}/<class>/<image files>)")
-    names = []
-    with os.scandir(split) as entries:
-        for entry in entries:
-            if _junk(entry.name):
-                continue
-            if not entry.is_dir():
-                raise DatasetError(f"{entry.path}: not a folder, expected only class folders "
-                                   f"in {split.name}/ ({split.name}/<class>/<image files>)")
-            names.append(entry.name)
-    if not names:
-        raise DatasetError(f"{split}: no class folders, expected {split.name}/<class>/<image "
-                           "files>")
-    return sorted(names)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """The image files of one class folder, sorted: every regular file not hidden, not read."""
-    files = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if _junk(entry.name):
-                continue
-            if not entry.is_file():
-                raise DatasetError(f"{entry.path}: not a regular file, expected only image files "
-                                   "in a class folder (no subfolders)")
-            files.append(Path(entry.path))
-    if not files:
-        raise DatasetError(f"{folder}: no images, expected at least one image file in each "
-                           "class folder")
-    return sorted(files)
-
-
-def _folder_size(size) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                       for v in size)):
-        raise DatasetError(f"options.size: expected a positive int or [height, width], got "
-                           f"{size!r}")
-    return int(size[0]), int(size[1])
-
-
-def _first_image(path: Path) -> tuple[str, tuple[int, int]]:
-    """The Pillow mode and (width, height) of the first training image, fully decoded so that
-    a folder of files in a wrong format fails at load."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.mode, img.size
-    except Exception as exc:
-        raise DatasetError(f"{path}: not a readable image ({_one_line(exc)})") from exc
-
-
-def _image_stats(data: ImageFolderDataset, seed: int) -> tuple[tuple[float, ...],
-                                                              tuple[float, ...]]:
-    """Per-channel mean and std (floored at 1e-3) over every pixel of up to ``STATS_SAMPLE``
-    images of ``data``, drawn with ``seed``: loading a large folder decodes a bounded number."""
-    n = len(data)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, STATS_SAMPLE),
-                                                      replace=False))
-    total = np.zeros(data.channels)
-    squares = np.zeros(data.channels)
-    for row in rows:
-        x = data.image(data.paths[row]).double().flatten(1).numpy()
-        total += x.sum(axis=1)
-        squares += (x * x).sum(axis=1)
-    count = len(rows) * data.size[0] * data.size[1]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
-    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
-
-
-def _load_folder(root: Path, val: float | int | None, seed: int, size=None,
-                 channels: int | None = None) -> Splits:
-    """root/train/<class>/* (train and val) and root/test/<class>/* (test): see
-    ``load_dataset``. Files are listed here; the first training image and a sample of
-    ``STATS_SAMPLE`` training images (mean, std) are decoded; the rest on access."""
-    hw = _folder_size(size)
-    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
-        raise DatasetError(f"options.channels: expected 1 (grey) or 3 (RGB), got {channels!r}")
-    train_dir, test_dir = root / "train", root / "test"
-    classes = _class_folders(train_dir)
-    index = {name: i for i, name in enumerate(classes)}
-    paths: list[Path] = []
-    labels: list[int] = []
-    for name in classes:
-        files = _image_files(train_dir / name)
-        paths += files
-        labels += [index[name]] * len(files)
-    test_paths: list[Path] = []
-    test_labels: list[int] = []
-    for name in _class_folders(test_dir):
-        if name not in index:
-            raise DatasetError(f"{test_dir / name}: class {name!r} has no folder in "
-                               f"{train_dir} (the classes are train/'s folders)")
-        files = _image_files(test_dir / name)
-        test_paths += files
-        test_labels += [index[name]] * len(files)
-
-    mode, (width, height) = _first_image(paths[0])
-    channels = channels or (1 if mode in _GRAY_MODES else 3)
-    hint = ("" if hw else f" (every image must have the size of the first training image, "
-            f"{paths[0]}; set options.size to resize)")
-    shape = hw or (height, width)
-
-    def images(rows_paths: Sequence[Path], rows_labels: Sequence[int]) -> ImageFolderDataset:
-        return ImageFolderDataset(rows_paths, rows_labels, shape, channels, resize=hw is not None,
-                                  size_hint=hint)
-
-    label_array = np.asarray(labels, dtype=np.int64)
-    if val is None:
-        val = default_val_size(len(paths), len(test_paths), len(classes))
-    train_idx, val_idx = carve_validation(label_array, val, seed, f"{train_dir}")
-    train = images([paths[i] for i in train_idx], label_array[train_idx].tolist())
-    held = images([paths[i] for i in val_idx], label_array[val_idx].tolist())
-    train.image(paths[0])  # the first image through the items' own conversion
-    mean, std = _image_stats(train, seed)
-    test = DeferredDataset(lambda: images(test_paths, test_labels), test_paths)
-    return Splits("folder", train, held, test, len(classes), (channels, *shape), mean, std,
-                  tuple(classes))
-
-
-# ----------------------------------------------------------------------------------------------
-# arrays: a researcher's arrays in an .npz archive
-
-_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-_NPZ_EXPECTED = "an .npz archive (np.savez) with x_train, y_train, x_test, y_test"
-
-
-def _open_npz(path: Path):
-    """The archive, with its four keys checked (read lazily: members are read on access)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file, expected {_NPZ_EXPECTED}")
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(6)
-    except OSError as exc:
-        raise DatasetError(f"{path}: not readable ({_one_line(exc)})") from exc
-    if magic == b"\x93NUMPY":
-        raise DatasetError(f"{path}: a single array (.npy), expected {_NPZ_EXPECTED}")
-    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        raise DatasetError(f"{path}: not {_NPZ_EXPECTED} (not a zip archive)")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise DatasetError(f"{path}: not {_NPZ_EXPECTED} ({_one_line(exc)})") from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise DatasetError(f"{path}: a single array (.npy), expected {_NPZ_EXPECTED}")
-    missing = [key for key in _NPZ_KEYS if key not in npz.files]
-    if missing:
-        held = ", ".join(npz.files) or "nothing"
-        npz.close()
-        raise DatasetError(f"{path}: missing key {', '.join(missing)} (it holds {held}), "
-                           f"expected {_NPZ_EXPECTED}")
-    return npz
-
-
-def _npz_header(npz, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of one member, from its .npy header: its data is not read."""
-    fmt = np.lib.format
-    try:
-        with npz.zip.open(f"{key}.npy") as fh:
-            version = fmt.read_magic(fh)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, _, dtype = fmt.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-    except KeyError:
-        raise DatasetError(f"{path}: {key} is not an array (.npy member), expected "
-                           f"{_NPZ_EXPECTED}") from None
-    except Exception as exc:
-        raise DatasetError(f"{path}: {key}: not a readable array ({_one_line(exc)})") from exc
-    return tuple(int(v) for v in shape), np.dtype(dtype)
-
-
-def _npz_read(npz, path: Path, key: str) -> np.ndarray:
-    try:
-        return npz[key]
-    except Exception as exc:
-        raise DatasetError(f"{path}: {key}: not a readable array ({_one_line(exc)})") from exc
-
-
-def _image_layout(path: Path, key: str, shape: tuple[int, ...],
-                  dtype: np.dtype) -> tuple[str, tuple[int, int, int]]:
-    """(layout, (c, h, w)) of an images member from its header, and its dtype checked.
-
-    Layout: [n, h, w] is one channel; a 4-d [n, a, b, d] is NHWC if d is 1 or 3, else NCHW if
-    a is 1 or 3, else an error; so a shape both could be ([n, 3, 5, 3]) is read as NHWC,
-    numpy's and Pillow's order."""
-    if not (dtype == np.uint8 or (dtype.kind == "f" and dtype.itemsize in (2, 4, 8))):
-        raise DatasetError(f"{path}: {key}: expected uint8 pixels (0..255) or float16/32/64 "
-                           f"pixels (0..1), got dtype {dtype}")
-    expected = "[n, h, w], [n, h, w, c] or [n, c, h, w] with c = 1 or 3"
-    if len(shape) == 3:
-        layout, chw = "NHW", (1, shape[1], shape[2])
-    elif len(shape) == 4 and shape[3] in (1, 3):
-        layout, chw = "NHWC", (shape[3], shape[1], shape[2])
-    elif len(shape) == 4 and shape[1] in (1, 3):
-        layout, chw = "NCHW", (shape[1], shape[2], shape[3])
-    elif len(shape) == 4:
-        raise DatasetError(f"{path}: {key}: images of shape {shape} have no axis of 1 or 3 "
-                           f"channels, expected {expected}")
-    else:
-        raise DatasetError(f"{path}: {key}: expected images {expected}, got shape {shape}")
-    if shape[0] < 1 or min(chw) < 1:
-        raise DatasetError(f"{path}: {key}: no images (shape {shape})")
-    return layout, chw
-
-
-def _label_count(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype,
-                 images: str, n: int) -> None:
-    """A labels member's header: integer labels [n] (or [n, 1]), n as many as the images."""
-    if dtype.kind not in "iu":
-        raise DatasetError(f"{path}: {key}: expected integer class labels, got dtype {dtype}")
-    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-        raise DatasetError(f"{path}: {key}: expected labels [n] (or [n, 1]), got shape {shape}")
-    if shape[0] != n:
-        raise DatasetError(f"{path}: {key} holds {shape[0]} labels but {images} {n} images, "
-                           "expected one label per image")
-
-
-def _npz_images(npz, path: Path, key: str, layout: str) -> np.ndarray:
-    """An images member read, checked (floats in [0, 1]) and made NCHW (uint8 or float32)."""
-    x = _npz_read(npz, path, key)
-    if x.dtype.kind == "f":
-        lo, hi = float(x.min()), float(x.max())
-        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both
-            found = "NaN" if np.isnan(lo) else f"values in [{lo:g}, {hi:g}]"
-            raise DatasetError(f"{path}: {key}: float pixels must be in [0, 1], found {found} "
-                               "(uint8 pixels are 0..255)")
-    if layout == "NHW":
-        x = x[:, None]
-    elif layout == "NHWC":
-        x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
-
-
-def _npz_labels(npz, path: Path, key: str, num_classes: int | None) -> np.ndarray:
-    """A labels member read and checked: class numbers 0..C-1 (y_test: C is y_train's; y_train:
-    C = its largest label + 1, at most one class per training sample)."""
-    y = _npz_read(npz, path, key).reshape(-1)
-    low, high = int(y.min()), int(y.max())
-    if low < 0:
-        raise DatasetError(f"{path}: {key}: labels must be class numbers 0, 1, ..., found {low}")
-    if num_classes is not None and high >= num_classes:
-        raise DatasetError(f"{path}: {key}: label {high} is not a class of y_train "
-                           f"(0..{num_classes - 1})")
-    if num_classes is None and high >= len(y):
-        raise DatasetError(f"{path}: {key}: label {high} among {len(y)} samples, expected "
-                           "class numbers 0..C-1 (C = the largest label + 1)")
-    return y.astype(np.int64)
-
-
-def _array_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (floored at 1e-3) of NCHW pixels, in chunks (no float64 copy
-    of the whole array)."""
-    scale = 255.0 if x.dtype == np.uint8 else 1.0
-    total = np.zeros(x.shape[1])
-    squares = np.zeros(x.shape[1])
-    rows = max(1, 2**23 // max(1, x[0].size))  # 64 MiB of float64 at a time
-    for start in range(0, len(x), rows):
-        chunk = x[start:start + rows].astype(np.float64) / scale
-        total += chunk.sum(axis=(0, 2, 3))
-        squares += (chunk * chunk).sum(axis=(0, 2, 3))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
-    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
-
-
-def _load_arrays(path: Path, val: float | int | None, seed: int) -> Splits:
-    """x_train, y_train (train and val) and x_test, y_test (test, read on first use) of an .npz:
-    see ``load_dataset``. Every member's header (dtype, shape) is checked here; the test
-    arrays' values when they are read."""
-    with _open_npz(path) as npz:
-        head = {key: _npz_header(npz, path, key) for key in _NPZ_KEYS}
-        layout, chw = _image_layout(path, "x_train", *head["x_train"])
-        n_train = head["x_train"][0][0]
-        _label_count(path, "y_train", *head["y_train"], "x_train", n_train)
-        _, test_chw = _image_layout(path, "x_test", *head["x_test"])
-        if test_chw != chw:
-            raise DatasetError(f"{path}: x_test: images of shape {test_chw} (c, h, w), but "
-                               f"x_train's are {chw}")
-        n_test = head["x_test"][0][0]
-        _label_count(path, "y_test", *head["y_test"], "x_test", n_test)
-        x = _npz_images(npz, path, "x_train", layout)
-        y = _npz_labels(npz, path, "y_train", None)
-        num_classes = int(y.max()) + 1
-        names = tuple(str(i) for i in range(num_classes))
-        if "class_names" in npz.files:  # optional: one name per class
-            raw = _npz_read(npz, path, "class_names")
-            if raw.dtype.kind not in "US" or raw.shape != (num_classes,):
-                raise DatasetError(f"{path}: class_names: expected {num_classes} strings (one "
-                                   f"per class of y_train), got {raw.dtype} {raw.shape}")
-            names = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in raw.tolist())
-
-    def read_test() -> ArrayDataset:
-        with _open_npz(path) as npz:  # the file may have changed since the load: check again
-            shape_dtype = _npz_header(npz, path, "x_test")
-            n = shape_dtype[0][0]
-            lay, shape = _image_layout(path, "x_test", *shape_dtype)
-            if shape != chw:
-                raise DatasetError(f"{path}: x_test: images of shape {shape} (c, h, w), but "
-                                   f"x_train's are {chw}")
-            _label_count(path, "y_test", *_npz_header(npz, path, "y_test"), "x_test", n)
-            return ArrayDataset(_npz_images(npz, path, "x_test", lay),
-                                _npz_labels(npz, path, "y_test", num_classes))
-
-    if val is None:
-        val = default_val_size(len(y), n_test, len(np.unique(y)))
-    train_idx, val_idx = carve_validation(y, val, seed, f"{path}'s training data")
-    train = ArrayDataset(x[train_idx], y[train_idx])  # copies, in the carving's shuffled order
-    held = ArrayDataset(x[val_idx], y[val_idx])
-    del x
-    mean, std = _array_stats(train.images.numpy())
-    return Splits("arrays", train, held, DeferredDataset(read_test, [path]), num_classes, chw,
-                  mean, std, names)
-
-
 # ----------------------------------------------------------------------------------------------
 # synthetic: class-conditional patterns, for tests
 
@@ -1015,6 +491,8 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None,
         if root is not None:
             raise ValueError("dataset 'arrays' reads the .npz file given as path, not a data "
                              "folder (root)")
+        from defenses._own_data import _NPZ_EXPECTED, _load_arrays
+
         if path is None:
             raise DatasetError(f"dataset 'arrays' needs path: {_NPZ_EXPECTED}")
         return _load_arrays(Path(path).expanduser(), val, split_seed)
@@ -1033,7 +511,11 @@ def load_dataset(name: str | DatasetName, root: str | Path | None = None,
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (data folder of {dataset.value!r})")
     if dataset is DatasetName.FOLDER:
+        from defenses._own_data import _load_folder
+
         return _load_folder(root, val, split_seed, **options)
+    from defenses._published_data import _load_cifar10, _load_mnist, _load_tiny_imagenet
+
     loaders = {DatasetName.MNIST: _load_mnist, DatasetName.CIFAR10: _load_cifar10,
                DatasetName.TINY_IMAGENET: _load_tiny_imagenet}
     return loaders[dataset](root, val, split_seed)
