@@ -377,7 +377,8 @@ def trial_models(spec: SweepSpec, splits: Splits, state: bytes, device
     (``newest_checkpoint``)."""
     models = []
     for one in torch.load(io.BytesIO(state), map_location=device, weights_only=True):
-        model = space_model(spec, splits).to(device)
+        # built as the trial built it (a checkpoint of ours keeps its own normalisation)
+        model = space_model(spec, splits, weights=True).to(device)
         model.load_state_dict(one["model"])
         models.append(model.eval())
     return models
