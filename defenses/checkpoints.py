@@ -65,6 +65,8 @@ def _read(source: str | Path | bytes, name: str | None = None) -> tuple[Any, str
     else:
         path = Path(source)
         name = name or str(path)
+        if path.is_dir():
+            raise CheckpointError(f"{name}: a directory, expected a checkpoint file")
         if not path.is_file():
             raise CheckpointError(f"{name}: no such checkpoint file")
         stream = path.open("rb")

@@ -210,6 +210,23 @@ class ImageFolderDataset(Dataset):
                                f"{got[0]}x{got[1]}{self.size_hint}")
         return torch.from_numpy(array)
 
+    def check_files(self) -> None:
+        """Open every file's header (nothing is decoded: about 0.1 ms a file): each must be an
+        image Pillow reads, of the expected size unless resized; ``DatasetError`` naming the
+        first that is not."""
+        from PIL import Image
+
+        h, w = self.size
+        for path in self.paths:
+            try:
+                with Image.open(path) as img:
+                    got = img.size
+            except Exception as exc:
+                raise DatasetError(f"{path}: not a readable image ({_one_line(exc)})") from exc
+            if not self.resize and got != (w, h):
+                raise DatasetError(f"{path}: expected a {w}x{h} image (width x height), got "
+                                   f"{got[0]}x{got[1]}{self.size_hint}")
+
     def __len__(self) -> int:
         return len(self.paths)
 

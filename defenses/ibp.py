@@ -20,6 +20,7 @@ bounds on ``z_j - z_y`` come straight from the penultimate interval.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from typing import Any, Callable, NamedTuple
@@ -231,6 +232,8 @@ def _eval(model: nn.Module, plan: _Plan, node: fx.Node, env: dict[fx.Node, Any])
         rule = _module_rule(module)
         if rule is None:
             raise _no_rule(node, model)
+        if module._forward_pre_hooks:  # e.g. spectral_norm recomputes its weight there
+            raise _no_rule(node, model, "a forward pre-hook may change what it computes")
         if len(args) != 1 or kwargs:
             raise _no_rule(node, model, "called with more than one argument")
         try:
@@ -407,22 +410,28 @@ def layer_bound_widths(model: nn.Module, x: torch.Tensor, eps: float) -> list[tu
 
 
 def check_bounds(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Refuse a model IBP cannot bound, before training it: trace it and bound a zeros batch of
-    2 with shape ``input_shape`` (no batch axis) in eval mode; the mode is restored.
+    """Refuse a model IBP cannot bound, before training it: trace it in eval mode and in train
+    mode (each mode has its own graph) and bound a batch of 2 with shape ``input_shape`` (no
+    batch axis) in each; in eval mode the bounds at eps 0 must equal the forward on random
+    inputs, so a graph that computes something else than the forward (in-place updates of a
+    shared tensor, which fx records as new values) is refused. The model is left as it was.
 
     Raises:
         ValueError: the forward is not traceable by torch.fx, a node has no interval rule (the
             message names the operation and the node or module path), the bounds fail on such
-            inputs, or the output is not [batch, classes].
+            inputs, the output is not [batch, classes], or the graph differs from the forward.
     """
     tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
                   None)
-    x = torch.zeros((2, *input_shape), dtype=tensor.dtype if tensor is not None else None,
-                    device=tensor.device if tensor is not None else None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *input_shape), generator=gen).to(
+        dtype=tensor.dtype if tensor is not None else None,
+        device=tensor.device if tensor is not None else None)
     name = type(model).__name__
-    with eval_mode(model), torch.no_grad():
+
+    def bounds(m: nn.Module) -> Interval:
         try:
-            lower, _ = interval_bounds(model, x, 0.0)
+            return interval_bounds(m, x, 0.0)
         except ValueError:
             raise
         except Exception as err:
@@ -430,6 +439,19 @@ def check_bounds(model: nn.Module, input_shape: tuple[int, ...]) -> None:
             raise ValueError(f"interval bounds: {name} fails on inputs of shape {tuple(x.shape)}"
                              f" ({type(err).__name__}: {_first_line(err)}"
                              f"{'; ' + where if where else ''})") from err
-    if lower.dim() != 2 or lower.shape[0] != 2:
-        raise ValueError(f"interval bounds: {name} outputs shape {tuple(lower.shape)} on inputs "
-                         f"{tuple(x.shape)}, not [batch, classes]")
+
+    with torch.no_grad():
+        with eval_mode(model):
+            lower, upper = bounds(model)
+            out = model(x)
+        if lower.dim() != 2 or lower.shape[0] != 2:
+            raise ValueError(f"interval bounds: {name} outputs shape {tuple(lower.shape)} on "
+                             f"inputs {tuple(x.shape)}, not [batch, classes]")
+        scale = 1e-4 * (1 + out.abs().max())
+        if not (torch.allclose(lower, out, atol=float(scale), rtol=1e-4)
+                and torch.allclose(upper, out, atol=float(scale), rtol=1e-4)):
+            raise ValueError(f"interval bounds: {name}'s torch.fx graph computes something "
+                             "else than its forward (an in-place update of a tensor that is "
+                             "used again?); write that step out of place")
+        training = copy.deepcopy(model).train()  # the graph IBP training bounds
+        bounds(training)

@@ -139,6 +139,22 @@ def _module_on_both_ends(m: nn.Module, b: Interval) -> Interval:
     return Interval(lower, upper)
 
 
+def _softplus_bounds(b: Interval, beta: float, threshold: float) -> Interval:
+    """softplus(x) = log(1 + exp(beta x)) / beta below ``beta x = threshold``, x above: monotone
+    on each side, with a drop of log1p(exp(-threshold)) / beta where it switches, so each end
+    moves out by that drop (about 2e-9 at torch's default threshold 20)."""
+    if beta <= 0:
+        raise _NoRule(f"beta {beta} <= 0")
+    drop = math.log1p(math.exp(-threshold)) / beta if threshold < 700 else 0.0
+    lower = F.softplus(b.lower, beta, threshold) - drop
+    upper = F.softplus(b.upper, beta, threshold) + drop
+    return Interval(lower, upper)
+
+
+def _softplus(m: nn.Softplus, b: Interval) -> Interval:
+    return _softplus_bounds(b, m.beta, m.threshold)
+
+
 def _dropout(_m: nn.Module, b: Interval) -> Interval:
     return b  # bounds of the network without dropout, in train mode too
 
@@ -147,10 +163,11 @@ _MODULE_RULES: dict[type, Callable[[Any, Interval], Interval]] = {
     nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv,
     nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm, Normalize: _normalize,
     **{cls: _module_on_both_ends for cls in (
-        nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.ReLU6, nn.Hardtanh,
+        nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.Hardtanh,
         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
         nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.ZeroPad2d)},
     **{cls: _dropout for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d)},
+    nn.Softplus: _softplus,
 }
 _MODULE_RULE_CACHE: dict[type, Callable[[Any, Interval], Interval] | None] = {}
 
@@ -321,12 +338,21 @@ def _constant_pad(args: tuple, kwargs: dict) -> str | None:
 
 
 def _view(args: tuple, kwargs: dict) -> str | None:
-    return "a view as another dtype" if any(isinstance(a, torch.dtype) for a in args) else None
+    return ("a view as another dtype" if any(isinstance(a, torch.dtype)
+                                             for a in (*args, *kwargs.values())) else None)
+
+
+def _functional_softplus(args: tuple, kwargs: dict) -> Interval:
+    b = args[0]
+    if not isinstance(b, Interval) or _has_interval(args[1:]) or _has_interval(kwargs.values()):
+        raise _NoRule("an interval beyond the first argument")
+    return _softplus_bounds(b, _arg(args, kwargs, 1, "beta", 1.0),
+                            _arg(args, kwargs, 2, "threshold", 20.0))
 
 
 _FUNCTION_RULES: dict[Any, Rule] = {
     **{fn: _on_both_ends(fn) for fn in (
-        F.relu, torch.relu, F.relu6, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh,
+        F.relu, torch.relu, F.relu6, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh,
         F.tanh, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
         F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.reshape,
         torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.mean, torch.sum,
@@ -335,6 +361,7 @@ _FUNCTION_RULES: dict[Any, Rule] = {
     F.elu: _on_both_ends(F.elu, _at_least(1, "alpha", 1.0)),
     F.pad: _on_both_ends(F.pad, _constant_pad),
     F.dropout: _identity,
+    F.softplus: _functional_softplus,
     F.linear: _functional_linear, F.conv1d: _functional_conv(F.conv1d),
     F.conv2d: _functional_conv(F.conv2d),
     # fx records ``x += y`` as operator.add; an explicit operator.iadd gets fresh ends too

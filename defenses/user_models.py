@@ -1,7 +1,7 @@
 """A researcher's own classifier: any ``nn.Module`` made by a factory ``"module:callable"``.
 
 The factory is imported and called with its options (and ``num_classes``, when its signature
-names that parameter and the options do not set it). The module it returns maps pixels in
+names that parameter or takes ``**kwargs``, and the options do not set it). The module it returns maps pixels in
 [0, 1] to ``[batch, num_classes]`` logits; when the model expects normalised inputs, the space
 gives ``mean`` and ``std`` and a ``Normalize`` layer goes in front of it (``UserModel``).
 
@@ -55,11 +55,14 @@ def import_factory(path: str) -> Callable[..., Any]:
 
 
 def _takes_num_classes(factory: Callable[..., Any]) -> bool:
+    """The factory names a ``num_classes`` parameter, or passes ``**kwargs`` on (torchvision's
+    and timm's model functions: ``resnet18(*, weights=None, progress=True, **kwargs)``)."""
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
-    return "num_classes" in parameters
+    return "num_classes" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 class UserModel(nn.Module):

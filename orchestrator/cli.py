@@ -160,7 +160,7 @@ def _importable_from_here() -> None:
     an absolute PYTHONPATH, in every trial (Tune runs trials in folders of their own)."""
     cwd = os.getcwd()
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)  # after the installed packages: a stray optuna.py shadows nothing
     entries = [os.path.abspath(e) for e in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                if e]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*entries, cwd]))
@@ -168,7 +168,6 @@ def _importable_from_here() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _importable_from_here()
     # Unless verbose: Tune's legacy reporter at verbosity 0 prints nothing (its new output
     # engine prints a heading and a TensorBoard hint even then), and MLflow's and Optuna's INFO
     # lines (store creation, migrations, a new study) stay out of the console.
@@ -260,6 +259,7 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
 
 
 def entry_point() -> None:
+    _importable_from_here()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -27,10 +27,16 @@ def check_data(spec) -> None:
         splits = spec.dataset.load()
         if len(splits.val):
             splits.val[0]  # decodes one image: a corrupt file format shows now, not in a trial
+        if spec.dataset.name == "folder":  # files of one's own: every header, not just one
+            for split in (splits.train, splits.val):
+                split.check_files()
         if isinstance(splits.test, DeferredDataset):
             splits.test.check()
     except ValueError as exc:  # DatasetError included
         raise ValueError(f"dataset: {exc}") from None
+    if spec.model.mean is not None and len(spec.model.mean) != splits.input_shape[0]:
+        raise ValueError(f"model.mean: {len(spec.model.mean)} values for the dataset's "
+                         f"{splits.input_shape[0]}-channel images (one per channel)")
     if spec.model.checkpoint:
         _check_checkpoint(spec, splits)
     try:
@@ -57,6 +63,16 @@ def _check_checkpoint(spec, splits) -> None:
     if built != spec.model.label:
         raise ValueError(f"model.checkpoint: {spec.model.checkpoint} holds a {built}, the "
                          f"space's model is {spec.model.label}")
+    source = spec.model
+    saved = {"options": payload.get("options") or {}}
+    wanted = {"options": dict(source.options)}
+    if source.factory:  # a built-in model normalises with the dataset's statistics
+        saved.update(mean=payload.get("mean"), std=payload.get("std"))
+        wanted.update(mean=source.mean, std=source.std)
+    for key, value in saved.items():
+        if value != wanted[key]:
+            raise ValueError(f"model.checkpoint: {source.checkpoint} was saved with {key} "
+                             f"{value}, the space gives {wanted[key]}; make them agree")
     if (payload["num_classes"], tuple(payload["input_shape"])) != (splits.num_classes,
                                                                    splits.input_shape):
         raise ValueError(f"model.checkpoint: {spec.model.checkpoint} was built for "
@@ -85,6 +101,9 @@ def probe_model(spec):
 
     shape, classes = probe_shape(spec)
     source = spec.model
+    if source.mean is not None and len(source.mean) != shape[0]:
+        raise ValueError(f"model.mean: {len(source.mean)} values for the dataset's "
+                         f"{shape[0]}-channel images (one per channel)")
     try:
         if source.factory:
             return build_user_model(source.factory, source.options, classes, shape,

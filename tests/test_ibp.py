@@ -577,3 +577,55 @@ def test_layer_widths_name_residual_sums_by_node():
     assert names[:3] == ["normalize", "conv1", "bn1"] and names[-1] == "logits"
     assert names.count("layer1.0.relu") == 2  # a module applied twice, recorded twice
     assert "layer2.0.downsample.1" in names and {"add", "add_1", "add_2"} <= set(names)
+
+
+def test_softplus_with_a_low_threshold_stays_sound():
+    """softplus switches to x above beta*x = threshold and drops there: not monotone, so
+    its ends move out by that drop."""
+    torch.manual_seed(0)
+    for act in (nn.Softplus(beta=1.0, threshold=0.0), nn.Softplus(beta=2.0, threshold=1.0)):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), act, nn.Linear(6, 3)).eval()
+        x = torch.rand(5, 1, 2, 2)
+        lower, upper = interval_bounds(model, x, 0.3)
+        assert (lower <= upper).all()
+        for _ in range(200):
+            point = (x + (torch.rand_like(x) * 2 - 1) * 0.3).clamp(0, 1)
+            out = model(point)
+            assert (out >= lower - 1e-5).all() and (out <= upper + 1e-5).all()
+
+
+class _InPlaceShared(nn.Module):
+    """``g += 1`` on a tensor that is used again: eager mode changes ``h`` too, fx's graph
+    records a new value, so the graph is not the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        g = h
+        g += 1
+        return self.out(h)
+
+
+class _NoisyInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if self.training:
+            x = x + torch.randn_like(x)
+        return self.lin(x)
+
+
+def test_check_bounds_refuses_a_graph_that_is_not_the_forward_and_a_train_only_op():
+    with pytest.raises(ValueError, match="graph computes something else than its forward"):
+        check_bounds(_InPlaceShared(), (3,))
+    with pytest.raises(ValueError, match="randn_like"):
+        check_bounds(_NoisyInTraining(), (3,))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].register_forward_pre_hook(lambda m, args: None)
+    with pytest.raises(ValueError, match="forward pre-hook"):
+        check_bounds(model, (3,))

@@ -171,7 +171,10 @@ def test_a_space_with_a_factory_and_nested_depths_validates(nets, tmp_path):
     ("{factory: 'labnets.nets:wrong_output'}", None, "lesci",
      r"logits of shape \[2, 3\]"),
     ("{factory: 'labnets.nets:untraceable'}", None, "ibp", "cannot trace Untraceable"),
-    ("{factory: 'labnets.nets:squared'}", None, "ibp", "mul"),
+    ("{factory: 'labnets.nets:squared'}", None, "ibp",
+     r"no rule for call_function torch\.mul: of two intervals .* at node 'mul'"),
+    ("{factory: 'labnets.nets:make_net', mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}", None,
+     "lesci", r"model.mean: 3 values for the dataset's 1-channel images"),
 ])
 def test_bad_models_are_exit_2_with_one_line_and_nothing_stored(nets, tmp_path, capsys, model,
                                                                  depth, family, message):
@@ -243,7 +246,67 @@ def _undecodable(tmp_path):
     return "{name: folder, root: imgs}", "0.png"
 
 
-@pytest.mark.parametrize("make", [_bad_folder, _bad_arrays, _undecodable])
+def _images(tmp_path, sizes=None):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        for split in ("train", "test"):
+            folder = tmp_path / "imgs" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(8):
+                Image.new("L", (sizes or {}).get((split, label, i), (8, 8)), i * 20).save(
+                    folder / f"{i}.png")
+
+
+def _late_undecodable(tmp_path):
+    # not the first image, nor (with 32 files) necessarily one the statistics sample reads
+    _images(tmp_path)
+    (tmp_path / "imgs" / "train" / "b" / "7.png").write_bytes(b"\x89PNG garbage")
+    return "{name: folder, root: imgs}", "7.png"
+
+
+def _mixed_sizes(tmp_path):
+    _images(tmp_path, {("train", "b", 5): (9, 8)})
+    return "{name: folder, root: imgs}", "5.png"
+
+
+def _empty_class(tmp_path):
+    _images(tmp_path)
+    (tmp_path / "imgs" / "train" / "c").mkdir()
+    return "{name: folder, root: imgs}", "c"
+
+
+def _arrays_with(tmp_path, **bad):
+    import numpy as np
+
+    arrays = dict(x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 2,
+                  x_test=np.zeros((4, 8, 8), np.uint8), y_test=np.zeros(4, np.int64))
+    arrays.update(bad)
+    np.savez(tmp_path / "d.npz", **arrays)
+    return "{name: arrays, path: d.npz}", next(iter(bad))
+
+
+def _negative_labels(tmp_path):
+    import numpy as np
+
+    return _arrays_with(tmp_path, y_train=np.array([-1] + [0, 1] * 9 + [0]))
+
+
+def _wrong_dtype(tmp_path):
+    import numpy as np
+
+    return _arrays_with(tmp_path, x_train=np.zeros((20, 8, 8), np.int32))
+
+
+def _wrong_shape(tmp_path):
+    import numpy as np
+
+    return _arrays_with(tmp_path, x_train=np.zeros((20, 8, 8, 5), np.uint8))
+
+
+@pytest.mark.parametrize("make", [_bad_folder, _bad_arrays, _undecodable, _late_undecodable,
+                                  _mixed_sizes, _empty_class, _negative_labels, _wrong_dtype,
+                                  _wrong_shape])
 def test_bad_data_is_exit_2_naming_the_file_or_key(nets, tmp_path, capsys, monkeypatch, make):
     monkeypatch.chdir(tmp_path)
     dataset, named = make(tmp_path)
@@ -255,3 +318,23 @@ def test_bad_data_is_exit_2_naming_the_file_or_key(nets, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err and "dataset" in err, err
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_checkpoint_of_ours_saved_with_other_options_is_exit_2(nets, tmp_path, capsys):
+    model = build_user_model(FACTORY, {"width": 4}, 10, (1, 8, 8))
+    save_checkpoint(model, tmp_path / "c.pt")
+    space = _space(tmp_path, f"{{factory: '{FACTORY}', options: {{width: 8}}, "
+                             f"checkpoint: {tmp_path / 'c.pt'}}}")
+    assert main(["--space", space, "--storage", str(tmp_path / "sweeps")]) == 2
+    err = capsys.readouterr().err
+    assert "was saved with options {'width': 4}, the space gives {'width': 8}" in err
+
+
+def test_torchvision_style_factories_get_the_class_count(nets):
+    # torchvision's and timm's model functions take num_classes through **kwargs
+    def resnet_like(*, weights=None, progress=True, **kwargs):
+        return nets.make_net(**kwargs)
+
+    nets.resnet_like = resnet_like
+    model = build_user_model("labnets.nets:resnet_like", {}, 6, (1, 8, 8))
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 6)
