@@ -20,6 +20,7 @@ from defenses.activations import stream_activations
 from defenses.embedding_space import EmbeddingSpace
 from defenses.knn import KnnIndex, knn_vote
 from defenses.pca import StreamingPCA
+from defenses.surface import THRESHOLD_SLACK
 
 __all__ = [
     "LESCIResult",
@@ -34,9 +35,6 @@ __all__ = [
 ]
 
 METRIC_NAMES = ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity")
-# Vote fractions are count / k; this slack makes "exactly at the threshold" project despite the
-# float rounding of thresholds like 0.3 (SPEC: project iff o / k >= threshold).
-_THRESHOLD_SLACK = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +53,7 @@ def project_mask(vote_fraction: torch.Tensor, threshold: float) -> torch.Tensor:
     check_threshold(threshold)
     if threshold < 0:
         return torch.ones_like(vote_fraction, dtype=torch.bool)
-    return vote_fraction >= threshold - _THRESHOLD_SLACK
+    return vote_fraction >= threshold - THRESHOLD_SLACK
 
 
 def lesci_predict(model_prediction: torch.Tensor, majority: torch.Tensor,

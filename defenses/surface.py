@@ -16,7 +16,24 @@ from typing import Sequence
 import torch
 
 __all__ = ["SurfacePoint", "surface_points", "vote_counts", "surface_decisions",
-           "surface_metrics"]
+           "surface_metrics", "THRESHOLD_SLACK", "min_votes_for"]
+
+# Vote fractions are count / k; this slack makes "exactly at the threshold" project despite the
+# float rounding of thresholds like 0.3 (SPEC: project iff o / k >= threshold). The one
+# tolerance of the threshold rule: the decision (defenses.lesci), the surface's points and a
+# space's thresholds all use it.
+THRESHOLD_SLACK = 1e-6
+
+
+def min_votes_for(threshold: float, k: int) -> int:
+    """The rule "vote fraction >= threshold" at ``k`` neighbours as "at least m of the k votes":
+    the smallest m with m / k >= threshold - THRESHOLD_SLACK, at least 1 (a threshold <= 0
+    always projects, as m = 1 does), at most k."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if threshold <= 0:
+        return 1
+    return min(k, max(1, math.ceil(k * (threshold - THRESHOLD_SLACK))))
 
 
 @dataclass(frozen=True, order=True)
@@ -47,7 +64,7 @@ def surface_points(ks: Sequence[int], threshold_range: tuple[float, float] | Non
     if low > high:
         raise ValueError(f"threshold range [{low}, {high}] is inverted")
     points = [SurfacePoint(k, m) for k in ks for m in range(1, k + 1)
-              if low - 1e-9 <= m / k <= high + 1e-9]
+              if low - THRESHOLD_SLACK <= m / k <= high + THRESHOLD_SLACK]
     if not points:
         raise ValueError(f"no (k, m) point of ks {ks} has a threshold m/k in [{low}, {high}]")
     return points

@@ -329,7 +329,7 @@ class SweepSpec(_Strict):
         """LESCI: every (k, m) point of a trial's surface, thresholds m/k restricted by
         ``threshold``: absent, every m; a range {uniform: [lo, hi]}, every m/k inside it; a
         number or a list, each threshold t's rule, m = ceil(t k) (t <= 0: m = 1)."""
-        from defenses.surface import SurfacePoint, surface_points
+        from defenses.surface import SurfacePoint, min_votes_for, surface_points
 
         ks = self.surface_ks()
         value = self.params.get("threshold")
@@ -340,7 +340,7 @@ class SweepSpec(_Strict):
         if isinstance(value, (Choice, Grid)):
             value = list(value.choice if isinstance(value, Choice) else value.grid)
         thresholds = value if isinstance(value, list) else [value]
-        return sorted({SurfacePoint(k, min(k, max(1, math.ceil(float(t) * k - 1e-9))))
+        return sorted({SurfacePoint(k, min_votes_for(float(t), k))
                        for k in ks for t in thresholds})
 
     @property

@@ -79,3 +79,18 @@ def test_a_space_lists_its_surface(tmp_path):
     # each threshold t is the rule m = ceil(t k); t <= 0 always projects (m = 1)
     assert [(p.k, p.min_votes) for p in spec.surface_points()] == [
         (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 3)]
+
+
+def test_min_votes_is_the_decisions_threshold_rule_at_every_k():
+    """One rule, one tolerance: "at least min_votes_for(t, k) of k votes" projects exactly when
+    LESCI's decision (vote fraction >= t) does, thresholds like 0.3 and 2/3 included."""
+    from defenses.lesci import project_mask
+    from defenses.surface import min_votes_for
+
+    for t in (-0.5, 0.0, 0.1, 0.3, 1 / 3, 0.5, 0.6, 2 / 3, 0.7, 0.9, 1.0):
+        for k in range(1, 31):
+            counts = torch.arange(1, k + 1)  # the majority has at least one vote
+            projects = project_mask(counts.double() / k, t)
+            assert torch.equal(projects, counts >= min_votes_for(t, k)), (t, k)
+    assert min_votes_for(0.3, 10) == 3 and min_votes_for(0.7, 10) == 7
+    assert min_votes_for(2 / 3, 3) == 2 and min_votes_for(1.0, 5) == 5
