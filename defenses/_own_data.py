@@ -40,41 +40,39 @@ def _junk(name: str) -> bool:
     return name.startswith(".") or name in _JUNK_NAMES
 
 
+def _entries(folder: Path, folders: bool, wrong: str, empty: str) -> list[Path]:
+    """The non-hidden entries of ``folder``, sorted: all folders (``folders``) or all regular
+    files; ``DatasetError`` naming an entry of the other kind (``wrong``) or an empty folder
+    (``empty``)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _junk(entry.name):
+                continue
+            if not (entry.is_dir() if folders else entry.is_file()):
+                raise DatasetError(f"{entry.path}: {wrong}")
+            found.append(Path(entry.path))
+    if not found:
+        raise DatasetError(f"{folder}: {empty}")
+    return sorted(found)
+
+
 def _class_folders(split: Path) -> list[str]:
     """The class folders of ``split`` (train/ or test/), sorted by name."""
     if not split.is_dir():
         raise DatasetError(f"{split}: missing, expected one folder per class "
                            f"({split.name}/<class>/<image files>)")
-    names = []
-    with os.scandir(split) as entries:
-        for entry in entries:
-            if _junk(entry.name):
-                continue
-            if not entry.is_dir():
-                raise DatasetError(f"{entry.path}: not a folder, expected only class folders "
-                                   f"in {split.name}/ ({split.name}/<class>/<image files>)")
-            names.append(entry.name)
-    if not names:
-        raise DatasetError(f"{split}: no class folders, expected {split.name}/<class>/<image "
-                           "files>")
-    return sorted(names)
+    layout = f"{split.name}/<class>/<image files>"
+    return [path.name for path in _entries(
+        split, True, f"not a folder, expected only class folders in {split.name}/ ({layout})",
+        f"no class folders, expected {layout}")]
 
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files of one class folder, sorted: every regular file not hidden, not read."""
-    files = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if _junk(entry.name):
-                continue
-            if not entry.is_file():
-                raise DatasetError(f"{entry.path}: not a regular file, expected only image files "
-                                   "in a class folder (no subfolders)")
-            files.append(Path(entry.path))
-    if not files:
-        raise DatasetError(f"{folder}: no images, expected at least one image file in each "
-                           "class folder")
-    return sorted(files)
+    return _entries(folder, False, "not a regular file, expected only image files in a class "
+                    "folder (no subfolders)",
+                    "no images, expected at least one image file in each class folder")
 
 
 def _folder_size(size) -> tuple[int, int] | None:

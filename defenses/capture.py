@@ -11,6 +11,7 @@ No ``defenses`` import here, so ``defenses.models`` and ``defenses.activations``
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -45,12 +46,7 @@ class DepthInfo:
 
     @property
     def dimension(self) -> int | None:
-        if self.shape is None:
-            return None
-        out = 1
-        for v in self.shape:
-            out *= v
-        return out
+        return None if self.shape is None else math.prod(self.shape)
 
     @property
     def usable(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,8 +25,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_weights",
-    "read_checkpoint",
-    "is_our_checkpoint",
+    "load_model",
 ]
 
 CHECKPOINT_FORMAT = "robust-sweeps-model/1"
@@ -78,34 +77,41 @@ def _read(source: str | Path | bytes, name: str | None = None) -> tuple[Any, str
         raise CheckpointError(f"{name}: not a loadable weights-only checkpoint ({reason})") from exc
 
 
+def _rebuild(payload: dict[str, Any], name: str) -> nn.Module:
+    """The model a checkpoint of ours holds, rebuilt as it was saved, with its weights."""
+    if payload.get("factory"):
+        model = build_user_model(payload["factory"], payload["options"],
+                                 payload["num_classes"], payload["input_shape"],
+                                 payload["mean"], payload["std"])
+    else:
+        model = build_model(payload["model"], payload["num_classes"], payload["input_shape"],
+                            payload["mean"], payload["std"], **payload["options"])
+    _load_state(model, payload["state_dict"], name, payload.get("factory") or payload["model"])
+    return model
+
+
 def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu",
                     name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by ``save_checkpoint`` (a path, or ``checkpoint_bytes``);
     returns (model, extra). A user model's factory must import here."""
     payload, name = _read(source, name)
-    if not is_our_checkpoint(payload):
+    if not _is_ours(payload):
         raise CheckpointError(f"{name}: not a checkpoint written by save_checkpoint "
                               "(use load_weights for a bare state_dict)")
-    if payload.get("factory"):
-        model = build_user_model(payload["factory"], payload["options"],
-                                 payload["num_classes"], payload["input_shape"],
-                                 payload["mean"], payload["std"])
-        arch = payload["factory"]
-    else:
-        model = build_model(payload["model"], payload["num_classes"], payload["input_shape"],
-                            payload["mean"], payload["std"], **payload["options"])
-        arch = payload["model"]
-    _load_state(model, payload["state_dict"], name, arch)
-    return model.to(map_location), payload["extra"]
+    return _rebuild(payload, name).to(map_location), payload["extra"]
 
 
-def is_our_checkpoint(payload: Any) -> bool:
+def load_model(path: str | Path, fresh: Callable[[], nn.Module]) -> nn.Module:
+    """The model of a checkpoint file, read once: a checkpoint of ours rebuilt as it was saved
+    (its own normalisation included), anyone else's weights loaded into ``fresh()``."""
+    payload, name = _read(path)
+    if _is_ours(payload):
+        return _rebuild(payload, name)
+    return _load_payload(fresh(), payload, name)
+
+
+def _is_ours(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """What a checkpoint file holds, loaded with ``weights_only=True``."""
-    return _read(path)[0]
 
 
 _WRAPPERS = ("state_dict", "model")  # {"state_dict": ...} (Lightning & co.), {"model": ...}
@@ -139,7 +145,11 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     ``module.`` or ``model.``). A ``UserModel`` takes the net's own keys; clear error on any
     mismatch."""
     payload, name = _read(path)
-    if is_our_checkpoint(payload):
+    return _load_payload(model, payload, name)
+
+
+def _load_payload(model: nn.Module, payload: Any, name: str) -> nn.Module:
+    if _is_ours(payload):
         state, arch, target = payload["state_dict"], payload.get("factory") or payload[
             "model"], model
     else:

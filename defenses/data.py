@@ -20,18 +20,16 @@ sets (``digits``, ``mnist5k``) and ``synthetic``, the ``load_dataset`` dispatche
 augmentation. The loaders of files live beside it: published formats (MNIST IDX, CIFAR-10
 pickles, Tiny ImageNet) in ``defenses._published_data``, a researcher's ``folder`` and ``arrays``
 in ``defenses._own_data``. They import the core from here, so ``load_dataset`` imports them when
-it loads such a dataset (no import cycle when a module is loaded), and the public names they
-hold (``read_idx``, ``STATS_SAMPLE``) are served from here on first use (``__getattr__``).
+it loads such a dataset (no import cycle when a module is loaded).
 """
 
 from __future__ import annotations
 
 import enum
-import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,34 +48,12 @@ __all__ = [
     "DEFAULT_VAL",
     "DEFAULT_VAL_FRACTION",
     "DEFAULT_VAL_CAP",
-    "STATS_SAMPLE",
     "default_val_size",
     "Augmentation",
     "augment_batch",
     "load_dataset",
-    "read_idx",
     "EMBEDDED",
 ]
-
-# Public names defined in the loaders' modules, served from this one (``__getattr__``): those
-# modules import the core from here, so they are imported on first use, not at load.
-_MOVED = {"read_idx": "defenses._published_data", "STATS_SAMPLE": "defenses._own_data"}
-
-if TYPE_CHECKING:  # for type checkers and linters; at run time ``__getattr__`` serves them
-    from defenses._own_data import STATS_SAMPLE
-    from defenses._published_data import read_idx
-
-
-def __getattr__(name: str):
-    """``read_idx`` and ``STATS_SAMPLE``, from the module that defines them (PEP 562)."""
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MOVED))
-
 
 class DatasetName(str, enum.Enum):
     DIGITS = "digits"

@@ -131,15 +131,10 @@ def list_depths_table(spec) -> str:
     """Every depth of the space's model, in forward order: its path (or built-in name), the
     module's class, the activation's shape and dimension; a module that runs more than once
     per forward, or does not output one tensor, is marked: no LESCI layer can go there."""
-    from defenses.capture import list_depths
-    from orchestrator.probes import probe_model
+    from orchestrator.probes import model_depths, probe_model
 
     model, shape = probe_model(spec)
-    try:
-        rows = list_depths(model, shape)
-    except Exception as exc:  # the model's own forward failed
-        raise ValueError(f"model {spec.model.label}: the forward of a {list(shape)} batch "
-                         f"failed ({type(exc).__name__}: {exc})") from None
+    rows = model_depths(spec, model, shape)
     width = max([len("depth"), *(len(r.name) for r in rows)])
     mod_width = max([len("module"), *(len(r.module) for r in rows)])
     lines = [f"depths of {spec.model.label} on {spec.dataset.name} inputs "

@@ -18,13 +18,11 @@ import torch
 from torch.utils.data import Dataset
 
 from defenses.attacks import apgd, cross_entropy_objective, pgd
-from defenses.checkpoints import (checkpoint_bytes, is_our_checkpoint, load_checkpoint,
-                                  load_weights, read_checkpoint)
+from defenses.checkpoints import checkpoint_bytes, load_checkpoint, load_model
 from defenses.data import Splits
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.lesci import fit_pca_at_depth
-from defenses.models import build_model, eval_mode
-from defenses.user_models import build_user_model
+from defenses.models import eval_mode
 from defenses.pca import StreamingPCA
 from defenses.trainer import TrainConfig, Trainer
 from orchestrator.params import Trial
@@ -40,19 +38,17 @@ SPLITS = ("val", "test")
 
 
 def space_model(spec: SweepSpec, splits: Splits, weights: bool = False) -> torch.nn.Module:
-    """A model of the space's architecture for the dataset: a built-in one (normalised with
-    the dataset's statistics) or the factory's; with ``weights``, those of the space's
-    checkpoint (ours is rebuilt as it was saved; others' weights load into a fresh model)."""
+    """A model of the space's architecture for the dataset (``ModelSpec.build``); with
+    ``weights``, that of the space's checkpoint (``load_model``: ours is rebuilt as it was
+    saved, anyone else's weights load into a fresh model)."""
     source = spec.model
+
+    def fresh() -> torch.nn.Module:
+        return source.build(splits.num_classes, splits.input_shape, splits.mean, splits.std)
+
     if weights and source.checkpoint:
-        if is_our_checkpoint(read_checkpoint(source.checkpoint)):
-            return load_checkpoint(source.checkpoint)[0]
-        return load_weights(space_model(spec, splits), source.checkpoint)
-    if source.factory:
-        return build_user_model(source.factory, source.options, splits.num_classes,
-                                splits.input_shape, source.mean, source.std)
-    return build_model(source.name, splits.num_classes, splits.input_shape, splits.mean,
-                       splits.std, **source.options)
+        return load_model(source.checkpoint, fresh)
+    return fresh()
 
 
 def split_tensors(data: Dataset, samples: int | None = None

@@ -179,6 +179,18 @@ class ModelSpec(_Strict):
         """How runs and tables name the model: the built-in name or the factory."""
         return self.name or self.factory
 
+    def build(self, num_classes: int, input_shape, mean, std):
+        """A fresh model (random weights): the built-in one normalised with ``mean``/``std`` (the
+        dataset's), or the factory's with the space's own ``mean``/``std``."""
+        if self.factory:
+            from defenses.user_models import build_user_model
+
+            return build_user_model(self.factory, self.options, num_classes, input_shape,
+                                    self.mean, self.std)
+        from defenses.models import build_model
+
+        return build_model(self.name, num_classes, input_shape, mean, std, **self.options)
+
 
 class APGDSpec(_Strict):
     """LESCI's adaptive suite: APGD on the exact margin of the vote (SPEC.md section 1.9)."""
@@ -454,9 +466,12 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
     except TypeError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     try:
-        _check_semantics(spec, check_model)
+        n_components = _check_semantics(spec)
+        splits = probes.open_dataset(spec) if check_data else None  # read once
+        if check_model:
+            probes.check_model(spec, n_components, splits)
         if check_data:
-            probes.check_data(spec)
+            probes.check_data(spec, splits)
     except ValueError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     return spec
@@ -466,7 +481,8 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
 # checks that need more than types: families, metric names, algorithms, LESCI's surface
 
 
-def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
+def _check_semantics(spec: SweepSpec) -> tuple[float, float] | None:
+    """Everything but files and models; returns LESCI's range of n_components."""
     family = spec.family
     for key in _REQUIRED_PARAMS[family]:
         if key not in spec.params:
@@ -536,8 +552,7 @@ def _check_semantics(spec: SweepSpec, check_model: bool) -> None:
     if family is not Family.LESCI and spec.attack is None:
         raise ValueError(f"attack: family {family.value!r} needs an evaluation attack "
                          "(attack: {eps: ...})")
-    if check_model:
-        probes.check_model(spec, n_components)
+    return n_components
 
 
 def _check_algorithm(spec: SweepSpec) -> None:

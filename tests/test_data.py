@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from defenses.data import (Augmentation, DatasetError, DeferredDataset, augment_batch,
-                           carve_validation, load_dataset, read_idx)
+                           carve_validation, load_dataset)
+from defenses._published_data import read_idx
 from tests.conftest import make_mnist
 
 
