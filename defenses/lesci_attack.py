@@ -19,6 +19,13 @@ while the model is wrong, so
 is positive exactly when LESCI is wrong (up to exact similarity ties, a null set), and it is
 differentiable almost everywhere: APGD can climb it. ``model_margin`` is the model's DLR-scaled
 logit margin (positive iff the model is wrong), so both paths are on a comparable scale.
+
+Several depths (SPEC.md section 1.10). With g^l the margins above at depth l (g^l(0) = +C,
+g^l(j) = -C for j > k), "T(c) >= n" (at least n of the L*k votes for c) holds iff
+``G_c(n) > 0``, where G_c(n) is the max over j_1 + ... + j_L = n of min_l g_c^l(j_l), computed
+by the (max, min) recursion ``H_l(n) = max_{0 <= j <= min(k, n)} min(H_{l-1}(n - j), g^l(j))``
+(``total_margins``). The projection margin is then the one above with G for g, over
+n = m..L*k (``projections``). L = 1 gives G = g: the single-depth margin, unchanged.
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ from defenses.embedding_space import EmbeddingSpace
 from defenses.knn import KnnIndex
 from defenses.models import eval_mode
 from defenses.pca import StreamingPCA
-from defenses.surface import SurfacePoint, surface_decisions
+from defenses.surface import SurfacePoint, surface_decisions, true_label_totals
 
-__all__ = ["LESCIDecision", "projection_margins", "wrong_margin", "targeted_margin",
-           "model_margin", "SuiteResult", "attack_surface"]
+__all__ = ["LESCIDecision", "projection_margins", "count_margins", "total_margins",
+           "projections", "wrong_margin", "targeted_margin", "model_margin", "SuiteResult",
+           "attack_surface"]
 
 # Below any cosine similarity: the similarity of an embedding a class does not have.
 _ABSENT = -3.0
@@ -73,37 +81,82 @@ def _cummin(x: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
             else x.cummin(dim=dim).values)
 
 
-def projection_margins(class_tops: torch.Tensor, other_tops: torch.Tensor, k: int,
-                       m: int | None = None, tau: float = 0.0) -> torch.Tensor:
-    """proj_c of the module docstring: > 0 iff the vote at (k, m) projects to class c.
+def count_margins(class_tops: torch.Tensor, other_tops: torch.Tensor, k: int) -> torch.Tensor:
+    """g of the module docstring: [b, C, k], ``g[:, c, j - 1] = s_c(j) - s_~c(k - j + 1)``,
+    > 0 iff at least j of the k nearest neighbours are of class c.
 
     Args:
         class_tops: [b, C, >= k] s_c(1..) per class, most similar first (absent: < -1).
         other_tops: [b, C, >= k] s_~c(1..) per class, most similar first.
-        m: the minimum votes; None: every m = 1..k at once.
+    """
+    return class_tops[:, :, :k] - other_tops[:, :, :k].flip(-1)
+
+
+def total_margins(gs: Sequence[torch.Tensor], tau: float = 0.0) -> torch.Tensor:
+    """G of the module docstring: [b, C, L*k], ``G[:, c, n - 1] > 0`` iff at least n of the
+    L*k votes over the depths are for class c. ``gs``: each depth's ``count_margins``
+    [b, C, k]; one depth: its g itself. ``tau``: as in ``projections``."""
+    g0 = gs[0]
+    if len(gs) == 1:
+        return g0
+    k = g0.shape[2]
+    certain = torch.full_like(g0[:, :, :1], _CERTAIN)
+    h = torch.cat([certain, g0], dim=2)  # H_1(n), n = 0..k
+    steps = torch.arange(k + 1, device=g0.device)
+    for g in gs[1:]:
+        g_j = torch.cat([certain, g], dim=2)  # g(j), j = 0..k
+        top = h.shape[2] - 1 + k  # the new largest total
+        # H_{l-1}(n - j) for n = 0..top, j = 0..k; outside 0..(old top): "certainly false"
+        padded = torch.cat([torch.full_like(h[:, :, :1], -_CERTAIN).expand(-1, -1, k), h,
+                            torch.full_like(h[:, :, :1], -_CERTAIN).expand(-1, -1, k)], dim=2)
+        index = torch.arange(top + 1, device=g0.device)[:, None] - steps[None, :] + k
+        before = padded[:, :, index]  # [b, C, top + 1, k + 1]
+        pair = torch.stack([before, g_j[:, :, None, :].expand_as(before)])
+        h = _max(_min(pair, 0, tau), 3, tau)
+    return h[:, :, 1:]
+
+
+def projections(g: torch.Tensor, m: int | None = None, tau: float = 0.0) -> torch.Tensor:
+    """proj_c of the module docstring from the count margins ``g`` [b, C, N] (N = k for one
+    depth, ``count_margins``; L*k for several, ``total_margins``): > 0 iff the vote
+    projects to class c with at least m of its N votes.
+
+    Args:
+        m: the minimum votes; None: every m = 1..N at once.
         tau: 0 for the exact margin; > 0 replaces every max and min by a log-sum-exp at that
             temperature (a smooth surrogate whose gradient reaches the runners-up too).
+
+    Returns:
+        [b, C] for one m; [b, C, N] (m = 1..N along the last axis) for None.
+    """
+    votes = g.shape[2]
+    if m is not None and not 1 <= m <= votes:
+        raise ValueError(f"need 1 <= m <= {votes} (the votes), got m={m}")
+    not_g = -g
+    certain = torch.full_like(g[:, :1], _CERTAIN)
+    # min over d < c of -g_d(j): exclusive prefix minimum over classes
+    lower = torch.cat([certain, _cummin(not_g[:, :-1], 1, tau)], dim=1)
+    # min over d > c of -g_d(j + 1) (g_d(N + 1): nobody has N + 1 of N votes)
+    shifted = torch.cat([not_g[:, :, 1:], torch.full_like(g[:, :, :1], _CERTAIN)], dim=2)
+    higher = torch.cat([_cummin(shifted[:, 1:].flip(1), 1, tau).flip(1), certain], dim=1)
+    terms = _min(torch.stack([g, lower, higher]), 0, tau)  # [b, C, N] over j
+    if m is not None:
+        return _max(terms[:, :, m - 1:], 2, tau)
+    # max over j >= m for every m: a reverse cumulative maximum
+    flipped = terms.flip(-1)
+    return (-_cummin(-flipped, 2, tau)).flip(-1)
+
+
+def projection_margins(class_tops: torch.Tensor, other_tops: torch.Tensor, k: int,
+                       m: int | None = None, tau: float = 0.0) -> torch.Tensor:
+    """proj_c of one depth's vote at (k, m): ``projections(count_margins(...))``.
 
     Returns:
         [b, C] for one m; [b, C, k] (m = 1..k along the last axis) for None.
     """
     if m is not None and not 1 <= m <= k:
         raise ValueError(f"need 1 <= m <= k, got m={m}, k={k}")
-    # g[:, c, j - 1] = s_c(j) - s_~c(k - j + 1), j = 1..k
-    g = class_tops[:, :, :k] - other_tops[:, :, :k].flip(-1)
-    not_g = -g
-    certain = torch.full_like(g[:, :1], _CERTAIN)
-    # min over d < c of -g_d(j): exclusive prefix minimum over classes
-    lower = torch.cat([certain, _cummin(not_g[:, :-1], 1, tau)], dim=1)
-    # min over d > c of -g_d(j + 1) (g_d(k + 1): nobody has k + 1 of k votes)
-    shifted = torch.cat([not_g[:, :, 1:], torch.full_like(g[:, :, :1], _CERTAIN)], dim=2)
-    higher = torch.cat([_cummin(shifted[:, 1:].flip(1), 1, tau).flip(1), certain], dim=1)
-    terms = _min(torch.stack([g, lower, higher]), 0, tau)  # [b, C, k] over j
-    if m is not None:
-        return _max(terms[:, :, m - 1:], 2, tau)
-    # max over j >= m for every m: a reverse cumulative maximum
-    flipped = terms.flip(-1)
-    return (-_cummin(-flipped, 2, tau)).flip(-1)
+    return projections(count_margins(class_tops, other_tops, k), m, tau)
 
 
 def wrong_margin(proj: torch.Tensor, model_margin_: torch.Tensor, y: torch.Tensor,
@@ -130,64 +183,52 @@ def targeted_margin(proj: torch.Tensor, logits: torch.Tensor, target: torch.Tens
     return torch.maximum(to_target, torch.minimum(abstains, answers))
 
 
-@dataclass
-class LESCIDecision:
-    """LESCI of one trial (model, depth, PCA, embedding space) as a function of the input: the
-    real decision through the kNN index, and the differentiable similarities of the margin."""
+class _VoteLayer:
+    """One depth of the vote: its PCA, its embedding space by class (for the differentiable
+    similarities) and its kNN index (for the real decision)."""
 
-    model: nn.Module
-    depth: str
-    pca: StreamingPCA
-    space: EmbeddingSpace
-    k_max: int
-    center: bool = True
-    num_classes: int | None = None
-    _index: KnnIndex | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_max <= len(self.space):
-            raise ValueError(f"k_max must be in 1..{len(self.space)}, got {self.k_max}")
-        self.num_classes = self.num_classes or int(self.space.labels.max()) + 1
-        self.space.check_pca(self.pca)
-        components = self.pca.components_
+    def __init__(self, depth: str, pca: StreamingPCA, space: EmbeddingSpace, k_max: int,
+                 num_classes: int):
+        if not 1 <= k_max <= len(space):
+            raise ValueError(f"k_max must be in 1..{len(space)} (the embedding space at "
+                             f"{depth!r}), got {k_max}")
+        space.check_pca(pca)
+        components = pca.components_
         if not isinstance(components, torch.Tensor):
             raise TypeError("LESCIDecision needs a PCA fitted on torch tensors (its components "
                             "on the model's device), got one fitted on numpy arrays")
-        self._device = components.device
-        e = F.normalize(self.space.embeddings.to(components.device, components.dtype), dim=1)
-        labels = self.space.labels.to(components.device)
+        self.depth, self.pca, self.space, self.num_classes = depth, pca, space, num_classes
+        self.device = components.device
+        e = F.normalize(space.embeddings.to(components.device, components.dtype), dim=1)
+        labels = space.labels.to(components.device)
         # the embeddings by class, padded to one block [C, n_max, m] (padding masked out)
-        counts = torch.bincount(labels, minlength=self.num_classes)
+        counts = torch.bincount(labels, minlength=num_classes)
         n_max = int(counts.max())
         order = torch.argsort(labels, stable=True)
         slot = torch.arange(len(labels), device=labels.device) - torch.cumsum(
             counts, 0).sub(counts)[labels[order]]
-        self._blocks = e.new_zeros((self.num_classes, n_max, e.shape[1]))
-        self._blocks[labels[order], slot] = e[order]
-        self._padding = torch.arange(n_max, device=labels.device)[None, :] >= counts[:, None]
+        self.blocks = e.new_zeros((num_classes, n_max, e.shape[1]))
+        self.blocks[labels[order], slot] = e[order]
+        self.padding = torch.arange(n_max, device=labels.device)[None, :] >= counts[:, None]
+        self._index: KnnIndex | None = None
 
     @property
     def index(self) -> KnnIndex:
         if self._index is None:
             self._index = KnnIndex(self.space.embeddings, self.space.labels,
-                                   num_classes=self.num_classes, device=self._device)
+                                   num_classes=self.num_classes, device=self.device)
         return self._index
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [b, m], logits [b, classes]), differentiable w.r.t. x; the model must be in
-        eval mode."""
-        with capture(self.model, [self.depth]) as captured:
-            logits = self.model(x)
-        acts = captured[self.depth][0].reshape(x.shape[0], -1)
-        # in the PCA's precision, the embeddings' (transform keeps its input's dtype)
-        acts = acts.to(self._device, self._blocks.dtype)
-        return self.pca.transform(acts, self.space.n_components, self.center), logits
+    def neighbours(self, codes: torch.Tensor, k: int) -> torch.Tensor:
+        """[b, k] labels of the k nearest embeddings, most similar first."""
+        _, idx = self.index.search(codes.detach(), k)
+        return self.index.labels[idx.to(self.index.device)]
 
     def tops(self, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_c(1..k), s_~c(1..k)), each [b, C, k], most similar first; absent: below -1."""
         q = F.normalize(codes, dim=1)
-        sims = torch.einsum("bm,cnm->bcn", q, self._blocks).masked_fill(self._padding[None],
-                                                                         _ABSENT)
+        sims = torch.einsum("bm,cnm->bcn", q, self.blocks).masked_fill(self.padding[None],
+                                                                        _ABSENT)
         class_tops = sims.topk(min(k, sims.shape[2]), dim=2).values  # [b, C, k]
         if class_tops.shape[2] < k:
             class_tops = torch.cat([class_tops, class_tops.new_full(
@@ -207,16 +248,85 @@ class LESCIDecision:
         others = others.masked_fill(mine.gather(2, order), _ABSENT)  # fewer than k others
         return class_tops, others
 
+
+@dataclass
+class LESCIDecision:
+    """LESCI of one trial as a function of the input: the real decision through the kNN
+    indexes, and the differentiable similarities of the margin.
+
+    ``depth``, ``pca`` and ``space`` are one depth's, or sequences of equal length: a vote
+    over several depths (SPEC.md section 1.10), each depth with its own PCA and space."""
+
+    model: nn.Module
+    depth: str | Sequence[str]
+    pca: StreamingPCA | Sequence[StreamingPCA]
+    space: EmbeddingSpace | Sequence[EmbeddingSpace]
+    k_max: int
+    center: bool = True
+    num_classes: int | None = None
+    layers: list[_VoteLayer] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        depths = [self.depth] if isinstance(self.depth, str) else list(self.depth)
+        pcas = [self.pca] if isinstance(self.pca, StreamingPCA) else list(self.pca)
+        spaces = [self.space] if isinstance(self.space, EmbeddingSpace) else list(self.space)
+        if not depths or not len(depths) == len(pcas) == len(spaces):
+            raise ValueError(f"one PCA and one embedding space per depth: got {len(depths)} "
+                             f"depth(s), {len(pcas)} PCA(s), {len(spaces)} space(s)")
+        if len(set(depths)) != len(depths):
+            raise ValueError(f"each depth once, got {depths}")
+        self.num_classes = self.num_classes or max(int(s.labels.max()) for s in spaces) + 1
+        self.layers = [_VoteLayer(d, p, s, self.k_max, self.num_classes)
+                       for d, p, s in zip(depths, pcas, spaces)]
+        self._device = self.layers[0].device
+
+    @property
+    def depths(self) -> list[str]:
+        return [layer.depth for layer in self.layers]
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(codes [b, m] at each depth, logits [b, classes]), differentiable w.r.t. x; the
+        model must be in eval mode. One forward pass captures every depth."""
+        with capture(self.model, self.depths) as captured:
+            logits = self.model(x)
+        codes = []
+        for layer in self.layers:
+            acts = captured[layer.depth][0].reshape(x.shape[0], -1)
+            # in the PCA's precision, the embeddings' (transform keeps its input's dtype)
+            acts = acts.to(layer.device, layer.blocks.dtype)
+            codes.append(layer.pca.transform(acts, layer.space.n_components, self.center))
+        return codes, logits
+
+    def neighbours(self, codes: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+        """[b, L, k]: each depth's k nearest neighbours' labels, most similar first."""
+        return torch.stack([layer.neighbours(c, k).to(self._device)
+                            for layer, c in zip(self.layers, codes)], dim=1)
+
+    def margins(self, codes: Sequence[torch.Tensor], k: int, tau: float = 0.0) -> torch.Tensor:
+        """G [b, C, L*k]: > 0 at (c, n - 1) iff at least n of the votes are for c."""
+        return total_margins([count_margins(*layer.tops(c, k), k)
+                              for layer, c in zip(self.layers, codes)], tau)
+
+    def projections(self, codes: Sequence[torch.Tensor], k: int, m: int | None = None,
+                    tau: float = 0.0) -> torch.Tensor:
+        """proj_c at (k, m): [b, C] (or [b, C, L*k] for every m): > 0 iff the vote projects
+        to c."""
+        return projections(self.margins(codes, k, tau), m, tau)
+
     @torch.no_grad()
     def decide(self, x: torch.Tensor, points: Sequence[SurfacePoint]
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The real decision at every point: (prediction [b, P], projected [b, P])."""
         codes, logits = self.forward(x)
-        k = max(p.k for p in points)
-        _, idx = self.index.search(codes, k)
-        neighbours = self.index.labels[idx.to(self.index.device)]
+        neighbours = self.neighbours(codes, max(p.k for p in points))
         return surface_decisions(neighbours, logits.argmax(1).to(neighbours.device), points,
                                  self.num_classes)
+
+    @torch.no_grad()
+    def true_totals(self, x: torch.Tensor, y: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+        """[b, len(ks)]: T(y) at each k, the votes for the sample's own label (calibration)."""
+        codes, _ = self.forward(x)
+        return true_label_totals(self.neighbours(codes, max(ks)), y, ks, self.num_classes)
 
     def margin_objective(self, y: torch.Tensor, k: int, ms: Sequence[int],
                          points: Sequence[SurfacePoint], fooled: torch.Tensor,
@@ -231,23 +341,20 @@ class LESCIDecision:
         not fooled yet; a sample succeeds, and leaves the run, once every point of ``ms`` is
         fooled.
         """
-        column = {p: i for i, p in enumerate(points)}
-        cols = torch.tensor([column[SurfacePoint(k, m)] for m in ms])
+        column = {(p.k, p.min_votes): i for i, p in enumerate(points)}
+        cols = torch.tensor([column[k, m] for m in ms])
         m_index = torch.tensor([m - 1 for m in ms])
         k_search = max(p.k for p in points)
 
         def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             codes, logits = self.forward(x)
-            class_tops, other_tops = self.tops(codes, k)
-            proj = projection_margins(class_tops, other_tops, k, tau=tau)[
-                :, :, m_index.to(x.device)]
+            proj = self.projections(codes, k, tau=tau)[:, :, m_index.to(x.device)]
             if target is None:
                 margins = wrong_margin(proj, model_margin(logits, y[rows]), y[rows], tau)
             else:
                 margins = targeted_margin(proj, logits, target[rows])
             with torch.no_grad():
-                _, idx = self.index.search(codes.detach(), k_search)
-                neighbours = self.index.labels[idx.to(self.index.device)]
+                neighbours = self.neighbours(codes, k_search)
                 prediction, _ = surface_decisions(neighbours, logits.argmax(1).to(
                     neighbours.device), points, self.num_classes)
                 cpu_rows = rows.to(fooled.device)
@@ -384,8 +491,7 @@ def _likeliest_wrong(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor, 
     projection margin, then the model's probability."""
     with torch.no_grad():
         codes, logits = decision.forward(x)
-        class_tops, other_tops = decision.tops(codes, k)
-        proj = projection_margins(class_tops, other_tops, k, m)
+        proj = decision.projections(codes, k, m)
         score = proj + 1e-3 * logits.softmax(1).to(proj.dtype)
         score = score.scatter(1, y[:, None], -torch.inf)
         return score.topk(min(rank, score.shape[1] - 1), dim=1).indices[:, -1]

@@ -5,6 +5,12 @@ follows from each query's k_max nearest neighbours in order (SPEC.md section 1.8
 give the vote at k, and for a given k only the thresholds m/k (m = 1..k) change the outcome,
 "project iff at least m of the k neighbours share the majority label". So one search evaluates
 the whole surface exactly.
+
+Several depths (Deep k-NN, SPEC.md section 1.10): the k nearest neighbours at each of L depths
+vote together, T(c) = their number labelled c over all depths, and the rule is "project iff the
+majority of T has at least m of the L*k votes", m = 1..L*k; one k_max search per depth gives
+it. L = 1 is the single-depth surface. A calibration split held out of the embedding spaces
+gives each m its credibility (``credibility``): Deep k-NN's p-value of a total of m votes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Sequence
 import torch
 
 __all__ = ["SurfacePoint", "surface_points", "vote_counts", "surface_decisions",
-           "surface_metrics", "THRESHOLD_SLACK", "min_votes_for"]
+           "surface_metrics", "THRESHOLD_SLACK", "min_votes_for", "true_label_totals",
+           "credibility"]
 
 # Vote fractions are count / k; this slack makes "exactly at the threshold" project despite the
 # float rounding of thresholds like 0.3 (SPEC: project iff o / k >= threshold). The one
@@ -26,9 +33,9 @@ THRESHOLD_SLACK = 1e-6
 
 
 def min_votes_for(threshold: float, k: int) -> int:
-    """The rule "vote fraction >= threshold" at ``k`` neighbours as "at least m of the k votes":
+    """The rule "vote fraction >= threshold" over ``k`` votes as "at least m of the k votes":
     the smallest m with m / k >= threshold - THRESHOLD_SLACK, at least 1 (a threshold <= 0
-    always projects, as m = 1 does), at most k."""
+    always projects, as m = 1 does), at most k. (Over L depths, pass the L*k votes.)"""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if threshold <= 0:
@@ -38,21 +45,28 @@ def min_votes_for(threshold: float, k: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class SurfacePoint:
-    """One LESCI operating point: ``k`` neighbours, project iff at least ``min_votes`` agree."""
+    """One LESCI operating point: ``k`` neighbours at each of ``depths`` depths, project iff
+    at least ``min_votes`` of the ``depths * k`` votes agree."""
 
     k: int
     min_votes: int
+    depths: int = 1
+
+    @property
+    def votes(self) -> int:
+        """The votes cast: k at each depth."""
+        return self.k * self.depths
 
     @property
     def threshold(self) -> float:
-        """The vote fraction that is the same rule: ``min_votes / k``."""
-        return self.min_votes / self.k
+        """The vote fraction that is the same rule: ``min_votes / votes``."""
+        return self.min_votes / self.votes
 
 
-def surface_points(ks: Sequence[int], threshold_range: tuple[float, float] | None = None
-                   ) -> list[SurfacePoint]:
-    """Every (k, m) of the given ks, m = 1..k, whose threshold m/k lies in ``threshold_range``
-    (inclusive; None: every m). Sorted by k, then m.
+def surface_points(ks: Sequence[int], threshold_range: tuple[float, float] | None = None,
+                   depths: int = 1) -> list[SurfacePoint]:
+    """Every (k, m) of the given ks, m = 1..depths*k, whose threshold m/(depths*k) lies in
+    ``threshold_range`` (inclusive; None: every m). Sorted by k, then m.
 
     m = 1 always projects (the majority has at least one vote), which is also what a negative
     threshold means; a range reaching below 1/k keeps it.
@@ -60,14 +74,29 @@ def surface_points(ks: Sequence[int], threshold_range: tuple[float, float] | Non
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be integers >= 1, got {list(ks)}")
+    if depths < 1:
+        raise ValueError(f"depths must be >= 1, got {depths}")
     low, high = threshold_range if threshold_range is not None else (-math.inf, 1.0)
     if low > high:
         raise ValueError(f"threshold range [{low}, {high}] is inverted")
-    points = [SurfacePoint(k, m) for k in ks for m in range(1, k + 1)
-              if low - THRESHOLD_SLACK <= m / k <= high + THRESHOLD_SLACK]
+    points = [SurfacePoint(k, m, depths) for k in ks for m in range(1, depths * k + 1)
+              if low - THRESHOLD_SLACK <= m / (depths * k) <= high + THRESHOLD_SLACK]
     if not points:
         raise ValueError(f"no (k, m) point of ks {ks} has a threshold m/k in [{low}, {high}]")
     return points
+
+
+def _totals(neighbour_labels: torch.Tensor, ks: Sequence[int], num_classes: int) -> torch.Tensor:
+    """[q, len(ks), C]: T(c) at each k, the votes for c among the first k neighbours summed
+    over the depths. ``neighbour_labels``: [q, k_max] (one depth) or [q, L, k_max]."""
+    labels = neighbour_labels if neighbour_labels.ndim == 3 else neighbour_labels[:, None]
+    k_max = labels.shape[2]
+    if any(not 1 <= k <= k_max for k in ks):
+        raise ValueError(f"every k must be in 1..{k_max}, got {list(ks)}")
+    columns = torch.tensor([k - 1 for k in ks], device=labels.device)
+    # counts[:, l, j, c]: votes for c among the first j + 1 neighbours at depth l
+    counts = torch.nn.functional.one_hot(labels[:, :, :max(ks)], num_classes).cumsum(2)
+    return counts[:, :, columns].sum(1)
 
 
 @torch.no_grad()
@@ -76,27 +105,51 @@ def vote_counts(neighbour_labels: torch.Tensor, ks: Sequence[int], num_classes: 
     """Majority label and its count among the first k neighbours, for each k of ``ks``.
 
     Args:
-        neighbour_labels: [q, k_max] labels of each query's neighbours, most similar first.
+        neighbour_labels: [q, k_max] labels of each query's neighbours, most similar first;
+            or [q, L, k_max], those at each of L depths, whose votes are summed.
         ks: neighbourhood sizes, each in 1..k_max.
 
     Returns:
         (majority [q, len(ks)] long, count [q, len(ks)] long): ties go to the lowest label.
     """
-    q, k_max = neighbour_labels.shape
-    if any(not 1 <= k <= k_max for k in ks):
-        raise ValueError(f"every k must be in 1..{k_max}, got {list(ks)}")
-    columns = torch.tensor([k - 1 for k in ks], device=neighbour_labels.device)
-    # counts[:, j, c]: votes for c among the first j + 1 neighbours
-    counts = torch.nn.functional.one_hot(neighbour_labels[:, :max(ks)], num_classes).cumsum(1)
-    top, majority = counts[:, columns].max(dim=2)  # first maximum: the lowest label on ties
+    # first maximum: the lowest label on ties
+    top, majority = _totals(neighbour_labels, ks, num_classes).max(dim=2)
     return majority, top
+
+
+@torch.no_grad()
+def true_label_totals(neighbour_labels: torch.Tensor, labels: torch.Tensor, ks: Sequence[int],
+                      num_classes: int) -> torch.Tensor:
+    """[q, len(ks)] long: T(y), the votes for each sample's own label at each k (the
+    calibration scores of Deep k-NN: its nonconformity is L*k - T(y))."""
+    totals = _totals(neighbour_labels, ks, num_classes)
+    return totals.gather(2, labels.to(totals.device)[:, None, None].expand(-1, len(ks), 1))[..., 0]
+
+
+def credibility(calibration_totals: torch.Tensor, ks: Sequence[int],
+                points: Sequence[SurfacePoint]) -> torch.Tensor:
+    """[P] float64: each point's credibility threshold, Deep k-NN's p-value of a prediction
+    with a total of m votes at k (SPEC.md section 1.10).
+
+    With calibration scores A = {L*k - T_i(y_i)}, the p-value of a total t is
+    |{a in A : a >= L*k - t}| / |A| = the fraction of calibration samples with T_i(y_i) <= t.
+    It is non-decreasing in t, so the point (k, m), "answer when T(prediction) >= m", is
+    "answer when credibility >= credibility(k, m)". ``calibration_totals``: [n, len(ks)] of
+    ``true_label_totals``; no calibration sample: NaN."""
+    column = {k: i for i, k in enumerate(ks)}
+    n = calibration_totals.shape[0]
+    if n == 0:
+        return torch.full((len(points),), math.nan, dtype=torch.float64)
+    return torch.tensor([float((calibration_totals[:, column[p.k]] <= p.min_votes).sum()) / n
+                         for p in points], dtype=torch.float64)
 
 
 @torch.no_grad()
 def surface_decisions(neighbour_labels: torch.Tensor, model_prediction: torch.Tensor,
                       points: Sequence[SurfacePoint], num_classes: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prediction [q, P] long, projected [q, P] bool) of LESCI at every point."""
+    """(prediction [q, P] long, projected [q, P] bool) of LESCI at every point
+    (``neighbour_labels`` as in ``vote_counts``)."""
     ks = sorted({p.k for p in points})
     majority, count = vote_counts(neighbour_labels, ks, num_classes)
     column = {k: i for i, k in enumerate(ks)}

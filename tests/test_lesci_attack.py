@@ -160,6 +160,6 @@ def test_queries_and_the_embedding_space_share_the_projection(trained_digits_res
     decision = LESCIDecision(model, "stem", pca, space, k_max=1, center=center)
     with torch.no_grad():
         codes, _ = decision.forward(x)
-    assert torch.allclose(codes, space.embeddings.to(codes.dtype), atol=1e-4)
-    sims, idx = decision.index.search(codes, 1)
+    assert torch.allclose(codes[0], space.embeddings.to(codes[0].dtype), atol=1e-4)
+    sims, idx = decision.layers[0].index.search(codes[0], 1)
     assert torch.equal(idx[:, 0], torch.arange(50)) and bool((sims > 0.999).all())
