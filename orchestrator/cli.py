@@ -74,8 +74,8 @@ def format_front(result, spec) -> str:
     """The front as a table: each point's optimized figures with their 95% intervals, on the
     validation split and (below it) on the test split, best first; then the bare model and
     the selection gap."""
-    lesci = spec.family.value == "lesci"
-    keys = [*spec.searched_names(), *(["k", "min_votes", "threshold"] if lesci else [])]
+    point = spec.defense.point_keys  # a row's point on its trial's surface, with its threshold
+    keys = [*spec.searched_names(), *point, *(["threshold"] if point else [])]
     metrics = list(spec.metric_names)
     splits = [("val", "")] + ([("test", TEST_PREFIX)] if result.tested else [])
     width = 18 if spec.search.repeats == 1 else 27  # "0.742 (0.70-0.78) sd 0.012"
@@ -202,10 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.sweep import SweepInterrupted, run_sweep
 
         check_tracking_uri(mlflow_uri)
-        surface = (f", each a surface of {len(spec.surface_points())} (k, m) points"
-                   if spec.family.value == "lesci" else "")
-        log(f"sweep {name!r}: space {spec.name!r} ({spec.family.value}), "
-            f"{spec.trial_count} trial(s){surface}, storage {redact(storage.uri)}")
+        log(f"sweep {name!r}: space {spec.name!r} ({spec.family}), "
+            f"{spec.trial_count} trial(s){spec.defense.describe(spec)}, storage "
+            f"{redact(storage.uri)}")
         try:
             result = run_sweep(spec, name, storage, mlflow_uri, resume=args.resume, log=log,
                                verbose=args.verbose, test=not args.no_test)
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         f", {result.test_hypervolume:.4f} (test)" if result.tested else "")
     log(f"\nPareto front of {spec.name} ({', '.join(f'{m} {d}' for m, d in spec.optimize.items())}"
         f"), {len(result.front)} of {len(result.rows)} "
-        f"{'surface points' if spec.family.value == 'lesci' else 'finished trials'}, "
+        f"{spec.defense.unit}, "
         f"{volume}:")
     log(format_front(result, spec))
     ui = (f"mlflow ui --backend-store-uri {mlflow_uri}" if mlflow_uri.startswith("sqlite")

@@ -62,6 +62,8 @@ def first_error(exc: ValidationError) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     message = err["msg"].removeprefix("Value error, ")
+    if where and message.startswith((f"{where}.", f"{where}:")):  # it names the key itself
+        where = ""
     return f"{where}: {message}{shown}" if where else f"{message}{shown}"
 
 

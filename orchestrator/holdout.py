@@ -17,17 +17,13 @@ exit 2, and ``--resume`` once the files are fixed (nothing of the search is lost
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any, Callable
 
 import ray
 
 from defenses.data import DatasetError
-from defenses.surface import SurfacePoint
-from orchestrator.params import resolve
-from orchestrator.space import Family, SpaceError, SweepSpec
+from orchestrator.space import SpaceError, SweepSpec
 from orchestrator.stages import StageCache
 from orchestrator.storage import Storage
 
@@ -38,49 +34,6 @@ class TestSplitError(SpaceError):
     """The test split could not be read (a missing or malformed file): bad input, exit 2."""
 
     __test__ = False  # not a pytest class
-
-
-def _evaluate_lesci(spec: SweepSpec, splits, device, cache: StageCache, log, item
-                    ) -> dict[str, Any]:
-    from orchestrator.trainables import lesci_figures, surface_rows
-
-    trial = resolve(spec, item["config"])
-    points = [SurfacePoint(int(k), int(m)) for k, m in item["points"]]
-    inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
-              "model": spec.model.model_dump(), "training": trial.training.as_dict(),
-              "lesci": trial.lesci.model_dump(), "repeats": spec.search.repeats,
-              "attack": None if spec.attack is None else spec.attack.model_dump(),
-              "points": [[p.k, p.min_votes] for p in points]}
-
-    def compute() -> bytes:
-        metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "test",
-                                                    device, cache, log)
-        return json.dumps({"rows": surface_rows(trial, size, points, metrics), "base": base,
-                           "budget": budget}).encode()
-
-    return json.loads(cache.get("test", inputs, compute, trial.lesci.depth))
-
-
-def _evaluate_training(spec: SweepSpec, splits, device, cache: StageCache, log, item,
-                       storage: Storage) -> dict[str, Any]:
-    from orchestrator.trainables import (evaluate_training, newest_checkpoint, over_seeds,
-                                         trial_models)
-
-    found = newest_checkpoint(storage.child(item["trial_dir"]))
-    if found is None:
-        raise RuntimeError(f"trial {item['trial_id']}: no intact checkpoint in "
-                           f"{item['trial_dir']} to evaluate on the test split")
-    state, _ = found
-    inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
-              "attack": spec.attack.model_dump(), "family": spec.family.value,
-              "checkpoint": hashlib.sha256(state).hexdigest()}
-
-    def compute() -> bytes:
-        runs = [evaluate_training(spec, model, splits.test, seed=1000 * r)
-                for r, model in enumerate(trial_models(spec, splits, state, device))]
-        return json.dumps({"metrics": over_seeds(runs)}).encode()
-
-    return json.loads(cache.get("test", inputs, compute, item["trial_id"]))
 
 
 @ray.remote(max_retries=0)
@@ -94,9 +47,7 @@ def _evaluate(spec_json: dict[str, Any], storage_uri: str, item: dict[str, Any]
     log = console(storage, f"test {item['trial_id']}")
     cache = StageCache(storage, sweep_coordinator(storage), owner=f"test-{item['trial_id']}",
                        log=log)
-    if spec.family is Family.LESCI:
-        return _evaluate_lesci(spec, splits, device, cache, log, item)
-    return _evaluate_training(spec, splits, device, cache, log, item, storage)
+    return spec.defense.evaluate_test(spec, splits, device, cache, log, item, storage)
 
 
 def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
@@ -116,15 +67,12 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     Raises:
         TestSplitError: the test split's files could not be read.
     """
-    lesci = spec.family is Family.LESCI
+    family = spec.defense
     items: dict[str, dict[str, Any]] = {}
     for row in front:
         item = items.setdefault(row["trial_id"], {"trial_id": row["trial_id"],
-                                                  "config": row.get("config"),
-                                                  "trial_dir": row.get("trial_dir"),
-                                                  "points": []})
-        if lesci:
-            item["points"].append([int(row["k"]), int(row["min_votes"])])
+                                                  "config": row.get("config")})
+        family.test_item(item, row)
     options = {"num_cpus": spec.resources.cpu, "num_gpus": spec.resources.gpu}
     spec_json = spec.as_dict()
     todo = list(items.values())
@@ -155,9 +103,9 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     base: dict[str, Any] = {}
     budget: dict[str, Any] = {}
     for trial_id, result in results.items():
-        if lesci:
+        if family.surface:
             for row in result["rows"]:
-                rows[(trial_id, int(row["k"]), int(row["min_votes"]))] = row
+                rows[family.row_key({"trial_id": trial_id, **row})] = row
             base = result.get("base") or base
             budget = result.get("budget") or budget
         else:

@@ -3,6 +3,10 @@
     base model ──> pca (depth, largest n_components) ──> embedding space (size, center)
         └────────> attacks on the bare model (the space's attack), on val; on test at the end
 
+A trial voting over several depths reads the PCA and space of each (the same stages as a
+single-depth trial there). With ``calibration``, the PCAs and spaces are built from the
+training split less its calibration samples (their keys say so).
+
 Each stage's output is keyed by everything it depends on (its inputs, which name the inputs of
 the stages it reads), so trials that share a depth share its PCA and space, and a stage is
 computed once per sweep (``orchestrator.stages.StageCache``). A trial truncates the PCA and
@@ -15,7 +19,7 @@ import io
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from defenses.attacks import apgd, cross_entropy_objective, pgd
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint, load_model
@@ -30,7 +34,7 @@ from orchestrator.progress import ProgressLine
 from orchestrator.space import SweepSpec
 from orchestrator.stages import StageCache
 
-__all__ = ["LESCIStages", "space_model", "train_base_model", "craft_transfer_set",
+__all__ = ["LESCIStages", "calibration_split", "space_model", "train_base_model", "craft_transfer_set",
            "split_tensors", "predict", "SPLITS"]
 
 # the splits a sweep evaluates on: val while it searches, test once at the end
@@ -118,29 +122,56 @@ def _largest(spec: SweepSpec, key: str, default: Any) -> Any:
     return max(values) if isinstance(values, list) else values[1]
 
 
+def calibration_split(train: Dataset, calibration: int | float | None, seed: int
+                      ) -> tuple[Dataset, Dataset | None]:
+    """(reference, calibration): ``calibration`` samples of the training split (a fraction or a
+    count, drawn with ``seed``) held out of the PCAs and embedding spaces, and the rest
+    (SPEC.md section 1.10); None: the whole split and no calibration."""
+    if calibration is None:
+        return train, None
+    n = len(train)
+    count = round(calibration * n) if isinstance(calibration, float) else int(calibration)
+    if not 1 <= count < n:
+        raise ValueError(f"params.calibration: {calibration} leaves {n - count} of the "
+                         f"{n} training samples for the embedding spaces")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = sorted(order[:count].tolist())
+    kept = sorted(order[count:].tolist())
+    return Subset(train, kept), Subset(train, held)
+
+
 class LESCIStages:
     """One trial's view of the graph: each method returns its stage's output, computed by
-    the first trial that needs it and read back by the others."""
+    the first trial that needs it and read back by the others. Several depths: a PCA and an
+    embedding space per depth, each the stage a single-depth trial at that depth uses."""
 
     def __init__(self, spec: SweepSpec, trial: Trial, splits: Splits, device,
                  cache: StageCache, log: Callable[[str], None] = print):
         self.spec, self.trial, self.splits, self.device = spec, trial, splits, device
         self.cache, self.log = cache, log
-        params = trial.lesci
-        self.depth = params.depth
+        params = trial.params
+        self.depths = params.depths
         self.max_components = int(_largest(spec, "n_components", params.n_components))
         max_size = _largest(spec, "embedding_size", None)
         self.max_size = None if max_size is None else int(max_size)
+        self.reference, self.calibration = calibration_split(
+            splits.train, params.calibration, spec.dataset.split_seed)
         # the graph: each stage's key names its own settings and its inputs' keys
         self.base_inputs = {"dataset": spec.dataset.model_dump(), "model": spec.model.model_dump(),
                             "training": trial.training.as_dict()}
-        self.pca_inputs = {"base": self.base_inputs, "depth": self.depth,
-                           "n_components": self.max_components}
-        self.space_inputs = {"pca": self.pca_inputs, "embedding_size": self.max_size,
-                             "center": params.center}
         self.attack_inputs = (None if spec.attack is None else
                               {"base": self.base_inputs, "attack": spec.attack.model_dump()})
         self._model: torch.nn.Module | None = None
+
+    def pca_inputs(self, depth: str) -> dict[str, Any]:
+        inputs = {"base": self.base_inputs, "depth": depth, "n_components": self.max_components}
+        if self.calibration is not None:  # the PCA sees the reference samples only
+            inputs["calibration"] = self.trial.params.calibration
+        return inputs
+
+    def space_inputs(self, depth: str) -> dict[str, Any]:
+        return {"pca": self.pca_inputs(depth), "embedding_size": self.max_size,
+                "center": self.trial.params.center}
 
     # -- base model: trained once, or loaded from the space's checkpoint -------------------
 
@@ -158,37 +189,38 @@ class LESCIStages:
             self._model.eval()
         return self._model
 
-    # -- PCA at the depth, with the largest n_components of the space ----------------------
+    # -- PCA at a depth, with the largest n_components of the space ------------------------
 
-    def _fit_pca(self) -> bytes:
+    def _fit_pca(self, depth: str) -> bytes:
         # early layers take long: say how far the fit is, how fast, and how long is left
-        progress = ProgressLine(f"PCA at {self.depth} ({self.max_components} components)",
-                                len(self.splits.train), "samples", self.log)
-        return fit_pca_at_depth(self.model(), self.depth, self.splits.train,
-                                self.max_components, device=self.device,
-                                progress=progress).to_bytes()
+        progress = ProgressLine(f"PCA at {depth} ({self.max_components} components)",
+                                len(self.reference), "samples", self.log)
+        return fit_pca_at_depth(self.model(), depth, self.reference, self.max_components,
+                                device=self.device, progress=progress).to_bytes()
 
-    def pca(self, truncated: bool = True) -> StreamingPCA:
-        """The stage's PCA, truncated to the trial's n_components (unless ``truncated`` is
-        False)."""
-        n = self.trial.lesci.n_components if truncated else None
-        return StreamingPCA.from_bytes(self.cache.get("pca", self.pca_inputs, self._fit_pca, self.depth),
-                                       "PCA stage", device=self.device, n_components=n)
+    def pca(self, depth: str, truncated: bool = True) -> StreamingPCA:
+        """The PCA stage at ``depth``, truncated to the trial's n_components (unless
+        ``truncated`` is False)."""
+        n = self.trial.params.n_components if truncated else None
+        stored = self.cache.get("pca", self.pca_inputs(depth), lambda: self._fit_pca(depth),
+                                depth)
+        return StreamingPCA.from_bytes(stored, "PCA stage", device=self.device, n_components=n)
 
     # -- the embedding space of that PCA, at the largest embedding size --------------------
 
-    def _build_space(self) -> bytes:
-        return build_embedding_space(self.model(), self.depth, self.pca(truncated=False),
-                                     self.splits.train, self.max_size, device=self.device,
-                                     center=self.trial.lesci.center).to_bytes()
+    def _build_space(self, depth: str) -> bytes:
+        return build_embedding_space(self.model(), depth, self.pca(depth, truncated=False),
+                                     self.reference, self.max_size, device=self.device,
+                                     center=self.trial.params.center).to_bytes()
 
-    def embedding_space(self) -> EmbeddingSpace:
-        """The stage's space, truncated to the trial's n_components and embedding size."""
+    def embedding_space(self, depth: str) -> EmbeddingSpace:
+        """The space stage at ``depth``, truncated to the trial's n_components and embedding
+        size."""
         space = EmbeddingSpace.from_bytes(
-            self.cache.get("space", self.space_inputs, self._build_space, self.depth),
-            "embedding-space stage")
-        size = self.trial.lesci.embedding_size
-        return space.truncate(self.trial.lesci.n_components,
+            self.cache.get("space", self.space_inputs(depth), lambda: self._build_space(depth),
+                           depth), "embedding-space stage")
+        size = self.trial.params.embedding_size
+        return space.truncate(self.trial.params.n_components,
                               None if size is None else min(size, len(space)))
 
     # -- attacks on the bare base model ----------------------------------------------------

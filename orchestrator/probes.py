@@ -4,9 +4,7 @@ files (``open_dataset``), the model with its checkpoint and one forward of a val
 
 from __future__ import annotations
 
-import math
 
-from orchestrator.distributions import values_of
 
 __all__ = ["open_dataset", "check_data", "check_model", "probe_model", "model_depths"]
 
@@ -115,35 +113,8 @@ def model_depths(spec, model, shape) -> list:
                          f"failed ({type(exc).__name__}: {exc})") from None
 
 
-def check_model(spec, n_components: tuple[float, float] | None, splits=None) -> None:
-    """The model builds; every LESCI depth is one of its modules, run once per forward, with at
-    least the largest n_components dimensions; an IBP model can be bounded."""
+def check_model(spec, splits=None) -> None:
+    """The model builds, and its family can use it (``DefenseFamily.check_model``: a LESCI
+    depth is one of its modules, an IBP model can be bounded)."""
     model, shape = probe_model(spec, splits)
-    if spec.family.value == "ibp":
-        from defenses.ibp import check_bounds
-
-        try:
-            check_bounds(model, shape)
-        except ValueError as exc:
-            raise ValueError(f"model {spec.model.label}: {exc}") from None
-    if "depth" not in spec.params:
-        return
-    depths = {info.name: info for info in model_depths(spec, model, shape)}
-    for depth in values_of(spec.params["depth"]):
-        info = depths.get(depth)
-        if info is None:
-            shown = list(depths)[:12]
-            raise ValueError(f"params.depth: {depth!r} is not a depth of {spec.model.label}; "
-                             f"allowed: {', '.join(shown)}{' ...' if len(depths) > 12 else ''}"
-                             " (--list-depths lists them all)")
-        if info.shape is None:
-            raise ValueError(f"params.depth: {depth!r} ({info.module}) does not output one "
-                             "tensor")
-        if info.calls != 1:
-            raise ValueError(f"params.depth: {depth!r} ({info.module}) runs {info.calls} times "
-                             "in one forward (a module used twice); choose a module that runs "
-                             "once")
-        dims = math.prod(info.shape)
-        if n_components and n_components[1] > dims:
-            raise ValueError(f"params.n_components: {int(n_components[1])} exceeds the "
-                             f"{dims} dimensions of depth {depth!r}")
+    spec.defense.check_model(spec, model, shape)

@@ -48,9 +48,9 @@ class ConsoleProgress(tune.Callback):
     """The sweep's console: see the module docstring. Picklable (saved with Tune's state)."""
 
     def __init__(self, sweep: str, total: int, concurrent: int, optimize: dict[str, str],
-                 lesci: bool, storage_uri: str, coordinator: str | None,
+                 surface: bool, storage_uri: str, coordinator: str | None,
                  log: Callable[[str], None] = print, interval: float = 60.0):
-        self.sweep, self.total, self.optimize, self.lesci = sweep, total, optimize, lesci
+        self.sweep, self.total, self.optimize, self.surface = sweep, total, optimize, surface
         self.concurrent = concurrent
         self.storage_uri, self.coordinator, self.log = storage_uri, coordinator, log
         self.interval = interval
@@ -116,7 +116,7 @@ class ConsoleProgress(tune.Callback):
         self._last_status = time.time()
 
     def _record(self, trial, result: dict[str, Any] | None) -> None:
-        if self.lesci:
+        if self.surface:  # a trial's rows: its stored surface
             from orchestrator.storage import Storage
 
             found = Storage(self.storage_uri).get_verified(f"results/{trial.trial_id}.json")

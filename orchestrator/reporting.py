@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.params import resolve
 from orchestrator.pareto import BASE_METRICS, front_of
-from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
+from orchestrator.space import SweepSpec
 from orchestrator.storage import Storage
 
 __all__ = ["write_csv", "plot_front", "plot_surface", "log_surface", "report_front",
@@ -29,8 +29,10 @@ __all__ = ["write_csv", "plot_front", "plot_surface", "log_surface", "report_fro
 # the final evaluation's figures: test_<metric>
 TEST_PREFIX = "test_"
 # surface.csv: the trial's point, the (k, m) point, then the metrics
+# (votes: k at each depth; credibility: Deep k-NN's p-value of min_votes, from the calibration
+# split, NaN without one)
 SURFACE_COLUMNS = ("depth", "n_components", "embedding_size", "center", "k", "min_votes",
-                   "threshold")
+                   "votes", "threshold", "credibility")
 
 
 def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
@@ -170,10 +172,6 @@ class SweepResult:
     base: dict[str, float] = field(default_factory=dict)  # LESCI: the bare model, val and test
 
 
-def _row_key(row: dict[str, Any], lesci: bool) -> tuple:
-    return (row["trial_id"], int(row["k"]), int(row["min_votes"])) if lesci else (row["trial_id"],)
-
-
 def selection_gaps(front: list[dict[str, Any]], metrics: Sequence[str]
                    ) -> dict[str, tuple[float, float]]:
     """Per metric: (mean, largest) of val minus test over the front's points."""
@@ -212,8 +210,9 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         max_results=10_000)}
-    lesci = spec.family is Family.LESCI
-    required = ["hypervolume"] if lesci else spec.metric_names
+    family = spec.defense
+    surface = family.surface  # a trial's rows are its surface's points, else the trial
+    required = family.required_metrics(spec)
     rows, failed, trial_runs = [], 0, {}
     searched = spec.searched_names()
     parent_metrics: dict[str, float] = {}
@@ -233,7 +232,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         used = resolve(spec, result.config).logged()
         base = {"trial_id": trial_id, "run_id": run_id, "config": result.config,
                 "trial_dir": Path(str(result.path)).name, **{k: used.get(k) for k in searched}}
-        if not lesci:
+        if not surface:
             rows.append({**base, **{m: float(metrics[m]) for m in metric_columns(spec)
                                     if isinstance(metrics.get(m), (int, float))}})
             continue
@@ -261,7 +260,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     if evaluate_test is not None and front:
         test = evaluate_test(front)
         for row in front:
-            found = test["rows"].get(_row_key(row, lesci), {})
+            found = test["rows"].get(family.row_key(row), {})
             for key in metric_columns(spec):
                 if key in found:
                     row[TEST_PREFIX + key] = found[key]
@@ -284,21 +283,19 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                                                  for m, d in spec.optimize.items()),
                                              -r.get("k", 0), -r.get("min_votes", 0)))
             values = {k: v for k, v in row.items() if k.startswith(TEST_PREFIX)}
-            if lesci:
-                values.update({"test_point_k": row["k"], "test_point_min_votes": row["min_votes"]})
+            values.update({f"test_point_{key}": row[key] for key in family.point_keys})
             _log_metrics(client, run_id, values)
     with tempfile.TemporaryDirectory() as folder:
         csv_path = Path(folder) / "pareto_front.csv"
         tested_columns = ([f"{TEST_PREFIX}{c}" for c in metric_columns(spec)]
                           if outcome.tested else [])
         columns = ["trial_id", "run_id", *searched,
-                   *(surface_columns(spec) if lesci else metric_columns(spec)),
+                   *(surface_columns(spec) if surface else metric_columns(spec)),
                    *tested_columns, "pareto_optimal"]
         write_csv(rows, list(dict.fromkeys(columns)), csv_path)
         png_path = Path(folder) / "pareto_front.png"
-        unit = "surface points" if lesci else "trials"
         plot_front(rows, mask, spec.optimize, png_path,
-                   f"{name}: {len(front)} of {len(rows)} {unit} on the front"
+                   f"{name}: {len(front)} of {len(rows)} {family.unit} on the front"
                    + (" (val; test: triangles)" if outcome.tested else ""))
         client.log_artifact(parent_run_id, str(csv_path))
         client.log_artifact(parent_run_id, str(png_path))
@@ -315,12 +312,10 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         client.set_tag(parent_run_id, "failures", "\n".join(failures)[:5000])
         for line in failures:
             log(f"  failed: {line}")
-    if lesci:
+    if surface:
         client.log_metric(parent_run_id, "surface_points", len(rows))
     _log_metrics(client, parent_run_id, parent_metrics)
-    if not lesci and spec.attack is not None:  # which attacks ran, at what budget
-        budget = {"eps": spec.attack.eps, **spec.attack.attack_suite().described(),
-                  "robust_accuracy": "per-sample worst case of the suite, after the last epoch"}
+    budget = family.attack_budget(spec) or budget  # which attacks ran, at what budget
     if budget:
         logged = client.get_run(parent_run_id).data.params
         for key, value in budget.items():
@@ -328,7 +323,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                 client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
     client.set_terminated(parent_run_id, status="FINISHED")
     log(f"sweep {name!r}: {len(trial_runs)} finished, {failed} failed; Pareto front of "
-        f"{len(front)} of {len(rows)} {'surface points' if lesci else 'trials'}, hypervolume "
+        f"{len(front)} of {len(rows)} {family.unit}, hypervolume "
         f"{volume:.4f}" + (f" (val), {outcome.test_hypervolume:.4f} (test)"
                            if outcome.tested else " (val)"))
     return outcome
@@ -359,13 +354,8 @@ def surface_columns(spec: SweepSpec) -> list[str]:
 
 
 def reported_metrics(spec: SweepSpec) -> list[str]:
-    """The figures a trial reports with intervals: its family's, LESCI's robust ones only
-    with an attack in the space, and LESCI's gain over the bare model."""
-    if spec.family is Family.LESCI:
-        names = [m for m in FAMILY_METRICS[Family.LESCI]
-                 if spec.attack is not None or "robust" not in m]
-        return names + (["robust_gain"] if spec.attack is not None else [])
-    return list(FAMILY_METRICS[spec.family])
+    """The figures a trial reports with intervals (``DefenseFamily.reported_metrics``)."""
+    return spec.defense.reported_metrics(spec)
 
 
 def metric_columns(spec: SweepSpec, prefix: str = "") -> list[str]:
@@ -376,5 +366,5 @@ def metric_columns(spec: SweepSpec, prefix: str = "") -> list[str]:
     for name in reported_metrics(spec):
         columns += [f"{prefix}{name}", f"{prefix}{name}_ci_low", f"{prefix}{name}_ci_high"]
         columns += [f"{prefix}{name}_seed_std"] if spread else []
-    counts = ["samples", "attacked_samples"] if spec.family is Family.LESCI else ["samples"]
+    counts = spec.defense.counts()
     return columns + [f"{prefix}{c}" for c in counts]

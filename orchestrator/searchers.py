@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.distributions import DIST_TYPES, Choice, Grid, IntRange, LogUniform, Uniform
-from orchestrator.params import branch_key, objective_space
+from orchestrator.params import branch_key
 from orchestrator.space import Algorithm, SweepSpec
 
 __all__ = ["param_space", "tune_config", "DefineByRun", "sampler_of",
@@ -56,7 +56,7 @@ class DefineByRun:
 
     def __init__(self, spec: SweepSpec):
         self.searched = spec.searched()
-        self.space = objective_space(spec)
+        self.space = spec.objective_space()
 
     def __call__(self, trial) -> None:
         for key, dist in self.searched.items():
@@ -84,7 +84,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     grids = spec.grid_values()
     for key, dist in spec.searched().items():
         space[key] = tune.grid_search(grids[key]) if key in grids else _domain(dist)
-    objective_sp = objective_space(spec)
+    objective_sp = spec.objective_space()
     if objective_sp is not None and objective_sp.searched:
         if spec.search.algorithm is Algorithm.GRID:
             space["objective"] = tune.grid_search(spec.objective_grid())

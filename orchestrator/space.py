@@ -4,7 +4,7 @@ A space is validated completely before Ray starts; each problem is one line nami
 key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
 
     name: demo                      # default sweep name
-    family: lesci                   # lesci | ibp | adversarial
+    family: lesci                   # lesci | ibp | adversarial (orchestrator.families)
     dataset: {name: digits}         # root: /data/... for mnist, cifar10, tiny-imagenet,
                                     # folder (DIR/train/<class>/*, DIR/test/<class>/*;
                                     # options: {size, channels}); arrays: path: FILE.npz;
@@ -37,30 +37,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from defenses.attacks import default_alpha
 from defenses.evaluation import AttackSuite
 from defenses.trainer import TrainConfig
-from orchestrator.distributions import (DIST_TYPES, Choice, Distribution, Grid, IntRange,
-                                        LogUniform, ObjectiveSpace, Uniform, first_error,
-                                        parse_value, values_of)
-from orchestrator.params import SURFACE_PARAMS, check_params, objective_space
+from orchestrator.distributions import (DIST_TYPES, Choice, Distribution, Grid,
+                                        ObjectiveSpace, Uniform, first_error, parse_value,
+                                        values_of)
+from orchestrator.families import DefenseFamily, get_family
+from orchestrator.params import check_params
 from orchestrator import probes
 
-__all__ = ["SpaceError", "Family", "Algorithm", "SweepSpec", "load_space", "shipped_spaces",
-           "FAMILY_METRICS", "SUITE_METRICS", "Distribution", "check_sweep_name"]
+__all__ = ["SpaceError", "Algorithm", "SweepSpec", "load_space", "shipped_spaces",
+           "Distribution", "check_sweep_name"]
 
 
 class SpaceError(ValueError):
     """A search space is malformed: one line naming the file, the key and what is allowed."""
-
-
-class Family(str, enum.Enum):
-    LESCI = "lesci"
-    IBP = "ibp"
-    ADVERSARIAL = "adversarial"
 
 
 class Algorithm(str, enum.Enum):
@@ -69,19 +64,6 @@ class Algorithm(str, enum.Enum):
     RANDOM = "random"
     GRID = "grid"
 
-
-FAMILY_METRICS: dict[Family, tuple[str, ...]] = {
-    Family.LESCI: ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity",
-                   "robust_accuracy", "transfer_robust_accuracy"),
-    Family.IBP: ("nominal_accuracy", "verified_accuracy", "pgd_accuracy", "robust_accuracy",
-                 "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy"),
-    Family.ADVERSARIAL: ("nominal_accuracy", "pgd_accuracy", "robust_accuracy",
-                         "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy"),
-}
-# the training families' metrics of the attack suite, measured once, after the last epoch
-SUITE_METRICS = ("robust_accuracy", "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy")
-_REQUIRED_PARAMS = {Family.LESCI: ("depth", "n_components", "k"), Family.IBP: (),
-                    Family.ADVERSARIAL: ("objective",)}
 
 # A sweep's name is a folder of the storage and an MLflow experiment: the one rule for both
 # the space's ``name`` and ``--name``.
@@ -264,7 +246,7 @@ class SweepSpec(_Strict):
     """A validated search space (built once from the YAML; never re-read as a dict)."""
 
     name: str
-    family: Family
+    family: str  # a registered family's name (orchestrator.families)
     description: str = ""
     dataset: DatasetSpec
     model: ModelSpec
@@ -283,11 +265,24 @@ class SweepSpec(_Strict):
     def _name(cls, name: str) -> str:
         return check_sweep_name(name)
 
+    @field_validator("family")
+    @classmethod
+    def _family(cls, name: str) -> str:
+        get_family(name)
+        return name
+
     @field_validator("params")
     @classmethod
-    def _distributions(cls, params: dict[str, Any]) -> dict[str, Any]:
-        return {key: ObjectiveSpace.parse(value) if key == "objective"
-                else parse_value(f"params.{key}", value) for key, value in params.items()}
+    def _distributions(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        parsed = {key: ObjectiveSpace.parse(value) if key == "objective"
+                  else parse_value(f"params.{key}", value) for key, value in params.items()}
+        family = info.data.get("family")  # absent: the family's own error names it
+        return get_family(family).parse_params(parsed) if family else parsed
+
+    @property
+    def defense(self) -> DefenseFamily:
+        """The space's family (``orchestrator.families``): what its trials are and report."""
+        return get_family(self.family)
 
     # -- derived views ---------------------------------------------------------------------
 
@@ -302,7 +297,7 @@ class SweepSpec(_Strict):
     def _trial_params(self) -> dict[str, Any]:
         """The top-level params that vary per trial or are fixed for all (LESCI's k and
         threshold span each trial's surface; ``objective`` has its own space)."""
-        skip = (*SURFACE_PARAMS, "objective") if self.family is Family.LESCI else ("objective",)
+        skip = (*self.defense.surface_params, "objective")
         return {k: v for k, v in self.params.items() if k not in skip}
 
     def searched(self) -> dict[str, Distribution]:
@@ -314,7 +309,7 @@ class SweepSpec(_Strict):
         searched params, ``objective`` when there are several, and each objective's own
         searched parameters (run names, CSV columns)."""
         names = list(self.searched())
-        space = objective_space(self)
+        space = self.objective_space()
         if space is not None:
             if len(space.branches) > 1:
                 names.append("objective")
@@ -324,11 +319,22 @@ class SweepSpec(_Strict):
 
     @property
     def search_metrics(self) -> tuple[list[str], list[str]]:
-        """(metrics, modes) the searcher optimises: LESCI trials by the hypervolume of their
-        surface (the front is taken over every surface point), others by the metrics of ``optimize``."""
-        if self.family is Family.LESCI:
-            return ["hypervolume"], ["max"]
-        return self.metric_names, self.modes
+        """(metrics, modes) the searcher optimises (the family's choice: LESCI trials by the
+        hypervolume of their surface, others by the metrics of ``optimize``)."""
+        return self.defense.search_metrics(self)
+
+    def objective_space(self) -> ObjectiveSpace | None:
+        """The training objectives the trials choose from; None for a family without."""
+        return self.defense.objective_space(self)
+
+    def vote_depths(self) -> list[int]:
+        """LESCI: how many depths the trials' votes span (1 for single-depth LESCI)."""
+        value = self.params.get("depth")
+        if value is None:
+            return [1]
+        from orchestrator.families.lesci import DEPTH_JOIN
+
+        return sorted({len(str(v).split(DEPTH_JOIN)) for v in values_of(value)})
 
     def surface_ks(self) -> list[int]:
         """LESCI: the k values of every trial's surface (a number, a list, choice/grid values,
@@ -337,28 +343,29 @@ class SweepSpec(_Strict):
         values = value if isinstance(value, list) else self.values_of("k")
         return sorted({int(v) for v in values})
 
-    def surface_points(self) -> list[Any]:
-        """LESCI: every (k, m) point of a trial's surface, thresholds m/k restricted by
-        ``threshold``: absent, every m; a range {uniform: [lo, hi]}, every m/k inside it; a
-        number or a list, each threshold t's rule, m = ceil(t k) (t <= 0: m = 1)."""
+    def surface_points(self, depths: int = 1) -> list[Any]:
+        """LESCI: every (k, m) point of the surface of a trial voting over ``depths`` depths
+        (m = 1..depths*k), thresholds m/(depths*k) restricted by ``threshold``: absent, every
+        m; a range {uniform: [lo, hi]}, every one inside it; a number or a list, each
+        threshold t's rule, m = ceil(t * depths * k) (t <= 0: m = 1)."""
         from defenses.surface import SurfacePoint, min_votes_for, surface_points
 
         ks = self.surface_ks()
         value = self.params.get("threshold")
         if value is None:
-            return surface_points(ks)
+            return surface_points(ks, depths=depths)
         if isinstance(value, Uniform):
-            return surface_points(ks, tuple(value.uniform))
+            return surface_points(ks, tuple(value.uniform), depths)
         if isinstance(value, (Choice, Grid)):
             value = list(value.choice if isinstance(value, Choice) else value.grid)
         thresholds = value if isinstance(value, list) else [value]
-        return sorted({SurfacePoint(k, min_votes_for(float(t), k))
+        return sorted({SurfacePoint(k, min_votes_for(float(t), depths * k), depths)
                        for k in ks for t in thresholds})
 
     @property
     def grid_only(self) -> bool:
         """Each combination runs once: the grid algorithm, or nothing to search."""
-        space = objective_space(self)
+        space = self.objective_space()
         return self.search.algorithm is Algorithm.GRID or not (
             self.searched() or (space is not None and space.searched))
 
@@ -373,7 +380,7 @@ class SweepSpec(_Strict):
     def objective_grid(self) -> list[dict[str, Any]]:
         """Under the grid algorithm, every (objective, its own values) combination as one
         dict ``{"objective": name, param: value, ...}``; else one dict per objective."""
-        space = objective_space(self)
+        space = self.objective_space()
         if space is None:
             return []
         out = []
@@ -390,7 +397,7 @@ class SweepSpec(_Strict):
         """Trials the sweep runs: every grid combination (an objective's own grid values
         combined with that objective only), times num_samples unless grid_only."""
         combinations = math.prod(len(v) for v in self.grid_values().values())
-        if self.search.algorithm is Algorithm.GRID and objective_space(self) is not None:
+        if self.search.algorithm is Algorithm.GRID and self.objective_space() is not None:
             combinations *= len(self.objective_grid())
         return combinations * (1 if self.grid_only else self.search.num_samples)
 
@@ -466,10 +473,10 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
     except TypeError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     try:
-        n_components = _check_semantics(spec)
+        _check_semantics(spec)
         splits = probes.open_dataset(spec) if check_data else None  # read once
         if check_model:
-            probes.check_model(spec, n_components, splits)
+            probes.check_model(spec, splits)
         if check_data:
             probes.check_data(spec, splits)
     except ValueError as exc:
@@ -481,45 +488,23 @@ def load_space(name_or_path: str | Path, smoke_test: bool = False,
 # checks that need more than types: families, metric names, algorithms, LESCI's surface
 
 
-def _check_semantics(spec: SweepSpec) -> tuple[float, float] | None:
-    """Everything but files and models; returns LESCI's range of n_components."""
-    family = spec.family
-    for key in _REQUIRED_PARAMS[family]:
+def _check_semantics(spec: SweepSpec) -> None:
+    """Everything but files and models."""
+    family = spec.defense
+    for key in family.required_params:
         if key not in spec.params:
-            raise ValueError(f"params.{key}: required for family {family.value!r}")
+            raise ValueError(f"params.{key}: required for family {family.name!r}")
     check_params(spec)
-    metrics = FAMILY_METRICS[family]
     for metric in spec.optimize:
-        if metric not in metrics:
-            raise ValueError(f"optimize.{metric}: not a metric of family {family.value!r}; "
-                             f"allowed: {', '.join(metrics)}")
+        if metric not in family.metrics:
+            raise ValueError(f"optimize.{metric}: not a metric of family {family.name!r}; "
+                             f"allowed: {', '.join(family.metrics)}")
         if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
             raise ValueError(f"optimize.{metric}: needs an attack (attack: {{eps: ...}})")
-    if spec.attack is not None:  # keys of the other family's attacks would be ignored
-        # (a value other than the default: a full dump of a spec, as_dict, loads again)
-        attack = spec.attack
-        lesci_only = {k for k, changed in (("apgd", attack.apgd != APGDSpec()),
-                                           ("samples", attack.samples is not None)) if changed}
-        training_only = {"suite"} if attack.suite != SuiteSpec() else set()
-        if family is Family.LESCI and training_only:
-            raise ValueError("attack.suite: the training families' suite; LESCI's attacks on "
-                             "the vote are set under attack.apgd")
-        if family is not Family.LESCI and lesci_only:
-            raise ValueError(f"attack.{sorted(lesci_only)[0]}: LESCI only; the training "
-                             "families' suite is set under attack.suite (apgd_steps, "
-                             "apgd_restarts, targets, square_queries, square_restarts)")
-    if spec.scheduler == "asha":
-        if len(spec.optimize) > 1:
-            raise ValueError("scheduler: asha takes one metric to optimize; early-stopped trials would "
-                             "pollute a multi-objective Pareto front (use none)")
-        if family is Family.LESCI:
-            raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "
-                             "report once (use none)")
-        suite = [m for m in spec.optimize if m in SUITE_METRICS]
-        if suite:
-            raise ValueError(f"optimize.{suite[0]}: measured once, after the last epoch, so "
-                             "scheduler asha cannot compare trials by it; optimize a per-epoch "
-                             "metric (pgd_accuracy, verified_accuracy) or use scheduler none")
+    if spec.scheduler == "asha" and len(spec.optimize) > 1:
+        raise ValueError("scheduler: asha takes one metric to optimize; early-stopped trials "
+                         "would pollute a multi-objective Pareto front (use none)")
+    family.check(spec)
     _check_algorithm(spec)
     from defenses.data import EMBEDDED, DatasetName
     from defenses.models import ModelName
@@ -548,18 +533,13 @@ def _check_semantics(spec: SweepSpec) -> tuple[float, float] | None:
             raise ValueError(f"model.name: unknown model {spec.model.name!r}; allowed: "
                              f"{', '.join(m.value for m in ModelName)} (or your own: "
                              "model.factory)") from None
-    n_components = _check_lesci(spec) if family is Family.LESCI else None
-    if family is not Family.LESCI and spec.attack is None:
-        raise ValueError(f"attack: family {family.value!r} needs an evaluation attack "
-                         "(attack: {eps: ...})")
-    return n_components
 
 
 def _check_algorithm(spec: SweepSpec) -> None:
     """Grid values need the grid or random algorithm; the grid algorithm needs finite values
     everywhere, an objective's own parameters included."""
     algorithm = spec.search.algorithm
-    space = objective_space(spec)
+    space = spec.objective_space()
     searched = dict(spec.searched())
     if space is not None:
         searched.update({f"objective.{name}.{k}": v for name, own in space.branches.items()
@@ -582,57 +562,3 @@ def _check_algorithm(spec: SweepSpec) -> None:
     if grids and algorithm is not Algorithm.RANDOM:
         raise ValueError(f"search.algorithm: grid values need algorithm grid or random, got "
                          f"{algorithm.value}")
-
-
-def _values(spec: SweepSpec, key: str) -> list[Any]:
-    values = spec.values_of(key)
-    return list(values) if isinstance(values, list) else []
-
-
-def _number_range(spec: SweepSpec, key: str) -> tuple[float, float] | None:
-    values = spec.values_of(key)
-    if values is None:
-        return None
-    if isinstance(values, tuple):
-        return values
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"params.{key}: expected numbers, got {values}")
-    return min(values), max(values)
-
-
-def _check_lesci(spec: SweepSpec) -> tuple[float, float] | None:
-    """LESCI's surface and sizes; returns the range of n_components."""
-    k_value = spec.params["k"]
-    if isinstance(k_value, (Uniform, LogUniform)):
-        raise ValueError("params.k: the surface needs whole numbers: a number, a list, "
-                         "{grid: [...]}, {choice: [...]} or {int: [lo, hi]} (every integer)")
-    raw_ks = (k_value if isinstance(k_value, list) else spec.values_of("k"))
-    if not raw_ks or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                             and float(v).is_integer() and v >= 1 for v in raw_ks):
-        raise ValueError(f"params.k: must be whole numbers >= 1, got {raw_ks}")
-    threshold = spec.params.get("threshold")
-    if isinstance(threshold, (LogUniform, IntRange)):
-        raise ValueError("params.threshold: a number, a list, {choice/grid: [...]} or a range "
-                         "{uniform: [lo, hi]}")
-    if isinstance(threshold, Uniform):
-        high = threshold.uniform[1]
-    else:
-        values = (threshold if isinstance(threshold, list) else _values(spec, "threshold")
-                  if threshold is not None else [])
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"params.threshold: expected numbers, got {values}")
-        high = max(values, default=1.0)
-    if high > 1:
-        raise ValueError(f"params.threshold: must be <= 1 (a vote fraction; <= 0 means always "
-                         f"project), got max {high}")
-    try:
-        spec.surface_points()
-    except ValueError as exc:
-        raise ValueError(f"params.threshold: {exc}") from None
-    n_components = _number_range(spec, "n_components")
-    size = _number_range(spec, "embedding_size")
-    k_max = max(spec.surface_ks())
-    if size and size[0] < k_max:
-        raise ValueError(f"params.embedding_size: {int(size[0])} is smaller than the largest "
-                         f"k ({k_max})")
-    return n_components

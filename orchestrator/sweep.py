@@ -20,7 +20,7 @@ from orchestrator.holdout import evaluate_front
 from orchestrator.progress import ConsoleProgress
 from orchestrator.reporting import SweepResult, report_front, surface_columns
 from orchestrator.searchers import param_space, tune_config
-from orchestrator.space import SUITE_METRICS, Family, SpaceError, SweepSpec
+from orchestrator.space import SpaceError, SweepSpec
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
 from orchestrator.tracking import (MLflowTracking, ensure_experiment, ensure_parent_run,
@@ -149,13 +149,13 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
         experiment_id = ensure_experiment(client, name)
         parent_run_id = ensure_parent_run(
             client, experiment_id, name,
-            params={"space": spec.name, "family": spec.family.value,
+            params={"space": spec.name, "family": spec.family,
                     "dataset": spec.dataset.name, "model": spec.model.label,
                     "optimize": json.dumps(spec.optimize),
                     "algorithm": spec.search.algorithm.value,
                     "num_samples": str(spec.search.num_samples),
                     "storage": redact(storage_root.uri)},
-            tags={"family": spec.family.value})
+            tags={"family": spec.family})
         if resume and not restore:
             _forget_lost_trials(client, experiment_id, parent_run_id,
                                 redact(storage_root.uri), log)
@@ -180,12 +180,12 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                                    param_space=param_space(spec))
     else:
         surfaces = ((sweep_storage.uri, surface_columns(spec))
-                    if spec.family is Family.LESCI else None)
+                    if spec.defense.surface else None)
         callbacks = [MLflowTracking(mlflow_uri, experiment_id, parent_run_id, name, spec,
                                     surfaces),
                      ConsoleProgress(name, spec.trial_count, spec.search.max_concurrent,
                                      spec.optimize,
-                                     spec.family is Family.LESCI, sweep_storage.uri,
+                                     spec.defense.surface, sweep_storage.uri,
                                      coordinator_name(name), log)]
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec), tune_config=tune_config(spec),
@@ -196,8 +196,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                 callbacks=[*callbacks, TrialsEnded(name)], verbose=1 if verbose else 0))
     start = time.perf_counter()
     _ENDED_AFTER_STEP.pop(name, None)
-    with _lenient_metrics(spec.family is not Family.LESCI and
-                          any(m in SUITE_METRICS for m in spec.optimize)):
+    with _lenient_metrics(spec.defense.lenient_metrics(spec)):
         grid = tuner.fit()
     log(f"sweep {name!r}: trials ran for {time.perf_counter() - start:.1f} s")
     # Tune catches Ctrl-C itself, saves its state, stops the trials (TERMINATED, like finished

@@ -393,7 +393,7 @@ class MLflowTracking(tune.Callback):
         self.parent_run_id = parent_run_id
         self.sweep = sweep
         self.spec_json = spec.as_dict()  # plain data: the callback is saved with Tune's state
-        self.family = spec.family.value
+        self.family = spec.family
         self.searched = spec.searched_names()
         self.metric_names = spec.metric_names
         self._spec = spec

@@ -27,29 +27,29 @@ from defenses.intervals import paired_difference, rate_interval
 from defenses.evaluation import evaluate_robustness
 from defenses.embedding_space import EmbeddingSpace
 from defenses.lesci_attack import LESCIDecision, attack_surface
-from defenses.surface import SurfacePoint, surface_metrics
+from defenses.surface import SurfacePoint, credibility, surface_metrics
 from defenses.trainer import Trainer
 from orchestrator.lesci_stages import LESCIStages, space_model, split_tensors
 from orchestrator.params import Trial, resolve
 from orchestrator.progress import ProgressLine
 from orchestrator.pareto import BASE_METRICS, front_of
-from orchestrator.space import FAMILY_METRICS, Family, SweepSpec
+from orchestrator.space import SweepSpec
 from orchestrator.stages import StageCache, coordinator_name
 from orchestrator.storage import Storage
 
 # sample counts behind a figure's interval: the same for every seed
-COUNTS = ("samples", "attacked_samples")
+COUNTS = ("samples", "attacked_samples", "calibration_samples")
 
 __all__ = ["make_trainable", "lesci_trial", "training_trial", "lesci_surface",
            "lesci_decision", "surface_rows", "attack_progress", "operating_point",
            "limit_threads", "newest_checkpoint", "trial_models", "repeat_trials",
            "over_seeds", "lesci_figures", "evaluate_training", "base_figures", "COUNTS",
-           "console", "sweep_coordinator", "setup"]
+           "console", "sweep_coordinator", "setup", "calibrated"]
 
 
 def make_trainable(spec: SweepSpec, sweep_storage: Storage):
-    fn = lesci_trial if spec.family is Family.LESCI else training_trial
-    bound = tune.with_parameters(fn, spec_json=spec.as_dict(), storage_uri=sweep_storage.uri)
+    bound = tune.with_parameters(spec.defense.trainable(), spec_json=spec.as_dict(),
+                                 storage_uri=sweep_storage.uri)
     return tune.with_resources(bound, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
@@ -252,17 +252,36 @@ def base_figures(attacks: dict[str, Any]) -> dict[str, float]:
 
 def lesci_decision(spec: SweepSpec, trial: Trial, splits: Splits, device, cache: StageCache,
                    log: Callable[[str], None], k_max: int
-                   ) -> tuple[LESCIStages, LESCIDecision, EmbeddingSpace]:
-    """A trial's LESCI decision from the sweep's shared stages (base model, PCA, embedding
-    space), with its stages (for the bare model's attacks) and its embedding space."""
+                   ) -> tuple[LESCIStages, LESCIDecision, list[EmbeddingSpace]]:
+    """A trial's LESCI decision from the sweep's shared stages (base model, and a PCA and an
+    embedding space per depth), with its stages (for the bare model's attacks and the
+    calibration split) and its embedding spaces."""
     stages = LESCIStages(spec, trial, splits, device, cache, log=log)
-    model, pca, space = stages.model(), stages.pca(), stages.embedding_space()
-    if k_max > len(space):
-        raise ValueError(f"k={k_max} exceeds the embedding space's {len(space)} samples")
-    params = trial.lesci
-    decision = LESCIDecision(model, params.depth, pca, space, k_max, center=params.center,
+    model = stages.model()
+    pcas = [stages.pca(depth) for depth in stages.depths]
+    spaces = [stages.embedding_space(depth) for depth in stages.depths]
+    for depth, space in zip(stages.depths, spaces):
+        if k_max > len(space):
+            raise ValueError(f"k={k_max} exceeds the {len(space)} samples of the embedding "
+                             f"space at {depth!r}")
+    params = trial.params
+    decision = LESCIDecision(model, stages.depths, pcas, spaces, k_max, center=params.center,
                              num_classes=splits.num_classes)
-    return stages, decision, space
+    return stages, decision, spaces
+
+
+def calibrated(decision: LESCIDecision, calibration: Dataset | None,
+               points: list[SurfacePoint], device) -> tuple[list[float], int]:
+    """(each point's credibility, the calibration's size): Deep k-NN's p-value of the point's
+    m votes among the calibration samples' true-label totals (``defenses.surface.
+    credibility``); NaN without a calibration split."""
+    ks = sorted({p.k for p in points})
+    if calibration is None:
+        return credibility(torch.zeros(0, len(ks)), ks, points).tolist(), 0
+    x, y = split_tensors(calibration)
+    totals = torch.cat([decision.true_totals(xb.to(device), yb.to(device), ks).cpu()
+                        for xb, yb in zip(x.split(512), y.split(512))])
+    return credibility(totals, ks, points).tolist(), len(y)
 
 
 def attack_progress(spec: SweepSpec, data: Dataset, label: str,
@@ -283,12 +302,13 @@ def attack_progress(spec: SweepSpec, data: Dataset, label: str,
 def surface_rows(trial: Trial, space_size: int, points: list[SurfacePoint],
                  metrics: dict[str, list[float]]) -> list[dict[str, Any]]:
     """One row per point: the trial's LESCI parameters, the point, its figures."""
-    params = trial.lesci
+    params = trial.params
     rows = []
     for i, point in enumerate(points):
         row = {"depth": params.depth, "n_components": params.n_components,
                "embedding_size": space_size, "center": params.center, "k": point.k,
-               "min_votes": point.min_votes, "threshold": point.threshold}
+               "min_votes": point.min_votes, "votes": point.votes,
+               "threshold": point.threshold}
         row.update({name: values[i] for name, values in metrics.items()})
         rows.append(row)
     return rows
@@ -298,24 +318,27 @@ def lesci_figures(spec: SweepSpec, trial: Trial, points: list[SurfacePoint], spl
                   split: str, device, cache: StageCache, log: Callable[[str], None]
                   ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, float], int]:
     """A LESCI trial's figures at ``points`` on ``split`` (``val`` while searching, ``test``
-    in the final evaluation), over its seeds (``search.repeats``): (metrics per point, the
-    attack budget, the bare model's figures, the embedding space's size)."""
+    in the final evaluation), over its seeds (``search.repeats``): (metrics per point, with
+    each point's ``credibility`` and the ``calibration_samples`` behind it; the attack budget;
+    the bare model's figures; the smallest of its embedding spaces' sizes)."""
     runs, bases, budget, size = [], [], {}, 0
     seeded = repeat_trials(spec, trial)
     for r, one in enumerate(seeded):
-        stages, decision, space = lesci_decision(spec, one, splits, device, cache, log,
-                                                 max(p.k for p in points))
+        stages, decision, spaces = lesci_decision(spec, one, splits, device, cache, log,
+                                                  max(p.k for p in points))
         attacks = stages.attacks(split)
         seed = f", seed {one.training.seed}" if len(seeded) > 1 else ""
         where = "" if split == "val" else f" ({split})"
         progress = attack_progress(spec, getattr(splits, split),
-                                   f"attacks on the vote at {one.lesci.depth}{where}{seed}", log)
+                                   f"attacks on the vote at {one.params.depth}{where}{seed}", log)
         metrics, budget = lesci_surface(spec, decision, points, getattr(splits, split),
                                         attacks, device, progress, generator_seed=1 + r)
+        metrics["credibility"], n_cal = calibrated(decision, stages.calibration, points, device)
+        metrics["calibration_samples"] = [n_cal] * len(points)
         runs.append(metrics)
         if attacks is not None:
             bases.append(base_figures(attacks))
-        size = len(space)
+        size = min(len(space) for space in spaces)
     return over_seeds(runs), budget, over_seeds(bases) if bases else {}, size
 
 
@@ -329,7 +352,7 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
         return
     spec, splits, device = setup(spec_json)
     trial = resolve(spec, config)
-    points = spec.surface_points()
+    points = spec.surface_points(len(trial.params.depths))
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
                                                 _stage_cache(storage, log), log)
     rows = surface_rows(trial, size, points, metrics)
@@ -410,9 +433,9 @@ def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, se
     its 95% interval."""
     attack = spec.attack
     evaluated = evaluate_robustness(model, data, attack.eps, attack.steps, attack.alpha,
-                                    attack.restarts, verify=spec.family is Family.IBP, seed=seed,
+                                    attack.restarts, verify=spec.defense.verifies, seed=seed,
                                     suite=attack.attack_suite() if final else None)
-    metrics = {k: float(v) for k, v in evaluated.items() if k in FAMILY_METRICS[spec.family]}
+    metrics = {k: float(v) for k, v in evaluated.items() if k in spec.defense.metrics}
     return with_intervals(metrics, len(data)) if final else metrics
 
 
@@ -425,7 +448,7 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         torch.manual_seed(one.training.seed)
         # from the space's checkpoint, when it has one: fine-tuning
         model = space_model(spec, splits, weights=True)
-        trainers.append(Trainer(model, splits.train, one.training, one.objective.build(),
+        trainers.append(Trainer(model, splits.train, one.training, one.params.build(),
                                 device=device))
     newest = newest_checkpoint(Storage(storage_uri).child(
         tune.get_context().get_storage().trial_dir_name))

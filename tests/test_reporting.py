@@ -30,7 +30,7 @@ def test_progress_lines_say_rate_and_time_left():
 def test_status_line_counts_the_ending_trial_and_estimates_time_left():
     lines = []
     console = ConsoleProgress("s", total=4, concurrent=2, optimize={"a": "max", "b": "max"},
-                              lesci=False, storage_uri="/nowhere", coordinator=None,
+                              surface=False, storage_uri="/nowhere", coordinator=None,
                               log=lines.append)
     console.setup()
     done = SimpleNamespace(trial_id="t1", status="TERMINATED",

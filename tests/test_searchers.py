@@ -51,7 +51,7 @@ def test_grid_runs_each_objective_with_its_own_values_only(tmp_path):
     assert all("mix" not in g for g in grid if g["objective"] != "fgsm")
     assert len(grid) == 6
     trial = resolve(spec, {"objective": {"objective": "pgd", "steps": 4}, "lr": 0.1})
-    assert trial.objective == PGDParams(eps=0.1, alpha=0.02, steps=4)
+    assert trial.params == PGDParams(eps=0.1, alpha=0.02, steps=4)
     assert trial.training.lr == 0.1 and trial.training.epochs == 3
 
 
@@ -62,7 +62,7 @@ def test_random_search_draws_each_objectives_values_under_its_own_name(tmp_path)
     assert isinstance(domains["objective"], tune.search.sample.Categorical)
     assert set(domains) == {"objective", "pgd.steps", "fgsm.mix", "lr"}
     trial = resolve(spec, {"objective": "fgsm", "pgd.steps": 2, "fgsm.mix": 0.75, "lr": 0.01})
-    assert trial.objective == FGSMParams(eps=0.1, mix=0.75)  # pgd.steps is not fgsm's
+    assert trial.params == FGSMParams(eps=0.1, mix=0.75)  # pgd.steps is not fgsm's
 
 
 def test_optuna_draws_only_the_chosen_objectives_parameters(tmp_path):
@@ -78,7 +78,7 @@ def test_optuna_draws_only_the_chosen_objectives_parameters(tmp_path):
         own = {k for k in trial.params if "." in k}
         assert own == {"pgd": {"pgd.steps"}, "fgsm": {"fgsm.mix"}, "standard": set()}[name]
         typed = resolve(spec, trial.params)
-        assert typed.objective.objective == name
+        assert typed.params.objective == name
         study.tell(trial, 0.5)
     assert seen == {"pgd", "fgsm", "standard"}
 
@@ -104,7 +104,7 @@ def test_fixed_single_objective_takes_top_level_parameters(tmp_path):
     spec = space(tmp_path, params={"objective": "pgd", "eps": 0.1, "steps": 3})
     assert "standard" not in spec.params["objective"].branches
     assert spec.trial_count == 1 and spec.searched_names() == []
-    assert resolve(spec, {}).objective == PGDParams(eps=0.1, steps=3)
+    assert resolve(spec, {}).params == PGDParams(eps=0.1, steps=3)
 
 
 def _noop(config):

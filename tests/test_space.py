@@ -62,7 +62,7 @@ BAD = [
     ("empty file", variant(raw=""), r"empty file"),
     ("a list", variant(raw="- 1\n- 2\n"), r"expected a mapping at the top level"),
     ("unknown top key", variant({"budget": 3}), r"budget: Extra inputs are not permitted"),
-    ("unknown family", variant({"family": "crown"}), r"family: Input should be 'lesci', 'ibp'"),
+    ("unknown family", variant({"family": "crown"}), r"family: unknown family 'crown'; allowed: lesci, ibp, adversarial"),
     ("bad name", variant({"name": "a b/c"}), r"name: use letters, digits"),
     ("name with ..", variant({"name": "a..b"}), r"name: use letters, digits, '-', '_' and single"),
     ("unknown dataset", variant({"dataset.name": "imagenet"}),

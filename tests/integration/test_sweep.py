@@ -21,8 +21,8 @@ def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Pareto front of" in done.stdout
     assert f"{spec.trial_count} trial(s)" in done.stdout
-    client, parent, children = check_tracked(uri, "smoke", spec.family.value, spec.trial_count)
-    if spec.family.value != "lesci":  # training trials log one step per epoch
+    client, parent, children = check_tracked(uri, "smoke", spec.family, spec.trial_count)
+    if spec.family != "lesci":  # training trials log one step per epoch
         history = client.get_metric_history(children[0].info.run_id, spec.metric_names[0])
         assert [m.step for m in history] == list(range(1, spec.training.epochs + 1))
 

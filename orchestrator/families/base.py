@@ -1,0 +1,115 @@
+"""The interface every defense family implements: one object per family, looked up by name.
+
+The rest of ``orchestrator/`` never asks which family a space is; it asks the family:
+its parameter model (``check_params``, ``trial_params``), what it reports (``metrics``,
+``reported_metrics``, ``counts``, ``surface``), what it needs (``required_params``, ``check``,
+``check_model``), how a trial runs (``trainable``) and how a front trial is evaluated on the
+test split (``test_item``, ``evaluate_test``). A new family is a module with a subclass and
+one ``register`` call (``orchestrator.families``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["DefenseFamily"]
+
+
+class DefenseFamily:
+    """A defense family. Class attributes describe it; methods take the validated space
+    (``orchestrator.space.SweepSpec``) as ``spec``."""
+
+    name: str = ""
+    # every metric a trial reports, in the order tables show them (``optimize`` picks from
+    # these); their direction is the space's choice (max/min) in ``optimize``
+    metrics: tuple[str, ...] = ()
+    required_params: tuple[str, ...] = ()
+    # True: a trial reports a surface of operating points (one row each, stored with its
+    # result as results/<trial>.json); False: one row per trial, its last reported figures
+    surface: bool = False
+    # what names one row of a trial's surface beside its trial (empty without a surface)
+    point_keys: tuple[str, ...] = ()
+    # what the front's rows are, in sentences
+    unit: str = "finished trials"
+    # params that span every trial's surface instead of being searched
+    surface_params: tuple[str, ...] = ()
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def parse_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The space's ``params`` (distributions parsed) in the family's canonical form."""
+        return params
+
+    def check_params(self, spec) -> None:
+        """Every family key of ``params`` applies, and every value a searcher can draw is
+        accepted by the family's typed models (``ValueError`` naming the key otherwise); the
+        training fields are checked by ``orchestrator.params.check_params``."""
+        raise NotImplementedError
+
+    def trial_params(self, spec, config: dict[str, Any]):
+        """The family's typed parameters of the trial whose Tune config is ``config``."""
+        raise NotImplementedError
+
+    def objective_space(self, spec):
+        """The training objectives the trials choose from (``ObjectiveSpace``), or None."""
+        return None
+
+    def search_metrics(self, spec) -> tuple[list[str], list[str]]:
+        """(metrics, modes) the searcher optimises: those of ``optimize`` by default."""
+        return spec.metric_names, spec.modes
+
+    # -- checks before Ray starts ----------------------------------------------------------
+
+    def check(self, spec) -> None:
+        """What the family needs of a space beyond its parameters (``ValueError`` naming
+        the key)."""
+
+    def check_model(self, spec, model, input_shape) -> None:
+        """What the family needs of the model (``ValueError`` naming it)."""
+
+    # -- what a trial reports ----------------------------------------------------------------
+
+    def reported_metrics(self, spec) -> list[str]:
+        """The figures a trial reports with their 95% intervals."""
+        return list(self.metrics)
+
+    def counts(self) -> list[str]:
+        """The sample counts behind the intervals."""
+        return ["samples"]
+
+    def required_metrics(self, spec) -> list[str]:
+        """What a finished trial must report (missing or NaN: the trial failed)."""
+        return spec.metric_names
+
+    def lenient_metrics(self, spec) -> bool:
+        """True when an optimized metric is reported only at a trial's end, so Tune must not
+        require it of every intermediate result."""
+        return False
+
+    def describe(self, spec) -> str:
+        """What each trial evaluates, for the console's first line ("" for nothing more)."""
+        return ""
+
+    def attack_budget(self, spec) -> dict[str, Any]:
+        """The attack budget the parent run logs, known from the space alone ({} if the
+        trials report it)."""
+        return {}
+
+    def row_key(self, row: dict[str, Any]) -> tuple:
+        """A front row's identity: its trial, and its point on the trial's surface."""
+        return (row["trial_id"], *(int(row[k]) for k in self.point_keys))
+
+    # -- running ---------------------------------------------------------------------------
+
+    def trainable(self) -> Callable[..., None]:
+        """The Tune function trainable: ``fn(config, spec_json, storage_uri)``."""
+        raise NotImplementedError
+
+    def test_item(self, item: dict[str, Any], row: dict[str, Any]) -> None:
+        """Add a front row to its trial's test-split work item (``orchestrator.holdout``)."""
+
+    def evaluate_test(self, spec, splits, device, cache, log, item: dict[str, Any],
+                      storage) -> dict[str, Any]:
+        """One front trial's figures on the test split: ``{"rows": [...], "base": ...,
+        "budget": ...}`` with a surface, else ``{"metrics": {...}}``."""
+        raise NotImplementedError
