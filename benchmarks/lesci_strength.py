@@ -23,13 +23,20 @@ Every adversarial example counts only if it lies in the eps-ball and fools the r
 stronger attack fooled it. The table gives both robust accuracies, their gap (default - strong)
 and the wall time of each, and, per point, how many extra samples each attack found.
 
-Everything else is the demo space's (``search_spaces/demo.yaml``), read from it so the two
-cannot drift apart: the base model (trained as the sweep trains it, cached under ``--cache``),
-n_components, the surface's (k, m) points, eps, the attacked samples (``--split``), the bare
-model's attacks (``orchestrator.lesci_stages.craft_transfer_set``) and the default suite's
-budget (``attack.apgd``; each ``--default-*`` option overrides one).
+Several depths (``--space lesci_depths``, a depth such as ``stem+layer1``): the vote sums each
+depth's k nearest neighbours (SPEC.md section 1.10); the exact attacks use the library's margin
+of the summed vote, and ``lse`` an independent softening of it: every (j_1, ..., j_L) with
+j_1 + ... + j_L = n is enumerated, instead of the library's (max, min) recursion.
+
+Everything else is the space's (``--space``, default ``search_spaces/demo.yaml``), read from it
+so the two cannot drift apart: the base model (trained as the sweep trains it, cached under
+``--cache``), n_components, the calibration split held out of the embedding spaces, the
+surface's (k, m) points, eps, the attacked samples (``--split``), the bare model's attacks
+(``orchestrator.lesci_stages.craft_transfer_set``) and the default suite's budget
+(``attack.apgd``; each ``--default-*`` option overrides one).
 
     python -m benchmarks.lesci_strength --depths stem,layer1,pool
+    python -m benchmarks.lesci_strength --space lesci_depths --depths stem+layer1,stem
     python -m benchmarks.lesci_strength --depths stem --smoke-test   # < 60 s
     python -m benchmarks.lesci_strength --split test    # the test samples of the final report
     # the earlier default suite (one warm start from base_apgd, a random restart, no smoothing):
@@ -42,6 +49,8 @@ CPU, one thread by default (``--threads``).
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,21 +59,28 @@ from typing import Callable
 
 import torch
 
-import io
-
 from defenses.attacks import apgd
 from defenses.embedding_space import build_embedding_space
 from defenses.lesci import fit_pca_at_depth
-from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
-                                   projection_margins)
+from defenses.lesci_attack import (LESCIDecision, VoteSuite, attack_surface, count_margins,
+                                   model_margin)
 from defenses.checkpoints import checkpoint_bytes, load_checkpoint
 from defenses.surface import SurfacePoint, surface_decisions
-from orchestrator.lesci_stages import craft_transfer_set, split_tensors, train_base_model
-from orchestrator.space import load_space
+from orchestrator.lesci_stages import (calibration_split, craft_transfer_set, split_tensors,
+                                       train_base_model)
+from orchestrator.loading import load_space
 
+# the space whose sweep is re-attacked (--space; set by main before anything else runs)
 DEMO = load_space("demo", check_model=False)
 EPS = DEMO.attack.eps
 N_COMPONENTS = int(DEMO.values_of("n_components")[0])
+
+
+def use_space(name: str) -> None:
+    global DEMO, EPS, N_COMPONENTS
+    DEMO = load_space(name, check_model=False)
+    EPS = DEMO.attack.eps
+    N_COMPONENTS = int(DEMO.values_of("n_components")[0])
 # "certainly true" inside the soft min/max (any margin of similarities is far below it)
 CERTAIN = 8.0
 STRONG_ATTACKS = ("rand", "xfer", "tgt", "lse")
@@ -116,9 +132,14 @@ def load_base_model(splits, cache: Path) -> torch.nn.Module:
 
 
 def build_decision(model, splits, depth: str, k_max: int) -> LESCIDecision:
-    pca = fit_pca_at_depth(model, depth, splits.train, N_COMPONENTS)
-    space = build_embedding_space(model, depth, pca, splits.train)
-    return LESCIDecision(model, depth, pca, space, k_max=k_max)
+    """The space's decision at ``depth`` (several: "stem+layer1"), each depth's PCA and
+    embedding space built from the training split less the space's calibration split."""
+    calibration = DEMO.params.get("calibration")
+    reference, _ = calibration_split(splits.train, calibration, DEMO.dataset.split_seed)
+    depths = depth.split("+")
+    pcas = [fit_pca_at_depth(model, d, reference, N_COMPONENTS) for d in depths]
+    spaces = [build_embedding_space(model, d, p, reference) for d, p in zip(depths, pcas)]
+    return LESCIDecision(model, depths, pcas, spaces, k_max=k_max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,9 +157,10 @@ def attack_pool(model, data) -> dict[str, torch.Tensor]:
 def default_suite(decision, x, y, points, pool, args) -> tuple[torch.Tensor, float]:
     """(robust [q, P] bool, seconds) of one ``attack_surface`` call as the sweep makes it."""
     start = time.perf_counter()
-    result = attack_surface(decision, x, y, points, EPS, steps=args.default_steps,
-                            restarts=args.default_restarts, targets=args.default_targets,
-                            smooth=args.default_smooth, group=args.default_group, pool=pool,
+    suite = VoteSuite(steps=args.default_steps, restarts=args.default_restarts,
+                      targets=args.default_targets, smooth=args.default_smooth,
+                      group=args.default_group)
+    result = attack_surface(decision, x, y, points, EPS, suite, pool=pool,
                             starts=tuple(args.default_starts.split(",")),
                             generator=torch.Generator().manual_seed(1))
     return result.robust(), time.perf_counter() - start
@@ -160,9 +182,26 @@ def _soft_cummin(x: torch.Tensor, dim: int, tau: float) -> torch.Tensor:
     return -tau * torch.logcumsumexp(-x / tau, dim=dim)
 
 
-def soft_projection_margin(class_tops, other_tops, k: int, m: int, tau: float) -> torch.Tensor:
-    """``projection_margins(..., k, m)`` [b, C] with every max/min a log-sum-exp at ``tau``."""
-    g = class_tops[:, :, :k] - other_tops[:, :, :k].flip(-1)
+def soft_totals(gs: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """[b, C, L*k]: soft "at least n of the summed votes are for c", n = 1..L*k: a soft max
+    over every (j_1, ..., j_L) with sum n of the soft min of g^l(j_l) (g^l(0): certain),
+    enumerated (the library recurses instead). One depth: g itself."""
+    if len(gs) == 1:
+        return gs[0]
+    k = gs[0].shape[2]
+    with_zero = [torch.cat([torch.full_like(g[:, :, :1], CERTAIN), g], dim=2) for g in gs]
+    tuples = torch.tensor(list(itertools.product(range(k + 1), repeat=len(gs))))  # [T, L]
+    mins = _softmin(torch.stack([g[:, :, tuples[:, l]] for l, g in enumerate(with_zero)]),
+                    0, tau)  # [b, C, T]
+    sums = tuples.sum(1)
+    return torch.stack([_softmax_(mins[:, :, sums == n], 2, tau)
+                        for n in range(1, len(gs) * k + 1)], dim=2)
+
+
+def soft_projection_margin(gs: list[torch.Tensor], m: int, tau: float) -> torch.Tensor:
+    """The projection margin at (k, m) [b, C] of the summed vote of the depths' count margins
+    ``gs`` (each [b, C, k]), with every max/min a log-sum-exp at ``tau``."""
+    g = soft_totals(gs, tau)
     certain = torch.full_like(g[:, :1], CERTAIN)
     lower = torch.cat([certain, _soft_cummin(-g[:, :-1], 1, tau)], dim=1)
     shifted = torch.cat([-g[:, :, 1:], torch.full_like(g[:, :, :1], CERTAIN)], dim=2)
@@ -183,8 +222,7 @@ def soft_wrong_margin(proj: torch.Tensor, margin: torch.Tensor, y: torch.Tensor,
 def _real_vote_wrong(decision: LESCIDecision, codes, logits, y, point: SurfacePoint
                      ) -> torch.Tensor:
     """[b] bool: the real kNN vote at ``point`` is wrong (the same rule as ``decide``)."""
-    _, idx = decision.index.search(codes.detach(), point.k)
-    neighbours = decision.index.labels[idx.to(decision.index.device)]
+    neighbours = decision.neighbours(codes, point.k)
     prediction, _ = surface_decisions(neighbours, logits.argmax(1).to(neighbours.device),
                                       [point], decision.num_classes)
     return (prediction[:, 0] != y.to(prediction.device)).to(y.device)
@@ -195,8 +233,9 @@ def soft_objective(decision: LESCIDecision, y: torch.Tensor, point: SurfacePoint
     """APGD objective: the log-sum-exp wrong-margin; success on the real vote."""
     def objective(x, rows):
         codes, logits = decision.forward(x)
-        class_tops, other_tops = decision.tops(codes, point.k)
-        proj = soft_projection_margin(class_tops, other_tops, point.k, point.min_votes, tau)
+        gs = [count_margins(*layer.tops(c, point.k), point.k)
+              for layer, c in zip(decision.layers, codes)]
+        proj = soft_projection_margin(gs, point.min_votes, tau)
         loss = soft_wrong_margin(proj, model_margin(logits, y[rows]), y[rows], tau)
         with torch.no_grad():
             success = _real_vote_wrong(decision, codes, logits, y[rows], point)
@@ -216,7 +255,7 @@ def wrong_classes_by_likeliness(decision: LESCIDecision, x, y, point: SurfacePoi
     margin at ``point`` on the clean input, then the model's probability)."""
     with torch.no_grad():
         codes, logits = decision.forward(x)
-        proj = projection_margins(*decision.tops(codes, point.k), point.k, point.min_votes)
+        proj = decision.projections(codes, point.k, point.min_votes)
         score = proj + 1e-3 * logits.softmax(1).to(proj.dtype)
         score = score.scatter(1, y[:, None], -torch.inf)
         return score.argsort(dim=1, descending=True)[:, :-1]
@@ -311,7 +350,7 @@ def attack_point(decision, x, y, point, default_robust, pool, budget, seed
 # the report
 
 
-HEADER = (f"{'depth':<7} {'k':>3} {'m':>3} {'thr':>5} {'default':>8} {'strong':>7} {'gap':>7} "
+HEADER = (f"{'depth':<18} {'k':>3} {'m':>3} {'thr':>5} {'default':>8} {'strong':>7} {'gap':>7} "
           f"{'def_s*':>7} {'strong_s':>8}  extra samples per attack: found (only this one)")
 
 
@@ -322,7 +361,7 @@ def format_row(r: PointResult) -> str:
     if r.unverified:
         extras += f" UNCONFIRMED={r.unverified}"
     p = r.point
-    return (f"{r.depth:<7} {p.k:>3} {p.min_votes:>3} {p.threshold:>5.2f} {r.default_acc:>8.3f} "
+    return (f"{r.depth:<18} {p.k:>3} {p.min_votes:>3} {p.threshold:>5.2f} {r.default_acc:>8.3f} "
             f"{r.strong_acc:>7.3f} {r.gap:>+7.3f} {r.default_s:>7.1f} {r.strong_s:>8.1f}  "
             f"{extras}")
 
@@ -347,8 +386,11 @@ def print_summary(results: list[PointResult]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", default=",".join(DEMO.values_of("depth")),
-                        help="comma-separated depths of the model (default: %(default)s)")
+    parser.add_argument("--space", default="demo",
+                        help="the LESCI space whose sweep is re-attacked (default: %(default)s)")
+    parser.add_argument("--depths", default=None,
+                        help="comma-separated depths of the model, several voting together "
+                             "joined by '+' (default: every depth value of the space)")
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="the demo's validation samples, as the search attacks them, or the "
                              "test samples, as the final evaluation of its front does "
@@ -358,11 +400,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=None,
                         help="first N of the attacked samples (default: all "
                              f"{DEMO.attack.samples})")
-    parser.add_argument("--default-steps", type=int, default=DEMO.attack.apgd.steps)
-    parser.add_argument("--default-restarts", type=int, default=DEMO.attack.apgd.restarts)
-    parser.add_argument("--default-targets", type=int, default=DEMO.attack.apgd.targets)
-    parser.add_argument("--default-smooth", type=float, default=DEMO.attack.apgd.smooth)
-    parser.add_argument("--default-group", type=int, default=DEMO.attack.apgd.group)
+    parser.add_argument("--default-steps", type=int, default=None)  # None: the space's
+    parser.add_argument("--default-restarts", type=int, default=None)
+    parser.add_argument("--default-targets", type=int, default=None)
+    parser.add_argument("--default-smooth", type=float, default=None)
+    parser.add_argument("--default-group", type=int, default=None)
     parser.add_argument("--default-starts", default="base_apgd,transfer",
                         help="pool sets that warm-start the default suite's untargeted runs")
     parser.add_argument("--steps", type=int, default=Budget.steps)
@@ -377,6 +419,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke-test", action="store_true",
                         help="first depth only, 40 samples, 10 steps: a < 60 s pipeline check")
     args = parser.parse_args(argv)
+    use_space(args.space)
+    for option in ("steps", "restarts", "targets", "smooth", "group"):  # the space's budget
+        if getattr(args, f"default_{option}") is None:
+            setattr(args, f"default_{option}", getattr(DEMO.attack.apgd, option))
+    if args.depths is None:
+        args.depths = ",".join(DEMO.values_of("depth"))
     if args.smoke_test:
         args.depths = args.depths.split(",")[0]
         args.samples = min(args.samples or 40, 40)
@@ -397,7 +445,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None:
         x, y = x[:args.samples], y[:args.samples]
         pool = {name: adv[:args.samples] for name, adv in pool.items()}
-    points = DEMO.surface_points()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).double().mean().item()
     print(f"digits: {len(y)} {args.split} samples, clean acc {clean:.3f}, eps {EPS}, "
@@ -409,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(HEADER, flush=True)
     for depth in args.depths.split(","):
+        points = DEMO.surface_points(len(depth.split("+")))
         decision = build_decision(model, splits, depth, max(p.k for p in points))
         robust, default_s = default_suite(decision, x, y, points, pool, args)
         for i, point in enumerate(points):

@@ -372,9 +372,9 @@ def sweep_direct_worker(space_file: str) -> None:
     from defenses.embedding_space import build_embedding_space
     from defenses.lesci import fit_pca_at_depth
     from defenses.lesci_attack import LESCIDecision
-    from orchestrator.space import load_space
+    from orchestrator.loading import load_space
     from orchestrator.lesci_stages import craft_transfer_set, train_base_model
-    from orchestrator.trainables import lesci_surface
+    from orchestrator.lesci_trial import lesci_surface
 
     spec = load_space(space_file)
     grid = spec.grid_values()

@@ -8,7 +8,7 @@ bare-model attack pool (transfer PGD and APGD-CE, built once and timed separatel
 - ``surface``: what the sweep does now, per depth ONE trial: one k_max-nearest-neighbour
   search per validation input gives the decisions at all 8 points
   (``defenses.surface.surface_decisions``), and ONE ``attack_surface`` call attacks all of
-  them (``orchestrator.trainables.lesci_surface`` with every point);
+  them (``orchestrator.lesci_trial.lesci_surface`` with every point);
 - ``per_point``: a sweep that searched k and the threshold as trials would, per depth and per
   (k, m) point ONE trial: its own kNN search with that k and its own
   ``attack_surface(..., points=[that point])`` with the same budget (``lesci_surface`` with a
@@ -53,9 +53,10 @@ from defenses.lesci_attack import LESCIDecision
 from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint
 from orchestrator.pareto import front_of
-from orchestrator.space import SweepSpec, load_space
+from orchestrator.loading import load_space
+from orchestrator.space import SweepSpec
 from orchestrator.lesci_stages import craft_transfer_set, train_base_model
-from orchestrator.trainables import lesci_surface
+from orchestrator.lesci_trial import lesci_surface
 
 MODES = ("surface", "per_point")
 CLEAN = ("accuracy", "projection_rate")

@@ -37,6 +37,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from defenses.attacks import apgd
@@ -49,7 +50,7 @@ from defenses.surface import SurfacePoint, surface_decisions, true_label_totals
 
 __all__ = ["LESCIDecision", "projection_margins", "count_margins", "total_margins",
            "projections", "wrong_margin", "targeted_margin", "model_margin", "SuiteResult",
-           "attack_surface"]
+           "VoteSuite", "attack_surface"]
 
 # Below any cosine similarity: the similarity of an embedding a class does not have.
 _ABSENT = -3.0
@@ -369,6 +370,21 @@ class LESCIDecision:
         return objective
 
 
+class VoteSuite(BaseModel):
+    """The budget of the APGD runs of ``attack_surface`` on the vote's margin: ``steps`` per
+    run; ``restarts`` random starts of each untargeted run (after its warm starts); a targeted
+    run toward each of the ``targets`` likeliest wrong classes; a run on the margin smoothed at
+    temperature ``smooth`` (0: none), each over ``group`` consecutive m."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=100, ge=1)
+    restarts: int = Field(default=0, ge=0)
+    targets: int = Field(default=1, ge=0)
+    smooth: float = Field(default=0.01, ge=0.0)
+    group: int = Field(default=2, ge=1)
+
+
 @dataclass
 class SuiteResult:
     """Per attack, which samples LESCI still gets right at each point ([q, P] bool).
@@ -392,8 +408,7 @@ class SuiteResult:
 
 
 def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
-                   points: Sequence[SurfacePoint], eps: float, steps: int = 100,
-                   restarts: int = 0, targets: int = 1, smooth: float = 0.01, group: int = 2,
+                   points: Sequence[SurfacePoint], eps: float, suite: VoteSuite = VoteSuite(),
                    attack_points: Sequence[SurfacePoint] | None = None,
                    pool: dict[str, torch.Tensor] | None = None, starts: Sequence[str] = (),
                    generator: torch.Generator | None = None, batch_size: int = 512,
@@ -402,13 +417,15 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
 
     The suite: the clean inputs; the given ``pool`` of precomputed adversarial sets (transfer
     attacks); and, for each k of ``attack_points`` (default: every point), one APGD run over all
-    its m at once (``LESCIDecision.margin_objective``) on
+    its m at once (``LESCIDecision.margin_objective``), at the budget of ``suite``, on
       - the exact margin ("apgd"),
-      - the margin smoothed at temperature ``smooth`` ("apgd_smooth"; 0 leaves it out),
-      - the targeted margin toward each of the ``targets`` likeliest wrong classes
+      - the margin smoothed at temperature ``suite.smooth`` ("apgd_smooth"; 0 leaves it out),
+        ``suite.group`` consecutive m per run,
+      - the targeted margin toward each of the ``suite.targets`` likeliest wrong classes
         ("apgd_targeted").
     The untargeted runs start from each pool set named in ``starts`` and then from
-    ``restarts`` random points; the targeted ones from ``max(restarts, 1)`` random points. Every
+    ``suite.restarts`` random points; the targeted ones from ``max(restarts, 1)`` random
+    points. Every
     iterate of every run and every example of the pool is judged on the real vote at every
     point, so a sample counts as robust at a point only if nothing fooled LESCI there.
 
@@ -420,6 +437,8 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
         progress: ``progress(done, total)`` after each APGD run over the whole batch.
     """
     points = list(points)
+    steps, restarts, targets = suite.steps, suite.restarts, suite.targets
+    smooth, group = suite.smooth, suite.group
     attack_points = list(points if attack_points is None else attack_points)
     pool = dict(pool or {})
     if not starts and restarts < 1:
@@ -441,8 +460,6 @@ def attack_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
         by_k.setdefault(point.k, []).append(point.min_votes)
 
     # (name, tau, target rank): the runs of the suite for each k
-    if group < 1:
-        raise ValueError(f"group must be >= 1, got {group}")
     runs = [("apgd", 0.0, 0)] + ([("apgd_smooth", smooth, 0)] if smooth > 0 else []) + [
         ("apgd_targeted", 0.0, rank) for rank in range(1, targets + 1)]
     smooth_runs = sum(math.ceil(len(ms) / group) for ms in by_k.values()) if smooth > 0 else 0

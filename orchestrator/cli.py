@@ -16,10 +16,11 @@ from pathlib import Path
 
 from defenses.intervals import format_interval
 from orchestrator.reporting import TEST_PREFIX
-from orchestrator.space import SpaceError, check_sweep_name, load_space, shipped_spaces
+from orchestrator.loading import load_space, shipped_spaces
+from orchestrator.space import SpaceError, check_sweep_name
 from orchestrator.storage import Storage, StorageError, redact
-from orchestrator.tracking import (TrackingError, TrackingUnavailable, check_tracking_uri,
-                                   tracking_failure)
+from orchestrator.mlflow_client import (TrackingError, TrackingUnavailable,
+                                        check_tracking_uri, tracking_failure)
 
 
 DEFAULT_STORAGE = "sweeps"

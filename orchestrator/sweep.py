@@ -23,8 +23,8 @@ from orchestrator.searchers import param_space, tune_config
 from orchestrator.space import SpaceError, SweepSpec
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
-from orchestrator.tracking import (MLflowTracking, ensure_experiment, ensure_parent_run,
-                                   tracking_client)
+from orchestrator.mlflow_client import ensure_experiment, ensure_parent_run, tracking_client
+from orchestrator.tracking import MLflowTracking
 from orchestrator.trainables import make_trainable
 
 __all__ = ["SweepInterrupted", "run_sweep"]

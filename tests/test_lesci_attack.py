@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from defenses.attacks import apgd, cross_entropy_objective, default_alpha, pgd
 from defenses.embedding_space import EmbeddingSpace, build_embedding_space
 from defenses.lesci import fit_pca_at_depth
-from defenses.lesci_attack import (LESCIDecision, attack_surface, model_margin,
+from defenses.lesci_attack import (LESCIDecision, VoteSuite, attack_surface, model_margin,
                                    projection_margins, targeted_margin, wrong_margin)
 from defenses.pca import StreamingPCA
 from defenses.surface import SurfacePoint, surface_decisions, surface_points
@@ -118,7 +118,8 @@ def test_the_suite_is_the_worst_case_and_beats_noise_and_transfer(layer1_lesci):
     gen = torch.Generator().manual_seed(0)
     transfer = pgd(decision.model, x, y, eps, default_alpha(eps, 20), 20, generator=gen)
     noise = (x + eps * (torch.rand(x.shape, generator=gen) * 2 - 1).sign()).clamp(0, 1)
-    suite = attack_surface(decision, x, y, points, eps, steps=20, restarts=1, targets=1,
+    suite = attack_surface(decision, x, y, points, eps,
+                           VoteSuite(steps=20, restarts=1, targets=1),
                            pool={"transfer": transfer, "noise": noise}, starts=["transfer"],
                            generator=gen)
     robust = suite.accuracy()

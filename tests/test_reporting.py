@@ -69,7 +69,7 @@ def _front_result(tested: bool):
 
 def test_the_console_front_shows_val_and_test_figures_with_their_intervals(tmp_path):
     from orchestrator.cli import format_front
-    from orchestrator.space import load_space
+    from orchestrator.loading import load_space
 
     spec = load_space("demo", check_model=False).model_copy(
         update={"optimize": {"accuracy": "max", "projection_rate": "max"}})

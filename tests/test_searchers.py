@@ -13,7 +13,7 @@ from defenses.objectives import FGSMParams, PGDParams
 from orchestrator.params import resolve
 from orchestrator.searchers import (DefineByRun, PicklableNSGAIISampler, param_space,
                                     sampler_of, tune_config)
-from orchestrator.space import load_space, shipped_spaces
+from orchestrator.loading import load_space, shipped_spaces
 
 CONDITIONAL = textwrap.dedent("""
     name: t

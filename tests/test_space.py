@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.space import SpaceError, load_space, shipped_spaces
+from orchestrator.loading import load_space, shipped_spaces
+from orchestrator.space import SpaceError
 
 GOOD = textwrap.dedent("""
     name: t

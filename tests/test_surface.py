@@ -7,7 +7,7 @@ from defenses.knn import KnnIndex, knn_vote
 from defenses.lesci import lesci_metrics, lesci_predict
 from defenses.surface import (SurfacePoint, surface_decisions, surface_metrics, surface_points,
                               vote_counts)
-from orchestrator.space import load_space
+from orchestrator.loading import load_space
 
 
 def hand_made_space(seed=0, n=60, dim=4, classes=4):

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.space import load_space
-from orchestrator.tracking import MLflowTracking, ensure_experiment, ensure_parent_run
+from orchestrator.loading import load_space
+from orchestrator.mlflow_client import ensure_experiment, ensure_parent_run
+from orchestrator.tracking import MLflowTracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_training_steps_follow_the_epoch(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the retrying client (orchestrator.tracking.TrackingClient)
+# the retrying client (orchestrator.mlflow_client.TrackingClient)
 
 import json  # noqa: E402
 import socket  # noqa: E402
@@ -79,9 +80,9 @@ import requests  # noqa: E402
 from mlflow.exceptions import MlflowException, RestException  # noqa: E402
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE  # noqa: E402
 
-from orchestrator.tracking import (RETRY_ENV, TrackingClient, TrackingError,  # noqa: E402
-                                   TrackingUnavailable, check_tracking_uri, is_transient,
-                                   retry_budget, tracking_failure)
+from orchestrator.mlflow_client import (RETRY_ENV, TrackingClient, TrackingError,  # noqa: E402
+                                        TrackingUnavailable, check_tracking_uri, is_transient,
+                                        retry_budget, tracking_failure)
 
 
 def fast(uri, lines, **options):
@@ -327,7 +328,7 @@ def test_a_start_killed_while_creating_the_sqlite_store_leaves_nothing_that_brea
     import subprocess
     import sys
 
-    from orchestrator.tracking import tracking_client
+    from orchestrator.mlflow_client import tracking_client
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -338,7 +339,7 @@ def test_a_start_killed_while_creating_the_sqlite_store_leaves_nothing_that_brea
         "    print('built', flush=True)\n"
         "    time.sleep(600)\n"
         "os.link = hold\n"
-        "from orchestrator.tracking import create_sqlite_store\n"
+        "from orchestrator.mlflow_client import create_sqlite_store\n"
         f"create_sqlite_store({uri!r})\n")
     killed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(ROOT)})

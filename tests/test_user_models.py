@@ -13,7 +13,7 @@ from defenses.checkpoints import (CheckpointError, load_checkpoint, load_weights
 from defenses.models import build_model
 from defenses.user_models import UserModel, build_user_model, check_logits, import_factory
 from orchestrator.cli import main
-from orchestrator.space import load_space
+from orchestrator.loading import load_space
 from tests.own_package import import_package
 
 FACTORY = "labnets.nets:make_net"

@@ -219,7 +219,7 @@ class LESCIFamily(DefenseFamily):
     # -- running ---------------------------------------------------------------------------
 
     def trainable(self):
-        from orchestrator.trainables import lesci_trial
+        from orchestrator.lesci_trial import lesci_trial
 
         return lesci_trial
 
@@ -233,7 +233,7 @@ class LESCIFamily(DefenseFamily):
 
         from defenses.surface import SurfacePoint
         from orchestrator.params import resolve
-        from orchestrator.trainables import lesci_figures, surface_rows
+        from orchestrator.lesci_trial import lesci_figures, surface_rows
 
         trial = resolve(spec, item["config"])
         depths = len(trial.params.depths)

@@ -118,7 +118,7 @@ class TrainingFamily(DefenseFamily):
     # -- running ---------------------------------------------------------------------------
 
     def trainable(self):
-        from orchestrator.trainables import training_trial
+        from orchestrator.training_trial import training_trial
 
         return training_trial
 
@@ -131,8 +131,9 @@ class TrainingFamily(DefenseFamily):
         import hashlib
         import json
 
-        from orchestrator.trainables import (evaluate_training, newest_checkpoint, over_seeds,
-                                             trial_models)
+        from orchestrator.trainables import over_seeds
+        from orchestrator.training_trial import (evaluate_training, newest_checkpoint,
+                                                 trial_models)
 
         found = newest_checkpoint(storage.child(item["trial_dir"]))
         if found is None:

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from orchestrator.space import load_space, shipped_spaces
+from orchestrator.loading import load_space, shipped_spaces
 from orchestrator.storage import Storage
 from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages, kill_tree,
                                         poll_sweep, read_csv_artifact, run_ok, runs_of,

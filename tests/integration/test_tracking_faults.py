@@ -3,14 +3,14 @@
 The server is a real ``mlflow server`` (SQLite store) suspended with SIGSTOP / SIGCONT of its
 process group: the port still accepts connections and nothing answers, the way a stalled or
 unreachable server looks to clients. The sweep's MLflow calls are retried by
-``orchestrator.tracking.TrackingClient`` for up to ``ROBUST_SWEEPS_MLFLOW_RETRY_S`` seconds;
+``orchestrator.mlflow_client.TrackingClient`` for up to ``ROBUST_SWEEPS_MLFLOW_RETRY_S`` seconds;
 MLflow's own per-request timeout and retries are set short in the sweep's environment (a user's
 choice, process-wide for that process only) so that the wrapper is what rides the outage out.
 """
 
 import time
 
-from orchestrator.tracking import RETRY_ENV
+from orchestrator.mlflow_client import RETRY_ENV
 from tests.integration.conftest import (check_each_trial_once, cli, logged, poll_sweep, run_ok,
                                         stop_driver, sweep_args, training_space,
                                         with_mlflow_uri)

@@ -1,0 +1,130 @@
+"""A training trial (``TrainingFamily``): one model per seed of ``search.repeats``, trained in
+step epoch by epoch from scratch or from the space's checkpoint, each epoch's figures reported
+and every seed's state checkpointed (a restored trial continues from its newest intact
+checkpoint); the attack suite once, on the final models."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from typing import Any
+
+import torch
+from ray import tune
+from torch.utils.data import Dataset
+
+from defenses.data import Splits
+from defenses.evaluation import evaluate_robustness
+from defenses.intervals import rate_interval
+from defenses.trainer import Trainer
+from orchestrator.lesci_stages import space_model
+from orchestrator.params import resolve
+from orchestrator.space import SweepSpec
+from orchestrator.storage import Storage
+from orchestrator.trainables import console, over_seeds, repeat_trials, setup
+
+__all__ = ["training_trial", "evaluate_training", "newest_checkpoint", "trial_models",
+           "with_intervals"]
+
+
+_STATE_FILE = "trainer.pt"  # with its manifest trainer.pt.json: sha256, epoch, metrics
+
+
+def newest_checkpoint(trial_storage: Storage) -> tuple[bytes, dict[str, float]] | None:
+    """(trainer state, metrics) of a trial's newest intact checkpoint in its folder, if any.
+
+    Tune restores a trial from the checkpoint named in its last saved experiment state, which
+    it writes every few seconds; a driver that died later leaves newer checkpoints in the
+    trial's folder. All of them are read (checked against their manifests) and the latest
+    epoch wins, so no finished epoch is redone.
+    """
+    found = [trial_storage.get_verified(f"{name}/{_STATE_FILE}")
+             for name in trial_storage.list("") if name.startswith("checkpoint_")]
+    intact = [item for item in found if item is not None]
+    if not intact:
+        return None
+    data, manifest = max(intact, key=lambda item: item[1]["epoch"])
+    return data, manifest["metrics"]
+
+
+def trial_models(spec: SweepSpec, splits: Splits, state: bytes, device
+                 ) -> list[torch.nn.Module]:
+    """A training trial's models, one per seed, with the weights of its trainer states
+    (``newest_checkpoint``)."""
+    models = []
+    for one in torch.load(io.BytesIO(state), map_location=device, weights_only=True):
+        # built as the trial built it (a checkpoint of ours keeps its own normalisation)
+        model = space_model(spec, splits, weights=True).to(device)
+        model.load_state_dict(one["model"])
+        models.append(model.eval())
+    return models
+
+
+def with_intervals(metrics: dict[str, float], samples: int) -> dict[str, float]:
+    """A training trial's rates with their 95% intervals (Wilson) over ``samples``."""
+    out = dict(metrics)
+    for name, value in metrics.items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = rate_interval(value, samples)
+    out["samples"] = float(samples)
+    return out
+
+
+def _checkpoint(trainers: list[Trainer], metrics: dict[str, float], folder: str
+                ) -> tune.Checkpoint:
+    """Every seed's trainer state, as one file."""
+    buffer = io.BytesIO()
+    torch.save([trainer.state_dict() for trainer in trainers], buffer)
+    Storage.from_uri(folder).put_verified(_STATE_FILE, buffer.getvalue(),
+                                          {"epoch": trainers[0].epoch, "metrics": metrics})
+    return tune.Checkpoint.from_directory(folder)
+
+
+def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, seed: int,
+                      final: bool = True) -> dict[str, float]:
+    """A training trial's figures on ``data``: nominal, PGD and (IBP) verified accuracy; with
+    ``final``, the attack suite's worst case and each attack's figure too, every figure with
+    its 95% interval."""
+    attack = spec.attack
+    evaluated = evaluate_robustness(model, data, attack.eps, attack.steps, attack.alpha,
+                                    attack.restarts, verify=spec.defense.verifies, seed=seed,
+                                    suite=attack.attack_suite() if final else None)
+    metrics = {k: float(v) for k, v in evaluated.items() if k in spec.defense.metrics}
+    return with_intervals(metrics, len(data)) if final else metrics
+
+
+def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:
+    """Train the trial's model (one per seed of ``search.repeats``, in step, epoch by epoch),
+    report each epoch's figures (the mean over seeds) and checkpoint every seed's state."""
+    spec, splits, device = setup(spec_json)
+    trainers = []
+    for one in repeat_trials(spec, resolve(spec, config)):
+        torch.manual_seed(one.training.seed)
+        # from the space's checkpoint, when it has one: fine-tuning
+        model = space_model(spec, splits, weights=True)
+        trainers.append(Trainer(model, splits.train, one.training, one.params.build(),
+                                device=device))
+    newest = newest_checkpoint(Storage(storage_uri).child(
+        tune.get_context().get_storage().trial_dir_name))
+    if newest is not None:
+        state, last_metrics = newest
+        for trainer, saved in zip(trainers, torch.load(io.BytesIO(state), map_location=device,
+                                                       weights_only=True), strict=True):
+            trainer.load_state_dict(saved)
+        console(Storage(storage_uri))(f"resumed from epoch {trainers[0].epoch}")
+        # that epoch's result again: a driver that died may not have tracked it yet (the MLflow
+        # callback skips epochs it has), and a trial that finished after Tune's last state
+        # save ends here
+        with tempfile.TemporaryDirectory() as folder:
+            tune.report(last_metrics, checkpoint=_checkpoint(trainers, last_metrics, folder))
+    while trainers[0].epoch < trainers[0].config.epochs:
+        runs = []
+        for r, trainer in enumerate(trainers):
+            train_metrics = trainer.run_epoch()
+            last = trainer.epoch == trainer.config.epochs  # the suite, once, on the final model
+            metrics = evaluate_training(spec, trainer.model, splits.val,
+                                        seed=trainer.epoch + 1000 * r, final=last)
+            metrics.update({k: float(v) for k, v in train_metrics.items()})
+            runs.append(metrics)
+        metrics = over_seeds(runs)
+        with tempfile.TemporaryDirectory() as folder:
+            tune.report(metrics, checkpoint=_checkpoint(trainers, metrics, folder))
