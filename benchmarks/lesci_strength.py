@@ -2,7 +2,7 @@
 
 ``defenses.lesci_attack.attack_surface`` reports LESCI's robust accuracy at every (k, m) point
 of a surface as the per-sample worst case of one suite run over the whole surface, called here
-exactly as the sweep calls it (``orchestrator.trainables.lesci_surface``): clean inputs, the
+exactly as the sweep calls it (``orchestrator.lesci_trial.lesci_surface``): clean inputs, the
 transfer PGD-20 set, the bare model's APGD-CE set, APGD on the exact and on the smoothed
 kNN-vote margin warm-started from both sets, and targeted APGD. This benchmark re-attacks the
 same trained digits model, per depth and per (k, m) point separately, with a stronger suite of
@@ -37,6 +37,10 @@ surface's (k, m) points, eps, the attacked samples (``--split``), the bare model
 
     python -m benchmarks.lesci_strength --depths stem,layer1,pool
     python -m benchmarks.lesci_strength --space lesci_depths --depths stem+layer1,stem
+    # a front's points only, on the test split as its final evaluation attacks them (the
+    # default suite over each trial's front points together, the strong one per point):
+    python -m benchmarks.lesci_strength --space lesci_depths --split test \
+        --points layer2@10/8,stem+layer1@3/4
     python -m benchmarks.lesci_strength --depths stem --smoke-test   # < 60 s
     python -m benchmarks.lesci_strength --split test    # the test samples of the final report
     # the earlier default suite (one warm start from base_apgd, a random restart, no smoothing):
@@ -68,6 +72,7 @@ from defenses.checkpoints import checkpoint_bytes, load_checkpoint
 from defenses.surface import SurfacePoint, surface_decisions
 from orchestrator.lesci_stages import (calibration_split, craft_transfer_set, split_tensors,
                                        train_base_model)
+from orchestrator.families.lesci import DEPTH_JOIN
 from orchestrator.loading import load_space
 
 # the space whose sweep is re-attacked (--space; set by main before anything else runs)
@@ -135,8 +140,10 @@ def build_decision(model, splits, depth: str, k_max: int) -> LESCIDecision:
     """The space's decision at ``depth`` (several: "stem+layer1"), each depth's PCA and
     embedding space built from the training split less the space's calibration split."""
     calibration = DEMO.params.get("calibration")
+    if not isinstance(calibration, (int, float, type(None))):
+        raise SystemExit(f"{DEMO.name}: params.calibration must be fixed here, got {calibration}")
     reference, _ = calibration_split(splits.train, calibration, DEMO.dataset.split_seed)
-    depths = depth.split("+")
+    depths = depth.split(DEPTH_JOIN)
     pcas = [fit_pca_at_depth(model, d, reference, N_COMPONENTS) for d in depths]
     spaces = [build_embedding_space(model, d, p, reference) for d, p in zip(depths, pcas)]
     return LESCIDecision(model, depths, pcas, spaces, k_max=k_max)
@@ -398,8 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesci_strength"),
                         help="where the base model is cached (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=None,
-                        help="first N of the attacked samples (default: all "
-                             f"{DEMO.attack.samples})")
+                        help="first N of the attacked samples (default: all of the space's "
+                             "attack.samples)")
     parser.add_argument("--default-steps", type=int, default=None)  # None: the space's
     parser.add_argument("--default-restarts", type=int, default=None)
     parser.add_argument("--default-targets", type=int, default=None)
@@ -414,6 +421,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tau", type=float, default=Budget.tau,
                         help="log-sum-exp temperature of the softened margin")
     parser.add_argument("--lse-restarts", type=int, default=Budget.lse_restarts)
+    parser.add_argument("--points", default=None,
+                        help="only these points, DEPTH@K/M comma-separated (a front's); with "
+                             "--split test the default suite attacks each depth's given points "
+                             "together, as the final evaluation does (on val, as the search "
+                             "does, the whole surface)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke-test", action="store_true",
@@ -423,6 +435,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option in ("steps", "restarts", "targets", "smooth", "group"):  # the space's budget
         if getattr(args, f"default_{option}") is None:
             setattr(args, f"default_{option}", getattr(DEMO.attack.apgd, option))
+    if args.points is not None:
+        chosen: dict[str, list[tuple[int, int]]] = {}
+        for entry in args.points.split(","):
+            depth, point = entry.split("@")
+            k, m = point.split("/")
+            chosen.setdefault(depth, []).append((int(k), int(m)))
+        args.points = chosen
+        args.depths = ",".join(chosen)
     if args.depths is None:
         args.depths = ",".join(DEMO.values_of("depth"))
     if args.smoke_test:
@@ -456,10 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(HEADER, flush=True)
     for depth in args.depths.split(","):
-        points = DEMO.surface_points(len(depth.split("+")))
+        points = DEMO.defense.surface_points(DEMO, len(depth.split(DEPTH_JOIN)))
+        chosen = [p for p in points if args.points is None
+                  or (p.k, p.min_votes) in args.points[depth]]
+        if not chosen:
+            raise SystemExit(f"--points: no point of {depth}'s surface among "
+                             f"{args.points[depth]}")
+        if args.split == "test":  # the final evaluation attacks a trial's front points only
+            points = chosen
         decision = build_decision(model, splits, depth, max(p.k for p in points))
         robust, default_s = default_suite(decision, x, y, points, pool, args)
         for i, point in enumerate(points):
+            if point not in chosen:
+                continue
             _, r = attack_point(decision, x, y, point, robust[:, i], pool, budget,
                                 args.seed + 1000 * i)
             r.depth, r.default_s = depth, default_s

@@ -378,7 +378,7 @@ def sweep_direct_worker(space_file: str) -> None:
 
     spec = load_space(space_file)
     grid = spec.grid_values()
-    points = spec.surface_points()
+    points = spec.defense.surface_points(spec)
     start = time.perf_counter()
     splits = spec.dataset.load()
     model = train_base_model(spec, splits, None, spec.training).eval()

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     spec = demo_spec(args.smoke_test, args.samples, args.apgd_steps)
     depths = args.depths or (SMOKE_DEPTHS if args.smoke_test else list(spec.values_of("depth")))
-    points = spec.surface_points()
+    points = spec.defense.surface_points(spec)
     objectives = dict(spec.optimize)
     _log(f"depths {depths}; {len(points)} points per depth: "
          + ", ".join(f"({p.k},{p.min_votes})" for p in points))

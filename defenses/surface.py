@@ -82,7 +82,9 @@ def surface_points(ks: Sequence[int], threshold_range: tuple[float, float] | Non
     points = [SurfacePoint(k, m, depths) for k in ks for m in range(1, depths * k + 1)
               if low - THRESHOLD_SLACK <= m / (depths * k) <= high + THRESHOLD_SLACK]
     if not points:
-        raise ValueError(f"no (k, m) point of ks {ks} has a threshold m/k in [{low}, {high}]")
+        votes = "m/k" if depths == 1 else f"m/({depths}k)"
+        raise ValueError(f"no (k, m) point of ks {ks} has a threshold {votes} in "
+                         f"[{low}, {high}]")
     return points
 
 
@@ -133,9 +135,11 @@ def credibility(calibration_totals: torch.Tensor, ks: Sequence[int],
 
     With calibration scores A = {L*k - T_i(y_i)}, the p-value of a total t is
     |{a in A : a >= L*k - t}| / |A| = the fraction of calibration samples with T_i(y_i) <= t.
-    It is non-decreasing in t, so the point (k, m), "answer when T(prediction) >= m", is
-    "answer when credibility >= credibility(k, m)". ``calibration_totals``: [n, len(ks)] of
-    ``true_label_totals``; no calibration sample: NaN."""
+    It is non-decreasing in t, so "answer when credibility >= c" is "answer when
+    T(prediction) >= m" for the smallest m whose credibility reaches c (SPEC.md 1.10): each
+    point (k, m) is one such rule, labelled with its credibility (where the p-value is flat
+    over several m, one credibility names the lowest of them). ``calibration_totals``:
+    [n, len(ks)] of ``true_label_totals``; no calibration sample: NaN."""
     column = {k: i for i, k in enumerate(ks)}
     n = calibration_totals.shape[0]
     if n == 0:
@@ -150,6 +154,10 @@ def surface_decisions(neighbour_labels: torch.Tensor, model_prediction: torch.Te
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction [q, P] long, projected [q, P] bool) of LESCI at every point
     (``neighbour_labels`` as in ``vote_counts``)."""
+    depths = neighbour_labels.shape[1] if neighbour_labels.ndim == 3 else 1
+    if any(p.depths != depths for p in points):
+        raise ValueError(f"points of a vote over {sorted({p.depths for p in points})} depths "
+                         f"for neighbours at {depths}")
     ks = sorted({p.k for p in points})
     majority, count = vote_counts(neighbour_labels, ks, num_classes)
     column = {k: i for i, k in enumerate(ks)}

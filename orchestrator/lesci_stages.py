@@ -122,6 +122,17 @@ def _largest(spec: SweepSpec, key: str, default: Any) -> Any:
     return max(values) if isinstance(values, list) else values[1]
 
 
+def calibration_count(n: int, calibration: int | float) -> int:
+    """How many of ``n`` training samples ``calibration`` (a fraction or a count) holds out;
+    ``ValueError`` unless it holds out some and leaves some."""
+    count = round(calibration * n) if isinstance(calibration, float) else int(calibration)
+    if not 1 <= count < n:
+        raise ValueError(f"params.calibration: {calibration} holds out {count} of the {n} "
+                         "training samples; it must hold out at least one and leave at least "
+                         "one for the embedding spaces")
+    return count
+
+
 def calibration_split(train: Dataset, calibration: int | float | None, seed: int
                       ) -> tuple[Dataset, Dataset | None]:
     """(reference, calibration): ``calibration`` samples of the training split (a fraction or a
@@ -130,10 +141,7 @@ def calibration_split(train: Dataset, calibration: int | float | None, seed: int
     if calibration is None:
         return train, None
     n = len(train)
-    count = round(calibration * n) if isinstance(calibration, float) else int(calibration)
-    if not 1 <= count < n:
-        raise ValueError(f"params.calibration: {calibration} leaves {n - count} of the "
-                         f"{n} training samples for the embedding spaces")
+    count = calibration_count(n, calibration)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held = sorted(order[:count].tolist())
     kept = sorted(order[count:].tolist())

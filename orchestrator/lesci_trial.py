@@ -238,7 +238,7 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
         return
     spec, splits, device = setup(spec_json)
     trial = resolve(spec, config)
-    points = spec.surface_points(len(trial.params.depths))
+    points = spec.defense.surface_points(spec, len(trial.params.depths))
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
                                                 _stage_cache(storage, log), log)
     rows = surface_rows(trial, size, points, metrics)

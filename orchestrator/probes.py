@@ -55,6 +55,7 @@ def check_data(spec, splits) -> None:
         _check_built(spec, splits, model.build_config)
     x, _ = split_tensors(splits.val, 2)
     check_logits(model, x, splits.num_classes, f"model {spec.model.label}")
+    spec.defense.check_data(spec, splits)
 
 
 def _check_built(spec, splits, built: dict) -> None:

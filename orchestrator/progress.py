@@ -128,6 +128,12 @@ class ConsoleProgress(tune.Callback):
             if not any(math.isnan(v) for v in row.values()):
                 self._rows[trial.trial_id] = [row]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a sweep saved before the flag was named for what it means (``lesci``) resumes too
+        if "surface" not in state:
+            state["surface"] = state.pop("lesci", False)
+        self.__dict__.update(state)
+
     # -- Tune's hooks ----------------------------------------------------------------------
 
     def on_step_end(self, iteration, trials, **info) -> None:

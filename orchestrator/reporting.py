@@ -250,7 +250,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             log_surface(client, run_id, trial["surface"], surface_columns(spec),
                         f"{name}: {run.info.run_name}")
         rows.extend({**base, **point} for point in trial["surface"])
-    rows.sort(key=lambda r: (r["trial_id"], r.get("k", 0), r.get("min_votes", 0)))
+    rows.sort(key=lambda r: (r["trial_id"], *(r[k] for k in family.point_keys)))
     mask, volume = front_of(rows, spec.optimize)
     for row, on in zip(rows, mask):
         row["pareto_optimal"] = bool(on)
@@ -278,10 +278,10 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         mine = [row for row in front if row["trial_id"] == trial_id]
         client.set_tag(run_id, "pareto_optimal", "true" if mine else "false")
         tested = [row for row in mine if any(k.startswith(TEST_PREFIX) for k in row)]
-        if tested:  # LESCI: the trial's best front point, by its operating-point rule
+        if tested:  # with a surface: the trial's best front point, by its operating-point rule
             row = max(tested, key=lambda r: (sum(r[m] if d == "max" else 1 - r[m]
                                                  for m, d in spec.optimize.items()),
-                                             -r.get("k", 0), -r.get("min_votes", 0)))
+                                             *(-r[k] for k in family.point_keys)))
             values = {k: v for k, v in row.items() if k.startswith(TEST_PREFIX)}
             values.update({f"test_point_{key}": row[key] for key in family.point_keys})
             _log_metrics(client, run_id, values)

@@ -42,7 +42,7 @@ from defenses.evaluation import AttackSuite
 from defenses.lesci_attack import VoteSuite
 from defenses.trainer import TrainConfig
 from orchestrator.distributions import (DIST_TYPES, Choice, Distribution, Grid,
-                                        ObjectiveSpace, Uniform, parse_value, values_of)
+                                        ObjectiveSpace, parse_value, values_of)
 from orchestrator.families import DefenseFamily, get_family
 
 __all__ = ["SpaceError", "Algorithm", "SweepSpec", "Distribution", "check_sweep_name"]
@@ -330,41 +330,6 @@ class SweepSpec(_Strict):
     def objective_space(self) -> ObjectiveSpace | None:
         """The training objectives the trials choose from; None for a family without."""
         return self.defense.objective_space(self)
-
-    def vote_depths(self) -> list[int]:
-        """LESCI: how many depths the trials' votes span (1 for single-depth LESCI)."""
-        value = self.params.get("depth")
-        if value is None:
-            return [1]
-        from orchestrator.families.lesci import DEPTH_JOIN
-
-        return sorted({len(str(v).split(DEPTH_JOIN)) for v in values_of(value)})
-
-    def surface_ks(self) -> list[int]:
-        """LESCI: the k values of every trial's surface (a number, a list, choice/grid values,
-        or every integer of an int range)."""
-        value = self.params.get("k")
-        values = value if isinstance(value, list) else self.values_of("k")
-        return sorted({int(v) for v in values})
-
-    def surface_points(self, depths: int = 1) -> list[Any]:
-        """LESCI: every (k, m) point of the surface of a trial voting over ``depths`` depths
-        (m = 1..depths*k), thresholds m/(depths*k) restricted by ``threshold``: absent, every
-        m; a range {uniform: [lo, hi]}, every one inside it; a number or a list, each
-        threshold t's rule, m = ceil(t * depths * k) (t <= 0: m = 1)."""
-        from defenses.surface import SurfacePoint, min_votes_for, surface_points
-
-        ks = self.surface_ks()
-        value = self.params.get("threshold")
-        if value is None:
-            return surface_points(ks, depths=depths)
-        if isinstance(value, Uniform):
-            return surface_points(ks, tuple(value.uniform), depths)
-        if isinstance(value, (Choice, Grid)):
-            value = list(value.choice if isinstance(value, Choice) else value.grid)
-        thresholds = value if isinstance(value, list) else [value]
-        return sorted({SurfacePoint(k, min_votes_for(float(t), depths * k), depths)
-                       for k in ks for t in thresholds})
 
     @property
     def grid_only(self) -> bool:

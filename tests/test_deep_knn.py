@@ -217,9 +217,12 @@ def test_credibility_is_deep_knn_p_value_by_brute_force():
             at_m = [i for i, pt in enumerate(points) if pt.k == k
                     and pt.min_votes == totals[predicted]]
             assert column[at_m[0]].item() == pytest.approx(p)
-            for i, point in enumerate(points):  # the credibility axis is the m axis
-                if point.k == k:
-                    assert (p >= column[i].item()) == (totals[predicted] >= point.min_votes)
+            for i, point in enumerate(points):  # the credibility axis is the m axis:
+                if point.k != k:  # "credibility >= c" is "T >= the smallest m with c"
+                    continue
+                lowest = min(q.min_votes for j, q in enumerate(points)
+                             if q.k == k and column[j] == column[i])
+                assert (p >= column[i].item()) == (totals[predicted] >= lowest)
     # non-decreasing in m at each k; no calibration: NaN
     for k in ks:
         values = [column[i].item() for i, p in enumerate(points) if p.k == k]

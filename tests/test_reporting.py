@@ -27,6 +27,21 @@ def test_progress_lines_say_rate_and_time_left():
     assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"
 
 
+def test_a_console_saved_by_an_earlier_version_resumes():
+    """Tune restores its callbacks from the saved experiment: a ConsoleProgress pickled when its
+    flag was called ``lesci`` still knows whether trials report surfaces."""
+    import pickle
+
+    console = ConsoleProgress("s", total=1, concurrent=1, optimize={"a": "max"}, surface=True,
+                              storage_uri="/nowhere", coordinator=None, log=print)
+    state = dict(console.__dict__)
+    state["lesci"] = state.pop("surface")
+    old = ConsoleProgress.__new__(ConsoleProgress)
+    old.__setstate__(state)
+    assert old.surface is True and not hasattr(old, "lesci")
+    assert pickle.loads(pickle.dumps(console)).surface is True
+
+
 def test_status_line_counts_the_ending_trial_and_estimates_time_left():
     lines = []
     console = ConsoleProgress("s", total=4, concurrent=2, optimize={"a": "max", "b": "max"},

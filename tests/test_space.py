@@ -161,6 +161,20 @@ BAD = [
      r"attack.samples: LESCI only"),
     ("the training suite in a lesci space", variant({"attack": {"eps": 0.1, "suite": {
         "targets": 2}}}), r"attack.suite: the training families' suite; LESCI's attacks"),
+    ("a depth twice in a vote", variant({"params.depth": ["stem", "stem"]}),
+     r"params.depth: each depth once in a vote"),
+    ("the same vote twice", variant({"params.depth": {"grid": [["stem", "pool"],
+                                                                ["pool", "stem"]]}}),
+     r"params.depth.grid: the same vote listed twice"),
+    ("an unknown depth in a vote", variant({"params.depth": {"choice": ["stem",
+                                                                        ["stem", "layer9"]]}}),
+     r"params.depth: 'layer9' is not a depth of resnet_digits"),
+    ("a depth that is not a name", variant({"params.depth": {"grid": ["stem", 3]}}),
+     r"params.depth.grid\[1\]: a depth \(a module path such as layer1\) or a list"),
+    ("calibration not a number", variant({"params.calibration": True}),
+     r"params.calibration: a fraction of the training split, in \(0, 1\), or a count"),
+    ("calibration above 1", variant({"params.calibration": 1.5}),
+     r"params.calibration: a fraction of the training split must be in \(0, 1\)"),
 ]
 
 
@@ -256,6 +270,9 @@ def test_data_and_checkpoint_problems_are_exit_2_before_ray(tmp_path, capsys):
         ({"model__checkpoint": str(tmp_path / "c4.pt")}, "was built for 4 classes"),
         ({"model__checkpoint": str(tmp_path / "broken.pt")},
          "broken.pt: not a loadable weights-only checkpoint"),
+        # digits trains on 1,077 samples: a calibration split must leave some for the spaces
+        ({"params__calibration": 1077}, "params.calibration: 1077 holds out 1077 of the 1077 "
+                                        "training samples"),
     ]
     for updates, message in cases:
         path = _space_with(tmp_path, **updates)

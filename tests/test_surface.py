@@ -64,8 +64,8 @@ def test_surface_points_and_threshold_ranges():
 
 def test_a_space_lists_its_surface(tmp_path):
     demo = load_space("demo", check_model=False)
-    assert demo.surface_ks() == [3, 10]
-    assert len(demo.surface_points()) == 8
+    assert demo.defense.surface_ks(demo) == [3, 10]
+    assert len(demo.defense.surface_points(demo)) == 8
     assert demo.trial_count == 4  # one trial per depth: k and threshold are not trials
     assert "k" not in demo.searched() and "k" not in demo.fixed()
     text = (tmp_path / "s.yaml")
@@ -77,7 +77,7 @@ def test_a_space_lists_its_surface(tmp_path):
     text.write_text(yaml.safe_dump(body))
     spec = load_space(text, check_model=False)
     # each threshold t is the rule m = ceil(t k); t <= 0 always projects (m = 1)
-    assert [(p.k, p.min_votes) for p in spec.surface_points()] == [
+    assert [(p.k, p.min_votes) for p in spec.defense.surface_points(spec)] == [
         (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 3)]
 
 

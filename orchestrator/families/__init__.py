@@ -4,7 +4,9 @@ registered here. A space's ``family:`` names one; the rest of ``orchestrator/`` 
 
 To add a family: write ``orchestrator/families/<name>.py`` with a ``DefenseFamily`` subclass
 and register an instance below (``tests/test_family_contract.py`` then runs it through every
-family's checks)."""
+family's checks). Register it here, not in a script: every Ray worker rebuilds the space from
+its JSON and looks its family up by name, so the registration must happen on import of this
+package, on every node."""
 
 from __future__ import annotations
 

@@ -67,6 +67,9 @@ class DefenseFamily:
     def check_model(self, spec, model, input_shape) -> None:
         """What the family needs of the model (``ValueError`` naming it)."""
 
+    def check_data(self, spec, splits) -> None:
+        """What the family needs of the dataset's splits (``ValueError`` naming the key)."""
+
     # -- what a trial reports ----------------------------------------------------------------
 
     def reported_metrics(self, spec) -> list[str]:

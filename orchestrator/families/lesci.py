@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      field_validator)
 
 from orchestrator.distributions import (DIST_TYPES, Choice, Grid, IntRange, LogUniform,
                                         Uniform, values_of)
+from defenses.surface import SurfacePoint, min_votes_for, surface_points
 from orchestrator.families.base import DefenseFamily
 from orchestrator.params import TRAINING_FIELDS, chosen, validate
 
@@ -56,20 +58,24 @@ class LESCIParams(BaseModel):
     n_components: int = Field(ge=1)
     embedding_size: int | None = Field(default=None, ge=1)
     center: StrictBool = True
-    calibration: int | float | None = None
+    calibration: StrictInt | StrictFloat | None = None
 
     @field_validator("depth", mode="before")
     @classmethod
     def _depth(cls, value: Any) -> str:
         return depth_label("depth", value)
 
-    @field_validator("calibration")
+    @field_validator("calibration", mode="before")
     @classmethod
-    def _calibration(cls, value: int | float | None) -> int | float | None:
+    def _calibration(cls, value: Any) -> int | float | None:
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, float))):
+            raise ValueError("a fraction of the training split, in (0, 1), or a count of "
+                             "training samples")
         if isinstance(value, float) and not 0 < value < 1:
-            raise ValueError(f"a fraction must be in (0, 1), got {value}")
+            raise ValueError("a fraction of the training split must be in (0, 1)")
         if isinstance(value, int) and value < 1:
-            raise ValueError(f"a count must be >= 1, got {value}")
+            raise ValueError("a count of training samples must be >= 1")
         return value
 
     @property
@@ -128,6 +134,36 @@ class LESCIFamily(DefenseFamily):
     def required_metrics(self, spec) -> list[str]:
         return ["hypervolume"]
 
+    # -- the surface every trial evaluates ----------------------------------------------------
+
+    def vote_depths(self, spec) -> list[int]:
+        """How many depths the trials' votes span (1 for single-depth LESCI)."""
+        return sorted({len(str(v).split(DEPTH_JOIN)) for v in values_of(spec.params["depth"])})
+
+    def surface_ks(self, spec) -> list[int]:
+        """The k values of every trial's surface (a number, a list, choice/grid values, or
+        every integer of an int range)."""
+        value = spec.params.get("k")
+        values = value if isinstance(value, list) else spec.values_of("k")
+        return sorted({int(v) for v in values})
+
+    def surface_points(self, spec, depths: int = 1) -> list[SurfacePoint]:
+        """Every (k, m) point of the surface of a trial voting over ``depths`` depths
+        (m = 1..depths*k), thresholds m/(depths*k) restricted by ``threshold``: absent, every
+        m; a range {uniform: [lo, hi]}, every one inside it; a number or a list, each
+        threshold t's rule, m = ceil(t * depths * k) (t <= 0: m = 1)."""
+        ks = self.surface_ks(spec)
+        value = spec.params.get("threshold")
+        if value is None:
+            return surface_points(ks, depths=depths)
+        if isinstance(value, Uniform):
+            return surface_points(ks, tuple(value.uniform), depths)
+        if isinstance(value, (Choice, Grid)):
+            value = list(value.choice if isinstance(value, Choice) else value.grid)
+        thresholds = value if isinstance(value, list) else [value]
+        return sorted({SurfacePoint(k, min_votes_for(float(t), depths * k), depths)
+                       for k in ks for t in thresholds})
+
     # -- checks ----------------------------------------------------------------------------
 
     def check(self, spec) -> None:
@@ -163,12 +199,12 @@ class LESCIFamily(DefenseFamily):
             raise ValueError(f"params.threshold: must be <= 1 (a vote fraction; <= 0 means "
                              f"always project), got max {high}")
         try:
-            for depths in spec.vote_depths():
-                spec.surface_points(depths)
+            for depths in self.vote_depths(spec):
+                self.surface_points(spec, depths)
         except ValueError as exc:
             raise ValueError(f"params.threshold: {exc}") from None
         size = _number_range(spec, "embedding_size")
-        k_max = max(spec.surface_ks())
+        k_max = max(self.surface_ks(spec))
         if size and size[0] < k_max:
             raise ValueError(f"params.embedding_size: {int(size[0])} is smaller than the "
                              f"largest k ({k_max})")
@@ -200,6 +236,14 @@ class LESCIFamily(DefenseFamily):
                 raise ValueError(f"params.n_components: {int(n_components[1])} exceeds the "
                                  f"{dims} dimensions of depth {depth!r}")
 
+    def check_data(self, spec, splits) -> None:
+        """The calibration split leaves samples on both sides of the training split."""
+        from orchestrator.lesci_stages import calibration_count
+
+        for value in values_of(spec.params.get("calibration")):  # a range: its two ends
+            if value is not None:
+                calibration_count(len(splits.train), value)
+
     # -- what a trial reports ----------------------------------------------------------------
 
     def reported_metrics(self, spec) -> list[str]:
@@ -212,7 +256,7 @@ class LESCIFamily(DefenseFamily):
         return ["samples", "attacked_samples", "calibration_samples"]
 
     def describe(self, spec) -> str:
-        sizes = sorted({len(spec.surface_points(n)) for n in spec.vote_depths()})
+        sizes = sorted({len(self.surface_points(spec, n)) for n in self.vote_depths(spec)})
         shown = "-".join(str(n) for n in dict.fromkeys([sizes[0], sizes[-1]]))
         return f", each a surface of {shown} (k, m) points"
 
@@ -240,7 +284,10 @@ class LESCIFamily(DefenseFamily):
         points = [SurfacePoint(int(k), int(m), depths) for k, m in item["points"]]
         inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
                   "model": spec.model.model_dump(), "training": trial.training.as_dict(),
-                  "lesci": trial.params.model_dump(), "repeats": spec.search.repeats,
+                  # (without a calibration split, the key single-depth trials always had)
+                  "lesci": trial.params.model_dump(exclude=set() if trial.params.calibration
+                                                   is not None else {"calibration"}),
+                  "repeats": spec.search.repeats,
                   "attack": None if spec.attack is None else spec.attack.model_dump(),
                   "points": [[p.k, p.min_votes] for p in points]}
 
@@ -259,8 +306,9 @@ def _depth_values(value: Any) -> Any:
         kind = "choice" if isinstance(value, Choice) else "grid"
         labels = [depth_label(f"params.depth.{kind}[{i}]", v)
                   for i, v in enumerate(getattr(value, kind))]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"params.depth.{kind}: a value listed twice ({labels})")
+        votes = [frozenset(label.split(DEPTH_JOIN)) for label in labels]
+        if len(set(votes)) != len(votes):  # the order of a vote's depths does not matter
+            raise ValueError(f"params.depth.{kind}: the same vote listed twice ({labels})")
         return type(value)(**{kind: labels})
     if isinstance(value, DIST_TYPES):
         raise ValueError("params.depth: a depth, a list of depths, or {choice/grid: [...]} of "

@@ -73,8 +73,10 @@ class TrainingFamily(DefenseFamily):
             branch_config = {k: v for k, v in picked.items() if k != "objective"}
             name = picked["objective"]
         else:
-            name = picked if isinstance(picked, str) and picked in space.branches \
-                else space.names[0]
+            if isinstance(picked, str) and picked not in space.branches:
+                raise ValueError(f"objective {picked!r} is not one of the space's "
+                                 f"({', '.join(space.names)})")
+            name = picked if isinstance(picked, str) else space.names[0]
             prefix = f"{name}."
             branch_config = {k[len(prefix):]: v for k, v in config.items()
                              if k.startswith(prefix)}

@@ -179,3 +179,48 @@ def test_training_sweep_optimizes_the_suites_worst_case(tmp_path):
         "optimize: {robust_accuracy: max}").replace("name: suite", "name: single"))
     run_ok([*args[:3], "single", *args[4:]], tmp_path)
     check_tracked(uri, "single", "adversarial", 3)
+
+
+MULTI_DEPTH = textwrap.dedent("""
+    name: depths
+    family: lesci
+    dataset: {name: digits}
+    model: {name: resnet_digits}
+    training: {epochs: 2, batch_size: 128}
+    params:
+      depth: {grid: [stem, layer1, [stem, layer1]]}
+      n_components: 8
+      calibration: 0.25
+      k: [3]
+    attack: {eps: 0.1, steps: 2, apgd: {steps: 3, targets: 0}, samples: 40}
+    optimize: {accuracy: max, projection_rate: max, robust_accuracy: max}
+    search: {algorithm: grid, max_concurrent: 2}
+""")
+
+
+def test_a_vote_over_several_depths_reuses_each_depths_stages_and_is_calibrated(tmp_path):
+    """depth [stem, layer1]: one vote over both depths, from the PCA and embedding space that
+    the single-depth trials at stem and at layer1 use (computed once each); its surface has
+    m = 1..6 of the 2*3 votes; the calibration split gives every point its credibility."""
+    args, uri = sweep_args(tmp_path, MULTI_DEPTH, "d")
+    run_ok(args, tmp_path)
+    client, parent, children = check_tracked(uri, "d", "lesci", 3)
+    front = {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
+                                                          "pareto_front.csv")
+             if row["pareto_optimal"] == "True"}
+    stages = computed_stages(Storage.from_uri(tmp_path / "sweeps" / "d"))
+    assert stages == {"base": 1, "pca": 2, "space": 2, "transfer": 2, "test": len(front)}
+    by_depth = {c.data.params["depth"]: c for c in children}
+    assert set(by_depth) == {"stem", "layer1", "stem+layer1"}
+    train = 1797 - 2 * 360  # digits: val and test as large as sklearn's test split, 360 each
+    for depth, child in by_depth.items():
+        assert child.data.metrics["calibration_samples"] == round(0.25 * train)
+        surface = read_csv_artifact(client, child.info.run_id, "surface.csv")
+        votes = 6 if "+" in depth else 3
+        assert [int(r["min_votes"]) for r in surface] == list(range(1, votes + 1))
+        assert {int(r["votes"]) for r in surface} == {votes}
+        credibility = [float(r["credibility"]) for r in surface]
+        assert credibility == sorted(credibility) and credibility[-1] == 1.0
+        assert all(0 <= c <= 1 for c in credibility)
+        thresholds = [float(r["threshold"]) for r in surface]
+        assert thresholds == [m / votes for m in range(1, votes + 1)]
