@@ -109,6 +109,11 @@ def _check_semantics(spec: SweepSpec) -> None:
         if metric not in family.metrics:
             raise ValueError(f"optimize.{metric}: not a metric of family {family.name!r}; "
                              f"allowed: {', '.join(family.metrics)}")
+        best = family.metrics[metric]
+        if spec.optimize[metric] != best:
+            raise ValueError(f"optimize.{metric}: {spec.optimize[metric]}, but a "
+                             f"{'higher' if best == 'max' else 'lower'} {metric} is better "
+                             f"(use {best})")
         if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
             raise ValueError(f"optimize.{metric}: needs an attack (attack: {{eps: ...}})")
     if spec.scheduler == "asha" and len(spec.optimize) > 1:

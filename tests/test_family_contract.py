@@ -85,8 +85,8 @@ def test_a_space_of_the_family_loads_and_names_it(tmp_path, family):
 def test_metrics_and_directions_hold_together(tmp_path, family):
     spec = load(tmp_path, family)
     impl = spec.defense
-    assert impl.metrics and len(set(impl.metrics)) == len(impl.metrics)
-    assert set(spec.optimize) <= set(impl.metrics)
+    assert impl.metrics and set(impl.metrics.values()) <= {"max", "min"}
+    assert all(impl.metrics[m] == mode for m, mode in spec.optimize.items())
     reported = impl.reported_metrics(spec)
     assert set(spec.optimize) <= set(reported)
     metrics, modes = impl.search_metrics(spec)
@@ -101,6 +101,15 @@ def test_a_metric_of_no_use_to_the_family_is_refused(tmp_path, family):
     with pytest.raises(SpaceError, match=rf"optimize.no_such_metric: not a metric of family "
                                          rf"'{family}'; allowed: "):
         load(tmp_path, family, optimize={"no_such_metric": "max"})
+
+
+def test_a_metric_optimized_the_wrong_way_is_refused(tmp_path, family):
+    impl = get_family(family)
+    data = yaml.safe_load(space_text(family))
+    metric = next(iter(data["optimize"]))
+    wrong = "min" if impl.metrics[metric] == "max" else "max"
+    with pytest.raises(SpaceError, match=rf"optimize.{metric}: {wrong}, but a"):
+        load(tmp_path, family, optimize={metric: wrong})
 
 
 def test_each_required_parameter_is_required(tmp_path, family):
@@ -174,7 +183,7 @@ class _Toy(DefenseFamily):
     """A new family, as a researcher would add one: its module, then ``register``."""
 
     name = "toy"
-    metrics = ("score",)
+    metrics = {"score": "max"}
     required_params = ("width",)
 
     class Params(BaseModel):

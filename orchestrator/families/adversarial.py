@@ -11,8 +11,9 @@ __all__ = ["AdversarialFamily"]
 
 class AdversarialFamily(TrainingFamily):
     name = "adversarial"
-    metrics = ("nominal_accuracy", "pgd_accuracy", "robust_accuracy", "apgd_ce_accuracy",
-               "apgd_t_accuracy", "square_accuracy")
+    metrics = {name: "max" for name in (
+        "nominal_accuracy", "pgd_accuracy", "robust_accuracy", "apgd_ce_accuracy",
+        "apgd_t_accuracy", "square_accuracy")}
     required_params = ("objective",)
 
     def objective_space(self, spec) -> ObjectiveSpace:

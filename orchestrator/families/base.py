@@ -20,9 +20,9 @@ class DefenseFamily:
     (``orchestrator.space.SweepSpec``) as ``spec``."""
 
     name: str = ""
-    # every metric a trial reports, in the order tables show them (``optimize`` picks from
-    # these); their direction is the space's choice (max/min) in ``optimize``
-    metrics: tuple[str, ...] = ()
+    # every metric a trial reports, in the order tables show them, with its direction (max:
+    # higher is better); ``optimize`` picks from these, in their direction
+    metrics: dict[str, str] = {}
     required_params: tuple[str, ...] = ()
     # True: a trial reports a surface of operating points (one row each, stored with its
     # result as results/<trial>.json); False: one row per trial, its last reported figures

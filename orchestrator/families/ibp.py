@@ -12,8 +12,9 @@ __all__ = ["IBPFamily"]
 
 class IBPFamily(TrainingFamily):
     name = "ibp"
-    metrics = ("nominal_accuracy", "verified_accuracy", "pgd_accuracy", "robust_accuracy",
-               "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy")
+    metrics = {name: "max" for name in (
+        "nominal_accuracy", "verified_accuracy", "pgd_accuracy", "robust_accuracy",
+        "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy")}
     verifies = True
 
     def objective_space(self, spec) -> ObjectiveSpace:

@@ -97,8 +97,9 @@ def _number_range(spec, key: str) -> tuple[float, float] | None:
 
 class LESCIFamily(DefenseFamily):
     name = "lesci"
-    metrics = ("accuracy", "projection_rate", "accuracy_projected", "accuracy_identity",
-               "robust_accuracy", "transfer_robust_accuracy")
+    metrics = {name: "max" for name in (
+        "accuracy", "projection_rate", "accuracy_projected", "accuracy_identity",
+        "robust_accuracy", "transfer_robust_accuracy")}
     required_params = ("depth", "n_components", "k")
     surface = True
     point_keys = ("k", "min_votes")
