@@ -148,8 +148,8 @@ def lesci_decision(spec: SweepSpec, trial: Trial, splits: Splits, device, cache:
     spaces = [stages.embedding_space(depth) for depth in stages.depths]
     for depth, space in zip(stages.depths, spaces):
         if k_max > len(space):
-            raise ValueError(f"k={k_max} exceeds the {len(space)} samples of the embedding "
-                             f"space at {depth!r}")
+            raise ValueError(f"k={k_max} exceeds the embedding space at {depth!r} "
+                             f"({len(space)} samples)")
     params = trial.params
     decision = LESCIDecision(model, stages.depths, pcas, spaces, k_max, center=params.center,
                              num_classes=splits.num_classes)
