@@ -120,6 +120,13 @@ def check_tracked(mlflow_uri, sweep, family, trials):
     return client, parent, children
 
 
+def front_trials(client, parent) -> set[str]:
+    """The trials with a point on the parent run's Pareto front (its pareto_front.csv)."""
+    return {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
+                                                         "pareto_front.csv")
+            if row["pareto_optimal"] == "True"}
+
+
 def read_csv_artifact(client, run_id, name):
     import csv
 

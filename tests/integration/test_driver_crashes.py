@@ -13,10 +13,8 @@ import time
 
 from orchestrator.storage import Storage
 from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages,
-                                        read_csv_artifact,
-                                        kill_tree, logged,
-                                        poll_sweep, run_ok, runs_of, sweep_args,
-                                        training_space)
+                                        front_trials, kill_tree, logged, poll_sweep, run_ok,
+                                        runs_of, sweep_args, training_space)
 
 S3 = "s3://sweeps/runs"
 
@@ -146,9 +144,7 @@ def test_driver_killed_during_a_stage_mid_sweep_and_during_pareto_logging(
                for name in crashed.list("stages/computed") if name.endswith(".json")}
     manifests = {name: crashed.read_bytes(f"stages/{name}") for name in crashed.list("stages")
                  if name.endswith(".json")}
-    front = {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
-                                                          "pareto_front.csv")
-             if row["pareto_optimal"] == "True"}
+    front = front_trials(client, parent)
     assert computed_stages(crashed) == {"base": 1, "pca": 1, "space": 1, "transfer": 2,
                                         "test": len(front)}, (records, manifests)
     # the same results and the same Pareto front as the uninterrupted run

@@ -7,9 +7,9 @@ import pytest
 
 from orchestrator.loading import load_space, shipped_spaces
 from orchestrator.storage import Storage
-from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages, kill_tree,
-                                        poll_sweep, read_csv_artifact, run_ok, runs_of,
-                                        sweep_args)
+from tests.integration.conftest import (LESCI_GRID, check_tracked, cli, computed_stages,
+                                        front_trials, kill_tree, poll_sweep, read_csv_artifact,
+                                        run_ok, runs_of, sweep_args)
 
 
 @pytest.mark.parametrize("space", sorted(shipped_spaces()))
@@ -31,9 +31,7 @@ def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
     args, uri = sweep_args(tmp_path, LESCI_GRID, "g")
     run_ok(args, tmp_path)
     client, parent, _ = check_tracked(uri, "g", "lesci", 6)
-    front = {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
-                                                          "pareto_front.csv")
-             if row["pareto_optimal"] == "True"}
+    front = front_trials(client, parent)
     # six trials, two at a time: one base model, one PCA, one embedding space, the bare
     # model's attacks once on val and once on test, and each front trial once on test
     assert computed_stages(Storage.from_uri(tmp_path / "sweeps" / "g")) == {
@@ -205,9 +203,7 @@ def test_a_vote_over_several_depths_reuses_each_depths_stages_and_is_calibrated(
     args, uri = sweep_args(tmp_path, MULTI_DEPTH, "d")
     run_ok(args, tmp_path)
     client, parent, children = check_tracked(uri, "d", "lesci", 3)
-    front = {row["trial_id"] for row in read_csv_artifact(client, parent.info.run_id,
-                                                          "pareto_front.csv")
-             if row["pareto_optimal"] == "True"}
+    front = front_trials(client, parent)
     stages = computed_stages(Storage.from_uri(tmp_path / "sweeps" / "d"))
     assert stages == {"base": 1, "pca": 2, "space": 2, "transfer": 2, "test": len(front)}
     by_depth = {c.data.params["depth"]: c for c in children}
