@@ -1,5 +1,5 @@
 """Evaluation of a trained classifier: clean accuracy, PGD accuracy, the worst case of an
-AutoAttack-style suite, IBP-verified accuracy."""
+AutoAttack-style suite, verified accuracy (IBP, CROWN-IBP and the best of the two)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader, Dataset
 from defenses.activations import batches
 from defenses.attacks import (apgd, cross_entropy_objective, default_alpha, dlr_objective, pgd,
                               robust_accuracy, square, top_wrong_classes)
-from defenses.ibp import verified
+from defenses.crown import certificates
 from defenses.models import eval_mode
 
-__all__ = ["accuracy", "evaluate_robustness", "AttackSuite", "suite_accuracy"]
+__all__ = ["accuracy", "evaluate_robustness", "verified_accuracy", "AttackSuite",
+           "suite_accuracy"]
 
 
 @torch.no_grad()
@@ -37,11 +38,12 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
                         alpha: float | None = None, restarts: int = 1, verify: bool = False,
                         batch_size: int = 256, seed: int = 0,
                         suite: AttackSuite | None = None) -> dict[str, float]:
-    """Clean, PGD (random start) and, with ``verify``, IBP-verified accuracy at ``eps``.
+    """Clean, PGD (random start) and, with ``verify``, verified accuracy at ``eps``.
 
     Keys (DESIGN.md metric names): ``nominal_accuracy`` (clean inputs), ``pgd_accuracy``
     (``steps`` of PGD of step ``alpha``, by default ``default_alpha(eps, steps)``, with
-    ``restarts`` random starts) and, with verify, ``verified_accuracy``. With ``suite``, the
+    ``restarts`` random starts) and, with verify, ``verified_accuracy`` and each certificate's
+    figure (``verified_accuracy``'s function). With ``suite``, the
     keys of ``suite_accuracy`` too, its PGD run (the suite's steps, alpha and restarts) giving
     ``pgd_accuracy``: PGD runs once.
     """
@@ -54,15 +56,29 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
             out["pgd_accuracy"] = robust_accuracy(model, data, eps, alpha, steps, restarts,
                                                   batch_size, seed)
     if verify:
-        device = next(model.parameters()).device
-        proven = total = 0
-        with eval_mode(model):
-            for x, y in DataLoader(data, batch_size=batch_size):
-                x, y = x.to(device), y.to(device)
-                proven += int(verified(model, x, y, eps).sum())
-                total += y.numel()
-        out["verified_accuracy"] = proven / max(total, 1)
+        out.update(verified_accuracy(model, data, eps, batch_size))
     return out
+
+
+@torch.no_grad()
+def verified_accuracy(model: nn.Module, data: Dataset, eps: float, batch_size: int = 256
+                      ) -> dict[str, float]:
+    """The fraction of ``data`` proven robust at ``eps``: ``verified_ibp_accuracy`` (IBP),
+    ``verified_crown_accuracy`` (CROWN-IBP: CROWN's backward pass on IBP's pre-activation
+    bounds) and ``verified_accuracy``, the best sound certificate: each margin bounded by the
+    tighter of the two (``defenses.crown.certificates``), so never below either."""
+    device = next(model.parameters()).device
+    proven = {"ibp": 0, "crown": 0, "best": 0}
+    total = 0
+    with eval_mode(model):
+        for x, y in DataLoader(data, batch_size=batch_size):
+            x, y = x.to(device), y.to(device)
+            for name, hit in certificates(model, x, y, eps).items():
+                proven[name] += int(hit.sum())
+            total += y.numel()
+    return {"verified_accuracy": proven["best"] / max(total, 1),
+            "verified_ibp_accuracy": proven["ibp"] / max(total, 1),
+            "verified_crown_accuracy": proven["crown"] / max(total, 1)}
 
 
 class AttackSuite(BaseModel):

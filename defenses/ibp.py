@@ -291,10 +291,17 @@ def _penultimate(model: nn.Module, box: Interval, rec: Recorder
     """The elided layer's input interval and (weight, bias); the logit interval and None when
     the output is not a Linear's."""
     plan = _plan(model)
+    steps = plan.full if plan.elided is None else plan.penultimate
+    return _last_layer(model, plan, _run(model, plan, steps, box, rec))
+
+
+def _last_layer(model: nn.Module, plan: _Plan, env: dict[fx.Node, Any]
+                ) -> tuple[Interval, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """``_penultimate``'s answer from the values of a run that computed the elided layer's input
+    (or, without one, the output)."""
     if plan.elided is None:
-        return _as_interval(_run(model, plan, plan.full, box, rec)[plan.output], model), None
+        return _as_interval(env[plan.output], model), None
     el = plan.elided
-    env = _run(model, plan, plan.penultimate, box, rec)
     if el.module is not None:
         last = _submodule(model, el.module)
         weight, bias = last.weight, last.bias
@@ -363,8 +370,13 @@ def elided_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     For w = W_j - W_y, bias b_j - b_y on the penultimate interval (c, r): w.c + b + |w|.r.
     Without an elidable last layer: ``upper_j - lower_y`` on the logit interval.
     """
-    (lower, upper), last = _penultimate(model, _input_box(x, eps), _ignore)
-    lower, upper = _sound(lower, upper)
+    return _elided_margins(*_penultimate(model, _input_box(x, eps), _ignore), y)
+
+
+def _elided_margins(b: Interval, last: tuple[torch.Tensor, torch.Tensor | None] | None,
+                    y: torch.Tensor) -> torch.Tensor:
+    """``elided_upper_bounds`` from the penultimate interval and the last layer."""
+    lower, upper = _sound(*b)
     if last is None:
         upper_bound = (upper - lower.gather(1, y[:, None])).scatter(1, y[:, None], 0.0)
         return torch.nan_to_num(upper_bound, nan=math.inf)

@@ -306,11 +306,15 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 class IBPCNN(DepthsMixin, nn.Module):
     """The small / medium / large CNNs of the IBP paper, as one ``nn.Sequential`` (``layers``).
 
-    Named depths: ``conv1`` .. ``convN`` and ``fc1`` .. ``fcM`` (each after its ReLU).
+    Named depths: ``conv1`` .. ``convN`` and ``fc1`` .. ``fcM`` (each after its ReLU). With
+    ``batch_norm``, a batch norm after every convolution and hidden linear layer, before its
+    ReLU (``bn_conv1``, ``bn_fc1``, ...), as Shi et al. 2021 (section 3.2) add them for IBP
+    training.
     """
 
     def __init__(self, arch: str, num_classes: int, input_shape: tuple[int, int, int],
-                 mean: Sequence[float], std: Sequence[float], padding: str | None = None):
+                 mean: Sequence[float], std: Sequence[float], padding: str | None = None,
+                 batch_norm: bool = False):
         super().__init__()
         if arch not in _IBP_ARCHS:
             raise ValueError(f"unknown IBP architecture {arch!r}; allowed: {sorted(_IBP_ARCHS)}")
@@ -332,13 +336,19 @@ class IBPCNN(DepthsMixin, nn.Module):
             if h < 1 or w < 1:
                 raise ValueError(f"{arch} with {padding!r} padding does not fit inputs "
                                  f"{tuple(input_shape)}; use padding='same'")
-            mods += [(f"conv{i}", nn.Conv2d(c, cout, k, stride=s)), (f"relu_conv{i}", nn.ReLU())]
+            mods.append((f"conv{i}", nn.Conv2d(c, cout, k, stride=s)))
+            if batch_norm:
+                mods.append((f"bn_conv{i}", nn.BatchNorm2d(cout)))
+            mods.append((f"relu_conv{i}", nn.ReLU()))
             self._depths.append((f"conv{i}", f"relu_conv{i}"))
             c = cout
         mods.append(("flatten", nn.Flatten(1)))
         features = c * h * w
         for j, width in enumerate(hidden, start=1):
-            mods += [(f"fc{j}", nn.Linear(features, width)), (f"relu_fc{j}", nn.ReLU())]
+            mods.append((f"fc{j}", nn.Linear(features, width)))
+            if batch_norm:
+                mods.append((f"bn_fc{j}", nn.BatchNorm1d(width)))
+            mods.append((f"relu_fc{j}", nn.ReLU()))
             self._depths.append((f"fc{j}", f"relu_fc{j}"))
             features = width
         mods.append(("logits", nn.Linear(features, num_classes)))
@@ -359,7 +369,8 @@ def build_model(name: str | ModelName, num_classes: int, input_shape: Sequence[i
         name: one of ``ModelName``'s values.
         num_classes, input_shape (c, h, w), mean, std: from the dataset's ``Splits``.
         options: ResNet-18/34/50: ``stem`` ("imagenet" | "small"; default "small" for inputs of
-            at most 64 pixels, else "imagenet"). IBP CNNs: ``padding`` ("valid" | "same").
+            at most 64 pixels, else "imagenet"). IBP CNNs: ``padding`` ("valid" | "same"),
+            ``batch_norm`` (a batch norm after every layer).
 
     Raises:
         ValueError: unknown name or an option the model does not take.
@@ -374,8 +385,8 @@ def build_model(name: str | ModelName, num_classes: int, input_shape: Sequence[i
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
     allowed_options = {
         ModelName.RESNET18: {"stem"}, ModelName.RESNET34: {"stem"}, ModelName.RESNET50: {"stem"},
-        ModelName.IBP_SMALL: {"padding"}, ModelName.IBP_MEDIUM: {"padding"},
-        ModelName.IBP_LARGE: {"padding"},
+        **{name: {"padding", "batch_norm"}
+           for name in (ModelName.IBP_SMALL, ModelName.IBP_MEDIUM, ModelName.IBP_LARGE)},
     }.get(model, set())
     unknown = set(options) - allowed_options
     if unknown:
@@ -410,7 +421,8 @@ def _build(model: ModelName, common: dict[str, Any], options: dict[str, Any]) ->
     if model is ModelName.RESNET_DIGITS:
         # Small enough to train on 8x8 digits on a CPU in seconds; its stem is 16 x 8 x 8 = 1,024-d.
         return ResNet(BasicBlock, (1, 1, 1), stem="small", widths=(16, 32, 64), **common)
-    return IBPCNN(model.value, padding=options.get("padding"), **common)
+    return IBPCNN(model.value, padding=options.get("padding"),
+                  batch_norm=bool(options.get("batch_norm", False)), **common)
 
 
 @torch.no_grad()

@@ -19,11 +19,11 @@ from torch import nn
 
 from defenses.attacks import default_alpha, fgsm, pgd
 from defenses.ibp import ibp_loss
-from defenses.schedules import Ramp, eps_schedule, kappa_schedule
+from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
 __all__ = ["Objective", "ObjectiveName", "ObjectiveParams", "StandardParams", "FGSMParams",
            "FastFGSMParams", "PGDParams", "AdversarialRegularizationParams", "IBPParams",
-           "GradientNorm", "objective_params", "make_objective"]
+           "GradientNorm", "Bound", "Init", "objective_params", "make_objective"]
 
 
 class ObjectiveName(str, enum.Enum):
@@ -60,6 +60,13 @@ class _Params(BaseModel):
 
     def build(self) -> Objective:
         raise NotImplementedError  # every concrete parameter model overrides it
+
+    def model_options(self) -> dict[str, Any]:
+        """Options of the built-in model this objective trains (none but IBP's batch_norm)."""
+        return {}
+
+    def prepare(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
+        """Initialise a fresh model for this objective (none but IBP's ``init: ibp``)."""
 
 
 def _fill_alpha(values: Any, rule: Callable[[float, int], float], steps: int = 1) -> Any:
@@ -236,10 +243,27 @@ class AdversarialRegularization:
 # IBP
 
 
+class Bound(str, enum.Enum):
+    IBP = "ibp"
+    CROWN_IBP = "crown_ibp"  # beta * CROWN-IBP + (1 - beta) * IBP (Zhang et al. 2020)
+
+
+class Init(str, enum.Enum):
+    DEFAULT = "default"  # torch's own
+    IBP = "ibp"  # Shi et al. 2021 (defenses.certified_training.ibp_init)
+
+
 class IBPParams(_Params):
     """Interval Bound Propagation training (Gowal et al. 2018): ``kappa * L(z) + (1 - kappa) *
     L(z_worst)``, ``eps`` ramping from 0 to ``eps_train`` and ``kappa`` from 1 to
-    ``kappa_final`` over ``rampup`` optimiser steps after ``warmup`` steps."""
+    ``kappa_final`` over ``rampup`` optimiser steps after ``warmup`` steps.
+
+    ``bound``: ``ibp`` bounds z_worst by intervals; ``crown_ibp`` by ``beta * CROWN-IBP + (1 -
+    beta) * IBP`` (Zhang et al. 2020, eq. 7), ``beta`` ramping from ``beta_start`` to
+    ``beta_end`` over the same window as eps. The fast-IBP recipe (Shi et al. 2021): ``init:
+    ibp`` (IBP initialisation), ``batch_norm`` (a batch norm after every layer of the built-in
+    IBP CNNs) and ``fast_reg`` (lambda_0 of the tightness and ReLU-balance warm-up
+    regularisers, 0: off); see ``defenses.certified_training``."""
 
     objective: Literal["ibp"] = "ibp"
     eps_train: Radius
@@ -247,9 +271,24 @@ class IBPParams(_Params):
     rampup: int = Field(default=0, ge=0)
     kappa_final: float = Field(default=0.5, ge=0.0, le=1.0)
     ramp: Ramp = Ramp.LINEAR
+    bound: Bound = Bound.IBP
+    beta_start: float = Field(default=1.0, ge=0.0, le=1.0)
+    beta_end: float = Field(default=0.0, ge=0.0, le=1.0)
+    init: Init = Init.DEFAULT
+    batch_norm: bool = False
+    fast_reg: float = Field(default=0.0, ge=0.0)
 
     def build(self) -> "IBPObjective":
         return IBPObjective(self)
+
+    def model_options(self) -> dict[str, Any]:
+        return {"batch_norm": True} if self.batch_norm else {}
+
+    def prepare(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
+        if self.init is Init.IBP:
+            from defenses.certified_training import ibp_init
+
+            ibp_init(model, generator)
 
 
 class IBPObjective:
@@ -262,9 +301,28 @@ class IBPObjective:
         p = self.params
         eps = eps_schedule(step, p.eps_train, p.warmup, p.rampup, p.ramp)
         kappa = kappa_schedule(step, p.kappa_final, p.warmup, p.rampup, p.ramp)
-        loss, logits, _ = ibp_loss(model, x, y, eps, kappa)
-        return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y),
-                      "eps": eps, "kappa": kappa}
+        regularize = p.fast_reg > 0 and 0 < eps < p.eps_train
+        if p.bound is Bound.IBP and not regularize:  # Gowal et al.'s loss as it always was
+            loss, logits, _ = ibp_loss(model, x, y, eps, kappa)
+            return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y),
+                          "eps": eps, "kappa": kappa}
+        from defenses.certified_training import certified_margins
+
+        beta = (p.beta_start + (p.beta_end - p.beta_start) * ramp(step, p.warmup, p.rampup, p.ramp)
+                if p.bound is Bound.CROWN_IBP else 0.0)
+        logits = model(x)
+        loss = kappa * F.cross_entropy(logits, y)
+        metrics = {"eps": eps, "kappa": kappa, "beta": beta}
+        if kappa < 1 or regularize:
+            worst, reg = certified_margins(model, x, y, eps, beta, regularize)
+            if kappa < 1:
+                loss = loss + (1 - kappa) * F.cross_entropy(worst, y)
+            if reg is not None:
+                weight = p.fast_reg * (1 - eps / p.eps_train)
+                loss = loss + weight * reg
+                metrics["fast_reg"] = float(reg.detach())
+        metrics.update(train_loss=float(loss.detach()), train_accuracy=_acc(logits, y))
+        return loss, metrics
 
 
 # ------------------------------------------------------------------------------------------------

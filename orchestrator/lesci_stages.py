@@ -41,11 +41,15 @@ __all__ = ["LESCIStages", "calibration_split", "space_model", "train_base_model"
 SPLITS = ("val", "test")
 
 
-def space_model(spec: SweepSpec, splits: Splits, weights: bool = False) -> torch.nn.Module:
-    """A model of the space's architecture for the dataset (``ModelSpec.build``); with
-    ``weights``, that of the space's checkpoint (``load_model``: ours is rebuilt as it was
-    saved, anyone else's weights load into a fresh model)."""
+def space_model(spec: SweepSpec, splits: Splits, weights: bool = False,
+                options: dict | None = None) -> torch.nn.Module:
+    """A model of the space's architecture for the dataset (``ModelSpec.build``), with a
+    trial's further built-in ``options`` (IBP's ``batch_norm``); with ``weights``, that of the
+    space's checkpoint (``load_model``: ours is rebuilt as it was saved, anyone else's weights
+    load into a fresh model)."""
     source = spec.model
+    if options:
+        source = source.model_copy(update={"options": {**source.options, **options}})
 
     def fresh() -> torch.nn.Module:
         return source.build(splits.num_classes, splits.input_shape, splits.mean, splits.std)

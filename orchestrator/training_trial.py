@@ -54,7 +54,8 @@ def trial_models(spec: SweepSpec, splits: Splits, state: bytes, device
     models = []
     for one in torch.load(io.BytesIO(state), map_location=device, weights_only=True):
         # built as the trial built it (a checkpoint of ours keeps its own normalisation)
-        model = space_model(spec, splits, weights=True).to(device)
+        model = space_model(spec, splits, weights=True,
+                            options=one.get("model_options")).to(device)
         model.load_state_dict(one["model"])
         models.append(model.eval())
     return models
@@ -69,11 +70,13 @@ def with_intervals(metrics: dict[str, float], samples: int) -> dict[str, float]:
     return out
 
 
-def _checkpoint(trainers: list[Trainer], metrics: dict[str, float], folder: str
-                ) -> tune.Checkpoint:
+def _checkpoint(trainers: list[Trainer], metrics: dict[str, float], folder: str,
+                options: dict[str, Any]) -> tune.Checkpoint:
     """Every seed's trainer state, as one file."""
     buffer = io.BytesIO()
-    torch.save([trainer.state_dict() for trainer in trainers], buffer)
+    # with the trial's model options (IBP's batch_norm), so the final models are rebuilt alike
+    torch.save([{**trainer.state_dict(), "model_options": options} for trainer in trainers],
+               buffer)
     Storage.from_uri(folder).put_verified(_STATE_FILE, buffer.getvalue(),
                                           {"epoch": trainers[0].epoch, "metrics": metrics})
     return tune.Checkpoint.from_directory(folder)
@@ -97,10 +100,13 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     report each epoch's figures (the mean over seeds) and checkpoint every seed's state."""
     spec, splits, device = setup(spec_json)
     trainers = []
+    options = resolve(spec, config).params.model_options()
     for one in repeat_trials(spec, resolve(spec, config)):
         torch.manual_seed(one.training.seed)
-        # from the space's checkpoint, when it has one: fine-tuning
-        model = space_model(spec, splits, weights=True)
+        # from the space's checkpoint, when it has one: fine-tuning; else freshly initialised
+        model = space_model(spec, splits, weights=True, options=one.params.model_options())
+        if not spec.model.checkpoint:
+            one.params.prepare(model)
         trainers.append(Trainer(model, splits.train, one.training, one.params.build(),
                                 device=device))
     newest = newest_checkpoint(Storage(storage_uri).child(
@@ -115,7 +121,8 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
         # callback skips epochs it has), and a trial that finished after Tune's last state
         # save ends here
         with tempfile.TemporaryDirectory() as folder:
-            tune.report(last_metrics, checkpoint=_checkpoint(trainers, last_metrics, folder))
+            tune.report(last_metrics, checkpoint=_checkpoint(trainers, last_metrics, folder,
+                                                               options))
     while trainers[0].epoch < trainers[0].config.epochs:
         runs = []
         for r, trainer in enumerate(trainers):
@@ -127,4 +134,4 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
             runs.append(metrics)
         metrics = over_seeds(runs)
         with tempfile.TemporaryDirectory() as folder:
-            tune.report(metrics, checkpoint=_checkpoint(trainers, metrics, folder))
+            tune.report(metrics, checkpoint=_checkpoint(trainers, metrics, folder, options))

@@ -13,8 +13,9 @@ __all__ = ["IBPFamily"]
 class IBPFamily(TrainingFamily):
     name = "ibp"
     metrics = {name: "max" for name in (
-        "nominal_accuracy", "verified_accuracy", "pgd_accuracy", "robust_accuracy",
-        "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy")}
+        "nominal_accuracy", "verified_accuracy", "verified_ibp_accuracy",
+        "verified_crown_accuracy", "pgd_accuracy", "robust_accuracy", "apgd_ce_accuracy",
+        "apgd_t_accuracy", "square_accuracy")}
     verifies = True
 
     def objective_space(self, spec) -> ObjectiveSpace:
@@ -33,12 +34,24 @@ class IBPFamily(TrainingFamily):
                 raise ValueError(f"params.objective: family 'ibp' trains with objective 'ibp' "
                                  f"only (its parameters at the top of params), got {names}")
         super().check_params(spec)
+        ibp_cnns = ("ibp_small", "ibp_medium", "ibp_large")
+        if "batch_norm" in spec.params and spec.model.name not in ibp_cnns:
+            raise ValueError(f"params.batch_norm: only the built-in IBP CNNs "
+                             f"({', '.join(ibp_cnns)}) take a batch norm after every layer; "
+                             f"the space's model is {spec.model.label}")
+        for key in ("batch_norm", "init"):
+            if key in spec.params and spec.model.checkpoint:
+                raise ValueError(f"params.{key}: changes a fresh model, but the space "
+                                 f"fine-tunes model.checkpoint {spec.model.checkpoint}")
 
     def check_model(self, spec, model, input_shape) -> None:
-        """The model's bounds can be computed (``defenses.ibp.check_bounds``)."""
+        """The model's bounds can be computed (``defenses.ibp.check_bounds``), CROWN's too
+        (``defenses.crown.check_crown``)."""
+        from defenses.crown import check_crown
         from defenses.ibp import check_bounds
 
         try:
             check_bounds(model, input_shape)
+            check_crown(model, input_shape)
         except ValueError as exc:
             raise ValueError(f"model {spec.model.label}: {exc}") from None

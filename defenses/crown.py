@@ -1,0 +1,378 @@
+"""CROWN linear bounds (Zhang et al. 2018, "Efficient Neural Network Robustness Certification
+with General Activation Functions") and the CROWN-IBP bound (Zhang et al. 2020, "Towards Stable
+and Efficient Training of Verifiably Robust Neural Networks") on any model IBP bounds.
+
+A specification ``C`` (``[b, s, *output]``) asks for a lower bound of each ``C_i . z(x)`` over the
+L-inf box of radius eps around x, clipped to [0, 1]. CROWN answers it backward: a linear
+function ``A_v . v + c`` of each node v's value bounds ``C . z`` from below for every x in the
+box, starting at the output (A = C, c = 0) and pulled back through each node to its arguments:
+
+- an affine node (linear, conv, batch norm in eval mode, normalisation, pooling by averages,
+  reshaping, slicing, sums of bounded tensors, products or quotients by constants,
+  concatenation) maps ``A`` to ``A . J`` (its Jacobian, taken by ``torch.func.vjp`` at the box
+  centres and batched over the specification by ``vmap``) and adds ``A . (f(x0) - J x0)`` to c;
+  batch norm in train mode is affine with the statistics of the box centres' batch, held as
+  IBP holds them (``defenses.interval_rules``);
+- a monotone activation sigma with pre-activation bounds l <= v <= u is bracketed by two lines,
+  ``a_L v + b_L <= sigma(v) <= a_U v + b_U`` on [l, u]; a positive entry of A takes the lower
+  line, a negative one the upper (Zhang et al. 2018, Theorem 3.2). ReLU: the chord above,
+  ``0`` or ``v`` below, whichever has the smaller area (CROWN's adaptive choice, section 3.3);
+  convex pieces (leaky ReLU with slope <= 1, softplus, ELU with alpha <= 1, sigmoid and tanh
+  for u <= 0) the chord above and the tangent at the midpoint below; concave pieces (sigmoid
+  and tanh for l >= 0) the reverse; anything else (max pools, ReLU6 and hardtanh across a kink,
+  sigmoid and tanh across 0) the node's interval, lines of slope 0: sound, and as loose as IBP
+  there;
+- at the input box, ``A . x`` is bounded by its ends: ``A+ . lower + A- . upper``.
+
+The pre-activation bounds l, u come from IBP (``method="crown-ibp"``, the CROWN-IBP setting) or
+from CROWN itself, bounding each activation's input in order with the identity specification and
+keeping the tighter of that and IBP (``method="crown"``, full CROWN: as many backward passes as
+the network has hidden neurons, for verification of small models).
+
+The last layer needs no elision of its own: the specification ``e_y - e_j`` is pulled through it
+like through any linear node, so margins ``z_y - z_j`` are bounded directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from defenses.models import eval_mode
+from defenses.ibp import (_elided_margins, _eval, _input_box, _last_layer, _no_rule, _plan, _Plan,
+                          _submodule)
+from defenses.interval_rules import Interval, _module_rule
+from defenses.linear_relaxations import (_IDENTITY_MODULES, _INTERVAL_FUNCTIONS,
+                                         _INTERVAL_MODULES, _NONLINEAR_FUNCTIONS,
+                                         _NONLINEAR_MODULES, _PURE, _function_lines,
+                                         _module_lines, _PiecewiseLinear)
+
+__all__ = ["Method", "bound_pass", "crown_lower", "crown_bounds", "margin_spec",
+           "crown_margins", "crown_margin_upper_bounds", "verified_crown", "certificates",
+           "check_crown"]
+
+Method = Literal["crown-ibp", "crown"]
+METHODS = ("crown-ibp", "crown")
+
+# ------------------------------------------------------------------------------------------------
+# the backward pass
+
+
+class _Pass:
+    """One model, one input box: the IBP value of every node, the pre-activation bounds used by
+    the relaxations (IBP's, or tightened by full CROWN), and backward passes from any node."""
+
+    def __init__(self, model: nn.Module, plan: _Plan, box: Interval):
+        self.model, self.plan, self.box = model, plan, box
+        self.env: dict[fx.Node, Any] = {plan.input: box}
+        self.order = [plan.input]
+        for node, _ in plan.full:
+            self.env[node] = _eval(model, plan, node, self.env)
+            self.order.append(node)
+        self.index = {node: i for i, node in enumerate(self.order)}
+        self.pre: dict[fx.Node, Interval] = {}  # tightened pre-activation bounds
+
+    # -- what each node does backward
+
+    def _kind(self, node: fx.Node) -> tuple[str, Any]:
+        """('input'|'identity'|'lines'|'interval'|'batchnorm'|'affine', payload)."""
+        if node is self.plan.input:
+            return "input", None
+        args = fx.node.map_arg(node.args, self.env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, self.env.__getitem__)
+        if node.op == "call_module":
+            m = _submodule(self.model, node.target)
+            if isinstance(m, _IDENTITY_MODULES):
+                return "identity", None
+            if isinstance(m, _INTERVAL_MODULES):
+                return "interval", None
+            if isinstance(m, _NONLINEAR_MODULES):
+                lines = _module_lines(m)
+                return ("lines", lines) if lines is not None else ("interval", None)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
+                    m.training or m.running_mean is None):
+                return "batchnorm", m
+            if _module_rule(m) is None:
+                raise _no_rule(node, self.model)
+            return "affine", None
+        if node.target is F.dropout:
+            return "identity", None
+        if node.target in _INTERVAL_FUNCTIONS:
+            return "interval", None
+        lines = _function_lines(node.target, args, kwargs)
+        if lines is not None:
+            return "lines", lines
+        if node.target in _NONLINEAR_FUNCTIONS:  # e.g. a leaky ReLU of slope > 1: no lines
+            return "interval", None
+        return "affine", None
+
+    def _call(self, node: fx.Node, values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+        """The node's operation with tensors in place of its interval arguments."""
+        pick = lambda n: values[n] if n in values else self.env[n]  # noqa: E731
+        args = fx.node.map_arg(node.args, pick)
+        kwargs = fx.node.map_arg(node.kwargs, pick)
+        if node.op == "call_module":
+            return _submodule(self.model, node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return _PURE.get(node.target, node.target)(*args, **kwargs)
+
+    def ibp_margins(self, y: torch.Tensor) -> torch.Tensor:
+        """IBP's elided margin bounds (``defenses.ibp.elided_upper_bounds``) from this pass."""
+        return _elided_margins(*_last_layer(self.model, self.plan, self.env), y)
+
+    def activation_inputs(self) -> list[Interval]:
+        """The bounds of each activation's input (IBP's, or tightened), in graph order."""
+        found = []
+        for node in self.order[1:]:
+            if self._kind(node)[0] == "lines":
+                (source,) = [n for n in node.all_input_nodes
+                             if isinstance(self.env[n], Interval)]
+                found.append(self._bounds_of(source))
+        return found
+
+    def first_layer_input(self) -> Interval:
+        """The interval entering the first linear or convolutional layer (after any input
+        normalisation): the reference width of Shi et al.'s tightness."""
+        for node in self.order[1:]:
+            if node.op == "call_module" and isinstance(
+                    _submodule(self.model, node.target), (nn.Linear, nn.Conv1d, nn.Conv2d)) or (
+                    node.op == "call_function" and node.target in (F.linear, F.conv1d, F.conv2d)):
+                return self.env[node.all_input_nodes[0]]
+        return self.box
+
+    def _bounds_of(self, node: fx.Node) -> Interval:
+        return self.pre.get(node) or self.env[node]
+
+    # -- one backward pass
+
+    def lower(self, start: fx.Node, spec: torch.Tensor) -> torch.Tensor:
+        """Lower bounds [b, s] of ``spec[b, i] . value(start)`` over the box."""
+        A: dict[fx.Node, torch.Tensor] = {start: spec}
+        bias = spec.new_zeros(spec.shape[:2])
+
+        def push(node: fx.Node, a: torch.Tensor) -> None:
+            A[node] = A[node] + a if node in A else a
+
+        def dot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [b, s, *] . [b, *]
+            return (a * v.unsqueeze(1)).flatten(2).sum(-1)
+
+        for node in reversed(self.order[:self.index[start] + 1]):
+            a = A.pop(node, None)
+            if a is None:
+                continue
+            kind, payload = self._kind(node)
+            if kind == "input":
+                lo, hi = self.box
+                bias = bias + dot(a.clamp(min=0), lo) + dot(a.clamp(max=0), hi)
+                continue
+            if kind == "interval":
+                lo, hi = self.env[node]
+                bias = bias + dot(a.clamp(min=0), lo) + dot(a.clamp(max=0), hi)
+                continue
+            inputs = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
+            if kind == "identity":
+                push(inputs[0], a)
+                continue
+            if kind == "lines":
+                (source,) = inputs
+                lo, hi = self._bounds_of(source)
+                la, lb, ua, ub = payload(lo, hi)
+                pos, neg = a.clamp(min=0), a.clamp(max=0)
+                push(source, pos * la.unsqueeze(1) + neg * ua.unsqueeze(1))
+                bias = bias + dot(pos, lb) + dot(neg, ub)
+                continue
+            if kind == "batchnorm":
+                (source,) = inputs
+                scale, shift = _batchnorm_affine(payload, self.env[source])
+                push(source, a * scale)
+                bias = bias + (a * shift).flatten(2).sum(-1)
+                continue
+            centres = [(self.env[n].lower + self.env[n].upper) / 2 for n in inputs]
+            out, pull = torch.func.vjp(
+                lambda *ts: self._call(node, dict(zip(inputs, ts))), *centres)
+            pulled = torch.func.vmap(pull, in_dims=1, out_dims=1)(a)
+            bias = bias + dot(a, out)
+            for source, centre, g in zip(inputs, centres, pulled):
+                bias = bias - dot(g, centre)
+                push(source, g)
+        if A:  # a node the start depends on that the graph order missed: a bug, never silent
+            raise RuntimeError(f"CROWN: unvisited nodes {[n.name for n in A]}")
+        return bias
+
+    def tighten(self, budget: int = 2**25) -> None:
+        """Full CROWN: each activation's input bounded by CROWN (identity specification over
+        its neurons, in chunks of at most ``budget`` specification entries), kept where tighter
+        than IBP, in graph order. Before a ReLU only the neurons some sample has unstable
+        (l < 0 < u) are bounded: the others' lines are exact already."""
+        for node in self.order:
+            if node is self.plan.input:
+                continue
+            kind, lines = self._kind(node)
+            if kind != "lines":
+                continue
+            (source,) = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
+            if source in self.pre or source is self.plan.input:
+                continue
+            lo, hi = self.env[source]
+            b, n = lo.shape[0], lo[0].numel()
+            low, high = lo.flatten(1).clone(), hi.flatten(1).clone()
+            wanted = (((low < 0) & (high > 0)).any(0).nonzero().flatten()
+                      if isinstance(lines, _PiecewiseLinear)
+                      else torch.arange(n, device=lo.device))
+            chunk = max(1, budget // (2 * b * n))
+            for rows in wanted.split(chunk) if wanted.numel() else ():
+                r = len(rows)
+                eye = torch.zeros(r, n, dtype=lo.dtype, device=lo.device)
+                eye[torch.arange(r, device=lo.device), rows] = 1
+                spec = torch.cat([eye, -eye]).expand(b, -1, -1).reshape(b, 2 * r, *lo.shape[1:])
+                bound = self.lower(source, spec)
+                low[:, rows] = torch.maximum(low[:, rows], bound[:, :r])
+                high[:, rows] = torch.minimum(high[:, rows], -bound[:, r:])
+            self.pre[source] = Interval(low.view_as(lo), high.view_as(hi))
+
+
+def _batchnorm_affine(m: nn.Module, b: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) broadcastable to [b, s, C, *spatial]: batch norm with the statistics of
+    the box centres' batch, as ``interval_rules._batchnorm`` computes it in train mode."""
+    c = (b.lower + b.upper) / 2
+    dims = (0, *range(2, c.dim()))
+    mean, var = c.mean(dim=dims), c.var(dim=dims, unbiased=False)
+    scale = torch.rsqrt(var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    shift = -mean * scale + (m.bias if m.bias is not None else 0)
+    view = (1, 1, -1) + (1,) * (c.dim() - 2)
+    return scale.view(view), shift.view(view)
+
+
+# ------------------------------------------------------------------------------------------------
+# the public API
+
+
+def bound_pass(model: nn.Module, x: torch.Tensor, eps: float, method: Method = "crown-ibp"
+               ) -> _Pass:
+    """One IBP forward over the box (and, for full CROWN, the tightened pre-activation bounds)
+    from which ``lower`` gives CROWN bounds and ``ibp_margins`` IBP's: training computes both
+    from one pass."""
+    return _pass(model, x, eps, method)
+
+
+def crown_margins(run: _Pass, y: torch.Tensor) -> torch.Tensor:
+    """``crown_margin_upper_bounds`` from a pass."""
+    return -_lower(run, margin_spec(y, _classes(run), run.box.lower.dtype))
+
+
+def _pass(model: nn.Module, x: torch.Tensor, eps: float, method: Method) -> _Pass:
+    if method not in METHODS:
+        raise ValueError(f"CROWN method must be one of {', '.join(METHODS)}, got {method!r}")
+    run = _Pass(model, _plan(model), _input_box(x, eps))
+    if not isinstance(run.env[run.plan.output], Interval):
+        raise ValueError(f"CROWN: {type(model).__name__}'s output does not depend on its input")
+    if method == "crown":
+        run.tighten()
+    return run
+
+
+def _lower(run: _Pass, spec: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(run.lower(run.plan.output, spec), nan=-math.inf, posinf=math.inf,
+                            neginf=-math.inf)
+
+
+def _classes(run: _Pass) -> int:
+    return run.env[run.plan.output].lower.shape[1]
+
+
+def crown_lower(model: nn.Module, x: torch.Tensor, eps: float,
+                spec: torch.Tensor | Callable[[int], torch.Tensor],
+                method: Method = "crown-ibp") -> torch.Tensor:
+    """Lower bounds [b, s] of ``spec[:, i] . z(x')`` for every x' in the L-inf box of radius
+    eps around x (clipped to [0, 1]); ``spec`` is [b, s, classes], or a function of the class
+    count giving it. Differentiable in the model's parameters (CROWN-IBP training
+    backpropagates through it)."""
+    run = _pass(model, x, eps, method)
+    return _lower(run, spec(_classes(run)) if callable(spec) else spec)
+
+
+def crown_bounds(model: nn.Module, x: torch.Tensor, eps: float,
+                 method: Method = "crown-ibp") -> Interval:
+    """(lower, upper) logit bounds [b, classes] by CROWN."""
+
+    def both(k: int) -> torch.Tensor:
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        return torch.cat([eye, -eye]).expand(x.shape[0], -1, -1)
+
+    bound = crown_lower(model, x, eps, both, method)
+    k = bound.shape[1] // 2
+    return Interval(bound[:, :k], -bound[:, k:])
+
+
+def margin_spec(y: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """[b, classes, classes]: row j is ``e_y - e_j`` (zero at j = y)."""
+    eye = torch.eye(classes, dtype=dtype, device=y.device)
+    return eye[y][:, None, :] - eye[None, :, :]
+
+
+def crown_margin_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                              method: Method = "crown-ibp") -> torch.Tensor:
+    """Upper bounds [b, classes] of ``z_j - z_y`` (0 at j = y), the form of
+    ``defenses.ibp.elided_upper_bounds``: the negated CROWN lower bounds of ``z_y - z_j``."""
+    return crown_margins(_pass(model, x, eps, method), y)
+
+
+def _proven(worst: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (worst.scatter(1, y[:, None], -math.inf) <= 0).all(dim=1)
+
+
+def verified_crown(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                   method: Method = "crown-ibp") -> torch.Tensor:
+    """Bool [b]: CROWN proves no input in the eps-box changes the label from y."""
+    with torch.no_grad():
+        return _proven(crown_margin_upper_bounds(model, x, y, eps, method), y)
+
+
+@torch.no_grad()
+def certificates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                 method: Method = "crown-ibp") -> dict[str, torch.Tensor]:
+    """Bool [b] per certificate: ``ibp`` (IBP with the last layer elided), ``crown`` (CROWN
+    alone) and ``best``: every margin ``z_j - z_y`` bounded by the smaller of the two upper
+    bounds (both are sound, so their minimum is; neither method is always the tighter: CROWN's
+    linear lower lines dip below the interval at wide boxes, Zhang et al. 2020 section 3)."""
+    run = _pass(model, x, eps, method)
+    ibp, crown = run.ibp_margins(y), crown_margins(run, y)
+    return {"ibp": _proven(ibp, y), "crown": _proven(crown, y),
+            "best": _proven(torch.minimum(ibp, crown), y)}
+
+
+def check_crown(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Refuse a model whose CROWN bounds cannot be computed (after ``defenses.ibp.check_bounds``
+    accepted it): in eval mode, CROWN-IBP at eps 0 on a batch of 2 random inputs must give the
+    forward's logits at both ends. The model is left as it was.
+
+    Raises:
+        ValueError: naming the node where the backward pass fails, or the mismatch.
+    """
+    tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                  None)
+    x = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0)).to(
+        dtype=tensor.dtype if tensor is not None else None,
+        device=tensor.device if tensor is not None else None)
+    name = type(model).__name__
+    with torch.no_grad(), eval_mode(model):
+        try:
+            lower, upper = crown_bounds(model, x, 0.0)
+        except ValueError:
+            raise
+        except Exception as err:
+            raise ValueError(f"CROWN bounds: {name} fails on inputs of shape {tuple(x.shape)} "
+                             f"({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+                             ) from err
+        out = model(x)
+    scale = float(1e-4 * (1 + out.abs().max()))
+    if not (torch.allclose(lower, out, atol=scale, rtol=1e-4)
+            and torch.allclose(upper, out, atol=scale, rtol=1e-4)):
+        raise ValueError(f"CROWN bounds: {name}'s bounds at eps 0 differ from its forward")
