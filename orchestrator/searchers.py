@@ -16,10 +16,12 @@ from typing import Any
 
 import optuna
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.distributions import DIST_TYPES, Choice, Grid, IntRange, LogUniform, Uniform
 from orchestrator.params import branch_key
+from orchestrator.resumable import ResumableSearch, ResumableVariants
 from orchestrator.space import Algorithm, SweepSpec
 
 __all__ = ["param_space", "tune_config", "DefineByRun", "sampler_of",
@@ -150,16 +152,24 @@ def sampler_of(spec: SweepSpec) -> optuna.samplers.BaseSampler:
 
 
 def tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    """Tune's config of the sweep: its searcher, limited to ``search.max_concurrent`` trials at
+    once, in a form whose restore agrees with the restored trial table
+    (``orchestrator.resumable``), and its scheduler."""
     metrics, modes = spec.search_metrics
     single = len(metrics) == 1
-    search_alg = None
+    concurrent = spec.search.max_concurrent
     if _uses_optuna(spec):
         sampler = sampler_of(spec)
         # metric/mode go to the searcher only: TuneConfig's would make it single-objective
-        search_alg = FinalMetricOptunaSearch(space=DefineByRun(spec),
-                                             metric=metrics[0] if single else metrics,
-                                             mode=modes[0] if single else modes,
-                                             sampler=sampler)
+        optuna_search = FinalMetricOptunaSearch(space=DefineByRun(spec),
+                                                metric=metrics[0] if single else metrics,
+                                                mode=modes[0] if single else modes,
+                                                sampler=sampler)
+        # the wrappers Tune itself puts around a searcher for max_concurrent_trials
+        search_alg = ResumableSearch(ConcurrencyLimiter(optuna_search,
+                                                        max_concurrent=concurrent))
+    else:  # Tune's grid and random search
+        search_alg = ResumableVariants(max_concurrent=concurrent)
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -171,6 +181,6 @@ def tune_config(spec: SweepSpec) -> tune.TuneConfig:
                                   max_t=epochs, grace_period=max(1, epochs // 8))
     # reuse_actors: a trial's process serves the next trial (no new process importing torch
     # for every trial: 0.17 s of overhead per trial instead of 2.7 s, benchmarks/run.py)
+    # (max_concurrent_trials stays unset: the searcher limits itself)
     return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, reuse_actors=True,
-                           num_samples=1 if spec.grid_only else spec.search.num_samples,
-                           max_concurrent_trials=spec.search.max_concurrent)
+                           num_samples=1 if spec.grid_only else spec.search.num_samples)

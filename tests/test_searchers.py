@@ -8,9 +8,11 @@ import optuna
 import pytest
 import yaml
 from ray import cloudpickle, tune
+from ray.tune.search import ConcurrencyLimiter
 
 from defenses.objectives import FGSMParams, PGDParams
 from orchestrator.params import resolve
+from orchestrator.resumable import ResumableSearch, ResumableVariants
 from orchestrator.searchers import (DefineByRun, PicklableNSGAIISampler, param_space,
                                     sampler_of, tune_config)
 from orchestrator.loading import load_space, shipped_spaces
@@ -130,15 +132,21 @@ def test_every_shipped_searcher_survives_tunes_pickling(name, tmp_path):
     # the Tuner pickles its whole state on construction, as `search.py` builds it
     tune.Tuner(_noop, param_space=param_space(spec), tune_config=config,
                run_config=tune.RunConfig(name="t", storage_path=str(tmp_path)))
-    searcher = config.search_alg
     if spec.search.algorithm.value in ("grid", "random") or spec.grid_only:
-        assert searcher is None
+        assert isinstance(config.search_alg, ResumableVariants)
+        assert config.search_alg.max_concurrent == spec.search.max_concurrent
         return
+    # Optuna's searcher behind the concurrency limit Tune would put around it itself
+    assert isinstance(config.search_alg, ResumableSearch)
+    limiter = config.search_alg.searcher
+    assert isinstance(limiter, ConcurrencyLimiter)
+    assert limiter.max_concurrent == spec.search.max_concurrent
+    searcher = limiter.searcher
     for i in range(3):
         _finish(searcher, f"t{i}", spec)
     cloudpickle.dumps(searcher)
     searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune writes at each save
-    restored = tune_config(spec).search_alg
+    restored = tune_config(spec).search_alg.searcher.searcher
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert len(restored._ot_study.trials) == 3
     _finish(restored, "t3", spec)  # a restored searcher goes on sampling
