@@ -131,6 +131,8 @@ class MLflowTracking(tune.Callback):
             history = self.client.get_metric_history(run_id, self.metric_names[0])
             self._logged_step[trial_id] = max([self._logged_step.get(trial_id, -1),
                                                *(m.step for m in history)])
+            # a driver killed between the run's create and its params left it without them
+            self._log_params(run_id, trial, self.client.get_run(run_id).data.params)
         else:
             used = self.used(trial)
             tags = {"mlflow.parentRunId": self.parent_run_id, "ray_trial_id": trial_id,
@@ -141,12 +143,17 @@ class MLflowTracking(tune.Callback):
                     self.experiment_id, tags=tags,
                     run_name=child_run_name(self.family, used, self.searched)).info.run_id,
                 find=lambda raw: self._find_run(raw, trial_id))
-            params = [Param(k, str(v)[:6000]) for k, v in sorted(used.items())]
-            for start in range(0, len(params), 100):  # the same values again: idempotent
-                self.client.log_batch(run_id, params=params[start:start + 100])
+            self._log_params(run_id, trial, {})
         self._runs[trial_id] = run_id
         self._checked.add(trial_id)
         return run_id
+
+    def _log_params(self, run_id: str, trial, logged: dict[str, str]) -> None:
+        """The values the trial used, as params of its run, but those ``logged`` already."""
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(self.used(trial).items())
+                  if k not in logged]
+        for start in range(0, len(params), 100):  # the same values again: idempotent
+            self.client.log_batch(run_id, params=params[start:start + 100])
 
     def _drop_duplicates(self, trial_id: str) -> None:
         """Delete empty duplicates of the trial's run that a lost create left behind."""

@@ -55,6 +55,23 @@ def test_each_trial_one_run_each_step_once_across_stale_restores(tmp_path):
     assert ensure_parent_run(client, experiment, "s", {}, {}) == parent
 
 
+def test_a_run_left_without_params_by_a_kill_gets_them_on_resume(tmp_path):
+    """The driver killed between a child run's create and its params: the resumed driver
+    finds the run by its tag and logs the values the trial used, once."""
+    client, experiment, parent, callback = make(tmp_path)
+    trial = SimpleNamespace(trial_id="t4", config={"depth": "stem"})
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent,
+                                              "ray_trial_id": "t4"}, run_name="lesci depth=stem")
+    client.log_param(run.info.run_id, "depth", "stem")  # one batch of several landed, say
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_complete(0, [], trial)
+    runs = client.search_runs([experiment], filter_string="tags.ray_trial_id = 't4'")
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    params = runs[0].data.params
+    assert params["depth"] == "stem" and params["center"] == "True"
+    assert {"n_components", "epochs", "lr", "seed", "augmentation.flip"} <= set(params)
+
+
 def test_training_steps_follow_the_epoch(tmp_path):
     client, experiment, _, callback = make(tmp_path)
     trial = SimpleNamespace(trial_id="t2", config={"depth": "layer1"})
