@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 FAMILY_METRICS = {"lesci": ["accuracy", "projection_rate", "accuracy_projected",
                             "accuracy_identity"],
-                  "ibp": ["nominal_accuracy", "verified_accuracy", "pgd_accuracy"],
+                  "ibp": ["nominal_accuracy", "verified_accuracy", "verified_ibp_accuracy",
+                          "verified_crown_accuracy", "pgd_accuracy"],
                   "adversarial": ["nominal_accuracy", "pgd_accuracy"]}
 
 def cli(args, tmp_path, env=None, timeout=600, **popen):
