@@ -145,6 +145,20 @@ BAD = [
                                             "optimize": {"verified_accuracy": "max"}},
                                            base=TRAINING),
      r"params.objective: family 'ibp' trains with objective 'ibp' only"),
+    ("batch norms on a model that is no IBP CNN", variant(
+        {"family": "ibp", "model": {"name": "resnet_digits"},
+         "params": {"eps_train": 0.1, "batch_norm": {"choice": [False, True]}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.batch_norm: only the built-in IBP CNNs \(ibp_small, ibp_medium, ibp_large\)"),
+    ("IBP initialisation of a fine-tuned model", variant(
+        {"family": "ibp", "model": {"name": "ibp_small", "checkpoint": "/models/net.pt"},
+         "params": {"eps_train": 0.1, "init": "ibp"},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.init: changes a fresh model, but the space fine-tunes model.checkpoint"),
+    ("an unknown bound", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "bound": {"choice": ["ibp", "crown"]}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.bound.*'ibp' or 'crown_ibp'"),
     ("num_samples 0", variant({"search": {"num_samples": 0}}),
      r"search.num_samples: Input should be greater than or equal to 1"),
     ("negative gpu", variant({"resources": {"gpu": -1}}), r"resources.gpu"),
