@@ -353,29 +353,35 @@ def certificates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 def check_crown(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Refuse a model whose CROWN bounds cannot be computed (after ``defenses.ibp.check_bounds``
-    accepted it): in eval mode, CROWN-IBP at eps 0 on a batch of 2 random inputs must give the
-    forward's logits at both ends. The model is left as it was.
+    accepted it): in eval mode, at eps 0 on a batch of 2 random inputs, CROWN-IBP's lower
+    bounds of ``c . z`` and ``-c . z`` for a random direction c (two specification rows, so the
+    check costs two backward rows whatever the class count) must equal the forward's. The
+    model is left as it was.
 
     Raises:
         ValueError: naming the node where the backward pass fails, or the mismatch.
     """
     tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
                   None)
-    x = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0)).to(
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *input_shape), generator=gen).to(
         dtype=tensor.dtype if tensor is not None else None,
         device=tensor.device if tensor is not None else None)
     name = type(model).__name__
     with torch.no_grad(), eval_mode(model):
+        out = model(x)
+        c = torch.randn(out.shape[1:], generator=gen).to(out)
+        spec = torch.stack([c, -c]).expand(x.shape[0], -1, -1)
         try:
-            lower, upper = crown_bounds(model, x, 0.0)
+            lower = crown_lower(model, x, 0.0, spec)
         except ValueError:
             raise
         except Exception as err:
             raise ValueError(f"CROWN bounds: {name} fails on inputs of shape {tuple(x.shape)} "
                              f"({type(err).__name__}: {str(err).strip().splitlines()[0]})"
                              ) from err
-        out = model(x)
-    scale = float(1e-4 * (1 + out.abs().max()))
-    if not (torch.allclose(lower, out, atol=scale, rtol=1e-4)
-            and torch.allclose(upper, out, atol=scale, rtol=1e-4)):
+    value = out @ c
+    scale = float(1e-4 * (1 + value.abs().max()))
+    if not (torch.allclose(lower[:, 0], value, atol=scale, rtol=1e-4)
+            and torch.allclose(-lower[:, 1], value, atol=scale, rtol=1e-4)):
         raise ValueError(f"CROWN bounds: {name}'s bounds at eps 0 differ from its forward")
