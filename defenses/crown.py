@@ -45,7 +45,7 @@ from torch import fx, nn
 
 from defenses.models import eval_mode
 from defenses.ibp import (_elided_margins, _eval, _input_box, _last_layer, _no_rule, _plan, _Plan,
-                          _submodule)
+                          _submodule, probe_input)
 from defenses.interval_rules import Interval, _module_rule
 from defenses.linear_relaxations import (_IDENTITY_MODULES, _INTERVAL_FUNCTIONS,
                                          _INTERVAL_MODULES, _NONLINEAR_FUNCTIONS,
@@ -361,12 +361,8 @@ def check_crown(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     Raises:
         ValueError: naming the node where the backward pass fails, or the mismatch.
     """
-    tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
-                  None)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand((2, *input_shape), generator=gen).to(
-        dtype=tensor.dtype if tensor is not None else None,
-        device=tensor.device if tensor is not None else None)
+    x = probe_input(model, input_shape, gen)
     name = type(model).__name__
     with torch.no_grad(), eval_mode(model):
         out = model(x)

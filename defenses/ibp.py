@@ -421,6 +421,19 @@ def layer_bound_widths(model: nn.Module, x: torch.Tensor, eps: float) -> list[tu
     return widths
 
 
+def probe_input(model: nn.Module, input_shape: tuple[int, ...],
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """A batch of 2 uniform random inputs of ``input_shape`` (seeded 0 unless ``generator`` is
+    given) in the dtype and on the device of the model's first floating tensor: what the
+    load-time checks bound."""
+    tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                  None)
+    gen = generator or torch.Generator().manual_seed(0)
+    return torch.rand((2, *input_shape), generator=gen).to(
+        dtype=tensor.dtype if tensor is not None else None,
+        device=tensor.device if tensor is not None else None)
+
+
 def check_bounds(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Refuse a model IBP cannot bound, before training it: trace it in eval mode and in train
     mode (each mode has its own graph) and bound a batch of 2 with shape ``input_shape`` (no
@@ -433,12 +446,7 @@ def check_bounds(model: nn.Module, input_shape: tuple[int, ...]) -> None:
             message names the operation and the node or module path), the bounds fail on such
             inputs, the output is not [batch, classes], or the graph differs from the forward.
     """
-    tensor = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
-                  None)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand((2, *input_shape), generator=gen).to(
-        dtype=tensor.dtype if tensor is not None else None,
-        device=tensor.device if tensor is not None else None)
+    x = probe_input(model, input_shape)
     name = type(model).__name__
 
     def bounds(m: nn.Module) -> Interval:

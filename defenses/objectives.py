@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from defenses.attacks import default_alpha, fgsm, pgd
+from defenses.certified_training import certified_margins, ibp_init
 from defenses.ibp import ibp_loss
 from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
@@ -286,8 +287,6 @@ class IBPParams(_Params):
 
     def prepare(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
         if self.init is Init.IBP:
-            from defenses.certified_training import ibp_init
-
             ibp_init(model, generator)
 
 
@@ -306,8 +305,6 @@ class IBPObjective:
             loss, logits, _ = ibp_loss(model, x, y, eps, kappa)
             return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y),
                           "eps": eps, "kappa": kappa}
-        from defenses.certified_training import certified_margins
-
         beta = (p.beta_start + (p.beta_end - p.beta_start) * ramp(step, p.warmup, p.rampup, p.ramp)
                 if p.bound is Bound.CROWN_IBP else 0.0)
         logits = model(x)

@@ -75,18 +75,22 @@ def saved_trials(dirpath: str) -> list[SavedTrial] | None:
     return trials
 
 
-class ResumableVariants(BasicVariantGenerator):
-    """Tune's grid and random search (``BasicVariantGenerator``, ``max_concurrent`` trials at
-    once) whose restore agrees with the restored trial table (see the module docstring)."""
-
-    def __init__(self, max_concurrent: int = 0):
-        super().__init__(max_concurrent=max_concurrent)
+class _AgreesOnRestore:
+    """Tune's restore of a search algorithm, then ``agree_with`` the restored trial table."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         trials = saved_trials(dirpath)
         if trials is not None:
             self.agree_with(trials)
+
+
+class ResumableVariants(_AgreesOnRestore, BasicVariantGenerator):
+    """Tune's grid and random search (``BasicVariantGenerator``, ``max_concurrent`` trials at
+    once) whose restore agrees with the restored trial table (see the module docstring)."""
+
+    def __init__(self, max_concurrent: int = 0):
+        super().__init__(max_concurrent=max_concurrent)
 
     def agree_with(self, trials: list[SavedTrial]) -> None:
         """Bring the generator in line with the restored table ``trials``."""
@@ -133,15 +137,9 @@ def _made_by(prefix: str, trials: list[SavedTrial]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-class ResumableSearch(SearchGenerator):
+class ResumableSearch(_AgreesOnRestore, SearchGenerator):
     """Tune's wrapper of a ``Searcher`` (Optuna's, behind a ``ConcurrencyLimiter``) whose
     restore agrees with the restored trial table (see the module docstring)."""
-
-    def restore_from_dir(self, dirpath: str) -> None:
-        super().restore_from_dir(dirpath)
-        trials = saved_trials(dirpath)
-        if trials is not None:
-            self.agree_with(trials)
 
     def agree_with(self, trials: list[SavedTrial]) -> None:
         """Bring the wrappers and the searcher in line with the restored table ``trials``."""

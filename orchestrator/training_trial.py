@@ -100,8 +100,9 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
     report each epoch's figures (the mean over seeds) and checkpoint every seed's state."""
     spec, splits, device = setup(spec_json)
     trainers = []
-    options = resolve(spec, config).params.model_options()
-    for one in repeat_trials(spec, resolve(spec, config)):
+    trial = resolve(spec, config)
+    options = trial.params.model_options()
+    for one in repeat_trials(spec, trial):
         torch.manual_seed(one.training.seed)
         # from the space's checkpoint, when it has one: fine-tuning; else freshly initialised
         model = space_model(spec, splits, weights=True, options=one.params.model_options())
