@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, Literal, Protocol, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from defenses.attacks import default_alpha, fgsm, pgd
@@ -24,7 +24,7 @@ from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
 __all__ = ["Objective", "ObjectiveName", "ObjectiveParams", "StandardParams", "FGSMParams",
            "FastFGSMParams", "PGDParams", "AdversarialRegularizationParams", "IBPParams",
-           "GradientNorm", "Bound", "Init", "objective_params", "make_objective"]
+           "CrownIBPParams", "FastIBPParams", "IBP_OBJECTIVES", "GradientNorm", "Bound", "Init", "objective_params", "make_objective"]
 
 
 class ObjectiveName(str, enum.Enum):
@@ -34,6 +34,8 @@ class ObjectiveName(str, enum.Enum):
     PGD = "pgd"
     ADV_REG = "adv_reg"
     IBP = "ibp"
+    CROWN_IBP = "crown_ibp"  # IBP's objective with the CROWN-IBP bound (Zhang et al. 2020)
+    FAST_IBP = "fast_ibp"  # IBP's objective with Shi et al. 2021's recipe
 
 
 class Objective(Protocol):
@@ -290,11 +292,48 @@ class IBPParams(_Params):
             ibp_init(model, generator)
 
 
-class IBPObjective:
-    name = "ibp"
+class CrownIBPParams(IBPParams):
+    """CROWN-IBP training (Zhang et al. 2020) as a named recipe: ``ibp`` with ``bound:
+    crown_ibp`` (beta from ``beta_start`` 1 to ``beta_end`` 0 over the eps ramp). Every other
+    parameter is IBP's, with IBP's defaults; a grid over ``objective`` compares it with
+    ``ibp`` and ``fast_ibp`` trial for trial."""
 
+    objective: Literal["crown_ibp"] = "crown_ibp"
+    bound: Bound = Bound.CROWN_IBP
+
+    @field_validator("bound")
+    @classmethod
+    def _crown_ibp(cls, bound: Bound) -> Bound:
+        if bound is not Bound.CROWN_IBP:
+            raise ValueError("objective crown_ibp bounds by crown_ibp; for another bound use "
+                             "objective ibp")
+        return bound
+
+
+class FastIBPParams(IBPParams):
+    """Shi et al. 2021's fast-IBP recipe as a named recipe: ``ibp`` with ``init: ibp`` (IBP
+    initialisation), ``batch_norm: true`` (a batch norm after every layer: the built-in IBP
+    CNNs only; set ``false`` for another model) and ``fast_reg`` (lambda_0 of the warm-up
+    regularisers, 0.5 by default, > 0). Every other parameter is IBP's."""
+
+    objective: Literal["fast_ibp"] = "fast_ibp"
+    init: Init = Init.IBP
+    batch_norm: bool = True
+    fast_reg: float = Field(default=0.5, gt=0.0)
+
+    @field_validator("init")
+    @classmethod
+    def _ibp_init(cls, init: Init) -> Init:
+        if init is not Init.IBP:
+            raise ValueError("objective fast_ibp starts from IBP initialisation; for another "
+                             "use objective ibp")
+        return init
+
+
+class IBPObjective:
     def __init__(self, params: IBPParams):
         self.params = params
+        self.name = params.objective
 
     def loss(self, model, x, y, step, generator):
         p = self.params
@@ -327,12 +366,15 @@ class IBPObjective:
 
 
 ObjectiveParams = Annotated[Union[StandardParams, FGSMParams, FastFGSMParams, PGDParams,
-                                  AdversarialRegularizationParams, IBPParams],
+                                  AdversarialRegularizationParams, IBPParams, CrownIBPParams,
+                                  FastIBPParams],
                             Field(discriminator="objective")]
 PARAMS: dict[ObjectiveName, type[_Params]] = {
     ObjectiveName(model.model_fields["objective"].default): model
     for model in (StandardParams, FGSMParams, FastFGSMParams, PGDParams,
-                  AdversarialRegularizationParams, IBPParams)}
+                  AdversarialRegularizationParams, IBPParams, CrownIBPParams, FastIBPParams)}
+# the IBP family's objectives: IBP and its named recipes (one IBPObjective, other defaults)
+IBP_OBJECTIVES = (ObjectiveName.IBP, ObjectiveName.CROWN_IBP, ObjectiveName.FAST_IBP)
 
 
 def objective_params(name: str | ObjectiveName) -> type[_Params]:

@@ -73,15 +73,25 @@ def _positive(flag: str, value: int | None) -> None:
 
 def format_front(result, spec) -> str:
     """The front as a table: each point's optimized figures with their 95% intervals, on the
-    validation split and (below it) on the test split, best first; then the bare model and
-    the selection gap."""
+    validation split and (below it) on the test split, best first; then each compared
+    objective's own front, the bare model and the selection gap."""
+    lines = _front_table(result.front, result, spec)
+    for name, rows in result.objective_fronts.items():
+        lines.append(f"objective {name}: its own front, {len(rows)} of "
+                     f"{sum(r.get('objective') == name for r in result.rows)} trials")
+        lines.extend(_front_table(rows, result, spec))
+    return "\n".join([*lines, *_front_notes(result, spec)])
+
+
+def _front_table(rows, result, spec) -> list[str]:
+    """Rows as table lines, best first, the val figures and below them the test figures."""
     point = spec.defense.point_keys  # a row's point on its trial's surface, with its threshold
     keys = [*spec.searched_names(), *point, *(["threshold"] if point else [])]
     metrics = list(spec.metric_names)
     splits = [("val", "")] + ([("test", TEST_PREFIX)] if result.tested else [])
     width = 18 if spec.search.repeats == 1 else 27  # "0.742 (0.70-0.78) sd 0.012"
-    order = sorted(result.front, key=lambda r: [-r[m] if spec.optimize[m] == "max" else r[m]
-                                                for m in metrics])
+    order = sorted(rows, key=lambda r: [-r[m] if spec.optimize[m] == "max" else r[m]
+                                        for m in metrics])
     # a column as wide as its header and its values (module paths can be long)
     widths = ([max([len(c), 6, *(len(str(r.get(c, ""))) for r in order)]) for c in keys]
               + [5] + [max(len(m), width) for m in metrics])
@@ -101,6 +111,13 @@ def format_front(result, spec) -> str:
                 spread = row.get(f"{prefix}{m}_seed_std")
                 cells.append(cell if spread is None else f"{cell} sd {spread:.3f}")
             lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    return lines
+
+
+def _front_notes(result, spec) -> list[str]:
+    """The lines under the fronts: the bare model, the selection gap, what the intervals mean."""
+    lines = []
+    splits = [("val", "")] + ([("test", TEST_PREFIX)] if result.tested else [])
     base = result.base
     if "base_accuracy" in base:
         for split, prefix in splits:
@@ -125,7 +142,7 @@ def format_front(result, spec) -> str:
     if spec.search.repeats > 1:
         lines.append(f"each figure is the mean over {spec.search.repeats} seeds; sd: its "
                      "standard deviation across them")
-    return "\n".join(lines)
+    return lines
 
 
 def list_depths_table(spec) -> str:

@@ -57,8 +57,9 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     space's ``max_concurrent`` at once, each with its resources).
 
     Args:
-        front: the front's rows, each with ``trial_id`` and, for LESCI, ``config``, ``k`` and
-            ``min_votes``, for the training families ``trial_dir``.
+        front: the rows chosen on validation (the front's, and under a grid of objectives
+            each objective's own front's), each with ``trial_id`` and, for LESCI, ``config``,
+            ``k`` and ``min_votes``, for the training families ``trial_dir``.
 
     Returns:
         ``{"rows": {(trial_id, k, m) or (trial_id,): {metric: value}}, "base": {...}}``: LESCI
@@ -80,8 +81,8 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     results: dict[str, dict[str, Any]] = {}
     drain = _drainer(sweep_storage, log)
     start = time.perf_counter()
-    log(f"sweep {sweep!r}: the front's {len(todo)} trial(s) on the test split (read once, "
-        "now)")
+    log(f"sweep {sweep!r}: the {len(todo)} trial(s) chosen on validation, on the test split "
+        "(read once, now)")
     try:
         while todo or running:
             while todo and len(running) < spec.search.max_concurrent:

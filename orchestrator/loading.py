@@ -166,9 +166,11 @@ def _check_algorithm(spec: SweepSpec) -> None:
                                  f"values, got {type(dist).__name__.lower()}")
         return
     grids = [k for k, d in searched.items() if isinstance(d, Grid)]
-    if space is not None and space.kind == "grid" and len(space.branches) > 1:
+    if (space is not None and space.kind == "grid" and len(space.branches) > 1
+            and algorithm is not Algorithm.RANDOM):
         raise ValueError(f"params.objective: grid needs algorithm grid (every objective and "
-                         f"its values once); use choice with {algorithm.value}")
+                         f"its values once) or random (num_samples of each objective); use "
+                         f"choice with {algorithm.value}")
     if space is not None:
         own_grids = [k for k in grids if k.startswith("objective.")]
         if own_grids:

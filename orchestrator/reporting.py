@@ -170,6 +170,28 @@ class SweepResult:
     test_hypervolume: float = math.nan
     selection_gap: dict[str, tuple[float, float]] = field(default_factory=dict)
     base: dict[str, float] = field(default_factory=dict)  # LESCI: the bare model, val and test
+    # a grid of objectives compared: each objective's own front among its trials (val), its
+    # rows read on test too; empty otherwise
+    objective_fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def objective_fronts(spec: SweepSpec, rows: list[dict[str, Any]]
+                     ) -> dict[str, list[dict[str, Any]]]:
+    """Under a grid of several objectives (a comparison: ``num_samples`` trials of each), each
+    objective's own Pareto front on the validation split, its rows marked ``objective_front``;
+    empty for any other space. The overall front can leave an objective out entirely; these
+    fronts are what tells each objective's best from the others' on the test split."""
+    space = spec.objective_space()
+    if space is None or space.kind != "grid" or len(space.branches) < 2:
+        return {}
+    fronts: dict[str, list[dict[str, Any]]] = {}
+    for name in space.names:
+        mine = [row for row in rows if row.get("objective") == name]
+        mask, _ = front_of(mine, spec.optimize)
+        for row, on in zip(mine, mask):
+            row["objective_front"] = bool(on)
+        fronts[name] = [row for row, on in zip(mine, mask) if on]
+    return fronts
 
 
 def selection_gaps(front: list[dict[str, Any]], metrics: Sequence[str]
@@ -204,7 +226,8 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     the front, chosen on the validation split, is evaluated once on the test split: its
     points get ``test_*`` figures (the CSV, the plot, the front trials' child runs), the
     parent run ``test_hypervolume`` and each optimized metric's selection gap (val minus
-    test over the front: ``selection_gap_<metric>_mean`` and ``_max``).
+    test over the front: ``selection_gap_<metric>_mean`` and ``_max``). Under a grid of
+    objectives, each objective's own front (``objective_fronts``) is read on test as well.
     """
     log(f"sweep {name!r}: every trial ended; its Pareto front on the validation split")
     runs = {run.data.tags.get("ray_trial_id"): run for run in client.search_runs(
@@ -256,10 +279,13 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         row["pareto_optimal"] = bool(on)
     front = [row for row in rows if row["pareto_optimal"]]
     outcome = SweepResult(name, rows, front, volume, failed, experiment_id, parent_run_id,
-                          base={k: v for k, v in parent_metrics.items()})
-    if evaluate_test is not None and front:
-        test = evaluate_test(front)
-        for row in front:
+                          base={k: v for k, v in parent_metrics.items()},
+                          objective_fronts=objective_fronts(spec, rows))
+    # the rows read on test: the front, and each compared objective's own front
+    chosen = [row for row in rows if row["pareto_optimal"] or row.get("objective_front")]
+    if evaluate_test is not None and chosen:
+        test = evaluate_test(chosen)
+        for row in chosen:
             found = test["rows"].get(family.row_key(row), {})
             for key in metric_columns(spec):
                 if key in found:
@@ -277,7 +303,8 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             continue
         mine = [row for row in front if row["trial_id"] == trial_id]
         client.set_tag(run_id, "pareto_optimal", "true" if mine else "false")
-        tested = [row for row in mine if any(k.startswith(TEST_PREFIX) for k in row)]
+        tested = [row for row in chosen if row["trial_id"] == trial_id
+                  and any(k.startswith(TEST_PREFIX) for k in row)]
         if tested:  # with a surface: the trial's best front point, by its operating-point rule
             row = max(tested, key=lambda r: (sum(r[m] if d == "max" else 1 - r[m]
                                                  for m, d in spec.optimize.items()),
@@ -291,7 +318,8 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                           if outcome.tested else [])
         columns = ["trial_id", "run_id", *searched,
                    *(surface_columns(spec) if surface else metric_columns(spec)),
-                   *tested_columns, "pareto_optimal"]
+                   *tested_columns, "pareto_optimal",
+                   *(["objective_front"] if outcome.objective_fronts else [])]
         write_csv(rows, list(dict.fromkeys(columns)), csv_path)
         png_path = Path(folder) / "pareto_front.png"
         plot_front(rows, mask, spec.optimize, png_path,

@@ -4,8 +4,9 @@ random search through ``param_space``, and the scheduler.
 
 A trial's config holds the values drawn for it, by name: top-level parameters by their name;
 the objective under ``objective``, either as a name with its own parameters as
-``<objective>.<param>`` (Optuna, random search) or as ``{"objective": name, param: value}``
-(grid search: each objective with each of its own values, no more).
+``<objective>.<param>`` (Optuna, random search; under random search an objective grid runs
+``num_samples`` trials of each objective) or as ``{"objective": name, param: value}`` (grid
+search: each objective with each of its own values, no more).
 ``orchestrator.params.resolve`` reads both into the trial's typed objects.
 """
 
@@ -91,8 +92,10 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
         if spec.search.algorithm is Algorithm.GRID:
             space["objective"] = tune.grid_search(spec.objective_grid())
         else:  # every objective's own values are drawn; the trial reads its objective's
-            if len(objective_sp.branches) > 1:
-                space["objective"] = tune.choice(objective_sp.names)
+            if len(objective_sp.branches) > 1:  # a grid: num_samples trials of each
+                space["objective"] = (tune.grid_search(objective_sp.names)
+                                      if objective_sp.kind == "grid"
+                                      else tune.choice(objective_sp.names))
             for name, own in objective_sp.branches.items():
                 for key, dist in own.items():
                     if isinstance(dist, DIST_TYPES):

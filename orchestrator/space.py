@@ -364,10 +364,14 @@ class SweepSpec(_Strict):
     @property
     def trial_count(self) -> int:
         """Trials the sweep runs: every grid combination (an objective's own grid values
-        combined with that objective only), times num_samples unless grid_only."""
+        combined with that objective only; under random search each objective of a grid),
+        times num_samples unless grid_only."""
         combinations = math.prod(len(v) for v in self.grid_values().values())
-        if self.search.algorithm is Algorithm.GRID and self.objective_space() is not None:
+        space = self.objective_space()
+        if self.search.algorithm is Algorithm.GRID and space is not None:
             combinations *= len(self.objective_grid())
+        elif space is not None and space.kind == "grid":  # random: num_samples of each
+            combinations *= len(space.branches)
         return combinations * (1 if self.grid_only else self.search.num_samples)
 
     def fixed(self) -> dict[str, Any]:

@@ -6,12 +6,14 @@ import torch
 from pydantic import ValidationError
 
 from defenses.models import build_model
-from defenses.objectives import (AdversarialRegularizationParams, ObjectiveName, PARAMS,
-                                 make_objective, objective_params)
+from defenses.objectives import (AdversarialRegularizationParams, Bound, Init, ObjectiveName,
+                                 PARAMS, make_objective, objective_params)
 
 # the smallest valid parameters of each objective
 MINIMAL = {"standard": {}, "fgsm": {"eps": 0.1}, "fast_fgsm": {"eps": 0.1},
-           "pgd": {"eps": 0.1, "steps": 2}, "adv_reg": {}, "ibp": {"eps_train": 0.1}}
+           "pgd": {"eps": 0.1, "steps": 2}, "adv_reg": {}, "ibp": {"eps_train": 0.1},
+           "crown_ibp": {"eps_train": 0.1, "warmup": 1, "rampup": 8},
+           "fast_ibp": {"eps_train": 0.1, "warmup": 1, "rampup": 8}}
 
 
 def test_every_objective_has_a_parameter_model_named_after_it():
@@ -54,7 +56,8 @@ def test_unknown_and_inapplicable_parameters_are_rejected(name):
     with pytest.raises(ValidationError, match="epsilon"):
         make_objective(name, **MINIMAL[name], epsilon=0.3)
     inapplicable = {"standard": "eps", "fgsm": "steps", "fast_fgsm": "steps", "pgd": "mix",
-                    "adv_reg": "alpha", "ibp": "eps"}[name]
+                    "adv_reg": "alpha", "ibp": "eps", "crown_ibp": "eps",
+                    "fast_ibp": "eps"}[name]
     with pytest.raises(ValidationError, match=inapplicable):
         make_objective(name, **{**MINIMAL[name], inapplicable: 0.01})
 
@@ -88,3 +91,29 @@ def test_pgd_alpha_default_lives_in_one_place():
     assert objective_params("pgd")(eps=0.1, steps=4).alpha == default_alpha(0.1, 4)
     assert objective_params("pgd")(eps=0.1, steps=4, alpha=0.01).alpha == 0.01
     assert objective_params("fast_fgsm")(eps=0.1).alpha == 1.25 * 0.1
+
+
+def test_ibp_recipes_are_ibp_with_their_own_defaults_and_refuse_contradictions(batch):
+    schedule = {"eps_train": 0.1, "warmup": 1, "rampup": 8, "kappa_final": 0.4}
+    ibp, crown, fast = (objective_params(n)(**schedule) for n in ("ibp", "crown_ibp", "fast_ibp"))
+    fields = set(ibp.model_dump()) - {"objective"}
+    assert crown.bound is Bound.CROWN_IBP
+    assert {k for k in fields if getattr(crown, k) != getattr(ibp, k)} == {"bound"}
+    assert (fast.init, fast.batch_norm, fast.fast_reg) == (Init.IBP, True, 0.5)
+    assert {k for k in fields if getattr(fast, k) != getattr(ibp, k)} == {
+        "init", "batch_norm", "fast_reg"}
+    assert fast.model_options() == {"batch_norm": True}
+    # a recipe is its IBP parameters: the same loss as ibp with them set
+    model, x, y = batch
+    for recipe, same in (("crown_ibp", {"bound": "crown_ibp"}), ("fast_ibp", {"fast_reg": 0.5})):
+        losses = [make_objective(n, **schedule, **extra).loss(
+                      model, x, y, step=5, generator=torch.Generator().manual_seed(0))[0].item()
+                  for n, extra in ((recipe, {}), ("ibp", same))]
+        assert losses[0] == losses[1]
+    with pytest.raises(ValidationError, match="objective crown_ibp bounds by crown_ibp"):
+        make_objective("crown_ibp", **schedule, bound="ibp")
+    with pytest.raises(ValidationError, match="objective fast_ibp starts from IBP init"):
+        make_objective("fast_ibp", **schedule, init="default")
+    with pytest.raises(ValidationError, match="fast_reg"):
+        make_objective("fast_ibp", **schedule, fast_reg=0.0)
+    assert not make_objective("fast_ibp", **schedule, batch_norm=False).params.model_options()

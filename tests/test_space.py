@@ -144,7 +144,8 @@ BAD = [
     ("ibp with another objective", variant({"family": "ibp", "params.objective": "pgd",
                                             "optimize": {"verified_accuracy": "max"}},
                                            base=TRAINING),
-     r"params.objective: family 'ibp' trains with objective 'ibp' only"),
+     r"params.objective: family 'ibp' trains with ibp, crown_ibp, fast_ibp \(IBP and its "
+     r"named recipes\), got 'pgd'"),
     ("batch norms on a model that is no IBP CNN", variant(
         {"family": "ibp", "model": {"name": "resnet_digits"},
          "params": {"eps_train": 0.1, "batch_norm": {"choice": [False, True]}},

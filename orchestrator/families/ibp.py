@@ -1,10 +1,14 @@
-"""IBP (SPEC.md section 2): trials train with interval bound propagation (objective ``ibp``,
-its parameters at the top of ``params``) and report verified accuracy beside the attacks'."""
+"""IBP (SPEC.md section 2): trials train with interval bound propagation and report verified
+accuracy beside the attacks'. The objective is ``ibp`` with its parameters at the top of
+``params``, or a choice or grid of ``ibp`` and its named recipes (``crown_ibp``, ``fast_ibp``:
+IBP with other defaults) under ``params.objective``, each with its own parameters."""
 
 from __future__ import annotations
 
-from defenses.objectives import ObjectiveName
-from orchestrator.distributions import ObjectiveSpace
+from typing import Any
+
+from defenses.objectives import IBP_OBJECTIVES, ObjectiveName, objective_params
+from orchestrator.distributions import ObjectiveSpace, representatives
 from orchestrator.families.training import TrainingFamily
 
 __all__ = ["IBPFamily"]
@@ -19,6 +23,8 @@ class IBPFamily(TrainingFamily):
     verifies = True
 
     def objective_space(self, spec) -> ObjectiveSpace:
+        if "objective" in spec.params:
+            return spec.params["objective"]
         return ObjectiveSpace(kind="choice", branches={ObjectiveName.IBP.value: {}})
 
     def _origin(self, name: str) -> str:
@@ -27,22 +33,41 @@ class IBPFamily(TrainingFamily):
     def _not_shared(self) -> str:
         return ""
 
+    @staticmethod
+    def _set(spec, name: str, key: str) -> tuple[str, list[Any]] | None:
+        """Where objective ``name``'s ``key`` is set and the values it can take; None when it
+        is left at the objective's default (also returned, as where "default")."""
+        own = spec.params["objective"].branches[name] if "objective" in spec.params else {}
+        for where, params in ((f"params.objective.{name}.{key}", own),
+                              (f"params.{key}", spec.params)):
+            if key in params:
+                return where, representatives(params[key])
+        default = objective_params(name).model_fields[key].default
+        return (f"params.objective.{name}.{key} (objective {name}'s default, "
+                f"{getattr(default, 'value', default)})", [default])
+
     def check_params(self, spec) -> None:
-        if "objective" in spec.params:
-            names = spec.params["objective"].names
-            if names != [ObjectiveName.IBP.value] or spec.params["objective"].branches["ibp"]:
-                raise ValueError(f"params.objective: family 'ibp' trains with objective 'ibp' "
-                                 f"only (its parameters at the top of params), got {names}")
+        names = self.objective_space(spec).names
+        allowed = [o.value for o in IBP_OBJECTIVES]
+        wrong = [n for n in names if n not in allowed]
+        if wrong:
+            raise ValueError(f"params.objective: family 'ibp' trains with {', '.join(allowed)} "
+                             f"(IBP and its named recipes), got {wrong[0]!r}")
         super().check_params(spec)
         ibp_cnns = ("ibp_small", "ibp_medium", "ibp_large")
-        if "batch_norm" in spec.params and spec.model.name not in ibp_cnns:
-            raise ValueError(f"params.batch_norm: only the built-in IBP CNNs "
-                             f"({', '.join(ibp_cnns)}) take a batch norm after every layer; "
-                             f"the space's model is {spec.model.label}")
-        for key in ("batch_norm", "init"):
-            if key in spec.params and spec.model.checkpoint:
-                raise ValueError(f"params.{key}: changes a fresh model, but the space "
-                                 f"fine-tunes model.checkpoint {spec.model.checkpoint}")
+        for name in names:
+            where, values = self._set(spec, name, "batch_norm")
+            if any(values) and spec.model.name not in ibp_cnns:
+                raise ValueError(f"{where}: only the built-in IBP CNNs ({', '.join(ibp_cnns)}) "
+                                 f"take a batch norm after every layer; the space's model is "
+                                 f"{spec.model.label}")
+            if not spec.model.checkpoint:
+                continue
+            for key, fresh in (("batch_norm", [False]), ("init", ["default"])):
+                where, values = self._set(spec, name, key)
+                if any(getattr(v, "value", v) not in fresh for v in values):
+                    raise ValueError(f"{where}: changes a fresh model, but the space "
+                                     f"fine-tunes model.checkpoint {spec.model.checkpoint}")
 
     def check_model(self, spec, model, input_shape) -> None:
         """The model's bounds can be computed (``defenses.ibp.check_bounds``), CROWN's too
