@@ -99,3 +99,34 @@ def test_the_console_front_shows_val_and_test_figures_with_their_intervals(tmp_p
     untested = format_front(_front_result(False), spec)
     assert "--no-test" in untested and "test" not in untested.splitlines()[2:3]
     assert "selection gap" not in untested
+
+
+def test_a_grid_of_objectives_reads_each_objectives_own_front_on_test(tmp_path):
+    """The overall front can hold one objective only; each compared objective's own front is
+    what the test split reads beside it, and the console shows each."""
+    from orchestrator.cli import format_front
+    from orchestrator.loading import load_space
+    from orchestrator.reporting import SweepResult, objective_fronts
+
+    spec = load_space("crown_ibp_mnist5k", check_model=False)
+    figures = {"ibp": [(0.88, 0.95), (0.86, 0.97), (0.85, 0.96)],
+               "crown_ibp": [(0.89, 0.95)], "fast_ibp": [(0.93, 0.96), (0.90, 0.97)]}
+    rows = [{"trial_id": f"{name}{i}", "objective": name, "verified_accuracy": v,
+             "nominal_accuracy": n} for name, points in figures.items()
+            for i, (v, n) in enumerate(points)]
+    fronts = objective_fronts(spec, rows)
+    assert {name: sorted(r["trial_id"] for r in front) for name, front in fronts.items()} == {
+        "ibp": ["ibp0", "ibp1"], "crown_ibp": ["crown_ibp0"], "fast_ibp": ["fast_ibp0",
+                                                                           "fast_ibp1"]}
+    assert [r["objective_front"] for r in rows] == [True, True, False, True, True, True]
+    # one objective only, or objectives sampled (not a grid): no such fronts
+    assert objective_fronts(load_space("ibp_mnist5k", check_model=False), rows) == {}
+    front = [r for r in rows if r["trial_id"] in ("fast_ibp0", "fast_ibp1")]
+    for row in rows:
+        row.update(test_verified_accuracy=row["verified_accuracy"] - 0.01,
+                   test_nominal_accuracy=row["nominal_accuracy"])
+    text = format_front(SweepResult("s", rows, front, 0.9, 0, "1", "p", tested=True,
+                                    objective_fronts=fronts), spec)
+    assert "objective ibp: its own front, 2 of 3 trials" in text
+    assert "objective crown_ibp: its own front, 1 of 1 trials" in text
+    assert text.count("test ") >= len(front) + 5  # every front row and objective-front row

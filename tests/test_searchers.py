@@ -67,6 +67,27 @@ def test_random_search_draws_each_objectives_values_under_its_own_name(tmp_path)
     assert trial.params == FGSMParams(eps=0.1, mix=0.75)  # pgd.steps is not fgsm's
 
 
+def test_random_search_over_an_objective_grid_runs_num_samples_of_each(tmp_path):
+    """A comparison of objectives: Tune's own generator makes num_samples trials of each, each
+    with its own draws of the shared and its own parameters."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = space(tmp_path, params={
+        "objective": {"grid": {"pgd": {"eps": 0.1, "steps": {"choice": [2, 4, 8]}},
+                               "fgsm": {"eps": 0.1}, "standard": {}}},
+        "lr": {"loguniform": [0.001, 0.1]}}, search={"algorithm": "random", "num_samples": 4})
+    assert spec.trial_count == 3 * 4
+    domains = param_space(spec)
+    assert sorted(domains["objective"]["grid_search"]) == ["fgsm", "pgd", "standard"]
+    configs = [config for _ in range(spec.search.num_samples)
+               for _, config in generate_variants(domains)]
+    assert len(configs) == spec.trial_count
+    assert sorted(c["objective"] for c in configs) == sorted(["pgd", "fgsm", "standard"] * 4)
+    assert len({c["lr"] for c in configs}) == len(configs)  # drawn per trial
+    trial = resolve(spec, next(c for c in configs if c["objective"] == "pgd"))
+    assert isinstance(trial.params, PGDParams) and trial.params.steps in (2, 4, 8)
+
+
 def test_optuna_draws_only_the_chosen_objectives_parameters(tmp_path):
     spec = space(tmp_path)
     assert param_space(spec) == {}  # Optuna draws everything; fixed values come from the spec
@@ -97,7 +118,9 @@ def test_logged_params_are_what_the_trial_used(tmp_path):
 
 @pytest.mark.parametrize("name, count", [("demo", 4), ("lesci", 12), ("ibp", 32),
                                          ("adversarial", 16), ("ibp_mnist_paper", 1),
-                                         ("ibp_digits", 24), ("ibp_mnist5k", 8)])
+                                         ("ibp_digits", 24), ("ibp_mnist5k", 8),
+                                         ("crown_ibp_mnist5k", 9),
+                                         ("crown_ibp_mnist5k_eps03", 9)])
 def test_shipped_trial_counts(name, count):
     assert load_space(name, check_model=False).trial_count == count
 

@@ -156,6 +156,25 @@ BAD = [
          "params": {"eps_train": 0.1, "init": "ibp"},
          "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
      r"params.init: changes a fresh model, but the space fine-tunes model.checkpoint"),
+    ("the fast-IBP recipe's batch norms on a model that is no IBP CNN", variant(
+        {"family": "ibp", "model": {"name": "resnet_digits"},
+         "params": {"eps_train": 0.1, "objective": {"grid": ["ibp", "fast_ibp"]}},
+         "search": {"algorithm": "random"}, "optimize": {"verified_accuracy": "max"}},
+        base=TRAINING),
+     r"params.objective.fast_ibp.batch_norm \(objective fast_ibp's default, True\): only the "
+     r"built-in IBP CNNs"),
+    ("the fast-IBP recipe on a fine-tuned model", variant(
+        {"family": "ibp", "model": {"name": "ibp_small", "checkpoint": "/models/net.pt"},
+         "params": {"eps_train": 0.1, "objective": {"fast_ibp": {"batch_norm": False}}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.objective.fast_ibp.init \(objective fast_ibp's default, ibp\): changes a fresh "
+     r"model, but the space fine-tunes model.checkpoint"),
+    ("a recipe contradicted", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1,
+                                     "objective": {"crown_ibp": {"bound": "ibp"}}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.objective.crown_ibp.bound: objective crown_ibp bounds by crown_ibp; for another "
+     r"bound use objective ibp \(got 'ibp'\)"),
     ("an unknown bound", variant(
         {"family": "ibp", "params": {"eps_train": 0.1, "bound": {"choice": ["ibp", "crown"]}},
          "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
@@ -329,3 +348,19 @@ def test_a_full_dump_of_a_space_loads_again(tmp_path, base):
     spec = load_space(path, check_model=False)
     path.write_text(yaml.safe_dump(spec.as_dict()))
     assert load_space(path, check_model=False) == spec
+
+
+def test_ibp_recipes_compared_on_a_model_of_the_users_own(tmp_path):
+    """The recipes on a model that takes no batch norms: fast_ibp with batch_norm false is
+    valid, and under random search the grid of recipes runs num_samples of each."""
+    path = tmp_path / "space.yaml"
+    path.write_text(variant(
+        {"family": "ibp", "model": {"name": "resnet_digits"},
+         "params": {"eps_train": 0.1, "objective": {"grid": {
+             "ibp": {}, "crown_ibp": {}, "fast_ibp": {"batch_norm": False,
+                                                     "fast_reg": {"uniform": [0.1, 1.0]}}}}},
+         "search": {"algorithm": "random", "num_samples": 2},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING))
+    spec = load_space(path, check_model=False)
+    assert spec.trial_count == 6
+    assert spec.searched_names() == ["fast_reg", "objective"]

@@ -25,6 +25,16 @@ def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
     if spec.family != "lesci":  # training trials log one step per epoch
         history = client.get_metric_history(children[0].info.run_id, spec.metric_names[0])
         assert [m.step for m in history] == list(range(1, spec.training.epochs + 1))
+    objectives = spec.objective_space()
+    if objectives is not None and objectives.kind == "grid" and len(objectives.branches) > 1:
+        # a comparison: num_samples trials of each objective, each one's own front on test
+        rows = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+        assert sorted(r["objective"] for r in rows) == sorted(
+            objectives.names * spec.search.num_samples)
+        for name in objectives.names:
+            mine = [r for r in rows if r["objective"] == name and r["objective_front"] == "True"]
+            assert mine and all(r[f"test_{spec.metric_names[0]}"] != "" for r in mine), name
+            assert f"objective {name}: its own front" in done.stdout
 
 
 def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
