@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               "| recipe | nominal | worst case | verified by IBP | by CROWN-IBP | verified (best) "
               "| bracket | verified vs IBP | train s |\n|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            versus = (format_interval(*r["verified_vs_ibp"]) if "verified_vs_ibp" in r
+            versus = (format_interval(*r["verified_vs_ibp"], signed=True) if "verified_vs_ibp" in r
                       else "-")
             print(f"| {r['recipe']} | " + " | ".join(_cell(r, k) for k in (
                 "nominal_accuracy", "robust_accuracy", "verified_ibp_accuracy",

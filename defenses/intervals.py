@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["wilson", "rate_interval", "paired_difference", "format_interval", "Z95"]
+__all__ = ["wilson", "rate_interval", "paired_difference", "independent_difference",
+           "format_interval", "Z95"]
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959963984540054
 
@@ -94,14 +95,29 @@ def paired_difference(first: Sequence[bool] | np.ndarray, second: Sequence[bool]
     return diff, max(-1.0, low), min(1.0, high)
 
 
-def format_interval(value: float, low: float, high: float, digits: int = 3) -> str:
+def independent_difference(first: float, n_first: int, second: float, n_second: int,
+                           confidence: float = 0.95) -> tuple[float, float, float]:
+    """(difference, low, high) of two rates measured on separate samples, or whose per-sample
+    outcomes are not at hand: Newcombe's method 10 (``paired_difference`` with phi = 0), from
+    each rate's Wilson limits. On the same samples it is conservative: wider than the paired
+    interval whenever the two outcomes are positively correlated, as two defenses' are."""
+    l1, u1 = rate_interval(first, n_first, confidence)
+    l2, u2 = rate_interval(second, n_second, confidence)
+    diff = first - second
+    low = diff - math.sqrt((first - l1) ** 2 + (u2 - second) ** 2)
+    high = diff + math.sqrt((u1 - first) ** 2 + (second - l2) ** 2)
+    return diff, max(-1.0, low), min(1.0, high)
+
+
+def format_interval(value: float, low: float, high: float, digits: int = 3,
+                    signed: bool = False) -> str:
     """``0.742 (0.70-0.78)``: the figure and its interval (one digit fewer), or the figure
-    alone when it has none; a difference that can be negative reads ``+0.050 (-0.01 to
-    +0.11)``."""
+    alone when it has none; a difference that can be negative, or any with ``signed``, reads
+    ``+0.050 (-0.01 to +0.11)``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if low is None or math.isnan(low):
         return f"{value:.{digits}f}"
-    if low < 0:
+    if low < 0 or signed:
         return f"{value:+.{digits}f} ({low:+.{digits - 1}f} to {high:+.{digits - 1}f})"
     return f"{value:.{digits}f} ({low:.{digits - 1}f}-{high:.{digits - 1}f})"

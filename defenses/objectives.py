@@ -24,7 +24,8 @@ from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
 __all__ = ["Objective", "ObjectiveName", "ObjectiveParams", "StandardParams", "FGSMParams",
            "FastFGSMParams", "PGDParams", "AdversarialRegularizationParams", "IBPParams",
-           "CrownIBPParams", "FastIBPParams", "IBP_OBJECTIVES", "GradientNorm", "Bound", "Init", "objective_params", "make_objective"]
+           "CrownIBPParams", "FastIBPParams", "IBP_OBJECTIVES", "GradientNorm", "Bound", "Init",
+           "objective_params", "make_objective"]
 
 
 class ObjectiveName(str, enum.Enum):

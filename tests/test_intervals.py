@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from defenses.intervals import format_interval, paired_difference, rate_interval, wilson
+from defenses.intervals import (format_interval, independent_difference, paired_difference,
+                               rate_interval, wilson)
 
 
 def test_wilson_matches_the_published_example():
@@ -57,6 +58,27 @@ def test_paired_difference_is_the_difference_with_an_interval_around_it():
     assert high - low < high_u - low_u
 
 
+def test_independent_difference_is_the_paired_one_without_correlation():
+    first = np.array([1, 1, 1, 0, 1, 0, 1, 1, 0, 1] * 6, dtype=bool)
+    second = np.array([1, 0, 1, 0, 0, 0, 1, 1, 0, 0] * 6, dtype=bool)
+    n = first.size
+    diff, low, high = independent_difference(first.mean(), n, second.mean(), n)
+    assert diff == pytest.approx(first.mean() - second.mean()) and low < diff < high
+    # the same rates, outcomes uncorrelated (phi = 0): the paired interval exactly
+    a, b, c, d = 6, 6, 3, 3  # both, first only, second only, neither: ad - bc = 0
+    x = np.array([1] * a + [1] * b + [0] * c + [0] * d, dtype=bool)
+    y = np.array([1] * a + [0] * b + [1] * c + [0] * d, dtype=bool)
+    assert independent_difference(x.mean(), 18, y.mean(), 18) == pytest.approx(
+        paired_difference(x, y))
+    # correlated outcomes on the same samples: the paired interval is narrower
+    _, low_p, high_p = paired_difference(first, second)
+    assert high_p - low_p < high - low
+    # different sample counts, and a rate that is not one of them
+    assert independent_difference(0.9, 1000, 0.85, 500)[1] < 0.05
+    with pytest.raises(ValueError, match="not a rate of 10 samples"):
+        independent_difference(0.55, 10, 0.5, 10)
+
+
 def test_about_95_percent_of_paired_intervals_cover_the_true_difference():
     rng = np.random.default_rng(0)
     coverages = []
@@ -80,3 +102,4 @@ def test_format_interval():
     assert format_interval(0.05, -0.012, 0.11) == "+0.050 (-0.01 to +0.11)"
     assert format_interval(0.9, float("nan"), float("nan")) == "0.900"
     assert format_interval(float("nan"), 0.1, 0.2) == "-"
+    assert format_interval(0.04, 0.012, 0.07, signed=True) == "+0.040 (+0.01 to +0.07)"
