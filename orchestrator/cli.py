@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"a shipped space ({shipped}) or a YAML file (default: demo)")
     parser.add_argument("--name", help="sweep name: MLflow experiment and storage folder "
                                        "(default: the space's name and the start time)")
-    parser.add_argument("--num-samples", type=int, help="trials to run (overrides the space)")
+    parser.add_argument("--num-samples", type=int,
+                        help="the space's search.num_samples: trials drawn (of each grid point, "
+                             "each objective of a grid) (overrides the space)")
     parser.add_argument("--max-concurrent", type=int,
                         help="trials at once (overrides the space)")
     parser.add_argument("--storage", default=DEFAULT_STORAGE,
