@@ -7,12 +7,16 @@ each recipe's own Pareto front on the test split. This picks each recipe's opera
 accuracy is at least ``--min-nominal``; ties by nominal accuracy) and prints its test figures
 with 95% intervals: nominal accuracy, the attack suite's worst case, verified by IBP, by
 CROWN-IBP and by the best certificate, the bracket (worst case minus verified: where the true
-robust accuracy lies) and its verified accuracy against the baseline recipe's (Newcombe's
-interval for two rates, conservative on these shared test samples). The test split chose
-nothing: the rows come from the sweep's ``pareto_front.csv``.
+robust accuracy lies) and its verified accuracy against the baseline recipe's. The test split
+chose nothing: the rows come from the sweep's ``pareto_front.csv``.
+
+The difference is Newcombe's interval for two rates, conservative on these shared test
+samples; with ``--storage`` (the sweep's folder, e.g. ``sweeps/SWEEP``) each chosen trial's
+final model is read back and verified again on the test split, sample by sample (the best
+certificate, as the sweep's), and the difference is the paired one (Newcombe's method 10).
 
     python -m benchmarks.recipe_comparison --name SWEEP [--mlflow-uri sqlite:///mlflow.db]
-        [--min-nominal 0.95] [--baseline ibp]
+        [--storage sweeps/SWEEP] [--min-nominal 0.95] [--baseline ibp]
     python -m benchmarks.recipe_comparison --csv pareto_front.csv ...
 """
 
@@ -25,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from defenses.intervals import format_interval, independent_difference
+from defenses.intervals import format_interval, independent_difference, paired_difference
 
 SCHEDULE = ("eps_train", "kappa_final", "warmup", "rampup")
 COLUMNS = (("nominal_accuracy", "nominal"), ("robust_accuracy", "worst case"),
@@ -65,8 +69,10 @@ def _test(row: dict[str, Any], metric: str) -> str:
                            _number(row.get(f"test_{metric}_ci_high")))
 
 
-def table(points: dict[str, dict[str, Any]], min_nominal: float, baseline: str) -> str:
-    """The markdown table of the chosen points, the baseline's first."""
+def table(points: dict[str, dict[str, Any]], min_nominal: float, baseline: str,
+          outcomes: dict[str, list[bool]] | None = None) -> str:
+    """The markdown table of the chosen points, the baseline's first; with ``outcomes`` (each
+    recipe's per-sample verified outcomes on test) the differences are paired."""
     if baseline not in points:
         raise ValueError(f"--baseline {baseline}: not an objective of the sweep "
                          f"({', '.join(points)})")
@@ -88,7 +94,10 @@ def table(points: dict[str, dict[str, Any]], min_nominal: float, baseline: str) 
         bracket = (_number(row["test_robust_accuracy"])
                    - _number(row["test_verified_accuracy"]))
         versus = ""
-        if name != baseline and base is not None:
+        if name != baseline and base is not None and outcomes:
+            versus = format_interval(*paired_difference(outcomes[name], outcomes[baseline]),
+                                     signed=True) + " paired"
+        elif name != baseline and base is not None:
             n = int(_number(row["test_samples"]))
             versus = format_interval(*independent_difference(
                 _number(row["test_verified_accuracy"]), n,
@@ -98,6 +107,52 @@ def table(points: dict[str, dict[str, Any]], min_nominal: float, baseline: str) 
                                         *(_test(row, m) for m, _ in COLUMNS),
                                         f"{bracket:.3f}", versus]) + " |")
     return "\n".join(lines)
+
+
+def verified_on_test(storage_uri: str, points: dict[str, dict[str, Any]]
+                     ) -> dict[str, list[bool]]:
+    """Each chosen trial's final model (its newest checkpoint in the sweep's storage, the
+    first seed's) verified on the test split, sample by sample, by the best certificate; the
+    count must match the sweep's own ``test_verified_accuracy``."""
+    import json
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from defenses.crown import certificates
+    from defenses.models import eval_mode
+    from orchestrator.space import SweepSpec
+    from orchestrator.storage import Storage
+    from orchestrator.sweep import SPACE_FILE
+    from orchestrator.training_trial import newest_checkpoint, trial_models
+
+    storage = Storage.from_uri(storage_uri)
+    stored = storage.read_bytes(SPACE_FILE)
+    if stored is None:
+        raise ValueError(f"--storage {storage_uri}: no sweep there (no {SPACE_FILE})")
+    spec = SweepSpec(**json.loads(stored))
+    splits = spec.dataset.load()
+    folders = storage.list("")
+    out = {}
+    for name, found in points.items():
+        row = found["row"]
+        if row is None:
+            continue
+        folder = next((f for f in folders if f"_{row['trial_id']}_" in f), None)
+        state = newest_checkpoint(storage.child(folder)) if folder else None
+        if state is None:
+            raise ValueError(f"--storage {storage_uri}: no checkpoint of trial "
+                             f"{row['trial_id']}")
+        model = trial_models(spec, splits, state[0], torch.device("cpu"))[0]
+        hits: list[bool] = []
+        with torch.no_grad(), eval_mode(model):
+            for x, y in DataLoader(splits.test, batch_size=256):
+                hits += certificates(model, x, y, spec.attack.eps)["best"].tolist()
+        if abs(sum(hits) / len(hits) - _number(row["test_verified_accuracy"])) > 1e-9:
+            raise ValueError(f"trial {row['trial_id']}: verified {sum(hits) / len(hits):.4f} "
+                             f"on test now, {row['test_verified_accuracy']} in the sweep")
+        out[name] = hits
+    return out
 
 
 def _sweep_csv(name: str, uri: str) -> Path:
@@ -123,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-nominal", type=float, default=0.95,
                         help="the operating point's least validation nominal accuracy")
     parser.add_argument("--baseline", default="ibp", help="the recipe the others are set against")
+    parser.add_argument("--storage", help="the sweep's folder (sweeps/SWEEP): paired differences")
     args = parser.parse_args(argv)
     try:
         path = args.csv if args.csv else _sweep_csv(args.name, args.mlflow_uri)
@@ -130,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = list(csv.DictReader(fh))
         if not rows or "objective" not in rows[0]:
             raise ValueError(f"{path}: no objective column; the sweep compared no recipes")
-        print(table(operating_points(rows, args.min_nominal), args.min_nominal, args.baseline))
+        points = operating_points(rows, args.min_nominal)
+        outcomes = verified_on_test(args.storage, points) if args.storage else None
+        print(table(points, args.min_nominal, args.baseline, outcomes))
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,6 +38,11 @@ def test_the_operating_point_is_chosen_on_validation_never_on_test():
     assert fast.endswith("| +0.040 (+0.01 to +0.07) |")  # 0.91 - 0.87 on 1,000 samples each
     assert "no trial at val nominal >= 0.95 (best 0.900)" in text[-1] or any(
         "no trial at val nominal >= 0.95 (best 0.900)" in line for line in text)
+    # with each recipe's per-sample outcomes, the difference is the paired one
+    outcomes = {"ibp": [True] * 870 + [False] * 130, "fast_ibp": [True] * 910 + [False] * 90}
+    paired = next(line for line in table(points, 0.95, "ibp", outcomes).splitlines()
+                  if line.startswith("| fast_ibp"))
+    assert paired.endswith("| +0.040 (+0.03 to +0.05) paired |")  # every gain on one side
     with pytest.raises(ValueError, match="--baseline pgd: not an objective of the sweep"):
         table(points, 0.95, "pgd")
 

@@ -35,6 +35,11 @@ def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
             mine = [r for r in rows if r["objective"] == name and r["objective_front"] == "True"]
             assert mine and all(r[f"test_{spec.metric_names[0]}"] != "" for r in mine), name
             assert f"objective {name}: its own front" in done.stdout
+        if spec.family == "ibp":  # the recipes side by side, each final model verified again
+            from benchmarks.recipe_comparison import main as compare
+
+            assert compare(["--name", "smoke", "--mlflow-uri", uri, "--min-nominal", "0",
+                            "--storage", str(tmp_path / "sweeps" / "smoke")]) == 0
 
 
 def test_lesci_grid_fits_pca_and_builds_embedding_space_once(tmp_path):
