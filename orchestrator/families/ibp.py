@@ -34,9 +34,9 @@ class IBPFamily(TrainingFamily):
         return ""
 
     @staticmethod
-    def _set(spec, name: str, key: str) -> tuple[str, list[Any]] | None:
-        """Where objective ``name``'s ``key`` is set and the values it can take; None when it
-        is left at the objective's default (also returned, as where "default")."""
+    def _set(spec, name: str, key: str) -> tuple[str, list[Any]]:
+        """Where objective ``name``'s ``key`` is set and the values it can take; left unset,
+        the objective's default, and where it would be set, saying so."""
         own = spec.params["objective"].branches[name] if "objective" in spec.params else {}
         for where, params in ((f"params.objective.{name}.{key}", own),
                               (f"params.{key}", spec.params)):
