@@ -117,10 +117,8 @@ def verified_on_test(storage_uri: str, points: dict[str, dict[str, Any]]
     import json
 
     import torch
-    from torch.utils.data import DataLoader
 
-    from defenses.crown import certificates
-    from defenses.models import eval_mode
+    from benchmarks.certified_recipes import verified_outcomes
     from orchestrator.space import SweepSpec
     from orchestrator.storage import Storage
     from orchestrator.sweep import SPACE_FILE
@@ -144,10 +142,7 @@ def verified_on_test(storage_uri: str, points: dict[str, dict[str, Any]]
             raise ValueError(f"--storage {storage_uri}: no checkpoint of trial "
                              f"{row['trial_id']}")
         model = trial_models(spec, splits, state[0], torch.device("cpu"))[0]
-        hits: list[bool] = []
-        with torch.no_grad(), eval_mode(model):
-            for x, y in DataLoader(splits.test, batch_size=256):
-                hits += certificates(model, x, y, spec.attack.eps)["best"].tolist()
+        hits = verified_outcomes(model, splits.test, spec.attack.eps)["best"]
         if abs(sum(hits) / len(hits) - _number(row["test_verified_accuracy"])) > 1e-9:
             raise ValueError(f"trial {row['trial_id']}: verified {sum(hits) / len(hits):.4f} "
                              f"on test now, {row['test_verified_accuracy']} in the sweep")

@@ -293,6 +293,19 @@ class IBPParams(_Params):
             ibp_init(model, generator)
 
 
+def _pinned(objective: str, field: str, value: Any, what: str):
+    """The validator of a named recipe's defining field: any other value is refused, naming
+    the recipe and where to go instead."""
+
+    def check(cls, given: Any) -> Any:
+        if given is not value:
+            raise ValueError(f"objective {objective} {what}; for another {field} use "
+                             "objective ibp")
+        return given
+
+    return field_validator(field)(classmethod(check))
+
+
 class CrownIBPParams(IBPParams):
     """CROWN-IBP training (Zhang et al. 2020) as a named recipe: ``ibp`` with ``bound:
     crown_ibp`` (beta from ``beta_start`` 1 to ``beta_end`` 0 over the eps ramp). Every other
@@ -301,14 +314,7 @@ class CrownIBPParams(IBPParams):
 
     objective: Literal["crown_ibp"] = "crown_ibp"
     bound: Bound = Bound.CROWN_IBP
-
-    @field_validator("bound")
-    @classmethod
-    def _crown_ibp(cls, bound: Bound) -> Bound:
-        if bound is not Bound.CROWN_IBP:
-            raise ValueError("objective crown_ibp bounds by crown_ibp; for another bound use "
-                             "objective ibp")
-        return bound
+    _bound = _pinned("crown_ibp", "bound", Bound.CROWN_IBP, "bounds by crown_ibp")
 
 
 class FastIBPParams(IBPParams):
@@ -321,14 +327,7 @@ class FastIBPParams(IBPParams):
     init: Init = Init.IBP
     batch_norm: bool = True
     fast_reg: float = Field(default=0.5, gt=0.0)
-
-    @field_validator("init")
-    @classmethod
-    def _ibp_init(cls, init: Init) -> Init:
-        if init is not Init.IBP:
-            raise ValueError("objective fast_ibp starts from IBP initialisation; for another "
-                             "use objective ibp")
-        return init
+    _init = _pinned("fast_ibp", "init", Init.IBP, "starts from IBP initialisation")
 
 
 class IBPObjective:

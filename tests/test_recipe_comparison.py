@@ -47,20 +47,18 @@ def test_the_operating_point_is_chosen_on_validation_never_on_test():
         table(points, 0.95, "pgd")
 
 
-def test_the_command_reads_a_csv_and_bad_input_is_exit_2(tmp_path, capsys):
-    path = tmp_path / "pareto_front.csv"
+def _write(path, rows):
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(ROWS[0]))
-        writer.writeheader()
-        writer.writerows(ROWS)
-    assert main(["--csv", str(path)]) == 0
-    assert "| fast_ibp | 2 |" in capsys.readouterr().out
-    untested = tmp_path / "untested.csv"
-    rows = [{k: v for k, v in r.items() if not k.startswith("test_")} for r in ROWS]
-    with open(untested, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert main(["--csv", str(untested)]) == 2
+    return str(path)
+
+
+def test_the_command_reads_a_csv_and_bad_input_is_exit_2(tmp_path, capsys):
+    assert main(["--csv", _write(tmp_path / "pareto_front.csv", ROWS)]) == 0
+    assert "| fast_ibp | 2 |" in capsys.readouterr().out
+    untested = [{k: v for k, v in r.items() if not k.startswith("test_")} for r in ROWS]
+    assert main(["--csv", _write(tmp_path / "untested.csv", untested)]) == 2
     assert "objective ibp: its chosen trial ibp1 has no test figures" in capsys.readouterr().err
     assert main(["--csv", str(tmp_path / "missing.csv")]) == 2
