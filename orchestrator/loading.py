@@ -116,9 +116,7 @@ def _check_semantics(spec: SweepSpec) -> None:
                              f"(use {best})")
         if metric in ("robust_accuracy", "transfer_robust_accuracy") and spec.attack is None:
             raise ValueError(f"optimize.{metric}: needs an attack (attack: {{eps: ...}})")
-    if spec.scheduler == "asha" and len(spec.optimize) > 1:
-        raise ValueError("scheduler: asha takes one metric to optimize; early-stopped trials "
-                         "would pollute a multi-objective Pareto front (use none)")
+    _check_scheduler(spec)
     family.check(spec)
     _check_algorithm(spec)
     from defenses.data import EMBEDDED, DatasetName
@@ -148,6 +146,28 @@ def _check_semantics(spec: SweepSpec) -> None:
             raise ValueError(f"model.name: unknown model {spec.model.name!r}; allowed: "
                              f"{', '.join(m.value for m in ModelName)} (or your own: "
                              "model.factory)") from None
+
+
+def _check_scheduler(spec: SweepSpec) -> None:
+    """asha takes one objective, mo_asha several; mo_asha needs a family whose trials have a
+    budget to stop early, and a first rung below it."""
+    scheduler, family = spec.scheduler, spec.defense
+    if scheduler.name == "asha" and len(spec.optimize) > 1:
+        raise ValueError("scheduler: asha takes one metric to optimize; early-stopped trials "
+                         "would pollute a multi-objective Pareto front (use mo_asha, or none)")
+    if scheduler.name != "mo_asha":
+        return
+    if len(spec.optimize) < 2:
+        raise ValueError("scheduler: mo_asha ranks several objectives; with one metric to "
+                         "optimize use asha")
+    if family.budget_unit is None:
+        raise ValueError(f"scheduler: mo_asha: family {family.name!r} has no budget unit to "
+                         "stop its trials by (use none)")
+    full = family.full_budget(spec)
+    if scheduler.grace_period >= full:
+        raise ValueError(f"scheduler.grace_period: {scheduler.grace_period} is at or above "
+                         f"the full budget ({full} {family.budget_unit}s): no rung would stop "
+                         "anything")
 
 
 def _check_algorithm(spec: SweepSpec) -> None:

@@ -173,6 +173,10 @@ class SweepResult:
     # a grid of objectives compared: each objective's own front among its trials (val), its
     # rows read on test too; empty otherwise
     objective_fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # early stopping: trials stopped short of their full budget (not on the front), and the
+    # budget all trials used over what they would have used at full budget
+    stopped: int = 0
+    compute_fraction: float = math.nan
 
 
 def objective_fronts(spec: SweepSpec, rows: list[dict[str, Any]]
@@ -219,10 +223,11 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                  ) -> SweepResult:
     """The end of a sweep.
 
-    Every finished trial (LESCI: every point of its surface) goes to the parent run's
-    ``pareto_front.csv``/``.png``, with its hypervolume and the bare model's figures; each
-    child is tagged ``pareto_optimal``; failed trials are counted (an error, or a required
-    metric missing or NaN). With ``evaluate_test`` (``orchestrator.holdout.evaluate_front``),
+    Every trial that ran its full budget (LESCI: every point of its surface) goes to the
+    parent run's ``pareto_front.csv``/``.png``, with its hypervolume and the bare model's
+    figures; each child is tagged ``pareto_optimal``; failed trials are counted (an error, or
+    a required metric missing or NaN); trials an early-stopping scheduler stopped are counted
+    (``stopped_trials``, ``compute_fraction``) and never on the front. With ``evaluate_test`` (``orchestrator.holdout.evaluate_front``),
     the front, chosen on the validation split, is evaluated once on the test split: its
     points get ``test_*`` figures (the CSV, the plot, the front trials' child runs), the
     parent run ``test_hypervolume`` and each optimized metric's selection gap (val minus
@@ -241,6 +246,8 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     parent_metrics: dict[str, float] = {}
     budget: dict[str, Any] = {}
     failures: list[str] = []
+    stops = spec.scheduler.name != "none" and family.budget_unit is not None
+    stopped, used_budget = 0, []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(str(result.path)).name
@@ -251,6 +258,13 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             continue
         run = runs.get(trial_id)
         run_id = run.info.run_id if run else ""
+        if stops:
+            used_budget.append(family.budget_used(spec, metrics))
+        if not family.full_budget_reached(spec, metrics):
+            stopped += 1  # stopped early: its figures are a shorter run's, never the front's
+            if run_id:
+                client.set_tag(run_id, "pareto_optimal", "false")
+            continue
         trial_runs[trial_id] = run_id
         used = resolve(spec, result.config).logged()
         base = {"trial_id": trial_id, "run_id": run_id, "config": result.config,
@@ -327,9 +341,19 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                    + (" (val; test: triangles)" if outcome.tested else ""))
         client.log_artifact(parent_run_id, str(csv_path))
         client.log_artifact(parent_run_id, str(png_path))
+        if not surface:
+            _log_importances(spec, name, rows, searched, client, parent_run_id, Path(folder),
+                             log)
     client.log_metric(parent_run_id, "hypervolume", volume)
     client.log_metric(parent_run_id, "finished_trials", len(trial_runs))
     client.log_metric(parent_run_id, "failed_trials", failed)
+    if stops:  # the budget the trials used, of what they would have used at full budget
+        outcome.stopped = stopped
+        outcome.compute_fraction = (sum(used_budget) / (len(used_budget)
+                                                        * family.full_budget(spec))
+                                    if used_budget else math.nan)
+        client.log_metric(parent_run_id, "stopped_trials", stopped)
+        client.log_metric(parent_run_id, "compute_fraction", outcome.compute_fraction)
     if outcome.tested:
         client.log_metric(parent_run_id, "test_hypervolume", outcome.test_hypervolume)
         for metric, (mean, largest) in outcome.selection_gap.items():
@@ -350,11 +374,43 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             if f"attack.{key}" not in logged and value is not None:
                 client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
     client.set_terminated(parent_run_id, status="FINISHED")
+    if stops:
+        log(f"sweep {name!r}: {stopped} trial(s) stopped early by scheduler "
+            f"{spec.scheduler.name}; the trials used {outcome.compute_fraction:.0%} of their "
+            f"full budget")
     log(f"sweep {name!r}: {len(trial_runs)} finished, {failed} failed; Pareto front of "
         f"{len(front)} of {len(rows)} {family.unit}, hypervolume "
         f"{volume:.4f}" + (f" (val), {outcome.test_hypervolume:.4f} (test)"
                            if outcome.tested else " (val)"))
     return outcome
+
+
+def _log_importances(spec: SweepSpec, name: str, rows: list[dict[str, Any]],
+                     searched: list[str], client: MlflowClient, parent_run_id: str,
+                     folder: Path, log) -> None:
+    """Each searched parameter's fANOVA importance for each optimized metric over the
+    full-budget trials (validation figures): ``importances.csv`` and ``.png`` on the parent
+    run, a line per metric in the console."""
+    from orchestrator.importance import MIN_TRIALS, importances, plot_importances
+
+    table = importances(rows, searched, spec.optimize)
+    if not table:
+        if searched:
+            log(f"sweep {name!r}: parameter importances need {MIN_TRIALS} full-budget trials "
+                "and a parameter that varied; not computed")
+        return
+    params = list(next(iter(table.values())))
+    path = folder / "importances.csv"
+    write_csv([{"param": p, **{m: round(table[m][p], 4) for m in table}} for p in params],
+              ["param", *table], path)
+    client.log_artifact(parent_run_id, str(path))
+    plot_importances(table, folder / "importances.png",
+                     f"{name}: what each parameter explains ({len(rows)} trials, val)")
+    client.log_artifact(parent_run_id, str(folder / "importances.png"))
+    for metric, values in table.items():
+        ranked = sorted(values.items(), key=lambda kv: -kv[1])
+        log(f"  importance for {metric} (fANOVA, val): "
+            + ", ".join(f"{p} {v:.2f}" for p, v in ranked))
 
 
 def _failure(error: BaseException | None, metrics: dict[str, Any],

@@ -25,7 +25,7 @@ from orchestrator.params import branch_key
 from orchestrator.resumable import ResumableSearch, ResumableVariants
 from orchestrator.space import Algorithm, SweepSpec
 
-__all__ = ["param_space", "tune_config", "DefineByRun", "sampler_of",
+__all__ = ["param_space", "tune_config", "scheduler_of", "DefineByRun", "sampler_of",
            "PicklableNSGAIISampler"]
 
 
@@ -106,12 +106,30 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 class FinalMetricOptunaSearch(OptunaSearch):
     """OptunaSearch that skips an intermediate result without the searched metric (the
     training families' suite metrics come with the last epoch only); Optuna gets the final
-    result at the trial's end either way."""
+    result at the trial's end either way.
+
+    With early stopping (``budget``: the result key counting a trial's budget and the full
+    budget), a trial that ends short of its full budget is told to the study as PRUNED,
+    without values: its figures are those of a shorter training, and a study that took them
+    for full-budget ones would steer its sampler (TPE's densities, NSGA-II's parents) with
+    them. Optuna's samplers draw on COMPLETE trials only."""
+
+    def __init__(self, *args, budget: tuple[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.budget = budget
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
             return
         super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result and self.budget is not None:
+            key, full = self.budget
+            if float(result.get(key, full)) < full:
+                result = None  # stopped early: PRUNED
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
@@ -154,34 +172,54 @@ def sampler_of(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     raise ValueError(f"search.algorithm {spec.search.algorithm.value!r} has no Optuna sampler")
 
 
-def tune_config(spec: SweepSpec) -> tune.TuneConfig:
+def scheduler_of(spec: SweepSpec, state_uri: str | None = None, sweep: str = ""):
+    """The sweep's trial scheduler: None (run every trial to its end), Tune's ASHA (one
+    objective) or ``orchestrator.schedulers.MultiObjectiveASHA`` (several; its rung records
+    kept in ``state_uri``, the sweep's storage)."""
+    metrics, modes = spec.metric_names, spec.modes
+    if spec.scheduler.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = spec.training.epochs
+        # rungs by epoch, not by report: a trial resumed after a crash reports its last
+        # epoch again
+        return ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
+                             max_t=epochs, grace_period=max(1, epochs // 8))
+    if spec.scheduler.name == "mo_asha":
+        from orchestrator.schedulers import MultiObjectiveASHA
+
+        family = spec.defense
+        return MultiObjectiveASHA(metrics, modes, max_t=family.full_budget(spec),
+                                  grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor,
+                                  time_attr=family.budget_unit,
+                                  min_step=family.ramp_steps(spec), state_uri=state_uri,
+                                  sweep=sweep)
+    return None
+
+
+def tune_config(spec: SweepSpec, scheduler=None) -> tune.TuneConfig:
     """Tune's config of the sweep: its searcher, limited to ``search.max_concurrent`` trials at
     once, in a form whose restore agrees with the restored trial table
-    (``orchestrator.resumable``), and its scheduler."""
+    (``orchestrator.resumable``), and its scheduler (``scheduler_of``)."""
     metrics, modes = spec.search_metrics
     single = len(metrics) == 1
     concurrent = spec.search.max_concurrent
+    stops = spec.scheduler.name != "none"
+    budget = ((spec.defense.budget_unit, float(spec.defense.full_budget(spec)))
+              if stops and spec.defense.budget_unit else None)
     if _uses_optuna(spec):
         sampler = sampler_of(spec)
         # metric/mode go to the searcher only: TuneConfig's would make it single-objective
         optuna_search = FinalMetricOptunaSearch(space=DefineByRun(spec),
                                                 metric=metrics[0] if single else metrics,
                                                 mode=modes[0] if single else modes,
-                                                sampler=sampler)
+                                                sampler=sampler, budget=budget)
         # the wrappers Tune itself puts around a searcher for max_concurrent_trials
         search_alg = ResumableSearch(ConcurrencyLimiter(optuna_search,
                                                         max_concurrent=concurrent))
     else:  # Tune's grid and random search
         search_alg = ResumableVariants(max_concurrent=concurrent)
-    scheduler = None
-    if spec.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        epochs = spec.training.epochs
-        # rungs by epoch, not by report: a trial resumed after a crash reports its last
-        # epoch again
-        scheduler = ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
-                                  max_t=epochs, grace_period=max(1, epochs // 8))
     # reuse_actors: a trial's process serves the next trial (no new process importing torch
     # for every trial: 0.17 s of overhead per trial instead of 2.7 s, benchmarks/run.py)
     # (max_concurrent_trials stays unset: the searcher limits itself)

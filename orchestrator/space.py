@@ -22,7 +22,8 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
     optimize: {accuracy: max, projection_rate: max}   # the metrics of the Pareto front
     search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0, repeats: 1}
     resources: {cpu: 1, gpu: 0}
-    scheduler: none                 # asha: single-objective training sweeps only
+    scheduler: none                 # asha: one objective; {name: mo_asha, reduction_factor: 3,
+                                    # grace_period: 1}: several (training families, by epoch)
     smoke_test: {training: {epochs: 2}, search: {num_samples: 2}}
 """
 
@@ -246,6 +247,21 @@ class ResourcesSpec(_Strict):
     gpu: float = Field(default=0.0, ge=0)
 
 
+class SchedulerSpec(_Strict):
+    """Early stopping (``orchestrator.schedulers``): ``none``; ``asha`` (Tune's, one
+    objective); ``mo_asha`` (several objectives: rungs at ``grace_period *
+    reduction_factor**i`` budget units, the top ``1/reduction_factor`` of each rung go on)."""
+
+    name: Literal["none", "asha", "mo_asha"] = "none"
+    reduction_factor: int = Field(default=3, ge=2)
+    grace_period: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class SweepSpec(_Strict):
     """A validated search space (built once from the YAML; never re-read as a dict)."""
 
@@ -260,7 +276,7 @@ class SweepSpec(_Strict):
     optimize: dict[str, Literal["max", "min"]] = Field(min_length=1)  # the front's metrics
     search: SearchSpec = Field(default_factory=SearchSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    scheduler: Literal["none", "asha"] = "none"
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     max_failures: int = Field(default=2, ge=0)
     smoke_test: dict[str, Any] = Field(default_factory=dict)
 

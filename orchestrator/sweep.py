@@ -19,7 +19,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator.holdout import evaluate_front
 from orchestrator.progress import ConsoleProgress
 from orchestrator.reporting import SweepResult, report_front, surface_columns
-from orchestrator.searchers import param_space, tune_config
+from orchestrator.schedulers import DECISION_LOG
+from orchestrator.searchers import param_space, scheduler_of, tune_config
 from orchestrator.space import SpaceError, SweepSpec
 from orchestrator.stages import StageCoordinator, coordinator_name
 from orchestrator.storage import Storage, redact
@@ -70,6 +71,17 @@ def _init_ray(verbose: bool) -> None:
              log_to_driver=verbose)
 
 
+def _same_space(stored: dict, spec: SweepSpec) -> bool:
+    """Whether a stored space is ``spec``, read through today's schema (a space stored by an
+    earlier release, e.g. ``scheduler: none`` before it became a mapping, is the same)."""
+    if stored == spec.as_dict():
+        return True
+    try:
+        return SweepSpec(**stored).as_dict() == spec.as_dict()
+    except (ValueError, TypeError):
+        return False
+
+
 def _claim_name(spec: SweepSpec, name: str, storage_root: Storage, resume: bool,
                 log) -> bool:
     """Store the sweep's space unless it is there; True if Tune has saved state to restore.
@@ -79,7 +91,7 @@ def _claim_name(spec: SweepSpec, name: str, storage_root: Storage, resume: bool,
     set-up, Ray's start), ``--resume`` starts its trials afresh."""
     sweep_storage = storage_root.child(name)
     stored = sweep_storage.read_bytes(SPACE_FILE)
-    if stored is not None and resume and json.loads(stored) != spec.as_dict():
+    if stored is not None and resume and not _same_space(json.loads(stored), spec):
         raise SpaceError(f"--resume: sweep {name!r} was started with another space (or "
                          f"other --num-samples/--max-concurrent/--smoke-test); resume it "
                          "with the same arguments")
@@ -154,6 +166,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                     "optimize": json.dumps(spec.optimize),
                     "algorithm": spec.search.algorithm.value,
                     "num_samples": str(spec.search.num_samples),
+                    "scheduler": json.dumps(spec.scheduler.model_dump()),
                     "storage": redact(storage_root.uri)},
             tags={"family": spec.family})
         if resume and not restore:
@@ -174,6 +187,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
     coordinator = StageCoordinator.options(name=coordinator_name(name), get_if_exists=True,
                                            scheduling_strategy=here).remote()
     trainable = make_trainable(spec, sweep_storage)
+    DECISION_LOG[name] = log  # where the scheduler's stop decisions are printed
     if restore:
         log(f"resuming sweep {name!r} from {redact(experiment_path)}")
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
@@ -187,8 +201,15 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                                      spec.optimize,
                                      spec.defense.surface, sweep_storage.uri,
                                      coordinator_name(name), log)]
+        scheduler = scheduler_of(spec, sweep_storage.uri, name)
+        if hasattr(scheduler, "reset_state"):  # trials start afresh: so do the rungs
+            scheduler.reset_state()
+            log(f"early stopping: {scheduler.debug_string()}"
+                + (f", rungs counted after the longest eps ramp ({scheduler.min_step} "
+                   "optimiser steps)" if scheduler.min_step else ""))
         tuner = tune.Tuner(
-            trainable, param_space=param_space(spec), tune_config=tune_config(spec),
+            trainable, param_space=param_space(spec),
+            tune_config=tune_config(spec, scheduler),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_root.uri,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),

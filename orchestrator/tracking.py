@@ -80,14 +80,35 @@ class MLflowTracking(tune.Callback):
         state["_spec"] = None
         return state
 
-    def used(self, trial) -> dict[str, Any]:
-        """Every value the trial runs with, by its one name (its typed parameters)."""
-        from orchestrator.params import resolve
+    @property
+    def spec(self):
         from orchestrator.space import SweepSpec
 
         if self._spec is None:
             self._spec = SweepSpec(**self.spec_json)
-        return resolve(self._spec, dict(trial.config)).logged()
+        return self._spec
+
+    def used(self, trial) -> dict[str, Any]:
+        """Every value the trial runs with, by its one name (its typed parameters)."""
+        from orchestrator.params import resolve
+
+        return resolve(self.spec, dict(trial.config)).logged()
+
+    def _log_budget(self, run_id: str, trial) -> None:
+        """Under early stopping: whether the trial was stopped (``stopped_early``), at which
+        budget (``stopped_at``), and the budget it used (metric ``budget_used``)."""
+        spec = self.spec
+        family = spec.defense
+        if spec.scheduler.name == "none" or family.budget_unit is None:
+            return
+        result = trial.last_result or {}
+        used = family.budget_used(spec, result)
+        stopped = not family.full_budget_reached(spec, result)
+        tags = [RunTag("stopped_early", "true" if stopped else "false")]
+        if stopped:
+            tags.append(RunTag("stopped_at", f"{family.budget_unit} {used:g}"))
+        metric = Metric("budget_used", used, int(time.time() * 1000), 0)
+        self.client.log_batch(run_id, metrics=[metric], tags=tags)
 
     def get_state(self) -> dict[str, Any]:
         return {"runs": dict(self._runs), "logged_step": dict(self._logged_step)}
@@ -194,6 +215,7 @@ class MLflowTracking(tune.Callback):
                 title = child_run_name(self.family, self.used(trial), self.searched)
                 log_surface(self.client, run_id, json.loads(found[0])["surface"], columns,
                             f"{self.sweep}: {title}")
+        self._log_budget(run_id, trial)
         self.client.set_terminated(run_id, status="FINISHED")
         self._drop_duplicates(trial.trial_id)
 

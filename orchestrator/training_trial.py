@@ -132,6 +132,8 @@ def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_ur
             metrics = evaluate_training(spec, trainer.model, splits.val,
                                         seed=trainer.epoch + 1000 * r, final=last)
             metrics.update({k: float(v) for k, v in train_metrics.items()})
+            # early stopping counts rungs only past the space's longest eps ramp
+            metrics["optimizer_steps"] = float(trainer.step)
             runs.append(metrics)
         metrics = over_seeds(runs)
         with tempfile.TemporaryDirectory() as folder:

@@ -185,6 +185,24 @@ BAD = [
     ("suite metric under asha", variant({"optimize": {"robust_accuracy": "max"},
                                          "scheduler": "asha"}, base=TRAINING),
      r"optimize.robust_accuracy: measured once, after the last epoch, so scheduler asha"),
+    ("an unknown scheduler", variant({"scheduler": {"name": "hyperband"}}, base=TRAINING),
+     r"scheduler.name: Input should be 'none', 'asha' or 'mo_asha'"),
+    ("mo_asha's reduction factor below 2", variant(
+        {"scheduler": {"name": "mo_asha", "reduction_factor": 1}}, base=TRAINING),
+     r"scheduler.reduction_factor: Input should be greater than or equal to 2"),
+    ("mo_asha's grace period at the full budget", variant(
+        {"scheduler": {"name": "mo_asha", "grace_period": 2}}, base=TRAINING),
+     r"scheduler.grace_period: 2 is at or above the full budget \(2 epochs\)"),
+    ("mo_asha with one objective", variant(
+        {"scheduler": {"name": "mo_asha"}, "optimize": {"pgd_accuracy": "max"}},
+        base=TRAINING), r"scheduler: mo_asha ranks several objectives; with one metric to "
+                        r"optimize use asha"),
+    ("mo_asha on a family without a budget unit", variant({"scheduler": "mo_asha"}),
+     r"scheduler: mo_asha: family 'lesci' has no budget unit"),
+    ("a suite metric under mo_asha", variant(
+        {"optimize": {"robust_accuracy": "max", "nominal_accuracy": "max"},
+         "scheduler": {"name": "mo_asha"}}, base=TRAINING),
+     r"optimize.robust_accuracy: measured once, after the last epoch, so scheduler mo_asha"),
     ("negative square budget", variant({"attack.suite": {"square_queries": -1}}, base=TRAINING),
      r"attack.suite.square_queries: Input should be greater than or equal to 0"),
     ("unknown suite key", variant({"attack.suite": {"p_init": 0.5}}, base=TRAINING),

@@ -33,6 +33,9 @@ class DefenseFamily:
     unit: str = "finished trials"
     # params that span every trial's surface instead of being searched
     surface_params: tuple[str, ...] = ()
+    # what a trial's budget counts in, for early stopping (``scheduler: mo_asha``): the key of
+    # its results that counts it; None: the family's trials cannot be stopped early
+    budget_unit: str | None = None
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -97,6 +100,24 @@ class DefenseFamily:
         """The attack budget the parent run logs, known from the space alone ({} if the
         trials report it)."""
         return {}
+
+    def full_budget(self, spec) -> int:
+        """A trial's whole budget in ``budget_unit``s (early stopping's ``max_t``)."""
+        raise NotImplementedError
+
+    def ramp_steps(self, spec) -> int:
+        """Optimiser steps until every trial of the space has ended its eps ramp: a rung
+        before them would compare trials at different radii (0: no ramp)."""
+        return 0
+
+    def budget_used(self, spec, result: dict[str, Any]) -> float:
+        """How much of its budget a trial used, from its last result."""
+        return float(result.get(self.budget_unit, 0)) if self.budget_unit else 0.0
+
+    def full_budget_reached(self, spec, result: dict[str, Any]) -> bool:
+        """Whether a trial ran its whole budget (only such trials can reach the front)."""
+        return self.budget_unit is None or self.budget_used(spec, result) >= self.full_budget(
+            spec)
 
     def row_key(self, row: dict[str, Any]) -> tuple:
         """A front row's identity: its trial, and its point on the trial's surface."""

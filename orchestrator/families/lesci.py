@@ -172,7 +172,7 @@ class LESCIFamily(DefenseFamily):
         if spec.attack is not None and spec.attack.suite != type(spec.attack.suite)():
             raise ValueError("attack.suite: the training families' suite; LESCI's attacks on "
                              "the vote are set under attack.apgd")
-        if spec.scheduler == "asha":
+        if spec.scheduler.name == "asha":
             raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "
                              "report once (use none)")
         k_value = spec.params["k"]

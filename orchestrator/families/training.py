@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from defenses.objectives import objective_params
-from orchestrator.distributions import DIST_TYPES
+from orchestrator.distributions import DIST_TYPES, values_of
 from orchestrator.families.base import DefenseFamily
 from orchestrator.params import TRAINING_FIELDS, chosen, validate
 
@@ -24,6 +24,7 @@ class TrainingFamily(DefenseFamily):
 
     # the trial's model is verified (IBP bounds) as well as attacked
     verifies: bool = False
+    budget_unit = "epoch"
 
     def _shared(self, spec) -> dict[str, Any]:
         """The top-level params that go to the objective (neither training nor ``objective``)."""
@@ -100,13 +101,34 @@ class TrainingFamily(DefenseFamily):
             raise ValueError(f"attack.{lesci_only[0]}: LESCI only; the training families' "
                              "suite is set under attack.suite (apgd_steps, apgd_restarts, "
                              "targets, square_queries, square_restarts)")
-        if spec.scheduler == "asha":
+        scheduler = spec.scheduler.name
+        if scheduler != "none":
             suite = [m for m in spec.optimize if m in SUITE_METRICS]
             if suite:
                 raise ValueError(f"optimize.{suite[0]}: measured once, after the last epoch, "
-                                 "so scheduler asha cannot compare trials by it; optimize a "
-                                 "per-epoch metric (pgd_accuracy, verified_accuracy) or use "
-                                 "scheduler none")
+                                 f"so scheduler {scheduler} cannot compare trials by it; "
+                                 "optimize a per-epoch metric (pgd_accuracy, "
+                                 "verified_accuracy) or use scheduler none")
+
+    def full_budget(self, spec) -> int:
+        return spec.training.epochs
+
+    def ramp_steps(self, spec) -> int:
+        """The largest ``warmup + rampup`` any objective of the space can draw (IBP's eps,
+        kappa and beta ramps), in optimiser steps."""
+        space = self.objective_space(spec)
+        shared = self._shared(spec)
+        longest = 0
+        for name, own in space.branches.items():
+            fields = objective_params(name).model_fields
+            total = 0
+            for key in ("warmup", "rampup"):
+                if key not in fields:
+                    continue
+                value = own.get(key, shared.get(key, fields[key].default))
+                total += max(values_of(value))
+            longest = max(longest, int(total))
+        return longest
 
     # -- what a trial reports ----------------------------------------------------------------
 

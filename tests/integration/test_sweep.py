@@ -23,8 +23,14 @@ def test_smoke_sweep_of_each_shipped_space(tmp_path, space):
     assert f"{spec.trial_count} trial(s)" in done.stdout
     client, parent, children = check_tracked(uri, "smoke", spec.family, spec.trial_count)
     if spec.family != "lesci":  # training trials log one step per epoch
-        history = client.get_metric_history(children[0].info.run_id, spec.metric_names[0])
-        assert [m.step for m in history] == list(range(1, spec.training.epochs + 1))
+        for child in children:
+            history = client.get_metric_history(child.info.run_id, spec.metric_names[0])
+            stopped = child.data.tags.get("stopped_early") == "true"  # by the scheduler
+            epochs = int(child.data.metrics["budget_used"]) if stopped else spec.training.epochs
+            assert [m.step for m in history] == list(range(1, epochs + 1))
+            assert not (stopped and child.data.tags["pareto_optimal"] == "true")
+        if spec.scheduler.name == "mo_asha":
+            assert 0 < parent.data.metrics["compute_fraction"] <= 1
     objectives = spec.objective_space()
     if objectives is not None and objectives.kind == "grid" and len(objectives.branches) > 1:
         # a comparison: num_samples trials of each objective, each one's own front on test

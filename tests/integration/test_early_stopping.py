@@ -1,0 +1,88 @@
+"""Early stopping with several objectives (``scheduler: mo_asha``) in a real sweep: dominated
+trials stop at a rung, stay off the front and are told so in MLflow; a driver killed after a
+decision resumes with every decision standing and no stopped trial run again."""
+
+import json
+import textwrap
+import time
+
+import pytest
+
+from orchestrator.resumable import saved_trials
+from orchestrator.schedulers import STATE_FILE
+from orchestrator.storage import Storage
+from tests.integration.conftest import front_trials, runs_of, sweep_args
+from tests.integration.test_driver_crashes import Driver
+
+# four IBP trials on digits, rungs at epochs 1 and 2 of 4; the last two (grid order) learn
+# almost nothing at lr 1e-6 and meet the first two's results at rung 1
+SPACE = textwrap.dedent("""
+    name: mo
+    family: ibp
+    dataset: {name: digits}
+    model: {name: ibp_small, options: {padding: same}}
+    training: {epochs: 4, batch_size: 50, optimizer: adam}
+    params:
+      lr: {grid: [0.003, 0.000001]}
+      kappa_final: {grid: [0.5, 0.7]}
+      eps_train: 0.1
+      rampup: 20
+    attack: {eps: 0.1, steps: 2, suite: {apgd_steps: 3, targets: 1, square_queries: 10}}
+    optimize: {verified_accuracy: max, nominal_accuracy: max}
+    search: {algorithm: grid, max_concurrent: 2}
+    scheduler: {name: mo_asha, reduction_factor: 2, grace_period: 1}
+""")
+
+
+def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with_it(tmp_path):
+    args, uri = sweep_args(tmp_path, SPACE, "mo")
+    storage = Storage(str(tmp_path / "sweeps")).child("mo")
+
+    driver = Driver(args, tmp_path, None)
+    assert driver.wait_for_line(r"trial \w+ stopped at epoch \d"), driver.output[-3000:]
+    # killed once Tune has saved its state (before it, a resume starts the trials afresh)
+    deadline = time.time() + 120
+    while saved_trials(str(tmp_path / "sweeps" / "mo")) is None and time.time() < deadline:
+        time.sleep(0.2)
+    driver.kill()
+    before = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
+    assert before
+
+    driver = Driver([*args, "--resume"], tmp_path, None)
+    assert driver.finish() == 0, driver.output[-3000:]
+    stopped = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
+    assert stopped.items() >= before.items()  # every decision taken before the kill stands
+
+    client, parents, children = runs_of(uri, "mo")
+    parent = parents[0]
+    assert len(children) == 4 and len({c.data.tags["ray_trial_id"] for c in children}) == 4
+    used = 0
+    for child in children:
+        trial_id = child.data.tags["ray_trial_id"]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id,
+                                                           "verified_accuracy")]
+        assert child.info.status == "FINISHED"
+        if trial_id in stopped:  # each epoch once, none after the stop: not run again
+            at = stopped[trial_id]["at"]
+            assert steps == list(range(1, int(at) + 1))
+            assert child.data.tags["stopped_early"] == "true"
+            assert child.data.tags["stopped_at"] == f"epoch {at:g}"
+            assert child.data.tags["pareto_optimal"] == "false"
+        else:
+            assert steps == [1, 2, 3, 4]
+            assert child.data.tags["stopped_early"] == "false"
+        assert child.data.metrics["budget_used"] == len(steps)
+        used += len(steps)
+    # the trials that barely learn are among the stopped
+    assert all(c.data.tags["ray_trial_id"] in stopped for c in children
+               if float(c.data.params["lr"]) < 1e-4)
+    assert parent.data.metrics["stopped_trials"] == len(stopped)
+    assert parent.data.metrics["compute_fraction"] == pytest.approx(used / 16)
+    assert json.loads(parent.data.params["scheduler"]) == {
+        "name": "mo_asha", "reduction_factor": 2, "grace_period": 1}
+    # the front: full-budget trials only, and only they read on test
+    front = front_trials(client, parent)
+    assert front and not front & set(stopped)
+    assert all("test_verified_accuracy" not in c.data.metrics for c in children
+               if c.data.tags["ray_trial_id"] in stopped)
+    assert "stopped early by scheduler mo_asha" in driver.output

@@ -1,0 +1,176 @@
+"""MO-ASHA (orchestrator.schedulers): ranks on hand-made rungs, order independence, ties,
+minimised metrics, the decisions, and their records surviving a new scheduler instance."""
+
+import pickle
+
+import numpy as np
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ray.tune.schedulers import TrialScheduler
+
+from orchestrator.schedulers import (STATE_FILE, MultiObjectiveASHA, rank_of, ranking,
+                                     rung_levels)
+from orchestrator.searchers import FinalMetricOptunaSearch
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+MAX2 = [True, True]
+
+
+def test_rungs_are_geometric_below_the_full_budget():
+    assert rung_levels(8, 1, 2) == [1, 2, 4]
+    assert rung_levels(40, 1, 3) == [1, 3, 9, 27]
+    assert rung_levels(9, 3, 3) == [3]
+
+
+def test_ranking_by_fronts_then_farthest_point():
+    # front 1: the three corners-and-middle points; front 2: (0.4, 0.4); front 3: (0.2, 0.2).
+    # Inside front 1 every normalised sum ties (1.0): the smallest values first, (0.9, 0.1)
+    # (normalised minimisation (0, 1)), then the point farthest from it, (0.1, 0.9), then
+    # the middle one.
+    values = np.array([[0.5, 0.5], [0.2, 0.2], [0.1, 0.9], [0.4, 0.4], [0.9, 0.1]])
+    assert ranking(values, MAX2) == [4, 2, 0, 3, 1]
+    assert [rank_of(values, MAX2, i) for i in range(5)] == [2, 4, 1, 3, 0]
+
+
+def test_minimised_metrics_rank_as_their_negation_maximised():
+    values = np.array([[0.3, 0.2], [0.1, 0.5], [0.2, 0.2], [0.6, 0.9]])
+    flipped = values * np.array([-1, 1])
+    assert ranking(values, [False, True]) == ranking(flipped, MAX2)
+    # (0.1, 0.5) is best in both under (min, max): alone on front 1
+    assert rank_of(values, [False, True], 1) == 0
+
+
+def test_equal_results_share_the_better_rank():
+    values = np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.3, 0.3]])
+    ranks = [rank_of(values, MAX2, i) for i in range(4)]
+    assert ranks[0] == ranks[1]
+    assert ranks[3] == 3
+
+
+points = st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)),
+                  min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points, st.randoms(use_true_random=False))
+def test_permuting_the_history_never_changes_a_rank(rows, rnd):
+    values = np.array(rows)
+    order = list(range(len(rows)))
+    rnd.shuffle(order)
+    shuffled = values[order]
+    for i in range(len(rows)):
+        assert rank_of(values, [True, False, True], i) == rank_of(
+            shuffled, [True, False, True], order.index(i))
+
+
+@settings(max_examples=60, deadline=None)
+@given(points)
+def test_a_result_dominating_every_earlier_one_ranks_first(rows):
+    values = np.array(rows + [(1.5, -0.5, 1.5)])  # better than all in each (max, min, max)
+    assert rank_of(values, [True, False, True], len(rows)) == 0
+
+
+def _result(epoch, a, b, steps=None):
+    out = {"epoch": float(epoch), "nominal_accuracy": a, "verified_accuracy": b}
+    if steps is not None:
+        out["optimizer_steps"] = float(steps)
+    return out
+
+
+def _scheduler(tmp_path=None, **kw):
+    options = {"max_t": 8, "grace_period": 1, "reduction_factor": 2, **kw}
+    return MultiObjectiveASHA(["nominal_accuracy", "verified_accuracy"], ["max", "max"],
+                              state_uri=str(tmp_path) if tmp_path else None, sweep="t",
+                              **options)
+
+
+def test_decisions_on_a_hand_made_rung(capsys):
+    s = _scheduler()
+    assert s.decide("a", _result(1, 0.5, 0.5)) == CONTINUE  # alone: rank 0 < 1/2
+    assert s.decide("b", _result(1, 0.4, 0.4)) == STOP  # dominated: rank 1, not < 2/2
+    assert "trial b stopped at epoch 1: behind 1 of 2 results at that rung" in (
+        capsys.readouterr().out)
+    assert s.decide("c", _result(1, 0.9, 0.9)) == CONTINUE  # dominates both: rank 0
+    assert s.decide("d", _result(1, 0.95, 0.1)) == CONTINUE  # front 1 of 4: rank 1 < 2
+    # b once stopped stays stopped, whatever it reports
+    assert s.decide("b", _result(2, 1.0, 1.0)) == STOP
+    # a at epoch 2 is ranked at rung 2 only, where it is alone
+    assert s.decide("a", _result(2, 0.6, 0.6)) == CONTINUE
+    assert s.rungs[2] == {"a": [0.6, 0.6]}
+    # past the last rung (4), nothing more is decided for a trial that passed it
+    assert s.decide("c", _result(4, 0.9, 0.9)) == CONTINUE
+    assert s.decide("c", _result(7, 0.1, 0.1)) == CONTINUE
+    assert s.stopped == {"b": {"rung": 1, "at": 1.0, "rank": 1, "of": 2}}
+
+
+def test_a_result_past_several_rungs_is_ranked_at_each():
+    s = _scheduler()
+    for trial, v in (("b", 0.8), ("a", 0.9)):  # each better than those before: both go on
+        assert s.decide(trial, _result(1, v, v)) == CONTINUE
+        assert s.decide(trial, _result(2, v, v)) == CONTINUE
+    # c's first result is at epoch 2: ranked at rung 1, then at rung 2
+    assert s.decide("c", _result(2, 0.95, 0.95)) == CONTINUE
+    assert set(s.rungs[1]) == set(s.rungs[2]) == {"a", "b", "c"}
+
+
+def test_rungs_inside_the_eps_ramp_are_taken_past_it(capsys):
+    s = _scheduler(min_step=30)
+    assert s.decide("a", _result(1, 0.9, 0.9, steps=10)) == CONTINUE
+    assert s.decide("b", _result(1, 0.1, 0.1, steps=10)) == CONTINUE  # would be stopped
+    assert s.rungs == {}
+    # epoch 3, past the ramp: rungs 1 and 2 are taken now, with epoch 3's figures
+    assert s.decide("a", _result(3, 0.9, 0.9, steps=40)) == CONTINUE
+    assert s.decide("b", _result(3, 0.1, 0.1, steps=40)) == STOP
+    assert s.stopped["b"] == {"rung": 1, "at": 3.0, "rank": 1, "of": 2}
+    assert s.rungs == {1: {"a": [0.9, 0.9], "b": [0.1, 0.1]}, 2: {"a": [0.9, 0.9]}}
+    assert ("trial b stopped at epoch 3: behind 1 of 2 results at that rung (rung 1, taken "
+            "past the eps ramp)") in capsys.readouterr().out
+
+
+def test_missing_or_nan_metrics_decide_nothing():
+    s = _scheduler()
+    assert s.decide("a", {"epoch": 1.0, "nominal_accuracy": 0.5}) == CONTINUE
+    assert s.decide("a", _result(1, float("nan"), 0.5)) == CONTINUE
+    assert s.rungs == {}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="reduction_factor must be >= 2"):
+        _scheduler(reduction_factor=1)
+    with pytest.raises(ValueError, match=r"grace_period must be in \[1, 8\)"):
+        _scheduler(grace_period=8)
+
+
+def test_records_survive_a_new_instance_and_the_decisions_stand(tmp_path):
+    s = _scheduler(tmp_path)
+    s.reset_state()
+    assert s.decide("a", _result(1, 0.5, 0.5)) == CONTINUE
+    assert s.decide("b", _result(1, 0.4, 0.4)) == STOP
+    assert (tmp_path / STATE_FILE).exists()
+    # Tune restores a scheduler from its first pickle, taken before any decision
+    restored = pickle.loads(pickle.dumps(_scheduler(tmp_path)))
+    assert restored.decide("b", _result(1, 0.99, 0.99)) == STOP  # stands
+    assert restored.decide("a", _result(1, 0.5, 0.5)) == CONTINUE  # ranked there before
+    assert restored.rungs[1] == {"a": [0.5, 0.5], "b": [0.4, 0.4]}
+    # a new, dominated result is ranked against the restored rung
+    assert restored.decide("c", _result(1, 0.1, 0.1)) == STOP
+    # a sweep whose trials start afresh starts with empty rungs
+    fresh = _scheduler(tmp_path)
+    fresh.reset_state()
+    assert pickle.loads(pickle.dumps(fresh)).decide("b", _result(1, 0.4, 0.4)) == CONTINUE
+
+
+@pytest.mark.parametrize("epoch, state", [(4.0, optuna.trial.TrialState.PRUNED),
+                                          (8.0, optuna.trial.TrialState.COMPLETE)])
+def test_optuna_learns_only_full_budget_results(epoch, state):
+    search = FinalMetricOptunaSearch(
+        space={"lr": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        metric=["nominal_accuracy", "verified_accuracy"], mode=["max", "max"],
+        budget=("epoch", 8.0))
+    search.suggest("t1")
+    search.on_trial_complete("t1", result=_result(epoch, 0.9, 0.8))
+    (trial,) = search._ot_study.get_trials()
+    assert trial.state == state
+    assert trial.values == (None if state == optuna.trial.TrialState.PRUNED else [0.9, 0.8])
