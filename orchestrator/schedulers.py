@@ -22,7 +22,7 @@ count only once the optimiser has taken the longest ramp of the space (``min_ste
 epoch for every trial of a sweep), so a rung that falls inside the ramp is taken at the first
 epoch past it, with that epoch's figures.
 
-The records live on the instance and in the sweep's storage (``scheduler.json``), written
+The records live on the instance and in the sweep's storage (``scheduler/rungs.json``), written
 before a decision is returned: Tune 2.60 saves the searcher and the callbacks with the
 experiment but restores a scheduler from the Tuner's first pickle, so a restored sweep reads
 its rungs back from the storage, and decisions taken before a driver died stand.
@@ -42,7 +42,9 @@ from orchestrator.pareto import pareto_mask
 __all__ = ["rung_levels", "ranking", "rank_of", "MultiObjectiveASHA", "STATE_FILE",
            "DECISION_LOG"]
 
-STATE_FILE = "scheduler.json"
+# in a folder of its own: Tune copies the top-level .json and .pkl files of a restored
+# experiment to its staging folder and uploads them back on every save, over newer ones
+STATE_FILE = "scheduler/rungs.json"
 
 # sweep name -> where the driver prints a decision (the CLI's console); a restored scheduler
 # is unpickled by Tune, so it finds the log here rather than holding one
@@ -117,7 +119,7 @@ class MultiObjectiveASHA(FIFOScheduler):
         time_attr: the result key that counts budget units (``epoch``).
         min_step, step_attr: a rung counts only for results with ``result[step_attr] >=
             min_step`` (the longest eps ramp of the space, in optimiser steps).
-        state_uri: the sweep's storage; the rung records are kept in ``scheduler.json``.
+        state_uri: the sweep's storage; the rung records are kept in ``scheduler/rungs.json``.
         sweep: the sweep's name (where decisions are printed: ``DECISION_LOG``).
     """
 

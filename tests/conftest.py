@@ -1,5 +1,8 @@
 """Fixtures and file writers shared by the unit tests (the integration tests' helpers are in
-tests/integration/conftest.py)."""
+tests/integration/conftest.py), and the ``--long`` option: without it, the tests marked
+``long`` (the real-service integration tests that take minutes: a cluster over SSH, crash
+windows, outages, every shipped space's sweep) are deselected, so ``python -m pytest`` is the
+edit-test loop; CI passes ``--long``."""
 
 import gzip
 import struct
@@ -11,6 +14,21 @@ import torch
 from defenses.data import load_dataset
 from defenses.models import build_model
 from defenses.trainer import TrainConfig, Trainer
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="also run the tests marked long (real services, minutes each; CI "
+                          "runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--long"):
+        return
+    long = [item for item in items if item.get_closest_marker("long")]
+    if long:
+        config.hook.pytest_deselected(items=long)
+        items[:] = [item for item in items if not item.get_closest_marker("long")]
 
 
 @pytest.fixture(scope="session")

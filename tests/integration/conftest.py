@@ -17,14 +17,17 @@ from mlflow.tracking import MlflowClient
 from orchestrator.storage import Storage
 
 
+@pytest.hookimpl(tryfirst=True)  # before tests/conftest.py's hook reads the long marks
 def pytest_collection_modifyitems(config, items):
     """Every test here starts real services (Ray, MLflow, moto_server, sshd, Chromium):
-    marked ``integration`` and ``slow``, so ``-m "not integration"`` is the fast unit run."""
+    marked ``integration``, so ``-m "not integration"`` is the unit run; and ``long`` (run
+    with ``--long``) unless marked ``quick``."""
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
-            item.add_marker(pytest.mark.slow)
+            if not item.get_closest_marker("quick"):
+                item.add_marker(pytest.mark.long)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 FAMILY_METRICS = {"lesci": ["accuracy", "projection_rate", "accuracy_projected",

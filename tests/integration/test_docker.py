@@ -15,6 +15,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 DOCKER = ROOT / "docker"
 
+pytestmark = pytest.mark.quick  # no service started: seconds
+
 
 @pytest.mark.parametrize("name", ["cluster-aws.yaml", "cluster-local.yaml"])
 def test_cluster_config_passes_rays_validation(name):
