@@ -13,6 +13,8 @@ their own 95% intervals in the sweeps' ``pareto_front.csv``).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ def _sweep(space: str, scheduler: dict | str | None, name: str, root: Path,
                           "attack": {"eps": 0.1, "steps": 2, "suite": {
                               "apgd_steps": 3, "targets": 1, "square_queries": 10}}})
     spec = load_space(space, overrides=overrides)
+    print(f"{name}: {spec.trial_count} trials, scheduler {spec.scheduler.name} ...", flush=True)
     start = time.perf_counter()
     result = run_sweep(spec, name, Storage.from_uri(str(root / "sweeps")),
                        f"sqlite:///{root / 'mlflow.db'}", log=lambda line: None)
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "(default: a temporary one)")
     parser.add_argument("--smoke-test", action="store_true", help="3 epochs, 4 trials")
     args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's heading and hints: not here
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(args.out or temporary)
         root.mkdir(parents=True, exist_ok=True)

@@ -174,3 +174,23 @@ def test_optuna_learns_only_full_budget_results(epoch, state):
     (trial,) = search._ot_study.get_trials()
     assert trial.state == state
     assert trial.values == (None if state == optuna.trial.TrialState.PRUNED else [0.9, 0.8])
+
+
+def test_the_replay_counts_the_epochs_each_order_trains():
+    from benchmarks.scheduler_replay import Curves, replay
+
+    good = [{"a": 0.5 + 0.1 * e, "b": 0.5 + 0.1 * e} for e in range(4)]
+    bad = [{"a": 0.1 * e, "b": 0.1 * e} for e in range(4)]
+    curves = Curves({"a": "max", "b": "max"}, {"good": good, "bad": bad},
+                    {"good": {"a": 0.7, "b": 0.7}, "bad": {"a": 0.2, "b": 0.2}})
+    # the bad trial first: alone at every rung, it runs all 4 epochs; then the good one too
+    first_bad = replay(curves, ["bad", "good"], reduction_factor=2, grace_period=1)
+    assert first_bad["compute"] == 1.0
+    # the good trial first: the bad one stops at rung 1 (behind 1 of 2)
+    first_good = replay(curves, ["good", "bad"], reduction_factor=2, grace_period=1)
+    assert first_good["compute"] == 5 / 8
+    assert first_good["early_val"] == first_bad["early_val"] == pytest.approx(0.8 * 0.8)
+    assert first_good["early_test"] == pytest.approx(0.7 * 0.7)
+    # random search with 5 epochs affords one whole trial: the first of the order
+    assert first_good["random_compute"] == 0.5 and first_good["random_test"] == pytest.approx(
+        0.49)
