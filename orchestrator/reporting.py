@@ -227,8 +227,9 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     parent run's ``pareto_front.csv``/``.png``, with its hypervolume and the bare model's
     figures; each child is tagged ``pareto_optimal``; failed trials are counted (an error, or
     a required metric missing or NaN); trials an early-stopping scheduler stopped are counted
-    (``stopped_trials``, ``compute_fraction``) and never on the front. With ``evaluate_test`` (``orchestrator.holdout.evaluate_front``),
-    the front, chosen on the validation split, is evaluated once on the test split: its
+    (``stopped_trials``, ``compute_fraction``) and never on the front. With
+    ``evaluate_test`` (``orchestrator.holdout.evaluate_front``), the front, chosen on the
+    validation split, is evaluated once on the test split: its
     points get ``test_*`` figures (the CSV, the plot, the front trials' child runs), the
     parent run ``test_hypervolume`` and each optimized metric's selection gap (val minus
     test over the front: ``selection_gap_<metric>_mean`` and ``_max``). Under a grid of
