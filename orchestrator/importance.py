@@ -43,7 +43,7 @@ def importances(rows: Sequence[dict[str, Any]], params: Sequence[str],
                 optimize: dict[str, str], seed: int = 0) -> dict[str, dict[str, float]]:
     """{metric: {param: importance (summing to 1 per metric)}} over ``rows`` (one per
     trial: its searched values by name and its figures); {} with fewer than ``MIN_TRIALS``
-    rows or no parameter that varied."""
+    rows or no parameter that varied; a metric with one value in every trial is left out."""
     rows = [row for row in rows if all(isinstance(row.get(m), (int, float))
                                        and not math.isnan(row[m]) for m in optimize)]
     distributions = _distributions(rows, params)
@@ -61,6 +61,8 @@ def importances(rows: Sequence[dict[str, Any]], params: Sequence[str],
             values=[float(row[m]) for m in optimize]))
     out = {}
     for index, metric in enumerate(optimize):
+        if len({float(row[metric]) for row in rows}) < 2:
+            continue  # one value in every trial: no variance for any parameter to explain
         with warnings.catch_warnings():  # the experimental-feature notices
             warnings.simplefilter("ignore")
             found = optuna.importance.get_param_importances(

@@ -261,7 +261,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         run_id = run.info.run_id if run else ""
         if stops:
             used_budget.append(family.budget_used(spec, metrics))
-        if not family.full_budget_reached(spec, metrics):
+        if stops and not family.full_budget_reached(spec, metrics):
             stopped += 1  # stopped early: its figures are a shorter run's, never the front's
             if run_id:
                 client.set_tag(run_id, "pareto_optimal", "false")
@@ -394,11 +394,15 @@ def _log_importances(spec: SweepSpec, name: str, rows: list[dict[str, Any]],
     run, a line per metric in the console."""
     from orchestrator.importance import MIN_TRIALS, importances, plot_importances
 
-    table = importances(rows, searched, spec.optimize)
+    try:
+        table = importances(rows, searched, spec.optimize)
+    except (RuntimeError, ValueError) as exc:  # an analysis beside the front: never its end
+        log(f"sweep {name!r}: parameter importances not computed ({exc})")
+        return
     if not table:
         if searched:
-            log(f"sweep {name!r}: parameter importances need {MIN_TRIALS} full-budget trials "
-                "and a parameter that varied; not computed")
+            log(f"sweep {name!r}: parameter importances need {MIN_TRIALS} full-budget trials, "
+                "a parameter that varied and a metric that did; not computed")
         return
     params = list(next(iter(table.values())))
     path = folder / "importances.csv"

@@ -29,3 +29,10 @@ def test_each_metric_is_explained_by_the_parameter_it_depends_on(tmp_path):
 def test_too_few_trials_or_nothing_varied_gives_nothing():
     assert importances(_rows(3), ["a", "b"], {"m1": "max"}) == {}
     assert importances(_rows(), ["fixed"], {"m1": "max"}) == {}
+
+
+def test_a_metric_with_one_value_in_every_trial_is_left_out():
+    rows = [{**row, "m3": 1.0} for row in _rows()]  # e.g. every trial's PGD accuracy 1.0
+    table = importances(rows, ["a", "b", "c"], {"m1": "max", "m3": "max"})
+    assert list(table) == ["m1"] and table["m1"]["a"] > 0.9
+    assert importances(rows, ["a", "b", "c"], {"m3": "max"}) == {}
