@@ -111,8 +111,8 @@ class FinalMetricOptunaSearch(OptunaSearch):
     With early stopping (``budget``: the result key counting a trial's budget and the full
     budget), a trial that ends short of its full budget is told to the study as PRUNED,
     without values: its figures are those of a shorter training, and a study that took them
-    for full-budget ones would steer its sampler (TPE's densities, NSGA-II's parents) with
-    them. Optuna's samplers draw on COMPLETE trials only."""
+    for full-budget ones would steer its sampler with them. NSGA-II picks parents among
+    COMPLETE trials only; TPE ranks a PRUNED trial after every COMPLETE one."""
 
     def __init__(self, *args, budget: tuple[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
