@@ -16,11 +16,13 @@ from defenses.data import Splits
 from defenses.embedding_space import EmbeddingSpace
 from defenses.intervals import paired_difference, rate_interval
 from defenses.lesci_attack import LESCIDecision, attack_surface
+from defenses.racing import race_surface
 from defenses.surface import SurfacePoint, credibility, surface_metrics
 from orchestrator.lesci_stages import LESCIStages, split_tensors
 from orchestrator.params import Trial, resolve
 from orchestrator.pareto import BASE_METRICS, front_of
 from orchestrator.progress import ProgressLine
+from orchestrator.racing import SurfaceRace
 from orchestrator.space import SweepSpec
 from orchestrator.stages import StageCache
 from orchestrator.storage import Storage
@@ -60,7 +62,8 @@ def _rates_with_intervals(metrics: dict[str, list[float]], sizes: dict[str, list
 
 def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[SurfacePoint],
                   data: Dataset, attacks: dict[str, Any] | None, device, progress=None,
-                  generator_seed: int = 1) -> tuple[dict[str, list[float]], dict[str, Any]]:
+                  generator_seed: int = 1, race: SurfaceRace | None = None
+                  ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Every point's metrics ({name: [P] values}) on ``data`` (the val split while the sweep
     searches, the test split in its final evaluation) and the attack budget.
 
@@ -71,6 +74,11 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
     samples (``attacks``: the bare model's stage on this split). Each figure comes with its 95%
     interval (``<name>_ci_low``, ``_ci_high``: Wilson; the gain's: Newcombe's paired interval)
     and the counts behind it (``samples``, ``attacked_samples``).
+
+    With ``race`` (``scheduler: mo_asha``), the suite is raced (``defenses.racing``): a point
+    stopped early (``raced_out`` 1) has its robust figures on the ``attacked_samples`` it was
+    attacked on, the others on every attack sample; the transfer figure is every point's on
+    every attack sample.
     """
     x_all, y_all = split_tensors(data)
     prediction, projected = [], []
@@ -92,25 +100,45 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
         attack = spec.attack
         x_att, y_att = split_tensors(data, attack.samples)
         pool = {"transfer": attacks["adversarial"], "base_apgd": attacks["base_apgd"]}
-        suite = attack_surface(decision, x_att.to(device), y_att.to(device), points, attack.eps,
-                               attack.apgd.vote_suite(),
-                               pool={k: v.to(device) for k, v in pool.items()},
-                               starts=("base_apgd", "transfer"), progress=progress,
-                               generator=torch.Generator().manual_seed(generator_seed))
-        metrics["robust_accuracy"] = suite.accuracy().tolist()
-        metrics["transfer_robust_accuracy"] = suite.accuracy("transfer").tolist()
-        sizes["robust_accuracy"] = sizes["transfer_robust_accuracy"] = [len(y_att)] * len(points)
-        robust = suite.robust().numpy()
-        gains = [paired_difference(robust[:, i], attacks["base_robust"].numpy())
-                 for i in range(len(points))]
+        pool = {k: v.to(device) for k, v in pool.items()}
+        generator = torch.Generator().manual_seed(generator_seed)
+        if race is None:
+            suite = attack_surface(decision, x_att.to(device), y_att.to(device), points,
+                                   attack.eps, attack.apgd.vote_suite(), pool=pool,
+                                   starts=("base_apgd", "transfer"), progress=progress,
+                                   generator=generator)
+            robust = [column for column in suite.robust().T]
+            transfer = suite.accuracy("transfer").tolist()
+            budget = dict(suite.budget)
+        else:
+            race.exact = {m: metrics.get(m, []) for m in race.exact}
+            raced = race_surface(decision, x_att.to(device), y_att.to(device), points,
+                                 attack.eps, race.rungs(len(y_att)), race,
+                                 attack.apgd.vote_suite(), pool=pool,
+                                 starts=("base_apgd", "transfer"), generator=generator,
+                                 progress=race.progress)
+            robust = raced.robust
+            transfer = raced.pool_accuracy("transfer")
+            budget = dict(raced.budget)
+            extra["raced_out"] = [float(i in raced.stopped) for i in range(len(points))]
+        attacked = [len(r) for r in robust]
+        metrics["robust_accuracy"] = [float(r.double().mean()) for r in robust]
+        metrics["transfer_robust_accuracy"] = transfer
+        sizes["robust_accuracy"] = attacked
+        sizes["transfer_robust_accuracy"] = [len(y_att)] * len(points)
+        base = attacks["base_robust"].numpy()
+        gains = [paired_difference(r.numpy(), base[:len(r)]) for r in robust]
         extra.update({"robust_gain": [g[0] for g in gains],
                       "robust_gain_ci_low": [g[1] for g in gains],
                       "robust_gain_ci_high": [g[2] for g in gains],
-                      "attacked_samples": [len(y_att)] * len(points)})
-        budget = {**suite.budget, "samples": len(y_att), "transfer": f"PGD-{attack.steps}",
-                  "suite": "clean, transfer PGD, bare-model APGD-CE (2 starts), APGD on the "
-                           "exact and on the smoothed vote margin (started from both), "
-                           "targeted APGD"}
+                      "attacked_samples": attacked})
+        budget.update({"samples": len(y_att), "transfer": f"PGD-{attack.steps}",
+                       "suite": "clean, transfer PGD, bare-model APGD-CE (2 starts), APGD on "
+                                "the exact and on the smoothed vote margin (started from "
+                                "both), targeted APGD"})
+        budget.setdefault("point_samples", sum(attacked))
+        budget.setdefault("full_point_samples", len(y_att) * len(points))
+        budget.setdefault("apgd_run_samples", int(budget["apgd_runs"]) * len(y_att))
     return {**metrics, **_rates_with_intervals(metrics, sizes), **extra}, budget
 
 
@@ -196,17 +224,24 @@ def surface_rows(trial: Trial, space_size: int, points: list[SurfacePoint],
                "min_votes": point.min_votes, "votes": point.votes,
                "threshold": point.threshold}
         row.update({name: values[i] for name, values in metrics.items()})
+        if "raced_out" in row:
+            row["raced_out"] = bool(row["raced_out"])
         rows.append(row)
     return rows
 
 
 def lesci_figures(spec: SweepSpec, trial: Trial, points: list[SurfacePoint], splits: Splits,
-                  split: str, device, cache: StageCache, log: Callable[[str], None]
+                  split: str, device, cache: StageCache, log: Callable[[str], None],
+                  race: SurfaceRace | None = None
                   ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, float], int]:
     """A LESCI trial's figures at ``points`` on ``split`` (``val`` while searching, ``test``
     in the final evaluation), over its seeds (``search.repeats``): (metrics per point, with
     each point's ``credibility`` and the ``calibration_samples`` behind it; the attack budget;
-    the bare model's figures; the smallest of its embedding spaces' sizes)."""
+    the bare model's figures; the smallest of its embedding spaces' sizes). ``race``: the
+    attacks raced (the val split of a ``scheduler: mo_asha`` sweep, one seed; the test split
+    is never raced)."""
+    if race is not None and (split != "val" or spec.search.repeats != 1):
+        raise ValueError("the attack race runs on the val split of one seed")
     runs, bases, budget, size = [], [], {}, 0
     seeded = repeat_trials(spec, trial)
     for r, one in enumerate(seeded):
@@ -218,7 +253,8 @@ def lesci_figures(spec: SweepSpec, trial: Trial, points: list[SurfacePoint], spl
         progress = attack_progress(spec, getattr(splits, split),
                                    f"attacks on the vote at {one.params.depth}{where}{seed}", log)
         metrics, budget = lesci_surface(spec, decision, points, getattr(splits, split),
-                                        attacks, device, progress, generator_seed=1 + r)
+                                        attacks, device, progress, generator_seed=1 + r,
+                                        race=race)
         metrics["credibility"], n_cal = calibrated(decision, stages.calibration, points, device)
         metrics["calibration_samples"] = [n_cal] * len(points)
         runs.append(metrics)
@@ -239,16 +275,32 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     spec, splits, device = setup(spec_json)
     trial = resolve(spec, config)
     points = spec.defense.surface_points(spec, len(trial.params.depths))
+    race = None
+    if spec.scheduler.name == "mo_asha":  # race the attacks against every trial's points
+        race = SurfaceRace(storage, tune.get_context().get_trial_id() or "trial",
+                           trial.params.depth, json.dumps(config, sort_keys=True, default=str),
+                           points, spec.optimize, {m: [] for m in spec.optimize},
+                           spec.scheduler.grace_period, spec.scheduler.reduction_factor, log)
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
-                                                _stage_cache(storage, log), log)
+                                                _stage_cache(storage, log), log, race)
     rows = surface_rows(trial, size, points, metrics)
+    full = [row for row in rows if not row.get("raced_out")]
+    # the trial's hypervolume counts a raced-out point at its figure on the samples it was
+    # attacked on (the searcher's view of the whole surface); its operating point is one that
+    # was attacked on every sample, when it has one
     on_front, volume = front_of(rows, spec.optimize)
-    best = operating_point(rows, spec.optimize)
+    best = operating_point(full or rows, spec.optimize)
     report = {name: float(best[name]) for name in metrics}
     report.update({"hypervolume": volume, "surface_points": len(rows),
                    "surface_front_points": int(on_front.sum()), "operating_k": best["k"],
                    "operating_min_votes": best["min_votes"],
                    "operating_threshold": best["threshold"]})
+    if race is not None:  # what the race spent and stopped (orchestrator.families.lesci)
+        stops = [at for _, at in race.stopped]
+        report.update({"attack_point_samples": int(budget["point_samples"]),
+                       "attack_point_samples_full": int(budget["full_point_samples"]),
+                       "surface_full_points": len(full), "raced_points": len(rows) - len(full),
+                       "race_stopped_at": max(stops) if stops else 0})
     report.update(base)  # the bare model's figures, from the shared stage
     storage.put_verified(result_path, json.dumps({"report": report, "surface": rows,
                                                   "budget": budget}).encode(),

@@ -166,7 +166,7 @@ def _check_scheduler(spec: SweepSpec) -> None:
     full = family.full_budget(spec)
     if scheduler.grace_period >= full:
         raise ValueError(f"scheduler.grace_period: {scheduler.grace_period} is at or above "
-                         f"the full budget ({full} {family.budget_unit}s): no rung would stop "
+                         f"the full budget ({full:g} {family.rung_unit}): no rung would stop "
                          "anything")
 
 

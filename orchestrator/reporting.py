@@ -177,6 +177,8 @@ class SweepResult:
     # budget all trials used over what they would have used at full budget
     stopped: int = 0
     compute_fraction: float = math.nan
+    # LESCI's attack race: the surface points it stopped (not on the front)
+    raced_points: int = 0
 
 
 def objective_fronts(spec: SweepSpec, rows: list[dict[str, Any]]
@@ -248,7 +250,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     budget: dict[str, Any] = {}
     failures: list[str] = []
     stops = spec.scheduler.name != "none" and family.budget_unit is not None
-    stopped, used_budget = 0, []
+    stopped, used_budget, full_budget, raced = 0, [], [], 0
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(str(result.path)).name
@@ -261,10 +263,17 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         run_id = run.info.run_id if run else ""
         if stops:
             used_budget.append(family.budget_used(spec, metrics))
+            full_budget.append(family.trial_full_budget(spec, metrics))
+            raced += int(metrics.get("raced_points", 0))  # LESCI's attack race
         if stops and not family.full_budget_reached(spec, metrics):
             stopped += 1  # stopped early: its figures are a shorter run's, never the front's
             if run_id:
                 client.set_tag(run_id, "pareto_optimal", "false")
+                stored = (sweep_storage.get_verified(f"results/{trial_id}.json") if surface
+                          else None)
+                if stored is not None:  # its surface, each point on what it was attacked on
+                    log_surface(client, run_id, json.loads(stored[0])["surface"],
+                                surface_columns(spec), f"{name}: {run.info.run_name}")
             continue
         trial_runs[trial_id] = run_id
         used = resolve(spec, result.config).logged()
@@ -287,7 +296,9 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
         if run_id:
             log_surface(client, run_id, trial["surface"], surface_columns(spec),
                         f"{name}: {run.info.run_name}")
-        rows.extend({**base, **point} for point in trial["surface"])
+        # a point the attack race stopped (LESCI under mo_asha) keeps its figures on the
+        # trial's own surface; it is never on the front
+        rows.extend({**base, **point} for point in trial["surface"] if not point.get("raced_out"))
     rows.sort(key=lambda r: (r["trial_id"], *(r[k] for k in family.point_keys)))
     mask, volume = front_of(rows, spec.optimize)
     for row, on in zip(rows, mask):
@@ -350,11 +361,13 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     client.log_metric(parent_run_id, "failed_trials", failed)
     if stops:  # the budget the trials used, of what they would have used at full budget
         outcome.stopped = stopped
-        outcome.compute_fraction = (sum(used_budget) / (len(used_budget)
-                                                        * family.full_budget(spec))
-                                    if used_budget else math.nan)
+        outcome.compute_fraction = (sum(used_budget) / sum(full_budget)
+                                    if sum(full_budget) > 0 else math.nan)
         client.log_metric(parent_run_id, "stopped_trials", stopped)
         client.log_metric(parent_run_id, "compute_fraction", outcome.compute_fraction)
+        if family.stops_in_trial:
+            outcome.raced_points = raced
+            client.log_metric(parent_run_id, "raced_points", raced)
     if outcome.tested:
         client.log_metric(parent_run_id, "test_hypervolume", outcome.test_hypervolume)
         for metric, (mean, largest) in outcome.selection_gap.items():
@@ -375,7 +388,11 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             if f"attack.{key}" not in logged and value is not None:
                 client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
     client.set_terminated(parent_run_id, status="FINISHED")
-    if stops:
+    if stops and family.stops_in_trial:
+        log(f"sweep {name!r}: the attack race stopped {raced} surface point(s) "
+            f"({stopped} trial(s) wholly); the attacks used {outcome.compute_fraction:.0%} of "
+            "the full attack's (point, sample) pairs")
+    elif stops:
         log(f"sweep {name!r}: {stopped} trial(s) stopped early by scheduler "
             f"{spec.scheduler.name}; the trials used {outcome.compute_fraction:.0%} of their "
             f"full budget")
@@ -438,8 +455,10 @@ def _failure(error: BaseException | None, metrics: dict[str, Any],
 
 def surface_columns(spec: SweepSpec) -> list[str]:
     """surface.csv: the point, each metric with its interval, the gain over the bare model
-    (with an attack) and the sample counts behind the intervals."""
-    return [*SURFACE_COLUMNS, *metric_columns(spec)]
+    (with an attack) and the sample counts behind the intervals; under the attack race,
+    whether the point was raced out (``raced_out``)."""
+    raced = spec.scheduler.name != "none" and spec.defense.stops_in_trial
+    return [*SURFACE_COLUMNS, *metric_columns(spec), *(["raced_out"] if raced else [])]
 
 
 def reported_metrics(spec: SweepSpec) -> list[str]:

@@ -175,7 +175,8 @@ def sampler_of(spec: SweepSpec) -> optuna.samplers.BaseSampler:
 def scheduler_of(spec: SweepSpec, state_uri: str | None = None, sweep: str = ""):
     """The sweep's trial scheduler: None (run every trial to its end), Tune's ASHA (one
     objective) or ``orchestrator.schedulers.MultiObjectiveASHA`` (several; its rung records
-    kept in ``state_uri``, the sweep's storage)."""
+    kept in ``state_uri``, the sweep's storage). A family whose trials stop their own work
+    (``stops_in_trial``: LESCI races its attacks inside each trial) runs none."""
     metrics, modes = spec.metric_names, spec.modes
     if spec.scheduler.name == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -185,7 +186,7 @@ def scheduler_of(spec: SweepSpec, state_uri: str | None = None, sweep: str = "")
         # epoch again
         return ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0],
                              max_t=epochs, grace_period=max(1, epochs // 8))
-    if spec.scheduler.name == "mo_asha":
+    if spec.scheduler.name == "mo_asha" and not spec.defense.stops_in_trial:
         from orchestrator.schedulers import MultiObjectiveASHA
 
         family = spec.defense
@@ -206,8 +207,7 @@ def tune_config(spec: SweepSpec, scheduler=None) -> tune.TuneConfig:
     single = len(metrics) == 1
     concurrent = spec.search.max_concurrent
     stops = spec.scheduler.name != "none"
-    budget = ((spec.defense.budget_unit, float(spec.defense.full_budget(spec)))
-              if stops and spec.defense.budget_unit else None)
+    budget = spec.defense.searcher_budget(spec) if stops else None
     if _uses_optuna(spec):
         sampler = sampler_of(spec)
         # metric/mode go to the searcher only: TuneConfig's would make it single-objective

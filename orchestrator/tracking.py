@@ -106,7 +106,7 @@ class MLflowTracking(tune.Callback):
         stopped = not family.full_budget_reached(spec, result)
         tags = [RunTag("stopped_early", "true" if stopped else "false")]
         if stopped:
-            tags.append(RunTag("stopped_at", f"{family.budget_unit} {used:g}"))
+            tags.append(RunTag("stopped_at", family.stopped_at(spec, result)))
         metric = Metric("budget_used", used, int(time.time() * 1000), 0)
         self.client.log_batch(run_id, metrics=[metric], tags=tags)
 

@@ -10,6 +10,7 @@ from defenses.lesci import fit_pca_at_depth
 from defenses.lesci_attack import (LESCIDecision, VoteSuite, attack_surface, model_margin,
                                    projection_margins, targeted_margin, wrong_margin)
 from defenses.pca import StreamingPCA
+from defenses.racing import race_surface
 from defenses.surface import SurfacePoint, surface_decisions, surface_points
 
 
@@ -133,6 +134,37 @@ def test_the_suite_is_the_worst_case_and_beats_noise_and_transfer(layer1_lesci):
     # path answers, which the transfer set already attacks)
     assert float(robust.mean()) < float(suite.accuracy("transfer").mean()) - 0.05
     assert float(robust[0]) < float(suite.accuracy("transfer")[0]) - 0.1
+
+
+def test_a_raced_suite_attacks_the_racing_points_on_every_sample(layer1_lesci):
+    """The race (scheduler: mo_asha) attacks each point on a prefix of the samples: all of
+    them unless stopped, up to its rung when stopped; nothing the pool sets or the clean
+    inputs fooled counts as robust, and the work is what was attacked."""
+    decision, x, y = layer1_lesci
+    eps, points = 0.1, surface_points([3, 10], (0.5, 1.0))
+    transfer = pgd(decision.model, x, y, eps, default_alpha(eps, 10), 10,
+                   generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def decide(counts):
+        seen.append((counts.rung, counts.racing.sum(), counts.attacked.tolist()))
+        return {0: "test"} if counts.rung == 30 else {}
+
+    raced = race_surface(decision, x, y, points, eps, [30, 60, 120], decide,
+                         VoteSuite(steps=10, targets=0, smooth=0.0),
+                         pool={"transfer": transfer}, starts=["transfer"],
+                         generator=torch.Generator().manual_seed(0))
+    assert raced.attacked == [30] + [120] * (len(points) - 1)
+    assert raced.stopped == {0: 30}
+    assert [rung for rung, *_ in seen] == [30, 60]  # no decision after the last rung
+    assert seen[1][1] == len(points) - 1 and seen[1][2][0] == 30
+    standing = raced.pool_correct["clean"] & raced.pool_correct["transfer"]
+    for i, robust in enumerate(raced.robust):
+        assert not bool((robust & ~standing[:len(robust), i]).any())
+    assert raced.budget["point_samples"] == 30 + 120 * (len(points) - 1)
+    assert raced.budget["full_point_samples"] == 120 * len(points)
+    assert raced.pool_accuracy("transfer") == pytest.approx(
+        raced.pool_correct["transfer"].double().mean(0).tolist())
 
 
 def test_center_false_projects_without_the_mean():

@@ -197,8 +197,15 @@ BAD = [
         {"scheduler": {"name": "mo_asha"}, "optimize": {"pgd_accuracy": "max"}},
         base=TRAINING), r"scheduler: mo_asha ranks several objectives; with one metric to "
                         r"optimize use asha"),
-    ("mo_asha on a family without a budget unit", variant({"scheduler": "mo_asha"}),
-     r"scheduler: mo_asha: family 'lesci' has no budget unit"),
+    ("mo_asha on lesci without an attack to race", variant({"scheduler": "mo_asha"}),
+     r"scheduler: mo_asha races LESCI's attacks; this space has no attack"),
+    ("the attack race over several seeds", variant(
+        {"scheduler": "mo_asha", "attack": {"eps": 0.1, "samples": 100},
+         "search": {"repeats": 2}}), r"search.repeats: 2 seeds; the attack race"),
+    ("the attack race's first rung at the attack samples", variant(
+        {"scheduler": {"name": "mo_asha", "grace_period": 100},
+         "attack": {"eps": 0.1, "samples": 100}}),
+     r"scheduler.grace_period: 100 is at or above the full budget \(100 attack samples\)"),
     ("a suite metric under mo_asha", variant(
         {"optimize": {"robust_accuracy": "max", "nominal_accuracy": "max"},
          "scheduler": {"name": "mo_asha"}}, base=TRAINING),
@@ -382,3 +389,15 @@ def test_ibp_recipes_compared_on_a_model_of_the_users_own(tmp_path):
     spec = load_space(path, check_model=False)
     assert spec.trial_count == 6
     assert spec.searched_names() == ["fast_reg", "objective"]
+
+
+def test_the_attack_race_needs_a_first_rung_below_the_val_split(tmp_path):
+    """Without attack.samples the race attacks the whole val split (360 digits): a first rung
+    at or above it is found once the data is read, before anything runs."""
+    path = tmp_path / "space.yaml"
+    path.write_text(variant({"scheduler": {"name": "mo_asha", "grace_period": 360},
+                             "attack": {"eps": 0.1}}))
+    load_space(path)  # the split's size is not known from the space alone
+    with pytest.raises(SpaceError, match=r"scheduler.grace_period: 360 is at or above the 360 "
+                                         r"attack samples of the val split"):
+        load_space(path, check_data=True)

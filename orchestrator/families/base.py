@@ -36,6 +36,11 @@ class DefenseFamily:
     # what a trial's budget counts in, for early stopping (``scheduler: mo_asha``): the key of
     # its results that counts it; None: the family's trials cannot be stopped early
     budget_unit: str | None = None
+    # what the scheduler's rungs count, in words (messages): "epochs", "attack samples"
+    rung_unit: str = ""
+    # True: the trials stop their own work under ``scheduler: mo_asha`` (LESCI's attack race)
+    # and the sweep runs no Tune scheduler
+    stops_in_trial: bool = False
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -118,6 +123,22 @@ class DefenseFamily:
         """Whether a trial ran its whole budget (only such trials can reach the front)."""
         return self.budget_unit is None or self.budget_used(spec, result) >= self.full_budget(
             spec)
+
+    def trial_full_budget(self, spec, result: dict[str, Any]) -> float:
+        """What a trial would have used at full budget, in ``budget_unit``s
+        (``compute_fraction``'s denominator)."""
+        return float(self.full_budget(spec))
+
+    def stopped_at(self, spec, result: dict[str, Any]) -> str:
+        """Where a stopped trial stopped, in words (its ``stopped_at`` tag)."""
+        return f"{self.budget_unit} {self.budget_used(spec, result):g}"
+
+    def searcher_budget(self, spec) -> tuple[str, float] | None:
+        """(result key, value) below which a trial ended short of its full budget, for the
+        searcher (``FinalMetricOptunaSearch``), or None."""
+        if self.budget_unit is None:
+            return None
+        return self.budget_unit, float(self.full_budget(spec))
 
     def row_key(self, row: dict[str, Any]) -> tuple:
         """A front row's identity: its trial, and its point on the trial's surface."""

@@ -105,6 +105,12 @@ class LESCIFamily(DefenseFamily):
     point_keys = ("k", "min_votes")
     unit = "surface points"
     surface_params = ("k", "threshold")
+    # scheduler: mo_asha races the attacks on the surface inside each trial
+    # (orchestrator.racing): its rungs count attack samples, its budget the (point, sample)
+    # pairs attacked
+    budget_unit = "attack_point_samples"
+    rung_unit = "attack samples"
+    stops_in_trial = True
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -174,7 +180,15 @@ class LESCIFamily(DefenseFamily):
                              "the vote are set under attack.apgd")
         if spec.scheduler.name == "asha":
             raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "
-                             "report once (use none)")
+                             "report once (use none, or mo_asha to race the attacks)")
+        if spec.scheduler.name == "mo_asha":
+            if spec.attack is None:
+                raise ValueError("scheduler: mo_asha races LESCI's attacks; this space has no "
+                                 "attack (add one, or use none)")
+            if spec.search.repeats != 1:
+                raise ValueError(f"search.repeats: {spec.search.repeats} seeds; the attack "
+                                 "race (scheduler: mo_asha) runs on one seed (use repeats 1, "
+                                 "or scheduler none)")
         k_value = spec.params["k"]
         if isinstance(k_value, (Uniform, LogUniform)):
             raise ValueError("params.k: the surface needs whole numbers: a number, a list, "
@@ -238,12 +252,45 @@ class LESCIFamily(DefenseFamily):
                                  f"{dims} dimensions of depth {depth!r}")
 
     def check_data(self, spec, splits) -> None:
-        """The calibration split leaves samples on both sides of the training split."""
+        """The calibration split leaves samples on both sides of the training split; the
+        race's first rung is below the attack samples."""
         from orchestrator.lesci_stages import calibration_count
 
         for value in values_of(spec.params.get("calibration")):  # a range: its two ends
             if value is not None:
                 calibration_count(len(splits.train), value)
+        if spec.scheduler.name == "mo_asha" and spec.attack is not None:
+            grace = spec.scheduler.grace_period
+            total = len(splits.val) if spec.attack.samples is None else min(
+                spec.attack.samples, len(splits.val))
+            if grace >= total:
+                raise ValueError(f"scheduler.grace_period: {grace} is at or above the "
+                                 f"{total} attack samples of the val split: no rung would "
+                                 "stop anything")
+
+    # -- the attack race (scheduler: mo_asha) ----------------------------------------------
+
+    def full_budget(self, spec) -> float:
+        """The attack samples (the race's last rung): ``attack.samples``, or the whole val
+        split when unset (unknown before the data: infinite here)."""
+        if spec.attack is None or spec.attack.samples is None:
+            return math.inf
+        return spec.attack.samples
+
+    def trial_full_budget(self, spec, result: dict[str, Any]) -> float:
+        return float(result.get("attack_point_samples_full", 0))
+
+    def full_budget_reached(self, spec, result: dict[str, Any]) -> bool:
+        """A trial reached its full budget when a point of its surface was attacked on every
+        sample (its raced-out points never reach the front, ``raced_out``)."""
+        return int(result.get("surface_full_points", 0)) > 0
+
+    def stopped_at(self, spec, result: dict[str, Any]) -> str:
+        return f"attack samples {int(result.get('race_stopped_at', 0))}"
+
+    def searcher_budget(self, spec) -> tuple[str, float] | None:
+        # a trial whose whole surface was raced out ends short: PRUNED for Optuna
+        return "surface_full_points", 1.0
 
     # -- what a trial reports ----------------------------------------------------------------
 

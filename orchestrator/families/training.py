@@ -25,6 +25,7 @@ class TrainingFamily(DefenseFamily):
     # the trial's model is verified (IBP bounds) as well as attacked
     verifies: bool = False
     budget_unit = "epoch"
+    rung_unit = "epochs"
 
     def _shared(self, spec) -> dict[str, Any]:
         """The top-level params that go to the objective (neither training nor ``objective``)."""

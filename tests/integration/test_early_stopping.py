@@ -11,7 +11,8 @@ import pytest
 from orchestrator.resumable import saved_trials
 from orchestrator.schedulers import STATE_FILE
 from orchestrator.storage import Storage
-from tests.integration.conftest import front_trials, runs_of, sweep_args
+from tests.integration.conftest import (check_tracked, front_trials, read_csv_artifact, run_ok,
+                                        runs_of, sweep_args)
 from tests.integration.test_driver_crashes import Driver
 
 # four IBP trials on digits, rungs at epochs 1 and 2 of 4; the last two (grid order) learn
@@ -86,3 +87,52 @@ def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with
     assert all("test_verified_accuracy" not in c.data.metrics for c in children
                if c.data.tags["ray_trial_id"] in stopped)
     assert "stopped early by scheduler mo_asha" in driver.output
+
+
+# LESCI under mo_asha races its attacks: two trials at the pooled features, one after the
+# other; the second projects to one PCA component, and each of its points is worse in accuracy
+# or projection than a point of the first and, after the first rung (30 of 90 attack samples),
+# surely no more robust
+RACE = textwrap.dedent("""
+    name: race
+    family: lesci
+    dataset: {name: digits}
+    model: {name: resnet_digits}
+    training: {epochs: 3, batch_size: 64, lr: 0.003, seed: 0}
+    params:
+      depth: pool
+      n_components: {grid: [32, 1]}
+      k: [3, 10]
+      threshold: {uniform: [0.5, 1.0]}
+    attack: {eps: 0.1, steps: 5, apgd: {steps: 5, targets: 0}, samples: 90}
+    optimize: {accuracy: max, projection_rate: max, robust_accuracy: max}
+    search: {algorithm: grid, max_concurrent: 1}
+    scheduler: {name: mo_asha, reduction_factor: 3, grace_period: 30}
+""")
+
+
+def test_lesci_races_its_attacks_and_the_front_is_attacked_on_every_sample(tmp_path):
+    args, uri = sweep_args(tmp_path, RACE, "race")
+    done = run_ok(args, tmp_path)
+    assert "stopped after 30 of 90 attack samples: dominated by pool k" in done.stdout
+    client, parent, children = check_tracked(uri, "race", "lesci", 2)
+    by_components = {int(c.data.params["n_components"]): c for c in children}
+    good, bad = by_components[32], by_components[1]
+    # the one-component trial: every point stopped at the first rung, the trial with them
+    assert bad.data.tags["stopped_early"] == "true"
+    assert bad.data.tags["stopped_at"] == "attack samples 30"
+    assert bad.data.tags["pareto_optimal"] == "false"
+    assert bad.data.metrics["budget_used"] == 8 * 30
+    surface = read_csv_artifact(client, bad.info.run_id, "surface.csv")
+    assert len(surface) == 8 and all(r["raced_out"] == "True" and r["attacked_samples"] == "30"
+                                     for r in surface)
+    # the other: not stopped; the front is its points attacked on every attack sample
+    assert good.data.tags["stopped_early"] == "false"
+    rows = read_csv_artifact(client, parent.info.run_id, "pareto_front.csv")
+    assert rows and {r["trial_id"] for r in rows} == {good.data.tags["ray_trial_id"]}
+    assert all(r["attacked_samples"] == "90" for r in rows)
+    used = good.data.metrics["budget_used"] + bad.data.metrics["budget_used"]
+    assert parent.data.metrics["compute_fraction"] == pytest.approx(used / (2 * 8 * 90))
+    assert parent.data.metrics["compute_fraction"] < 1
+    assert parent.data.metrics["raced_points"] >= 8
+    assert "the attack race stopped" in done.stdout
