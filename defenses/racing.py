@@ -16,9 +16,11 @@ not yet attacked.
 A point stops when another point is better or equal in every objective *for sure*: its exact
 figures (clean accuracy, projection rate, ...: known on the whole split before any attack) at
 least as good, its robust lower bound at least the stopped point's upper bound, and one of them
-strictly better (``dominated``). Many points are compared at once, so each bound is taken at
-confidence ``1 - alpha / P`` over the P points compared (Bonferroni): with probability at least
-1 - alpha no stopped point would have been on the front under the full attack.
+strictly better (``dominated``). Many bounds are looked at, so each is taken at confidence
+``1 - alpha / L``, L the bounds looked at (the caller's: ``orchestrator.racing`` counts each
+point compared at each rung that decides; Bonferroni): if every bound holds, which happens with
+probability about 1 - alpha or more (Wilson's coverage is close to, not exactly, its level), no
+stopped point would have been on the front under the full attack.
 
 A point that is never stopped is attacked on every sample and its figure is the full suite's,
 as without racing; a stopped point keeps its figure on the samples it was attacked on, with

@@ -5,7 +5,8 @@ this decides which points stop. The rule is ``defenses.racing.dominated`` over e
 sweep has published so far: the trial's own, and those of the trials that ran or run beside
 it (each trial writes its counts to ``race/<trial>.json`` in the sweep's storage after every
 rung), so a depth whose whole surface another depth dominates stops as a whole. The bounds are
-Bonferroni-corrected over all the points compared.
+Bonferroni-corrected over every bound the race looks at: each point compared, at each rung
+that decides.
 
 A trial run again (a driver killed and resumed before the trial's result was stored) keeps the
 decisions it had taken: a point stopped at a rung before is stopped at that rung again.
@@ -126,8 +127,9 @@ class SurfaceRace:
                 points, counts.total, record["rung"], *(np.array(c[k]) for k in (
                     "attacked", "robust", "standing_attacked", "standing")),
                 np.ones(len(points), bool))))
-        size = sum(len(g[2]) for g in groups)
-        confidence = 1 - ALPHA / size
+        # every bound the race looks at: each point compared, at each rung that decides
+        looks = sum(len(g[2]) for g in groups) * (len(self.rungs(counts.total)) - 1)
+        confidence = 1 - ALPHA / max(looks, 1)
         metrics = list(self.optimize)
         lows, highs, names = [], [], []
         for trial, depth, points, exact, c in groups:
