@@ -13,6 +13,7 @@ runs in its own fresh process, so its peak resident memory is its own.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -52,7 +53,7 @@ def _pca_batch(d: int, batch: int, index: int, rank: int):
 
 
 def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
-               device: str | None) -> None:
+               device: str | None, dtype: str = "float32") -> None:
     import torch
 
     from defenses.pca import StreamingPCA
@@ -61,6 +62,8 @@ def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
     times = []
     for i in range(batches):
         x = _pca_batch(d, batch, i, rank=k)
+        if dtype == "float64":  # (the float32 batch freed before the update is timed)
+            x = x.double()
         if device:
             x = x.to(device)
             torch.cuda.synchronize() if x.is_cuda else None
@@ -74,7 +77,9 @@ def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     # the first update has no history to stack: report the steady state when there is one
     steady = times[1:] if len(times) > 1 else times
-    print(json.dumps({"sec_per_batch": float(np.mean(steady)), "peak_rss_gb": peak_gb}))
+    route = pca._state.last_route if backend == "torch" else "svd"
+    print(json.dumps({"sec_per_batch": float(np.mean(steady)), "peak_rss_gb": peak_gb,
+                      "route": route}))
 
 
 def _run_worker(args: list[str]) -> dict:
@@ -86,21 +91,28 @@ def _run_worker(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | None) -> list[dict]:
+def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | None,
+              dtypes: list[str] = ("float32",)) -> list[dict]:
+    """Each backend in a fresh process, per dims and input dtype; the torch backend's route
+    (``gram``, ``tsqr``, ``svd``) of its last update; the batch's own size beside the peak
+    memory (the input is in memory either way)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for d in dims:
+        for d, dtype in itertools.product(dims, dtypes):
             result = {"benchmark": "streaming_pca", "dims": d, "n_components": k,
-                      "batch": batch, "samples": batch * batches}
+                      "batch": batch, "samples": batch * batches, "dtype": dtype,
+                      "batch_gb": batch * d * (8 if dtype == "float64" else 4) / 1024 ** 3}
             components = {}
             backends = ["torch", "sklearn"]
             for backend in backends:
                 out = f"{tmp}/{backend}_{d}.npy"
                 dev = device if backend == "torch" else None
                 measured = _run_worker(["pca", backend, str(d), str(k), str(batch), str(batches),
-                                        out, dev or ""])
+                                        out, dev or "", dtype])
                 result[f"{backend}_sec_per_batch"] = measured["sec_per_batch"]
                 result[f"{backend}_peak_rss_gb"] = measured["peak_rss_gb"]
+                if backend == "torch":
+                    result["torch_route"] = measured["route"]
                 components[backend] = np.load(out).astype(np.float64)
             qa = np.linalg.qr(components["torch"].T)[0]
             qb = np.linalg.qr(components["sklearn"].T)[0]
@@ -448,7 +460,7 @@ def machine_calibration(device: str | None = None) -> float:
     time measured here can be read against another machine's."""
     with tempfile.TemporaryDirectory() as tmp:
         measured = _run_worker(["pca", "torch", "262144", "64", "256", "3", f"{tmp}/c.npy",
-                                device or ""])
+                                device or "", "float32"])
     return float(measured["sec_per_batch"])
 
 
@@ -549,8 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         name, *rest = argv[1:]
         if name == "pca":
-            backend, d, k, batch, batches, out, device = rest
-            pca_worker(backend, int(d), int(k), int(batch), int(batches), out, device or None)
+            backend, d, k, batch, batches, out, device, dtype = rest
+            pca_worker(backend, int(d), int(k), int(batch), int(batches), out, device or None,
+                       dtype)
         elif name == "pca_large_batch":
             route, d, k, rows, out = rest
             pca_large_batch_worker(route, int(d), int(k), int(rows), out)
@@ -569,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--device", default=None, help="torch device for the torch backends")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"],
+                        default=["float32", "float64"], help="the PCA inputs' precisions")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
     args = parser.parse_args(argv)
@@ -591,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                              if args.smoke_test else COMPARISONS))
     rows: list[dict] = []
     if "pca" in only:
-        rows += bench_pca(args.dims, args.n_components, args.batch, args.batches, args.device)
+        rows += bench_pca(args.dims, args.n_components, args.batch, args.batches, args.device,
+                          args.dtypes)
     if "pca_large_batch" in only:
         rows += bench_pca_large_batch(large_batch_dims, args.n_components, large_batch_rows)
     if "stream" in only:

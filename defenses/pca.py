@@ -68,6 +68,9 @@ _MIN_SLICE = 512  # rows per update slice of a wide batch (at least 2k)
 # eps64 * max(m, sqrt(d)) * S_0^2 / S_{k-1}^2, stays below this: float32's own resolution for a
 # float32 state (its components carry an error of eps32 * S_0 anyway), 1e-13 for float64.
 _GRAM_TARGET = {torch.float32: float(torch.finfo(torch.float32).eps), torch.float64: 1e-13}
+# TSQR's V_k = diag(1 / S_k) U_k^T M carries an error of about eps64 * max(m, sqrt(d)) *
+# S_0 / S_{k-1}: taken below float32's resolution for a float32 state, 1e-11 for float64
+_TSQR_TARGET = {torch.float32: float(torch.finfo(torch.float32).eps), torch.float64: 1e-11}
 
 
 class PCABackend(str, enum.Enum):
@@ -152,6 +155,37 @@ def _gram_factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: 
     return S, V
 
 
+def _tsqr_factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype,
+                    device: torch.device, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Singular values [m] and the top-k right singular vectors [k, d] of a wide M [m, d]
+    from a tall-skinny QR of M^T (TSQR, Demmel et al. 2012): each column block of M is reduced
+    to the R factor of its transpose, the stacked R factors to one R [m, m], and M = R^T Q^T
+    has R^T's singular values and left singular vectors U (an SVD of the small R). Then
+    V_k = diag(1 / S_k) U_k^T M, read block by block (written into ``out`` if given). Householder
+    QR and the SVD are backward stable, so S carries an error of about eps * S_0 (the SVD of M
+    itself does no better), without G's squaring; the projection adds an error of about
+    eps * S_0 / S_{k-1} to V_k. About 2 m^2 d flops, and never M whole: one block and the
+    stacked R factors (at most 2m + block rows) at a time.
+
+    Returns None when that projection cannot keep V_k to the state's precision (S_{k-1}
+    tiny next to S_0: a rank-deficient batch)."""
+    R = None
+    for _, block in blocks():
+        stacked = block.T if R is None else torch.cat([R, block.T])
+        R = torch.linalg.qr(stacked, mode="r").R[:m]
+    U, S, _ = torch.linalg.svd(R.T)
+    predicted_error = (torch.finfo(torch.float64).eps * max(m, math.sqrt(d))
+                       * float(S[0]) / max(float(S[k - 1]), 1e-300))
+    if predicted_error > _TSQR_TARGET[dtype]:
+        return None
+    projector = U[:, :k].T / S[:k, None]  # [k, m]
+    V = torch.empty((k, d), dtype=dtype, device=device) if out is None else out
+    for cols, block in blocks():
+        V[:, cols] = (projector @ block).to(dtype)
+    return S, V
+
+
 def _svd_factorise(blocks, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values [min(m, d)] and the top-k right singular vectors [k, d] of M from an SVD
     of M itself (backward stable at any spectrum; holds M whole in float64)."""
@@ -161,13 +195,21 @@ def _svd_factorise(blocks, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def _factorise(blocks, m: int, d: int, k: int, dtype: torch.dtype, device: torch.device,
-               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(S, V_k, route): the Gram route when M is wide and well conditioned (V_k written into
-    ``out`` if given), else the SVD."""
+               out: torch.Tensor | None = None, last_route: str = ""
+               ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(S, V_k, route), V_k written into ``out`` if given. A wide M: the Gram route when it
+    resolves S_{k-1} to the state's precision, else TSQR (``_tsqr_factorise``); the SVD of M
+    when M is narrow or TSQR cannot keep V_k (a rank-deficient batch). A stream whose last
+    update needed TSQR goes to it directly (the spectrum's shape persists from batch to
+    batch: a Gram pass that is then thrown away costs half of TSQR)."""
     if m <= d:
-        found = _gram_factorise(blocks, m, d, k, dtype, device, out)
+        if last_route != "tsqr":
+            found = _gram_factorise(blocks, m, d, k, dtype, device, out)
+            if found is not None:
+                return (*found, "gram")
+        found = _tsqr_factorise(blocks, m, d, k, dtype, device, out)
         if found is not None:
-            return (*found, "gram")
+            return (*found, "tsqr")
     return (*_svd_factorise(blocks, k, dtype), "svd")
 
 
@@ -229,7 +271,8 @@ class _State:
             return _stacked_blocks(X, batch_mean, head, self.components, correction)
 
         reuse = self.components if head is not None and not self.components_shared else None
-        S, V, self.last_route = _factorise(blocks, m, d, self.k, self.dtype, self.device, reuse)
+        S, V, self.last_route = _factorise(blocks, m, d, self.k, self.dtype, self.device, reuse,
+                                           self.last_route)
         explained = S * S / (total - 1)
         self.components = _svd_flip_rows_(V)
         self.components_shared = False

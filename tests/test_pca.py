@@ -265,6 +265,29 @@ def test_well_conditioned_wide_updates_take_the_gram_route_and_agree_with_sklear
     assert dots.min() > 1 - 1e-5
 
 
+def test_float64_activations_take_the_tsqr_route_and_keep_float64_accuracy():
+    """A realistic float64 stream (a few strong directions over a noise floor, as activations
+    are): the Gram matrix cannot resolve the k-th singular value to float64's precision, so the
+    updates take TSQR, which agrees with scikit-learn's SVD of the stacked matrix to 1e-10 and
+    never holds that matrix whole."""
+    from sklearn.decomposition import IncrementalPCA
+
+    batches = [b.double() for b in low_rank_stream(d=20_000, rank=16, batch=100, noise=0.5)]
+    pca, reference = StreamingPCA(16), IncrementalPCA(16)
+    routes = []
+    for batch in batches:
+        pca.partial_fit(batch)
+        reference.partial_fit(batch.numpy())
+        routes.append(pca._state.last_route)
+    assert routes[1:] == ["tsqr"] * (len(batches) - 1)
+    assert np.allclose(pca.singular_values_.numpy(), reference.singular_values_, rtol=1e-10,
+                       atol=0)
+    cosines = principal_cosines(pca.components_, torch.from_numpy(reference.components_))
+    assert float(1 - cosines.min()) < 1e-10
+    rows = np.abs(np.sum(pca.components_.numpy() * reference.components_, axis=1))
+    assert float(1 - rows.min()) < 1e-10  # each component, not just the subspace
+
+
 def test_a_large_wide_batch_is_folded_in_slices_at_linear_cost():
     """4,000 rows of 1,200 features in one partial_fit: slices of 512 rows (the Gram matrix
     of the whole batch would be 4,000^2); the subspace is exact PCA's."""
