@@ -11,8 +11,11 @@
   torch device. Each update stacks ``M = [diag(S) V; X - batch_mean; mean_correction]``,
   ``(k + b + 1) x d``, and factorises it by the cheapest route that is exact to the state's
   precision (``_factorise``): the small Gram matrix ``M M^T`` (float64, column block by column
-  block) and ``eigh`` when it resolves the k-th singular value, else an SVD of ``M`` itself
-  (what scikit-learn does). A batch of more than ``max(512, 2k)`` rows with fewer rows than
+  block) and ``eigh`` when it resolves the k-th singular value; else a tall-skinny QR of
+  ``M^T`` block by block and an SVD of its small R (float64 activations, whose strong leading
+  directions the Gram matrix squares past float64's resolution); an SVD of ``M`` itself (what
+  scikit-learn does) only for a narrow or rank-deficient ``M``. A batch of more than
+  ``max(512, 2k)`` rows with fewer rows than
   features is folded in slices of that size, so an update costs ``O((k + 512)^2 d)`` per slice:
   linear in the batch, where a whole-batch update costs ``O(b^2 d)``.
 
