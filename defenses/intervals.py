@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["wilson", "rate_interval", "paired_difference", "independent_difference",
+__all__ = ["wilson", "clopper_pearson", "rate_interval", "paired_difference", "independent_difference",
            "format_interval", "Z95"]
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959963984540054
@@ -49,6 +49,27 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, flo
     scale = 1 + z * z / n
     low = 0.0 if successes == 0 else max(0.0, (centre - spread) / scale)
     high = 1.0 if successes == n else min(1.0, (centre + spread) / scale)
+    return low, high
+
+
+def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper and Pearson's exact interval of the rate ``successes / n`` (Biometrika 26,
+    1934): the rates at which seeing at most (at least) ``successes`` has probability
+    (1 - confidence) / 2; (nan, nan) when n is 0. Its coverage is at least its level for every
+    rate and n (Wilson's can fall well below it at confidences such as 1 - 1e-4 near rates of
+    0 or 1), the property a decision taken on many intervals at once needs; it is also valid
+    (conservative) for a sample drawn without replacement from a finite set."""
+    from scipy.stats import beta
+
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n == 0:
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta.ppf(1 - tail, successes + 1, n - successes))
     return low, high
 
 

@@ -7,9 +7,9 @@ samples is bracketed (``robust_bounds``): the clean inputs and the precomputed p
 (transfer attacks) are judged on every sample first, so the S samples of a point that nothing
 cheap fooled are known exactly, and the final figure is ``S / N`` times the rate at which the
 suite's APGD runs leave those samples standing. The slice's s attacked samples of the S are a
-random sample of them (the samples' order is the split's, drawn at random), so Wilson's
-interval of that rate, r of s, brackets the rate over all S, conservatively (the rate over a
-finite set of S moves less than a fresh rate would). The bracket is also clipped to what is
+random sample of them (the samples' order is the split's, drawn at random), so Clopper and
+Pearson's exact interval of that rate, r of s, brackets the rate over all S, conservatively
+(the rate over a finite set of S moves less than a fresh rate would). The bracket is also clipped to what is
 certain: at least the r samples that already survived, at most r plus every standing sample
 not yet attacked.
 
@@ -18,13 +18,17 @@ figures (clean accuracy, projection rate, ...: known on the whole split before a
 least as good, its robust lower bound at least the stopped point's upper bound, and one of them
 strictly better (``dominated``). Many bounds are looked at, so each is taken at confidence
 ``1 - alpha / L``, L the bounds looked at (the caller's: ``orchestrator.racing`` counts each
-point compared at each rung that decides; Bonferroni): if every bound holds, which happens with
-probability about 1 - alpha or more (Wilson's coverage is close to, not exactly, its level), no
-stopped point would have been on the front under the full attack.
+point compared at each rung that decides, for the whole sweep; Bonferroni): with probability
+at least 1 - alpha every bound holds, and then no stopped point would have been on the front
+under the full attack. (This takes a point's attack on later slices to be as strong as on the
+first: the suite attacks the points still racing together, so a point's runs on a later slice
+share fewer other points than on the first; the suite attacks each point on its own exact
+margin either way.)
 
-A point that is never stopped is attacked on every sample and its figure is the full suite's,
-as without racing; a stopped point keeps its figure on the samples it was attacked on, with
-that count, and is never on the front.
+A point that is never stopped is attacked on every sample by the same suite as without racing,
+run slice by slice over the points still racing (so its figure can differ from an unraced run's
+as two runs with different random starts do); a stopped point keeps its figure on the samples it
+was attacked on, with that count, and is never on the front.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from defenses.intervals import wilson
+from defenses.intervals import clopper_pearson
 from defenses.lesci_attack import LESCIDecision, VoteSuite, attack_surface
 from defenses.models import eval_mode
 from defenses.surface import SurfacePoint
@@ -67,7 +71,7 @@ def robust_bounds(robust: int, attacked: int, standing_attacked: int, standing: 
         standing_attacked: samples of the slice the clean inputs and pool sets left right
             (what the APGD runs then attacked).
         standing: such samples over all ``total``.
-        confidence: of the rate interval (Wilson).
+        confidence: of the rate interval (Clopper-Pearson).
     """
     if attacked >= total:  # every sample attacked: the figure itself
         return robust / total, robust / total
@@ -75,7 +79,7 @@ def robust_bounds(robust: int, attacked: int, standing_attacked: int, standing: 
     certain_high = (robust + standing - standing_attacked) / total
     if standing_attacked == 0:  # nothing to estimate the suite's survival rate from
         return certain_low, certain_high
-    low, high = wilson(robust, standing_attacked, confidence)
+    low, high = clopper_pearson(robust, standing_attacked, confidence)
     share = standing / total
     return max(certain_low, share * low), min(certain_high, share * high)
 
@@ -90,7 +94,7 @@ def dominated(low: np.ndarray, high: np.ndarray, maximize: Sequence[bool],
     up = np.asarray(maximize, dtype=bool)
     worst = np.where(up, low, -high)  # oriented: larger is better
     best = np.where(up, high, -low)
-    usable = np.ones(len(low), bool) if candidates is None else np.asarray(candidates, bool)
+    usable = np.ones(len(low), bool) if candidates is None else np.array(candidates, bool)
     usable &= ~np.isnan(worst).any(axis=1)
     out = np.full(len(low), -1)
     for i in range(len(low)):
@@ -185,7 +189,7 @@ def race_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
     racing = np.ones(len(points), bool)
     stopped: dict[int, int] = {}
     budget: dict[str, float | int] = {}
-    runs, run_samples, start = 0, 0, 0
+    run_samples, start = 0, 0
     for rung in rungs:
         active = np.flatnonzero(racing)
         if active.size:
@@ -193,11 +197,12 @@ def race_surface(decision: LESCIDecision, x: torch.Tensor, y: torch.Tensor,
                                   [points[i] for i in active], eps, suite,
                                   pool={n: v[start:rung] for n, v in pool.items()},
                                   starts=starts, generator=generator, batch_size=batch_size)
-            runs += int(part.budget["apgd_runs"])
             run_samples += int(part.budget["apgd_runs"]) * (rung - start)
-            budget = {**part.budget, "attacked_points": len(points), "apgd_runs": runs}
-            for column, i in enumerate(active):
-                robust[i].append(part.robust()[:, column].cpu())
+            # the suite's settings (its runs: those over every point, on the first slice)
+            budget = budget or {**part.budget, "attacked_points": len(points)}
+            survived = part.robust().cpu()
+            for column, i in enumerate(active):  # (nothing the pool sets fooled survives)
+                robust[i].append(survived[:, column] & standing_all[start:rung, i])
         start = rung
         attacked = np.array([sum(len(t) for t in r) for r in robust])
         counts = RaceCounts(points, total, rung, attacked,

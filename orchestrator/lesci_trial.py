@@ -277,10 +277,13 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     points = spec.defense.surface_points(spec, len(trial.params.depths))
     race = None
     if spec.scheduler.name == "mo_asha":  # race the attacks against every trial's points
+        family = spec.defense
+        largest = max(len(family.surface_points(spec, n)) for n in family.vote_depths(spec))
         race = SurfaceRace(storage, tune.get_context().get_trial_id() or "trial",
                            trial.params.depth, json.dumps(config, sort_keys=True, default=str),
                            points, spec.optimize, {m: [] for m in spec.optimize},
-                           spec.scheduler.grace_period, spec.scheduler.reduction_factor, log)
+                           spec.scheduler.grace_period, spec.scheduler.reduction_factor, log,
+                           points_compared=spec.trial_count * largest)
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
                                                 _stage_cache(storage, log), log, race)
     rows = surface_rows(trial, size, points, metrics)

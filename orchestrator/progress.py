@@ -120,8 +120,9 @@ class ConsoleProgress(tune.Callback):
             from orchestrator.storage import Storage
 
             found = Storage(self.storage_uri).get_verified(f"results/{trial.trial_id}.json")
-            if found is not None:
-                self._rows[trial.trial_id] = json.loads(found[0])["surface"]
+            if found is not None:  # (a point the attack race stopped is never on the front)
+                self._rows[trial.trial_id] = [row for row in json.loads(found[0])["surface"]
+                                              if not row.get("raced_out")]
             return
         if result and all(isinstance(result.get(m), (int, float)) for m in self.optimize):
             row = {m: float(result[m]) for m in self.optimize}

@@ -5,8 +5,8 @@ this decides which points stop. The rule is ``defenses.racing.dominated`` over e
 sweep has published so far: the trial's own, and those of the trials that ran or run beside
 it (each trial writes its counts to ``race/<trial>.json`` in the sweep's storage after every
 rung), so a depth whose whole surface another depth dominates stops as a whole. The bounds are
-Bonferroni-corrected over every bound the race looks at: each point compared, at each rung
-that decides.
+Bonferroni-corrected over every bound the sweep's race can look at: each point of each trial,
+at each rung that decides (fixed from the space before the sweep).
 
 A trial run again (a driver killed and resumed before the trial's result was stored) keeps the
 decisions it had taken: a point stopped at a rung before is stopped at that rung again.
@@ -38,6 +38,18 @@ def _name(depth: str, point: SurfacePoint, trial: str = "") -> str:
     return f"{depth} k {point.k} m {point.min_votes}" + (f" of trial {trial}" if trial else "")
 
 
+def _well_formed(record: dict[str, Any]) -> bool:
+    """A record with a value of each count and each exact metric for each of its points."""
+    try:
+        n = len(record["points"])
+        return (all(len(record["counts"][k]) == n for k in (
+                    "attacked", "robust", "standing_attacked", "standing"))
+                and all(len(v) == n for v in record["exact"].values())
+                and isinstance(record["rung"], int) and isinstance(record["depth"], str))
+    except (KeyError, TypeError):
+        return False
+
+
 class SurfaceRace:
     """The decisions of one trial's race (``decide`` for ``race_surface``).
 
@@ -48,22 +60,40 @@ class SurfaceRace:
             trial ids) and is not compared.
         exact: each optimized metric but the robust accuracy, one value per point (on the
             whole split, before any attack).
+        points_compared: the points the whole sweep can compare (its trials times the
+            largest surface; default: this trial's), fixed before the sweep, so that the
+            Bonferroni correction covers every decision of every trial.
     """
 
     def __init__(self, storage: Storage, trial_id: str, depth: str, key: str,
                  points: list[SurfacePoint], optimize: dict[str, str],
                  exact: dict[str, list[float]], grace: int, reduction: int,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, points_compared: int | None = None):
         self.storage, self.trial_id, self.depth, self.key = storage, trial_id, depth, key
         self.points, self.optimize, self.log = points, optimize, log
         self.exact = {m: list(map(float, exact[m])) for m in optimize if m != RACED_METRIC}
         self.grace, self.reduction = grace, reduction
+        self.points_compared = max(points_compared or len(points), len(points))
         self.path = f"race/{trial_id}.json"
-        found = storage.read_bytes(self.path)
-        earlier = json.loads(found) if found else {}
-        # decisions a run of this trial took before: they stand
+        earlier = self._read(self.path) or {}
+        # decisions a run of this trial took before: they stand (and stay in its record until
+        # this run takes them again)
         self.forced = {tuple(key): at for key, at in earlier.get("stopped", [])}
         self.stopped: list[tuple[list[int], int]] = []
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        found = self.storage.read_bytes(path)
+        try:
+            record = json.loads(found) if found else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        return record if isinstance(record, dict) else None
+
+    def confidence(self, total: int) -> float:
+        """Each bound's confidence: Bonferroni over every bound the sweep's race can look at
+        (each point it can compare, at each rung that decides)."""
+        looks = self.points_compared * max(len(self.rungs(total)) - 1, 1)
+        return 1 - ALPHA / looks
 
     def rungs(self, total: int) -> list[int]:
         return rungs_of(total, self.grace, self.reduction)
@@ -76,7 +106,9 @@ class SurfaceRace:
                   "exact": self.exact,
                   "counts": {name: getattr(counts, name).tolist() for name in (
                       "attacked", "robust", "standing_attacked", "standing")},
-                  "stopped": self.stopped}
+                  "stopped": self.stopped + [
+                      [list(key), at] for key, at in self.forced.items()
+                      if not any(tuple(k) == key for k, _ in self.stopped)]}
         self.storage.write_bytes(self.path, json.dumps(record).encode())
 
     def _others(self, total: int) -> list[dict[str, Any]]:
@@ -84,13 +116,10 @@ class SurfaceRace:
         for name in self.storage.list("race"):
             if not name.endswith(".json") or name == f"{self.trial_id}.json":
                 continue
-            found = self.storage.read_bytes(f"race/{name}")
-            try:
-                record = json.loads(found) if found else None
-            except json.JSONDecodeError:  # written while read: next rung
-                record = None
+            record = self._read(f"race/{name}")  # unreadable: left out
             if (record and record.get("total") == total and record.get("key") != self.key
-                    and set(record.get("exact", {})) == set(self.exact)):
+                    and set(record.get("exact", {})) == set(self.exact)
+                    and _well_formed(record)):
                 records.append(record)
         return records
 
@@ -123,13 +152,11 @@ class SurfaceRace:
         for record in others:
             c = record["counts"]
             points = [SurfacePoint(*p) for p in record["points"]]
-            groups.append((record["trial"], record["depth"], points, record["exact"], RaceCounts(
+            groups.append((record.get("trial", "?"), record["depth"], points, record["exact"], RaceCounts(
                 points, counts.total, record["rung"], *(np.array(c[k]) for k in (
                     "attacked", "robust", "standing_attacked", "standing")),
                 np.ones(len(points), bool))))
-        # every bound the race looks at: each point compared, at each rung that decides
-        looks = sum(len(g[2]) for g in groups) * (len(self.rungs(counts.total)) - 1)
-        confidence = 1 - ALPHA / max(looks, 1)
+        confidence = self.confidence(counts.total)
         metrics = list(self.optimize)
         lows, highs, names = [], [], []
         for trial, depth, points, exact, c in groups:

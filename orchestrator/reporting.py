@@ -385,6 +385,8 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
     if budget:
         logged = client.get_run(parent_run_id).data.params
         for key, value in budget.items():
+            if key in PER_TRIAL_BUDGET:  # a trial's own work (its child run's budget_used)
+                continue
             if f"attack.{key}" not in logged and value is not None:
                 client.log_param(parent_run_id, f"attack.{key}", str(value)[:6000])
     client.set_terminated(parent_run_id, status="FINISHED")
@@ -451,6 +453,11 @@ def _failure(error: BaseException | None, metrics: dict[str, Any],
         if math.isnan(value):
             return f"reported {metric} = NaN"
     return None
+
+
+# what one trial's attacks did (they differ from trial to trial under the attack race), not the
+# sweep's attack settings: not logged as the parent's attack.* params
+PER_TRIAL_BUDGET = ("point_samples", "full_point_samples", "apgd_run_samples", "race_rungs")
 
 
 def surface_columns(spec: SweepSpec) -> list[str]:

@@ -23,7 +23,8 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
     search: {algorithm: nsga2, num_samples: 24, max_concurrent: 2, seed: 0, repeats: 1}
     resources: {cpu: 1, gpu: 0}
     scheduler: none                 # asha: one objective; {name: mo_asha, reduction_factor: 3,
-                                    # grace_period: 1}: several (training families, by epoch)
+                                    # grace_period: 1}: several (training families: by epoch;
+                                    # LESCI: races the attacks, by attack sample)
     smoke_test: {training: {epochs: 2}, search: {num_samples: 2}}
 """
 
@@ -250,7 +251,9 @@ class ResourcesSpec(_Strict):
 class SchedulerSpec(_Strict):
     """Early stopping (``orchestrator.schedulers``): ``none``; ``asha`` (Tune's, one
     objective); ``mo_asha`` (several objectives: rungs at ``grace_period *
-    reduction_factor**i`` budget units, the top ``1/reduction_factor`` of each rung go on)."""
+    reduction_factor**i`` budget units, the top ``1/reduction_factor`` of each rung go on; on a
+    LESCI space the units are attack samples, and the points of the surfaces race,
+    ``orchestrator.racing``)."""
 
     name: Literal["none", "asha", "mo_asha"] = "none"
     reduction_factor: int = Field(default=3, ge=2)

@@ -103,3 +103,22 @@ def test_format_interval():
     assert format_interval(0.9, float("nan"), float("nan")) == "0.900"
     assert format_interval(float("nan"), 0.1, 0.2) == "-"
     assert format_interval(0.04, 0.012, 0.07, signed=True) == "+0.040 (+0.01 to +0.07)"
+
+
+def test_clopper_pearson_is_exact_and_covers_at_its_level():
+    from scipy.stats import binom
+
+    from defenses.intervals import clopper_pearson
+
+    # 0 of 10 at 95%: the upper end is 1 - 0.025 ** (1 / 10)
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** 0.1))
+    assert clopper_pearson(10, 10)[1] == 1.0
+    assert all(math.isnan(v) for v in clopper_pearson(0, 0))
+    # coverage at least the level for every rate, where Wilson's dips below it (rates near 1
+    # at a Bonferroni-sized confidence)
+    for n in (1, 5, 30):
+        for p in np.linspace(0.001, 0.999, 199):
+            covered = sum(binom.pmf(r, n, p) for r in range(n + 1)
+                          if clopper_pearson(r, n, 0.999)[0] <= p <= clopper_pearson(
+                              r, n, 0.999)[1])
+            assert covered >= 0.999 - 1e-9, (n, p)

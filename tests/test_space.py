@@ -202,6 +202,10 @@ BAD = [
     ("the attack race over several seeds", variant(
         {"scheduler": "mo_asha", "attack": {"eps": 0.1, "samples": 100},
          "search": {"repeats": 2}}), r"search.repeats: 2 seeds; the attack race"),
+    ("the attack race's first rung too small", variant(
+        {"scheduler": "mo_asha", "attack": {"eps": 0.1, "samples": 100}}),
+     r"scheduler.grace_period: 1 attack samples; the attack race's first rung needs at least "
+     r"10"),
     ("the attack race's first rung at the attack samples", variant(
         {"scheduler": {"name": "mo_asha", "grace_period": 100},
          "attack": {"eps": 0.1, "samples": 100}}),

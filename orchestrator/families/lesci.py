@@ -95,6 +95,11 @@ def _number_range(spec, key: str) -> tuple[float, float] | None:
     return min(values), max(values)
 
 
+# the attack race's smallest first rung, in attack samples: below it no bound at the race's
+# confidence is narrow enough to stop a point, and each rung pays the suite's overhead again
+MIN_RACE_GRACE = 10
+
+
 class LESCIFamily(DefenseFamily):
     name = "lesci"
     metrics = {name: "max" for name in (
@@ -189,6 +194,10 @@ class LESCIFamily(DefenseFamily):
                 raise ValueError(f"search.repeats: {spec.search.repeats} seeds; the attack "
                                  "race (scheduler: mo_asha) runs on one seed (use repeats 1, "
                                  "or scheduler none)")
+            if spec.scheduler.grace_period < MIN_RACE_GRACE:
+                raise ValueError(f"scheduler.grace_period: {spec.scheduler.grace_period} attack "
+                                 f"samples; the attack race's first rung needs at least "
+                                 f"{MIN_RACE_GRACE} to bound anything (try 30)")
         k_value = spec.params["k"]
         if isinstance(k_value, (Uniform, LogUniform)):
             raise ValueError("params.k: the surface needs whole numbers: a number, a list, "
