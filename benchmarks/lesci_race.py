@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         full_rows, raced_rows, seconds, pairs = [], [], {"full": 0.0, "raced": 0.0}, [0, 0]
         run_samples = [0, 0]  # APGD runs x their samples: raced, full
         lines: list[str] = []
-        for number, config in enumerate(grid_configs(spec)):
+        configs = grid_configs(spec)
+        family = spec.defense
+        compared = len(configs) * max(len(family.surface_points(spec, n))
+                                      for n in family.vote_depths(spec))
+        for number, config in enumerate(configs):
             trial = resolve(spec, config)
             points = spec.defense.surface_points(spec, len(trial.params.depths))
             stages, decision, _ = lesci_decision(spec, trial, splits, device, cache,
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             race = SurfaceRace(race_storage, f"trial{number}", label,
                                json.dumps(config, sort_keys=True, default=str), points,
                                spec.optimize, {m: [] for m in spec.optimize}, args.grace,
-                               args.reduction, log=lines.append)
+                               args.reduction, log=lines.append, points_compared=compared)
             start = time.perf_counter()
             raced, raced_budget = lesci_surface(raced_spec, decision, points, splits.val,
                                                 attacks, device, race=race)
