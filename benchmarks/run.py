@@ -74,6 +74,9 @@ def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
         times.append(time.perf_counter() - start)
         del x
     np.save(out, pca.components_.cpu().numpy())
+    np.save(out.replace(".npy", "_s.npy"), np.asarray(pca.singular_values_.cpu()
+                                                      if torch.is_tensor(pca.singular_values_)
+                                                      else pca.singular_values_))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     # the first update has no history to stack: report the steady state when there is one
     steady = times[1:] if len(times) > 1 else times
@@ -102,7 +105,7 @@ def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | N
             result = {"benchmark": "streaming_pca", "dims": d, "n_components": k,
                       "batch": batch, "samples": batch * batches, "dtype": dtype,
                       "batch_gb": batch * d * (8 if dtype == "float64" else 4) / 1024 ** 3}
-            components = {}
+            components, values = {}, {}
             backends = ["torch", "sklearn"]
             for backend in backends:
                 out = f"{tmp}/{backend}_{d}.npy"
@@ -114,9 +117,14 @@ def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | N
                 if backend == "torch":
                     result["torch_route"] = measured["route"]
                 components[backend] = np.load(out).astype(np.float64)
+                values[backend] = np.load(out.replace(".npy", "_s.npy")).astype(np.float64)
             qa = np.linalg.qr(components["torch"].T)[0]
             qb = np.linalg.qr(components["sklearn"].T)[0]
             result["subspace_agreement"] = float(np.linalg.svd(qa.T @ qb, compute_uv=False).min())
+            # 1 - the smallest principal cosine, and the singular values' largest relative gap
+            result["subspace_gap"] = 1.0 - result["subspace_agreement"]
+            result["singular_value_gap"] = float(np.max(np.abs(values["torch"] - values["sklearn"])
+                                                        / values["sklearn"]))
             result["speedup_vs_sklearn"] = (result["sklearn_sec_per_batch"]
                                             / result["torch_sec_per_batch"])
             if device:
