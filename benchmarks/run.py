@@ -13,7 +13,9 @@ runs in its own fresh process, so its peak resident memory is its own.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
+import math
 import json
 import os
 import re
@@ -33,15 +35,54 @@ ROOT = Path(__file__).resolve().parent.parent
 # streaming PCA: torch backend vs scikit-learn IncrementalPCA on the same stream
 
 
-def _pca_batch(d: int, batch: int, index: int, rank: int):
-    """Batch ``index`` of a seeded low-rank-plus-noise float32 stream (same in every process).
+PCA_DATA = ("lowrank", "noise", "activations")
 
-    The signal has ``rank`` = n_components directions with variances 100 .. 1, far above the
-    noise bulk (with d >> samples the noise's sample eigenvalues sit near 1e-4 * d / n), so the
-    retained subspace is well defined and two correct solvers must agree on it.
+
+@functools.lru_cache(maxsize=2)
+def _activation_source(side: int):
+    """(model, images): an untrained ResNet-18 (seed 0, small stem) for 3 x side x side inputs,
+    and mnist5k's training digits resized to side x side in three channels: its ``layer1``
+    gives 64 * side^2 real activations per image (65,536 at 32, 262,144 at 64)."""
+    import torch
+    import torch.nn.functional as F
+
+    from defenses.data import load_dataset
+    from defenses.models import build_model
+
+    splits = load_dataset("mnist5k")
+    images = torch.stack([splits.train[i][0] for i in range(len(splits.train))])
+    images = F.interpolate(images, size=(side, side), mode="bilinear",
+                           align_corners=False).expand(-1, 3, -1, -1).contiguous()
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, (3, side, side), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                        stem="small").eval()
+    return model, images
+
+
+def _pca_batch(d: int, batch: int, index: int, rank: int, data: str = "lowrank"):
+    """Batch ``index`` of a seeded float32 stream (same in every process).
+
+    ``lowrank``: a signal of ``rank`` = n_components directions with variances 100 .. 1, far
+    above the noise bulk (with d >> samples the noise's sample eigenvalues sit near
+    1e-4 * d / n), so the retained subspace is well defined and two correct solvers must agree
+    on it. ``noise``: full-rank standard normal rows. ``activations``: ResNet-18's ``layer1``
+    on mnist5k digits (``_activation_source``; d = 64 * side^2).
     """
     import torch
 
+    if data == "noise":
+        gen = torch.Generator().manual_seed(10_000 + index)
+        return torch.randn(batch, d, generator=gen)
+    if data == "activations":
+        side = math.isqrt(d // 64)
+        if 64 * side * side != d:
+            raise ValueError(f"activations: d = 64 * side^2, got {d}")
+        from defenses.capture import capture
+
+        model, images = _activation_source(side)
+        with torch.no_grad(), capture(model, ["layer1"]) as seen:
+            model(images[index * batch:(index + 1) * batch])
+        return seen["layer1"][0].flatten(1).contiguous()
     gen = torch.Generator().manual_seed(1234)
     basis = torch.linalg.qr(torch.randn(d, rank, generator=gen))[0].T
     scales = torch.logspace(1, 0, rank)
@@ -53,7 +94,7 @@ def _pca_batch(d: int, batch: int, index: int, rank: int):
 
 
 def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
-               device: str | None, dtype: str = "float32") -> None:
+               device: str | None, dtype: str = "float32", data: str = "lowrank") -> None:
     import torch
 
     from defenses.pca import StreamingPCA
@@ -61,7 +102,7 @@ def pca_worker(backend: str, d: int, k: int, batch: int, batches: int, out: str,
     pca = StreamingPCA(k, backend=backend, device=device)
     times = []
     for i in range(batches):
-        x = _pca_batch(d, batch, i, rank=k)
+        x = _pca_batch(d, batch, i, rank=k, data=data)
         if dtype == "float64":  # (the float32 batch freed before the update is timed)
             x = x.double()
         if device:
@@ -94,15 +135,33 @@ def _run_worker(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _exact_components(d: int, k: int, batch: int, batches: int, data: str) -> np.ndarray:
+    """Exact PCA's top-k components of the whole stream: an SVD of all of it, centred, in
+    float64."""
+    import torch
+
+    x = torch.cat([_pca_batch(d, batch, i, rank=k, data=data).double() for i in range(batches)])
+    x -= x.mean(0)
+    return torch.linalg.svd(x, full_matrices=False)[2][:k].numpy()
+
+
+def _subspace_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - the smallest cosine of the principal angles between the row spaces of a and b."""
+    qa, qb = np.linalg.qr(a.T)[0], np.linalg.qr(b.T)[0]
+    return 1.0 - float(np.linalg.svd(qa.T @ qb, compute_uv=False).min())
+
+
 def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | None,
-              dtypes: list[str] = ("float32",)) -> list[dict]:
-    """Each backend in a fresh process, per dims and input dtype; the torch backend's route
-    (``gram``, ``tsqr``, ``svd``) of its last update; the batch's own size beside the peak
-    memory (the input is in memory either way)."""
+              dtypes: list[str] = ("float32",), data_kinds: list[str] = ("lowrank",),
+              exact_up_to: int = 65_536) -> list[dict]:
+    """Each backend in a fresh process, per data, dims and input dtype; the torch backend's
+    route (``gram``, ``tsqr``, ``svd``) of its last update; the batch's own size beside the
+    peak memory (the input is in memory either way); at most ``exact_up_to`` dims, each fit's
+    gap to exact PCA."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for d, dtype in itertools.product(dims, dtypes):
-            result = {"benchmark": "streaming_pca", "dims": d, "n_components": k,
+        for data, d, dtype in itertools.product(data_kinds, dims, dtypes):
+            result = {"benchmark": "streaming_pca", "data": data, "dims": d, "n_components": k,
                       "batch": batch, "samples": batch * batches, "dtype": dtype,
                       "batch_gb": batch * d * (8 if dtype == "float64" else 4) / 1024 ** 3}
             components, values = {}, {}
@@ -111,7 +170,7 @@ def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | N
                 out = f"{tmp}/{backend}_{d}.npy"
                 dev = device if backend == "torch" else None
                 measured = _run_worker(["pca", backend, str(d), str(k), str(batch), str(batches),
-                                        out, dev or "", dtype])
+                                        out, dev or "", dtype, data])
                 result[f"{backend}_sec_per_batch"] = measured["sec_per_batch"]
                 result[f"{backend}_peak_rss_gb"] = measured["peak_rss_gb"]
                 if backend == "torch":
@@ -125,6 +184,10 @@ def bench_pca(dims: list[int], k: int, batch: int, batches: int, device: str | N
             result["subspace_gap"] = 1.0 - result["subspace_agreement"]
             result["singular_value_gap"] = float(np.max(np.abs(values["torch"] - values["sklearn"])
                                                         / values["sklearn"]))
+            if d <= exact_up_to:  # how far incremental PCA is from exact PCA, both backends
+                exact = _exact_components(d, k, batch, batches, data)
+                result["torch_exact_gap"] = _subspace_gap(components["torch"], exact)
+                result["sklearn_exact_gap"] = _subspace_gap(components["sklearn"], exact)
             result["speedup_vs_sklearn"] = (result["sklearn_sec_per_batch"]
                                             / result["torch_sec_per_batch"])
             if device:
@@ -468,7 +531,7 @@ def machine_calibration(device: str | None = None) -> float:
     time measured here can be read against another machine's."""
     with tempfile.TemporaryDirectory() as tmp:
         measured = _run_worker(["pca", "torch", "262144", "64", "256", "3", f"{tmp}/c.npy",
-                                device or "", "float32"])
+                                device or "", "float32", "lowrank"])
     return float(measured["sec_per_batch"])
 
 
@@ -569,9 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         name, *rest = argv[1:]
         if name == "pca":
-            backend, d, k, batch, batches, out, device, dtype = rest
+            backend, d, k, batch, batches, out, device, dtype, data = rest
             pca_worker(backend, int(d), int(k), int(batch), int(batches), out, device or None,
-                       dtype)
+                       dtype, data)
         elif name == "pca_large_batch":
             route, d, k, rows, out = rest
             pca_large_batch_worker(route, int(d), int(k), int(rows), out)
@@ -592,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device for the torch backends")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"],
                         default=["float32", "float64"], help="the PCA inputs' precisions")
+    parser.add_argument("--pca-data", nargs="+", choices=PCA_DATA, default=list(PCA_DATA),
+                        help="the PCA streams: low-rank signal plus noise, full-rank noise, "
+                             "ResNet-18 layer1 activations of mnist5k digits")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
     args = parser.parse_args(argv)
@@ -615,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "pca" in only:
         rows += bench_pca(args.dims, args.n_components, args.batch, args.batches, args.device,
-                          args.dtypes)
+                          args.dtypes, args.pca_data)
     if "pca_large_batch" in only:
         rows += bench_pca_large_batch(large_batch_dims, args.n_components, large_batch_rows)
     if "stream" in only:
