@@ -120,6 +120,16 @@ class Storage:
             raise StorageError(f"{redact(self.uri)}/{relative}: unreachable ({exc})") from exc
         return sorted(info.base_name for info in infos)
 
+    def delete(self, relative: str) -> None:
+        """Delete a blob (nothing if it does not exist)."""
+        fs, root = self._fs_and_root()
+        path = f"{root}/{relative}"
+        try:
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.delete_file(path)
+        except OSError as exc:
+            raise StorageError(f"{redact(self.uri)}/{relative}: cannot delete ({exc})") from exc
+
     def check_writable(self) -> None:
         """Write and delete a probe, raising one clear ``StorageError`` if that fails."""
         probe = f".probe-{uuid.uuid4().hex[:8]}"

@@ -202,7 +202,12 @@ def run_sweep(spec: SweepSpec, name: str, storage_root: Storage, mlflow_uri: str
                                      spec.defense.surface, sweep_storage.uri,
                                      coordinator_name(name), log)]
         scheduler = scheduler_of(spec, sweep_storage.uri, name)
-        if hasattr(scheduler, "reset_state"):  # trials start afresh: so do the rungs
+        # trials start afresh (under new ids, after a resume before Ray saved its state): so
+        # do the rungs, and the attack races of lost trials stop no point of the new ones
+        # (LESCI under mo_asha, orchestrator.racing)
+        for record in sweep_storage.list("race"):
+            sweep_storage.delete(f"race/{record}")
+        if hasattr(scheduler, "reset_state"):
             scheduler.reset_state()
             log(f"early stopping: {scheduler.debug_string()}"
                 + (f", rungs counted after the longest eps ramp ({scheduler.min_step} "

@@ -20,6 +20,9 @@ def test_bytes_round_trip_and_missing_is_none(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "root" / "a") if "tmp" in p]  # no leftovers
     assert root.child("a").read_bytes("b.bin") == b"new"
     assert root.join("x/y") == f"{root.uri}/x/y"
+    root.delete("a/b.bin")
+    root.delete("a/b.bin")  # already gone: nothing to do
+    assert root.read_bytes("a/b.bin") is None and root.list("a") == []
 
 
 def test_verified_blobs_reject_corruption_and_missing_manifests(tmp_path):
