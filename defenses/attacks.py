@@ -1,5 +1,6 @@
 """L-infinity attacks in pixel space: FGSM, PGD, APGD with the cross-entropy or DLR loss
-(untargeted or targeted), and the black-box Square attack (SPEC.md section 3).
+(untargeted or targeted), and the black-box Square attack (Goodfellow et al. 2015; Madry et
+al. 2018; Croce & Hein 2020; Andriushchenko et al. 2020).
 
 The model runs in eval mode during an attack (its mode is restored after) and gradients are
 taken with respect to the input only: nothing accumulates in the model's parameters. Every

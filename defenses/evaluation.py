@@ -40,7 +40,7 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
                         suite: AttackSuite | None = None) -> dict[str, float]:
     """Clean, PGD (random start) and, with ``verify``, verified accuracy at ``eps``.
 
-    Keys (DESIGN.md metric names): ``nominal_accuracy`` (clean inputs), ``pgd_accuracy``
+    Keys (the metric names a sweep reports): ``nominal_accuracy`` (clean inputs), ``pgd_accuracy``
     (``steps`` of PGD of step ``alpha``, by default ``default_alpha(eps, steps)``, with
     ``restarts`` random starts) and, with verify, ``verified_accuracy`` and each certificate's
     figure (``verified_accuracy``'s function). With ``suite``, the

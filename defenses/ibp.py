@@ -1,4 +1,4 @@
-"""Interval Bound Propagation (Gowal et al. 2018; SPEC.md section 2) on any torch.fx-traceable model.
+"""Interval Bound Propagation (Gowal et al. 2018) on any torch.fx-traceable model.
 
 This module traces, interprets and elides, and holds the public API; the ``Interval`` type
 (re-exported here) and the per-operation rules are in ``defenses.interval_rules``.

@@ -1,4 +1,4 @@
-"""Interval rules for Interval Bound Propagation (Gowal et al. 2018; SPEC.md section 2): the
+"""Interval rules for Interval Bound Propagation (Gowal et al. 2018): the
 ``Interval`` type and one rule per operation, looked up by ``defenses.ibp``'s interpreter.
 
 A rule maps the values of one torch.fx node's arguments, some of them an ``Interval`` (lower,

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["wilson", "clopper_pearson", "rate_interval", "paired_difference", "independent_difference",
+__all__ = ["wilson", "clopper_pearson",
+           "rate_interval", "paired_difference", "independent_difference",
            "format_interval", "Z95"]
 
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959963984540054

@@ -1,4 +1,5 @@
-"""LESCI: a kNN-vote projection layer on PCA-compressed activations (SPEC.md section 1).
+"""LESCI: a kNN-vote projection layer on PCA-compressed activations (README, "Parameters of
+`lesci`").
 
 At a named depth of a trained classifier, compress the activation with PCA, find its ``k`` most
 cosine-similar rows of an *embedding space* (compressed activations of correctly classified
@@ -24,7 +25,7 @@ from defenses.surface import THRESHOLD_SLACK
 
 __all__ = [
     "LESCIResult",
-    "knn_vote",  # defenses.knn's, named here by DESIGN.md
+    "knn_vote",  # defenses.knn's, re-exported under LESCI's name
     "project_mask",
     "lesci_predict",
     "lesci_metrics",
@@ -49,7 +50,7 @@ def check_threshold(threshold: float) -> None:
 
 def project_mask(vote_fraction: torch.Tensor, threshold: float) -> torch.Tensor:
     """Which samples LESCI projects: ``vote_fraction >= threshold``; a negative threshold
-    projects everything (SPEC.md section 1, step 4)."""
+    projects everything."""
     check_threshold(threshold)
     if threshold < 0:
         return torch.ones_like(vote_fraction, dtype=torch.bool)
@@ -145,7 +146,8 @@ def evaluate_lesci(model: nn.Module, depth: str, pca: StreamingPCA, space: Embed
                    threshold: float, data: Dataset | DataLoader | Iterable, batch_size: int = 256,
                    device: str | torch.device | None = None, center: bool = True
                    ) -> dict[str, float]:
-    """The four LESCI metrics of SPEC.md section 1 on ``data`` (usually the validation split)
+    """The four LESCI metrics (accuracy, projection_rate, accuracy_projected,
+    accuracy_identity) on ``data`` (usually the validation split)
     at one (k, threshold); ``defenses.surface`` gives every (k, m) at once."""
     check_threshold(threshold)  # before any work
     return collect_votes(model, depth, pca, space, k, data, batch_size, device,

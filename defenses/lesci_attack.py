@@ -1,6 +1,6 @@
 """Attacking LESCI's real decision: an exact margin of the kNN vote, APGD on it, and a suite
 whose per-sample worst case over every (k, m) point of a surface is the robust accuracy
-(SPEC.md section 1.9).
+(README, "Parameters of `lesci`").
 
 The margin. With s_c(j) the j-th largest cosine similarity between the query's code and class
 c's embeddings, and s_~c(r) the r-th largest over every other class, "at least j of the k
@@ -20,8 +20,8 @@ is positive exactly when LESCI is wrong (up to exact similarity ties, a null set
 differentiable almost everywhere: APGD can climb it. ``model_margin`` is the model's DLR-scaled
 logit margin (positive iff the model is wrong), so both paths are on a comparable scale.
 
-Several depths (SPEC.md section 1.10). With g^l the margins above at depth l (g^l(0) = +C,
-g^l(j) = -C for j > k), "T(c) >= n" (at least n of the L*k votes for c) holds iff
+Several depths (Deep k-NN, Papernot & McDaniel 2018). With g^l the margins above at depth l
+(g^l(0) = +C, g^l(j) = -C for j > k), "T(c) >= n" (at least n of the L*k votes for c) holds iff
 ``G_c(n) > 0``, where G_c(n) is the max over j_1 + ... + j_L = n of min_l g_c^l(j_l), computed
 by the (max, min) recursion ``H_l(n) = max_{0 <= j <= min(k, n)} min(H_{l-1}(n - j), g^l(j))``
 (``total_margins``). The projection margin is then the one above with G for g, over
@@ -256,7 +256,8 @@ class LESCIDecision:
     indexes, and the differentiable similarities of the margin.
 
     ``depth``, ``pca`` and ``space`` are one depth's, or sequences of equal length: a vote
-    over several depths (SPEC.md section 1.10), each depth with its own PCA and space."""
+    over several depths (Deep k-NN, Papernot & McDaniel 2018), each depth with its own PCA and
+    space."""
 
     model: nn.Module
     depth: str | Sequence[str]

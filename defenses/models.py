@@ -286,7 +286,7 @@ class PreActResNet(_ResidualDepths, nn.Module):
         return self.conv1
 
 
-# The IBP paper's CNNs (Gowal et al. 2018, SPEC.md section 2): (kernel, channels, stride) convs
+# The IBP paper's CNNs (Gowal et al. 2018): (kernel, channels, stride) convs
 # then hidden fully-connected widths. Padding as in the authors' code: VALID for small/medium,
 # SAME for large; "same" is available for inputs too small for VALID (8x8 digits).
 _IBP_ARCHS: dict[str, tuple[list[tuple[int, int, int]], list[int], str]] = {

@@ -9,9 +9,9 @@ cheap fooled are known exactly, and the final figure is ``S / N`` times the rate
 suite's APGD runs leave those samples standing. The slice's s attacked samples of the S are a
 random sample of them (the samples' order is the split's, drawn at random), so Clopper and
 Pearson's exact interval of that rate, r of s, brackets the rate over all S, conservatively
-(the rate over a finite set of S moves less than a fresh rate would). The bracket is also clipped to what is
-certain: at least the r samples that already survived, at most r plus every standing sample
-not yet attacked.
+(the rate over a finite set of S moves less than a fresh rate would). The bracket is also
+clipped to what is certain: at least the r samples that already survived, at most r plus every
+standing sample not yet attacked.
 
 A point stops when another point is better or equal in every objective *for sure*: its exact
 figures (clean accuracy, projection rate, ...: known on the whole split before any attack) at

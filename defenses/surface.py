@@ -1,12 +1,12 @@
 """LESCI's (k, m) surface: every vote of a trial from one k_max-nearest-neighbour search.
 
 For one embedding space, the decision at every neighbourhood size k <= k_max and every threshold
-follows from each query's k_max nearest neighbours in order (SPEC.md section 1.8): the first k
+follows from each query's k_max nearest neighbours in order: the first k
 give the vote at k, and for a given k only the thresholds m/k (m = 1..k) change the outcome,
 "project iff at least m of the k neighbours share the majority label". So one search evaluates
 the whole surface exactly.
 
-Several depths (Deep k-NN, SPEC.md section 1.10): the k nearest neighbours at each of L depths
+Several depths (Deep k-NN, Papernot & McDaniel 2018): the k nearest neighbours at each of L depths
 vote together, T(c) = their number labelled c over all depths, and the rule is "project iff the
 majority of T has at least m of the L*k votes", m = 1..L*k; one k_max search per depth gives
 it. L = 1 is the single-depth surface. A calibration split held out of the embedding spaces
@@ -131,12 +131,12 @@ def true_label_totals(neighbour_labels: torch.Tensor, labels: torch.Tensor, ks: 
 def credibility(calibration_totals: torch.Tensor, ks: Sequence[int],
                 points: Sequence[SurfacePoint]) -> torch.Tensor:
     """[P] float64: each point's credibility threshold, Deep k-NN's p-value of a prediction
-    with a total of m votes at k (SPEC.md section 1.10).
+    with a total of m votes at k (Deep k-NN, Papernot & McDaniel 2018).
 
     With calibration scores A = {L*k - T_i(y_i)}, the p-value of a total t is
     |{a in A : a >= L*k - t}| / |A| = the fraction of calibration samples with T_i(y_i) <= t.
     It is non-decreasing in t, so "answer when credibility >= c" is "answer when
-    T(prediction) >= m" for the smallest m whose credibility reaches c (SPEC.md 1.10): each
+    T(prediction) >= m" for the smallest m whose credibility reaches c: each
     point (k, m) is one such rule, labelled with its credibility (where the p-value is flat
     over several m, one credibility names the lowest of them). ``calibration_totals``:
     [n, len(ks)] of ``true_label_totals``; no calibration sample: NaN."""
@@ -170,7 +170,8 @@ def surface_decisions(neighbour_labels: torch.Tensor, model_prediction: torch.Te
 
 def surface_metrics(labels: torch.Tensor, prediction: torch.Tensor, projected: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
-    """The four LESCI metrics of SPEC.md, one value per point ([P] float64 each); an empty
+    """The four LESCI metrics (accuracy, projection_rate, accuracy_projected,
+    accuracy_identity), one value per point ([P] float64 each); an empty
     group's accuracy is NaN (nothing to be right about)."""
     correct = (prediction == labels[:, None]).double()
     proj = projected.double()

@@ -67,7 +67,7 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
     """Every point's metrics ({name: [P] values}) on ``data`` (the val split while the sweep
     searches, the test split in its final evaluation) and the attack budget.
 
-    The four of SPEC.md on the whole split; with an attack, ``transfer_robust_accuracy`` (the
+    The four LESCI metrics on the whole split; with an attack, ``transfer_robust_accuracy`` (the
     PGD transfer set alone) and ``robust_accuracy``, the per-sample worst case of the whole
     suite on the real vote (``defenses.lesci_attack.attack_surface``) on its first
     ``attack.samples``, and ``robust_gain``, robust accuracy minus the bare model's on the same

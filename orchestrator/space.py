@@ -175,7 +175,7 @@ def _vote_default(name: str) -> Any:
 
 
 class APGDSpec(_Strict):
-    """LESCI's adaptive suite: APGD on the exact margin of the vote (SPEC.md section 1.9;
+    """LESCI's adaptive suite: APGD on the exact margin of the vote (Croce & Hein 2020;
     ``defenses.lesci_attack.VoteSuite``)."""
 
     steps: int = Field(default=_vote_default("steps"), ge=1)

@@ -1,4 +1,4 @@
-"""LESCI over several depths (Deep k-NN, SPEC.md section 1.10): the summed vote, its exact
+"""LESCI over several depths (Deep k-NN, Papernot & McDaniel 2018): the summed vote, its exact
 margin and the calibrated credibility, each against a brute-force computation."""
 
 import pytest

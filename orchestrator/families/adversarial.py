@@ -1,4 +1,4 @@
-"""Adversarial training (SPEC.md section 3): trials train with one objective of a choice
+"""Adversarial training (Madry et al. 2018): trials train with one objective of a choice
 (standard, FGSM, PGD, TRADES-style regularisation, ...), each with its own parameters."""
 
 from __future__ import annotations

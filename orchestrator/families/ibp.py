@@ -1,4 +1,4 @@
-"""IBP (SPEC.md section 2): trials train with interval bound propagation and report verified
+"""IBP (Gowal et al. 2018): trials train with interval bound propagation and report verified
 accuracy beside the attacks'. The objective is ``ibp`` with its parameters at the top of
 ``params``, or a choice or grid of ``ibp`` and its named recipes (``crown_ibp``, ``fast_ibp``:
 IBP with other defaults) under ``params.objective``, each with its own parameters."""
