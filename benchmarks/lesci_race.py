@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         run_samples = [0, 0]  # APGD runs x their samples: raced, full
         lines: list[str] = []
         configs = grid_configs(spec)
-        family = spec.defense
-        compared = len(configs) * max(len(family.surface_points(spec, n))
-                                      for n in family.vote_depths(spec))
+        compared = len(configs) * spec.defense.largest_surface(spec)
         for number, config in enumerate(configs):
             trial = resolve(spec, config)
             points = spec.defense.surface_points(spec, len(trial.params.depths))
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds["full"] += time.perf_counter() - start
             race = SurfaceRace(race_storage, f"trial{number}", label,
                                json.dumps(config, sort_keys=True, default=str), points,
-                               spec.optimize, {m: [] for m in spec.optimize}, args.grace,
+                               spec.optimize, {}, args.grace,
                                args.reduction, log=lines.append, points_compared=compared)
             start = time.perf_counter()
             raced, raced_budget = lesci_surface(raced_spec, decision, points, splits.val,

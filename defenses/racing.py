@@ -84,18 +84,16 @@ def robust_bounds(robust: int, attacked: int, standing_attacked: int, standing: 
     return max(certain_low, share * low), min(certain_high, share * high)
 
 
-def dominated(low: np.ndarray, high: np.ndarray, maximize: Sequence[bool],
-              candidates: np.ndarray | None = None) -> np.ndarray:
+def dominated(low: np.ndarray, high: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
     """For each row i of the bounds [n, m] (an exact figure has low = high): the index of a
     row j that dominates it for sure (at least as good as i's best case in every objective,
-    from j's worst case, and strictly better in one), else -1. ``candidates`` [n] bool:
-    the rows that may dominate (default: all)."""
+    from j's worst case, and strictly better in one), else -1. A row with an unknown (NaN)
+    figure neither dominates nor is dominated."""
     low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
     up = np.asarray(maximize, dtype=bool)
     worst = np.where(up, low, -high)  # oriented: larger is better
     best = np.where(up, high, -low)
-    usable = np.ones(len(low), bool) if candidates is None else np.array(candidates, bool)
-    usable &= ~np.isnan(worst).any(axis=1)
+    usable = ~np.isnan(worst).any(axis=1)
     out = np.full(len(low), -1)
     for i in range(len(low)):
         if np.isnan(best[i]).any():
@@ -142,14 +140,6 @@ class RaceResult:
     pool_correct: dict[str, torch.Tensor]  # name -> [N, P] bool (with "clean")
     stopped: dict[int, int] = field(default_factory=dict)  # point index -> samples at stop
     budget: dict[str, float | int] = field(default_factory=dict)
-
-    @property
-    def attacked(self) -> list[int]:
-        return [len(r) for r in self.robust]
-
-    def accuracy(self) -> list[float]:
-        """Each point's robust accuracy on the samples it was attacked on."""
-        return [float(r.double().mean()) if len(r) else float("nan") for r in self.robust]
 
     def pool_accuracy(self, name: str) -> list[float]:
         """Each point's accuracy on every attack sample under one pool set."""

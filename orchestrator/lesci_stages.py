@@ -141,7 +141,8 @@ def calibration_split(train: Dataset, calibration: int | float | None, seed: int
                       ) -> tuple[Dataset, Dataset | None]:
     """(reference, calibration): ``calibration`` samples of the training split (a fraction or a
     count, drawn with ``seed``) held out of the PCAs and embedding spaces, and the rest
-    (Deep k-NN's calibration, Papernot & McDaniel 2018); None: the whole split and no calibration."""
+    (Deep k-NN's calibration, Papernot & McDaniel 2018); None: the whole split and no
+    calibration."""
     if calibration is None:
         return train, None
     n = len(train)

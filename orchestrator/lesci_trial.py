@@ -76,7 +76,7 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
     and the counts behind it (``samples``, ``attacked_samples``).
 
     With ``race`` (``scheduler: mo_asha``), the suite is raced (``defenses.racing``): a point
-    stopped early (``raced_out`` 1) has its robust figures on the ``attacked_samples`` it was
+    stopped early (``raced_out`` True) has its robust figures on the ``attacked_samples`` it was
     attacked on, the others on every attack sample; the transfer figure is every point's on
     every attack sample.
     """
@@ -111,7 +111,7 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
             transfer = suite.accuracy("transfer").tolist()
             budget = dict(suite.budget)
         else:
-            race.exact = {m: metrics.get(m, []) for m in race.exact}
+            race.measured(metrics)
             raced = race_surface(decision, x_att.to(device), y_att.to(device), points,
                                  attack.eps, race.rungs(len(y_att)), race,
                                  attack.apgd.vote_suite(), pool=pool,
@@ -120,7 +120,7 @@ def lesci_surface(spec: SweepSpec, decision: LESCIDecision, points: list[Surface
             robust = raced.robust
             transfer = raced.pool_accuracy("transfer")
             budget = dict(raced.budget)
-            extra["raced_out"] = [float(i in raced.stopped) for i in range(len(points))]
+            extra["raced_out"] = [i in raced.stopped for i in range(len(points))]
         attacked = [len(r) for r in robust]
         metrics["robust_accuracy"] = [float(r.double().mean()) for r in robust]
         metrics["transfer_robust_accuracy"] = transfer
@@ -224,8 +224,6 @@ def surface_rows(trial: Trial, space_size: int, points: list[SurfacePoint],
                "min_votes": point.min_votes, "votes": point.votes,
                "threshold": point.threshold}
         row.update({name: values[i] for name, values in metrics.items()})
-        if "raced_out" in row:
-            row["raced_out"] = bool(row["raced_out"])
         rows.append(row)
     return rows
 
@@ -277,13 +275,11 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     points = spec.defense.surface_points(spec, len(trial.params.depths))
     race = None
     if spec.scheduler.name == "mo_asha":  # race the attacks against every trial's points
-        family = spec.defense
-        largest = max(len(family.surface_points(spec, n)) for n in family.vote_depths(spec))
         race = SurfaceRace(storage, tune.get_context().get_trial_id() or "trial",
                            trial.params.depth, json.dumps(config, sort_keys=True, default=str),
-                           points, spec.optimize, {m: [] for m in spec.optimize},
-                           spec.scheduler.grace_period, spec.scheduler.reduction_factor, log,
-                           points_compared=spec.trial_count * largest)
+                           points, spec.optimize, {}, spec.scheduler.grace_period, spec.scheduler.reduction_factor, log,
+                           points_compared=spec.trial_count
+                           * spec.defense.largest_surface(spec))
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
                                                 _stage_cache(storage, log), log, race)
     rows = surface_rows(trial, size, points, metrics)

@@ -59,7 +59,7 @@ class SurfaceRace:
             with the same key measures the same points (a sweep started afresh under new
             trial ids) and is not compared.
         exact: each optimized metric but the robust accuracy, one value per point (on the
-            whole split, before any attack).
+            whole split, before any attack); those not known yet come with ``measured``.
         points_compared: the points the whole sweep can compare (its trials times the
             largest surface; default: this trial's), fixed before the sweep, so that the
             Bonferroni correction covers every decision of every trial.
@@ -71,7 +71,8 @@ class SurfaceRace:
                  log: Callable[[str], None] = print, points_compared: int | None = None):
         self.storage, self.trial_id, self.depth, self.key = storage, trial_id, depth, key
         self.points, self.optimize, self.log = points, optimize, log
-        self.exact = {m: list(map(float, exact[m])) for m in optimize if m != RACED_METRIC}
+        self.exact = {m: list(map(float, exact.get(m, []))) for m in optimize
+                      if m != RACED_METRIC}
         self.grace, self.reduction = grace, reduction
         self.points_compared = max(points_compared or len(points), len(points))
         self.path = f"race/{trial_id}.json"
@@ -94,6 +95,12 @@ class SurfaceRace:
         (each point it can compare, at each rung that decides)."""
         looks = self.points_compared * max(len(self.rungs(total)) - 1, 1)
         return 1 - ALPHA / looks
+
+    def measured(self, metrics: dict[str, list[float]]) -> None:
+        """The trial's figures known before any attack (its clean surface): those of them
+        the space optimizes become the race's exact figures."""
+        self.exact.update({m: [float(v) for v in metrics[m]] for m in self.exact
+                           if m in metrics})
 
     def rungs(self, total: int) -> list[int]:
         return rungs_of(total, self.grace, self.reduction)
@@ -152,7 +159,8 @@ class SurfaceRace:
         for record in others:
             c = record["counts"]
             points = [SurfacePoint(*p) for p in record["points"]]
-            groups.append((record.get("trial", "?"), record["depth"], points, record["exact"], RaceCounts(
+            trial = record.get("trial", "?")
+            groups.append((trial, record["depth"], points, record["exact"], RaceCounts(
                 points, counts.total, record["rung"], *(np.array(c[k]) for k in (
                     "attacked", "robust", "standing_attacked", "standing")),
                 np.ones(len(points), bool))))
@@ -186,9 +194,7 @@ class SurfaceRace:
             self.stopped.append(([point.k, point.min_votes], counts.rung))
             self.log(f"  race: {_name(self.depth, point)} stopped after {counts.rung} of "
                      f"{counts.total} attack samples: {why}")
-        if stops:
-            counts = RaceCounts(**{**counts.__dict__, "racing": counts.racing.copy()})
-            counts.racing[list(stops)] = False
+        if stops:  # the record names its stops before they take effect
             self._publish(counts, done=False)
         return stops
 

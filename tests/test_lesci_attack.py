@@ -154,7 +154,7 @@ def test_a_raced_suite_attacks_the_racing_points_on_every_sample(layer1_lesci):
                          VoteSuite(steps=10, targets=0, smooth=0.0),
                          pool={"transfer": transfer}, starts=["transfer"],
                          generator=torch.Generator().manual_seed(0))
-    assert raced.attacked == [30] + [120] * (len(points) - 1)
+    assert [len(r) for r in raced.robust] == [30] + [120] * (len(points) - 1)
     assert raced.stopped == {0: 30}
     assert [rung for rung, *_ in seen] == [30, 60]  # no decision after the last rung
     assert seen[1][1] == len(points) - 1 and seen[1][2][0] == 30

@@ -1,5 +1,5 @@
 """LESCI: a kNN-vote projection layer at one depth, or a Deep k-NN vote
-over several (section 1.10). A trial is one (depth or depths, n_components, embedding size,
+over several (Papernot & McDaniel 2018). A trial is one (depth or depths, n_components, embedding size,
 centring, calibration); it evaluates its whole (k, m) surface from one k_max search per depth,
 so ``k`` and ``threshold`` span the surface instead of being searched."""
 
@@ -25,8 +25,8 @@ DEPTH_JOIN = "+"
 
 def depth_label(where: str, value: Any) -> str:
     """A LESCI depth value as its one name: a module path, or a list of them (one vote over
-    all: Deep k-NN, Papernot & McDaniel 2018) joined by ``DEPTH_JOIN`` ("stem+layer1"). ``ValueError``
-    naming ``where`` for anything else, an empty name or a depth listed twice."""
+    all: Deep k-NN, Papernot & McDaniel 2018) joined by ``DEPTH_JOIN`` ("stem+layer1").
+    ``ValueError`` naming ``where`` for anything else, an empty name or a depth listed twice."""
     if isinstance(value, str):
         parts = value.split(DEPTH_JOIN)
     elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
@@ -47,8 +47,8 @@ class LESCIParams(BaseModel):
     when unset), centred by the PCA mean (``center``, the default) or not (x @ P).
 
     ``depth`` may name several depths ("stem+layer1", written as a list in a space): each has
-    its own PCA and space, and their k nearest neighbours vote together (Deep k-NN, Papernot & McDaniel 2018).
-    ``calibration``: a fraction of the training split (or a count) held out of the PCAs and
+    its own PCA and space, and their k nearest neighbours vote together (Deep k-NN, Papernot &
+    McDaniel 2018). ``calibration``: a fraction of the training split (or a count) held out of the PCAs and
     embedding spaces, which gives each (k, m) point its Deep k-NN credibility; unset: none
     (the whole split builds the spaces, and credibility is not measured)."""
 
@@ -175,6 +175,10 @@ class LESCIFamily(DefenseFamily):
         thresholds = value if isinstance(value, list) else [value]
         return sorted({SurfacePoint(k, min_votes_for(float(t), depths * k), depths)
                        for k in ks for t in thresholds})
+
+    def largest_surface(self, spec) -> int:
+        """The most (k, m) points any trial of the space evaluates."""
+        return max(len(self.surface_points(spec, n)) for n in self.vote_depths(spec))
 
     # -- checks ----------------------------------------------------------------------------
 
