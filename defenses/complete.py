@@ -1,0 +1,439 @@
+"""Complete verification of L-inf robustness: each sample proved, falsified or left undecided
+at its time limit, by a mixed-integer linear program (Tjeng, Xiao and Tedrake 2019, "Evaluating
+Robustness of Neural Networks with Mixed Integer Programming") solved by HiGHS through
+``scipy.optimize.milp``.
+
+The question for a sample x of label y: is there an x' in the box ``[clip(x - eps), clip(x +
+eps)]`` (inside [0, 1]) whose logit ``z_j(x')`` reaches ``z_y(x')`` for some class j != y?
+
+The program is exact for networks of affine operations and piecewise-linear activations:
+- every affine node (linear, conv, batch norm in eval mode, normalisation, average pooling,
+  reshaping, sums, products by constants) is its Jacobian and offset, equalities
+  ``v = J u + c`` (J taken once per model by ``torch.func.jacrev``; the node is affine, so the
+  point does not matter);
+- a ReLU (or leaky ReLU of slope s in [0, 1]) ``y = max(v, s v)`` with pre-activation bounds
+  l <= v <= u is ``y = v`` where l >= 0, ``y = s v`` where u <= 0, and otherwise, with a binary
+  d (1: the active piece), Tjeng et al.'s big-M constraints ``y >= v``, ``y >= s v``,
+  ``y <= v - (1 - s) l (1 - d)`` and ``y <= s v + (1 - s) u d``;
+- the bounds l, u are the tightest we have: IBP's intersected with full CROWN's (each sound,
+  so their intersection is), which makes most neurons stable and the big-M constants small.
+Anything else (max pooling, smooth activations, batch norm in train mode) is refused in one
+line naming the operation.
+
+Each sample goes through the cheap steps first, and the program only decides what they leave:
+1. a sample the model misclassifies is falsified by itself (x is in its ball);
+2. a margin ``z_y - z_j`` that the best incomplete certificate (IBP with the last layer elided,
+   or CROWN) already bounds above 0 needs no program; all of them: proved;
+3. PGD with restarts on the cross-entropy: a misclassifying x' is a counterexample;
+4. for each margin left, the class with the weakest certified bound first, the program
+   minimises ``z_y - z_j``. The margin is proved when HiGHS's bound on the minimum (its dual
+   bound, valid also when it stops at the time limit) exceeds ``tolerance``; the sample is
+   falsified when the program's minimiser, clipped to the box, is misclassified by the model's
+   own forward pass (never by the program's word alone). The time limit is the sample's, shared
+   by its margins; a sample not decided within it is undecided.
+
+The proof is of the model's arithmetic in float64, up to HiGHS's feasibility tolerances
+(1e-7): ``tolerance`` (default 1e-5) keeps a margin bound that rounding could cross from
+counting as proved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
+from torch import fx, nn
+
+from defenses.attacks import default_alpha, pgd
+from defenses.crown import _Pass, margin_spec
+from defenses.ibp import _input_box, _no_rule, _plan, probe_input
+from defenses.interval_rules import Interval
+from defenses.linear_relaxations import _PiecewiseLinear
+from defenses.models import eval_mode
+
+__all__ = ["UNDECIDED", "PROVED", "FALSIFIED", "CompleteVerification", "verify_complete",
+           "check_complete", "MAX_JACOBIAN_ENTRIES"]
+
+UNDECIDED, PROVED, FALSIFIED = 0, 1, 2
+
+# an affine node whose dense Jacobian has more entries than this is refused: the program is
+# for the small networks certified training produces, not for ResNets
+MAX_JACOBIAN_ENTRIES = 50_000_000
+
+
+@dataclass(frozen=True)
+class CompleteVerification:
+    """Per sample: ``status`` (UNDECIDED 0, PROVED 1, FALSIFIED 2), ``by`` (what decided it:
+    ``clean``, ``bounds``, ``attack``, ``milp`` or ``time limit``), ``x_adv`` (the
+    counterexample where falsified, NaN elsewhere), ``seconds`` (the sample's time, its share
+    of the batched bounds included) and ``programs`` (mixed-integer programs solved)."""
+
+    status: np.ndarray
+    by: list[str]
+    x_adv: np.ndarray
+    seconds: np.ndarray
+    programs: np.ndarray
+
+    def rate(self, status: int) -> float:
+        return float(np.mean(self.status == status)) if len(self.status) else math.nan
+
+    @property
+    def proved_rate(self) -> float:
+        return self.rate(PROVED)
+
+    @property
+    def falsified_rate(self) -> float:
+        return self.rate(FALSIFIED)
+
+    @property
+    def undecided_rate(self) -> float:
+        return self.rate(UNDECIDED)
+
+
+# ------------------------------------------------------------------------------------------------
+# the encoding
+
+
+class _Program:
+    """The exact mixed-integer encoding of one model, one sample's box and its bounds: variable
+    blocks per node, rows of constraints, integrality."""
+
+    def __init__(self, run: _Pass, sample: int, jacobians: "_Jacobians"):
+        self.run, self.sample = run, sample
+        self.lower: list[np.ndarray] = []
+        self.upper: list[np.ndarray] = []
+        self.integer: list[np.ndarray] = []
+        self.size = 0
+        self.rows: list[sparse.spmatrix] = []  # each [r, size-at-the-time] (padded at the end)
+        self.row_low: list[np.ndarray] = []
+        self.row_high: list[np.ndarray] = []
+        self.block: dict[fx.Node, np.ndarray] = {}  # node -> variable indices (flattened value)
+        self._assembled: tuple[np.ndarray, Bounds, LinearConstraint] | None = None
+        for node in run.order:
+            self._encode(node, jacobians)
+
+    # -- variables and rows
+
+    def _variables(self, low: np.ndarray, high: np.ndarray, integer: bool = False
+                   ) -> np.ndarray:
+        n = len(low)
+        index = np.arange(self.size, self.size + n)
+        self.size += n
+        self.lower.append(low)
+        self.upper.append(high)
+        self.integer.append(np.full(n, int(integer)))
+        return index
+
+    def _rows(self, columns: list[np.ndarray], values: list[Any], low: np.ndarray,
+              high: np.ndarray) -> None:
+        """Rows ``low <= sum_k values[k] * x[columns[k]] <= high``, one per entry: each pair is
+        (indices [r], coefficients [r]) or (indices [n], a sparse matrix [r, n])."""
+        r = len(low)
+        total = None
+        for cols, vals in zip(columns, values):
+            if sparse.issparse(vals):
+                m = sparse.csr_matrix((vals.data, cols[vals.indices], vals.indptr),
+                                      shape=(r, self.size))
+            else:
+                m = sparse.csr_matrix((np.broadcast_to(vals, (r,)).astype(np.float64),
+                                       (np.arange(r), cols)), shape=(r, self.size))
+            total = m if total is None else total + m
+        self.rows.append(total)
+        self.row_low.append(low)
+        self.row_high.append(high)
+
+    def _bounds(self, node: fx.Node) -> tuple[np.ndarray, np.ndarray]:
+        """The node's value bounds for this sample: IBP's, intersected with full CROWN's where
+        it tightened them."""
+        box = self.run.env[node]
+        low, high = box.lower[self.sample], box.upper[self.sample]
+        tight = self.run.pre.get(node)
+        if tight is not None:
+            low = torch.maximum(low, tight.lower[self.sample])
+            high = torch.minimum(high, tight.upper[self.sample])
+        low, high = _flat(low), _flat(high)
+        return low, np.maximum(high, low)
+
+    # -- nodes
+
+    def _encode(self, node: fx.Node, jacobians: "_Jacobians") -> None:
+        run = self.run
+        if not isinstance(run.env[node], Interval):
+            return  # a constant of the graph (a shape, a captured tensor)
+        kind, payload = run._kind(node)
+        if kind == "input":
+            self.block[node] = self._variables(*self._bounds(node))
+            return
+        inputs = [n for n in node.all_input_nodes if isinstance(run.env[n], Interval)]
+        if kind == "identity":
+            self.block[node] = self.block[inputs[0]]
+            return
+        if kind == "lines" and isinstance(payload, _PiecewiseLinear):
+            self._piecewise(node, inputs[0], payload.slope)
+            return
+        if kind == "affine":
+            self._affine(node, inputs, jacobians)
+            return
+        raise _refused(node, run.model)
+
+    def _affine(self, node: fx.Node, inputs: list[fx.Node], jacobians: "_Jacobians") -> None:
+        matrices, offset = jacobians.of(node, inputs, self.sample)
+        out = self._variables(*self._bounds(node))
+        self.block[node] = out
+        # v - sum_k J_k u_k = c
+        columns = [out] + [self.block[n] for n in inputs]
+        values = [np.ones(len(out))] + [-m for m in matrices]
+        self._rows(columns, values, offset, offset)
+
+    def _piecewise(self, node: fx.Node, source: fx.Node, slope: float) -> None:
+        v = self.block[source]
+        low, high = self._bounds(source)
+        piece = lambda t: np.where(t >= 0, t, slope * t)  # noqa: E731  (monotone)
+        y = self._variables(piece(low), piece(high))
+        self.block[node] = y
+        active, inactive = low >= 0, high <= 0
+        unstable = ~(active | inactive)
+        one = np.ones
+        if active.any():  # y = v
+            i = np.flatnonzero(active)
+            self._rows([y[i], v[i]], [one(len(i)), -one(len(i))], np.zeros(len(i)),
+                       np.zeros(len(i)))
+        if inactive.any():  # y = s v
+            i = np.flatnonzero(inactive)
+            self._rows([y[i], v[i]], [one(len(i)), np.full(len(i), -slope)], np.zeros(len(i)),
+                       np.zeros(len(i)))
+        if unstable.any():
+            i = np.flatnonzero(unstable)
+            r, l, u = len(i), low[i], high[i]
+            d = self._variables(np.zeros(r), np.ones(r), integer=True)
+            inf, zero = np.full(r, np.inf), np.zeros(r)
+            # y - v >= 0 and y - s v >= 0
+            self._rows([y[i], v[i]], [one(r), -one(r)], zero, inf)
+            self._rows([y[i], v[i]], [one(r), np.full(r, -slope)], zero, inf)
+            # y - v - (1 - s) l d <= -(1 - s) l
+            self._rows([y[i], v[i], d], [one(r), -one(r), -(1 - slope) * l], -inf,
+                       -(1 - slope) * l)
+            # y - s v - (1 - s) u d <= 0
+            self._rows([y[i], v[i], d], [one(r), np.full(r, -slope), -(1 - slope) * u], -inf,
+                       zero)
+
+    # -- solving
+
+    def minimise_margin(self, y: int, j: int, time_limit: float
+                        ) -> tuple[float, np.ndarray | None]:
+        """(a lower bound of min z_y - z_j over the box, the program's minimiser of the input
+        or None)."""
+        out = self.block[self.run.plan.output]
+        cost = np.zeros(self.size)
+        cost[out[y]] += 1.0
+        cost[out[j]] -= 1.0
+        if self._assembled is None:
+            matrix = sparse.vstack([sparse.csr_matrix((m.data, m.indices, m.indptr),
+                                                      shape=(m.shape[0], self.size))
+                                    for m in self.rows], format="csr")
+            self._assembled = (
+                np.concatenate(self.integer),
+                Bounds(np.concatenate(self.lower), np.concatenate(self.upper)),
+                LinearConstraint(matrix, np.concatenate(self.row_low),
+                                 np.concatenate(self.row_high)))
+        integrality, bounds, constraints = self._assembled
+        result = milp(cost, integrality=integrality, bounds=bounds, constraints=constraints,
+                      options={"time_limit": max(time_limit, 1e-3), "disp": False})
+        if result.status == 0:
+            bound = float(result.fun)
+        else:
+            dual = result.get("mip_dual_bound")
+            bound = float(dual) if dual is not None and np.isfinite(dual) else -math.inf
+        x = None if result.x is None else result.x[self.block[self.run.plan.input]]
+        return bound, x
+
+
+class _Jacobians:
+    """Each affine node's Jacobians (one per bounded argument, scipy CSR [out, in]), taken once
+    per model, and its offset for a sample (``f(u) - J u`` at the sample's box centres)."""
+
+    def __init__(self, run: _Pass):
+        self.run = run
+        self.cache: dict[fx.Node, list[sparse.csr_matrix]] = {}
+
+    def of(self, node: fx.Node, inputs: list[fx.Node], sample: int
+           ) -> tuple[list[sparse.csr_matrix], np.ndarray]:
+        run = self.run
+        centres = [((run.env[n].lower + run.env[n].upper) / 2)[sample:sample + 1]
+                   for n in inputs]
+
+        def f(*ts: torch.Tensor) -> torch.Tensor:
+            return run._call(node, dict(zip(inputs, ts)))
+
+        with torch.no_grad():
+            value = f(*centres)
+        if node not in self.cache:
+            entries = value.numel() * sum(c.numel() for c in centres)
+            if entries > MAX_JACOBIAN_ENTRIES:
+                raise ValueError(
+                    f"complete verification: node {node.name!r} maps {sum(c.numel() for c in centres)} "
+                    f"inputs to {value.numel()} outputs, a Jacobian above "
+                    f"{MAX_JACOBIAN_ENTRIES:,} entries: the model is too large to encode")
+            with torch.enable_grad():
+                full = torch.func.jacrev(f, argnums=tuple(range(len(centres))))(*centres)
+            self.cache[node] = [sparse.csr_matrix(
+                jac.reshape(value.numel(), c.numel()).detach().cpu().numpy())
+                for jac, c in zip(full, centres)]
+        matrices = self.cache[node]
+        offset = _flat(value[0]) - sum(m @ _flat(c[0]) for m, c in zip(matrices, centres))
+        return matrices, offset
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).to(torch.float64).cpu().numpy()
+
+
+def _refused(node: fx.Node, model: nn.Module) -> ValueError:
+    what = str(_no_rule(node, model)).split(": no rule for ", 1)[1].split(" (supported", 1)[0]
+    return ValueError(f"complete verification cannot encode {what}: only affine operations and "
+                      f"ReLU / leaky ReLU activations have an exact mixed-integer encoding")
+
+
+# ------------------------------------------------------------------------------------------------
+# the public API
+
+
+def check_complete(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """Refuse a model the program cannot encode exactly (in eval mode, on one probe input):
+    one line naming the operation, or the node whose Jacobian is too large.
+
+    Raises:
+        ValueError: naming the operation or node.
+    """
+    x = probe_input(model, tuple(input_shape), torch.Generator().manual_seed(0))[:1]
+    double = _double(model)
+    run = _Pass(double, _plan(double), _input_box(x.to(torch.float64), 0.0))
+    _Program(run, 0, _Jacobians(run))
+
+
+def _double(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(torch.float64).eval()
+
+
+def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                    time_limit: float = 10.0, tolerance: float = 1e-5,
+                    attack_steps: int = 50, attack_restarts: int = 3, batch_size: int = 32,
+                    seed: int = 0, progress: Callable[[int, int], None] | None = None
+                    ) -> CompleteVerification:
+    """Decide each sample of (x, y) at radius eps: proved, falsified or undecided within
+    ``time_limit`` seconds of solver time (see the module's docstring for the steps).
+
+    Args:
+        model: an eval-mode-ready network of affine operations and (leaky) ReLUs.
+        x, y: inputs in [0, 1] and labels.
+        time_limit: the solver's seconds per sample, shared by its margins.
+        tolerance: a margin is proved when its bound exceeds this.
+        attack_steps, attack_restarts: the PGD run before any program (0 steps: none).
+        batch_size: samples whose bounds are computed together.
+        progress: called with (samples done, samples) after each batch.
+    """
+    if eps < 0 or time_limit <= 0:
+        raise ValueError(f"eps must be >= 0 and time_limit > 0, got {eps} and {time_limit}")
+    n = x.shape[0]
+    status = np.zeros(n, dtype=np.int8)
+    by = [""] * n
+    x_adv = np.full((n, *x.shape[1:]), np.nan, dtype=np.float32)
+    seconds = np.zeros(n)
+    programs = np.zeros(n, dtype=np.int64)
+    double = _double(model)
+    plan = _plan(double)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for start in range(0, n, batch_size):
+            rows = slice(start, min(start + batch_size, n))
+            began = time.perf_counter()
+            xb, yb = x[rows].to(device), y[rows].to(device)
+            with torch.no_grad():
+                clean = model(xb).argmax(1) != yb
+            run = _Pass(double, plan, _input_box(xb.to(torch.float64), eps))
+            run.tighten()
+            with torch.no_grad():
+                classes = run.env[plan.output].lower.shape[1]
+                spec = margin_spec(yb, classes, torch.float64)
+                crown = run.lower(plan.output, spec)  # [b, classes]: z_y - z_j >= crown
+                ibp = -run.ibp_margins(yb)
+                certified = torch.maximum(crown, ibp).cpu().numpy()  # both sound
+            found = _attack(model, xb, yb, eps, attack_steps, attack_restarts, generator)
+            shared = (time.perf_counter() - began) / (rows.stop - rows.start)
+            jacobians = _Jacobians(run)
+            for k, i in enumerate(range(rows.start, rows.stop)):
+                began = time.perf_counter()
+                label = int(yb[k])
+                if clean[k]:
+                    status[i], by[i] = FALSIFIED, "clean"
+                    x_adv[i] = xb[k].cpu().numpy()
+                elif found is not None and found[1][k]:
+                    status[i], by[i] = FALSIFIED, "attack"
+                    x_adv[i] = found[0][k].cpu().numpy()
+                else:
+                    open_margins = [j for j in np.argsort(certified[k]) if j != label
+                                    and not certified[k, j] > tolerance]
+                    if not open_margins:
+                        status[i], by[i] = PROVED, "bounds"
+                    else:
+                        status[i], by[i], found_x, programs[i] = _solve(
+                            model, run, k, label, open_margins, jacobians, xb[k], time_limit,
+                            tolerance)
+                        if found_x is not None:
+                            x_adv[i] = found_x
+                seconds[i] = shared + time.perf_counter() - began
+            if progress is not None:
+                progress(rows.stop, n)
+    return CompleteVerification(status, by, x_adv, seconds, programs)
+
+
+def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+            restarts: int, generator: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PGD's points and which of them the model misclassifies, or None without steps."""
+    if steps <= 0 or eps == 0:
+        return None
+    adv = pgd(model, x, y, eps, default_alpha(eps, steps), steps, restarts=restarts,
+              generator=generator)
+    with torch.no_grad():
+        return adv, model(adv).argmax(1) != y
+
+
+def _solve(model: nn.Module, run: _Pass, k: int, label: int, margins: list[int],
+           jacobians: _Jacobians, x: torch.Tensor, time_limit: float, tolerance: float
+           ) -> tuple[int, str, np.ndarray | None, int]:
+    """Programs for sample k's open margins, weakest first, within ``time_limit`` seconds:
+    (status, what decided it, the counterexample or None, programs solved)."""
+    began = time.perf_counter()
+    program = _Program(run, k, jacobians)
+    low, high = run.box.lower[k], run.box.upper[k]
+    solved, open_reason = 0, ""
+    for j in margins:
+        left = time_limit - (time.perf_counter() - began)
+        if left <= 0:
+            return UNDECIDED, "time limit", None, solved
+        bound, point = program.minimise_margin(label, int(j), left)
+        solved += 1
+        if bound > tolerance:
+            continue
+        if point is not None:
+            candidate = torch.from_numpy(point).reshape(x.shape).to(x)
+            candidate = torch.min(torch.max(candidate, low.to(x)), high.to(x))
+            with torch.no_grad():
+                if int(model(candidate[None]).argmax(1)) != label:
+                    return FALSIFIED, "milp", candidate.cpu().numpy(), solved
+        # neither proved nor broken: the sample cannot be proved, but another margin may still
+        # break it
+        open_reason = ("time limit" if time.perf_counter() - began >= time_limit
+                       else "tolerance")
+    if open_reason:
+        return UNDECIDED, open_reason, None, solved
+    return PROVED, "milp", None, solved
