@@ -275,10 +275,10 @@ class _Jacobians:
         with torch.no_grad():
             value = f(*centres)
         if node not in self.cache:
-            entries = value.numel() * sum(c.numel() for c in centres)
-            if entries > MAX_JACOBIAN_ENTRIES:
+            inputs_size = sum(c.numel() for c in centres)
+            if value.numel() * inputs_size > MAX_JACOBIAN_ENTRIES:
                 raise ValueError(
-                    f"complete verification: node {node.name!r} maps {sum(c.numel() for c in centres)} "
+                    f"complete verification: node {node.name!r} maps {inputs_size} "
                     f"inputs to {value.numel()} outputs, a Jacobian above "
                     f"{MAX_JACOBIAN_ENTRIES:,} entries: the model is too large to encode")
             with torch.enable_grad():

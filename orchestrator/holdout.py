@@ -62,8 +62,10 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
             ``k`` and ``min_votes``, for the training families ``trial_dir``.
 
     Returns:
-        ``{"rows": {(trial_id, k, m) or (trial_id,): {metric: value}}, "base": {...}}``: LESCI
-        rows per (trial, k, m) and the bare model's figures; a training trial's per trial.
+        ``{"rows": {(trial_id, k, m) or (trial_id,): {metric: value}}, "base": {...},
+        "artifacts": {trial_id: {name: bytes}}}``: LESCI rows per (trial, k, m) and the bare
+        model's figures; a training trial's per trial, with its final models (pickled, one per
+        seed) and, under ``verify.complete``, its ``verification.npz``.
 
     Raises:
         TestSplitError: the test split's files could not be read.
@@ -103,7 +105,9 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
     rows: dict[tuple, dict[str, Any]] = {}
     base: dict[str, Any] = {}
     budget: dict[str, Any] = {}
+    artifacts: dict[str, dict[str, bytes]] = {}
     for trial_id, result in results.items():
+        artifacts[trial_id] = result.get("artifacts") or {}
         if family.surface:
             for row in result["rows"]:
                 rows[family.row_key({"trial_id": trial_id, **row})] = row
@@ -111,7 +115,7 @@ def evaluate_front(spec: SweepSpec, front: list[dict[str, Any]], sweep: str,
             budget = result.get("budget") or budget
         else:
             rows[(trial_id,)] = result["metrics"]
-    return {"rows": rows, "base": base, "budget": budget}
+    return {"rows": rows, "base": base, "budget": budget, "artifacts": artifacts}
 
 
 def _drainer(sweep_storage: Storage, log: Callable[[str], None]) -> Callable[[], None]:

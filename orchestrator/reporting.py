@@ -213,6 +213,50 @@ def selection_gaps(front: list[dict[str, Any]], metrics: Sequence[str]
     return gaps
 
 
+def log_front_artifacts(client: MlflowClient, run_id: str, artifacts: dict[str, bytes]
+                        ) -> None:
+    """A front trial's final models, each with MLflow's PyTorch flavour under its name
+    (``runs:/<run>/model``; ``model_seed1``, ... for further seeds; pickled, so loading needs
+    this project, and a user model's factory package, installed), and its files
+    (``verification.npz``) as artifacts. Once: a resumed sweep finds the tag
+    ``model_logged``."""
+    if not artifacts or client.get_run(run_id).data.tags.get("model_logged") == "true":
+        return
+    import io
+    import logging
+
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    files = {name: data for name, data in artifacts.items() if "." in name}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in files.items():
+            path = Path(folder) / name
+            path.write_bytes(data)
+            client.log_artifact(run_id, str(path))
+    models = {name: data for name, data in artifacts.items() if name not in files}
+    previous = mlflow.get_tracking_uri()
+    quiet = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model",
+                                            "mlflow.utils.environment")]
+    levels = [logger.level for logger in quiet]
+    try:
+        mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)  # pickling's and the missing signature's warnings
+        with mlflow.start_run(run_id=run_id):
+            for name, data in models.items():
+                model = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+                mlflow.pytorch.log_model(
+                    model, name=name, serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+        mlflow.set_tracking_uri(previous)
+    client.set_tag(run_id, "model_logged", "true")
+
+
 def _log_metrics(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -309,11 +353,13 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
                           objective_fronts=objective_fronts(spec, rows))
     # the rows read on test: the front, and each compared objective's own front
     chosen = [row for row in rows if row["pareto_optimal"] or row.get("objective_front")]
+    front_artifacts: dict[str, dict[str, bytes]] = {}
     if evaluate_test is not None and chosen:
         test = evaluate_test(chosen)
+        front_artifacts = test.get("artifacts") or {}
         for row in chosen:
             found = test["rows"].get(family.row_key(row), {})
-            for key in metric_columns(spec):
+            for key in [*metric_columns(spec), *family.test_metrics(spec)]:
                 if key in found:
                     row[TEST_PREFIX + key] = found[key]
         outcome.tested = True
@@ -338,9 +384,11 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             values = {k: v for k, v in row.items() if k.startswith(TEST_PREFIX)}
             values.update({f"test_point_{key}": row[key] for key in family.point_keys})
             _log_metrics(client, run_id, values)
+            log_front_artifacts(client, run_id, front_artifacts.get(trial_id, {}))
     with tempfile.TemporaryDirectory() as folder:
         csv_path = Path(folder) / "pareto_front.csv"
-        tested_columns = ([f"{TEST_PREFIX}{c}" for c in metric_columns(spec)]
+        tested_columns = ([f"{TEST_PREFIX}{c}" for c in (*metric_columns(spec),
+                                                         *family.test_metrics(spec))]
                           if outcome.tested else [])
         columns = ["trial_id", "run_id", *searched,
                    *(surface_columns(spec) if surface else metric_columns(spec)),

@@ -265,6 +265,16 @@ class SchedulerSpec(_Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
+class VerifySpec(_Strict):
+    """Complete verification of the front's models on the test split (the training families;
+    ``defenses.complete``): each of the first ``samples`` test samples proved, falsified or
+    left undecided after ``time_limit`` seconds of its mixed-integer programs."""
+
+    complete: bool = False
+    time_limit: float = Field(default=10.0, gt=0.0)
+    samples: int = Field(default=1000, ge=1)
+
+
 class SweepSpec(_Strict):
     """A validated search space (built once from the YAML; never re-read as a dict)."""
 
@@ -280,6 +290,7 @@ class SweepSpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
     max_failures: int = Field(default=2, ge=0)
     smoke_test: dict[str, Any] = Field(default_factory=dict)
 

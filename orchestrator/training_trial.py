@@ -24,7 +24,14 @@ from orchestrator.storage import Storage
 from orchestrator.trainables import console, over_seeds, repeat_trials, setup
 
 __all__ = ["training_trial", "evaluate_training", "newest_checkpoint", "trial_models",
-           "with_intervals"]
+           "with_intervals", "complete_verification", "verification_metrics",
+           "VERIFICATION_METRICS"]
+
+# what complete verification adds to a front trial's test figures, each with its 95% interval
+# (over ``verify_samples``); ``verified_complete_upper`` is the top of the bracket: proved plus
+# undecided
+VERIFICATION_METRICS = ("verified_complete_accuracy", "falsified_rate", "undecided_rate",
+                        "verified_complete_upper")
 
 
 _STATE_FILE = "trainer.pt"  # with its manifest trainer.pt.json: sha256, epoch, metrics
@@ -93,6 +100,68 @@ def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, se
                                     suite=attack.attack_suite() if final else None)
     metrics = {k: float(v) for k, v in evaluated.items() if k in spec.defense.metrics}
     return with_intervals(metrics, len(data)) if final else metrics
+
+
+def complete_verification(spec: SweepSpec, model: torch.nn.Module, data: Dataset,
+                          log=print) -> bytes:
+    """``verify.complete``: the first ``verify.samples`` of ``data`` proved, falsified or
+    undecided (``defenses.complete.verify_complete``) at the attack's eps, as the bytes of
+    ``verification.npz``: ``index`` (into the split), ``status`` (0 undecided, 1 proved,
+    2 falsified), ``by`` (what decided each), ``seconds``, and for the falsified samples
+    ``falsified`` (their indices), ``x``, ``x_adv`` and ``y``."""
+    import time
+
+    import numpy as np
+
+    from defenses.complete import FALSIFIED, verify_complete
+    from orchestrator.lesci_stages import split_tensors
+
+    x, y = split_tensors(data, spec.verify.samples)
+    began, last = time.perf_counter(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 30 or done == total:
+            last[0] = now
+            left = (now - began) / done * (total - done)
+            log(f"complete verification: {done} of {total} samples, about {left:.0f} s left")
+
+    device = next(model.parameters()).device
+    result = verify_complete(model, x.to(device), y.to(device), spec.attack.eps,
+                             time_limit=spec.verify.time_limit, seed=spec.training.seed,
+                             progress=progress)
+    falsified = np.flatnonzero(result.status == FALSIFIED)
+    decided_by = ", ".join(f"{name} {result.by.count(name)}" for name in dict.fromkeys(result.by))
+    log(f"complete verification at eps {spec.attack.eps:g}: proved {result.proved_rate:.3f}, "
+        f"falsified {result.falsified_rate:.3f}, undecided {result.undecided_rate:.3f} of "
+        f"{len(y)} samples ({decided_by}; {spec.verify.time_limit:g} s limit, longest "
+        f"{result.seconds.max():.1f} s)")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, index=np.arange(len(y)), status=result.status,
+                        by=np.array(result.by), seconds=result.seconds, falsified=falsified,
+                        x=x.numpy()[falsified], x_adv=result.x_adv[falsified],
+                        y=y.numpy()[falsified], eps=np.float64(spec.attack.eps))
+    return buffer.getvalue()
+
+
+def verification_metrics(data: bytes) -> dict[str, float]:
+    """``VERIFICATION_METRICS`` of a ``verification.npz``, each with its 95% interval."""
+    import numpy as np
+
+    from defenses.complete import FALSIFIED, PROVED, UNDECIDED
+
+    status = np.load(io.BytesIO(data))["status"]
+    n = len(status)
+    rates = {"verified_complete_accuracy": float(np.mean(status == PROVED)),
+             "falsified_rate": float(np.mean(status == FALSIFIED)),
+             "undecided_rate": float(np.mean(status == UNDECIDED))}
+    rates["verified_complete_upper"] = float(np.mean(status != FALSIFIED))
+    out: dict[str, float] = {}
+    for name, value in rates.items():
+        out[name] = value
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = rate_interval(value, n)
+    out["verify_samples"] = float(n)
+    return out
 
 
 def training_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: str) -> None:

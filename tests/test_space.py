@@ -238,6 +238,13 @@ BAD = [
      r"params.calibration: a fraction of the training split, in \(0, 1\), or a count"),
     ("calibration above 1", variant({"params.calibration": 1.5}),
      r"params.calibration: a fraction of the training split must be in \(0, 1\)"),
+    ("complete verification of LESCI", variant({"verify": {"complete": True}}),
+     r"verify.complete: complete verification proves a network's decision"),
+    ("a time limit of 0", variant({"verify": {"complete": True, "time_limit": 0}},
+                                  base=TRAINING), r"verify.time_limit: .*greater than 0"),
+    ("complete verification of several seeds", variant(
+        {"verify": {"complete": True}, "search.repeats": 2}, base=TRAINING),
+     r"verify.complete: verifies one model per trial; set search.repeats to 1"),
 ]
 
 
@@ -255,6 +262,20 @@ def test_bad_space_is_one_clear_line(tmp_path, capsys, case, text, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not storage.exists() and not (tmp_path / "m.db").exists()
+
+
+def test_verifying_more_samples_than_the_test_split_is_refused_before_anything_runs(
+        tmp_path, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text(variant({"verify": {"complete": True, "samples": 400},
+                             "model.options": {"padding": "same"}}, base=TRAINING))
+    load_space(path)  # the split's size is known once the dataset is opened
+    with pytest.raises(SpaceError, match=r"verify.samples: 400 is above the test split's 360"):
+        load_space(path, check_data=True)
+    storage = tmp_path / "store"
+    assert main(["--space", str(path), "--storage", str(storage),
+                 "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert "verify.samples" in capsys.readouterr().err and not storage.exists()
 
 
 @pytest.mark.parametrize("name", sorted(shipped_spaces()))

@@ -84,6 +84,11 @@ class DefenseFamily:
         """The figures a trial reports with their 95% intervals."""
         return list(self.metrics)
 
+    def test_metrics(self, spec) -> list[str]:
+        """Figures measured on the test split only (a front trial's child run and
+        ``pareto_front.csv``), beside ``reported_metrics``."""
+        return []
+
     def counts(self) -> list[str]:
         """The sample counts behind the intervals."""
         return ["samples"]

@@ -80,3 +80,4 @@ class IBPFamily(TrainingFamily):
             check_crown(model, input_shape)
         except ValueError as exc:
             raise ValueError(f"model {spec.model.label}: {exc}") from None
+        super().check_model(spec, model, input_shape)

@@ -187,6 +187,10 @@ class LESCIFamily(DefenseFamily):
         if spec.attack is not None and spec.attack.suite != type(spec.attack.suite)():
             raise ValueError("attack.suite: the training families' suite; LESCI's attacks on "
                              "the vote are set under attack.apgd")
+        if spec.verify.complete:
+            raise ValueError("verify.complete: complete verification proves a network's "
+                             "decision; LESCI's vote over a kNN index has no exact encoding "
+                             "(the training families only)")
         if spec.scheduler.name == "asha":
             raise ValueError("scheduler: asha needs trials that report per epoch; LESCI trials "
                              "report once (use none, or mo_asha to race the attacks)")

@@ -102,6 +102,9 @@ class TrainingFamily(DefenseFamily):
             raise ValueError(f"attack.{lesci_only[0]}: LESCI only; the training families' "
                              "suite is set under attack.suite (apgd_steps, apgd_restarts, "
                              "targets, square_queries, square_restarts)")
+        if spec.verify.complete and spec.search.repeats > 1:
+            raise ValueError("verify.complete: verifies one model per trial; set "
+                             "search.repeats to 1")
         scheduler = spec.scheduler.name
         if scheduler != "none":
             suite = [m for m in spec.optimize if m in SUITE_METRICS]
@@ -110,6 +113,30 @@ class TrainingFamily(DefenseFamily):
                                  f"so scheduler {scheduler} cannot compare trials by it; "
                                  "optimize a per-epoch metric (pgd_accuracy, "
                                  "verified_accuracy) or use scheduler none")
+
+    def check_model(self, spec, model, input_shape) -> None:
+        """With ``verify.complete``: the model has an exact mixed-integer encoding."""
+        if spec.verify.complete:
+            from defenses.complete import check_complete
+
+            try:
+                check_complete(model, input_shape)
+            except ValueError as exc:
+                raise ValueError(f"verify.complete: model {spec.model.label}: {exc}") from None
+
+    def test_metrics(self, spec) -> list[str]:
+        """With ``verify.complete``: the front's complete verification, with intervals."""
+        if not spec.verify.complete:
+            return []
+        from orchestrator.training_trial import VERIFICATION_METRICS
+
+        return [f"{m}{end}" for m in VERIFICATION_METRICS for end in ("", "_ci_low", "_ci_high")
+                ] + ["verify_samples"]
+
+    def check_data(self, spec, splits) -> None:
+        if spec.verify.complete and spec.verify.samples > len(splits.test):
+            raise ValueError(f"verify.samples: {spec.verify.samples} is above the test split's "
+                             f"{len(splits.test)} samples")
 
     def full_budget(self, spec) -> int:
         return spec.training.epochs
@@ -154,11 +181,15 @@ class TrainingFamily(DefenseFamily):
         """The trial's final models (its newest checkpoint, one per seed) on the test split,
         the attack suite included (a stage: computed once, then read back)."""
         import hashlib
+        import io
         import json
 
+        import torch
+
         from orchestrator.trainables import over_seeds
-        from orchestrator.training_trial import (evaluate_training, newest_checkpoint,
-                                                 trial_models)
+        from orchestrator.training_trial import (complete_verification, evaluate_training,
+                                                 newest_checkpoint, trial_models,
+                                                 verification_metrics)
 
         found = newest_checkpoint(storage.child(item["trial_dir"]))
         if found is None:
@@ -169,9 +200,31 @@ class TrainingFamily(DefenseFamily):
                   "attack": spec.attack.model_dump(), "family": self.name,
                   "checkpoint": hashlib.sha256(state).hexdigest()}
 
+        built: list[Any] = []
+
+        def models() -> list[Any]:
+            if not built:
+                built.extend(trial_models(spec, splits, state, device))
+            return built
+
         def compute() -> bytes:
             runs = [evaluate_training(spec, model, splits.test, seed=1000 * r)
-                    for r, model in enumerate(trial_models(spec, splits, state, device))]
+                    for r, model in enumerate(models())]
             return json.dumps({"metrics": over_seeds(runs)}).encode()
 
-        return json.loads(cache.get("test", inputs, compute, item["trial_id"]))
+        result = json.loads(cache.get("test", inputs, compute, item["trial_id"]))
+        # the final models, one per seed, for the child run (MLflow's PyTorch flavour)
+        artifacts: dict[str, bytes] = {}
+        for r, model in enumerate(models()):
+            buffer = io.BytesIO()
+            torch.save(model.cpu(), buffer)
+            artifacts["model" if r == 0 else f"model_seed{r}"] = buffer.getvalue()
+        if spec.verify.complete:
+            data = cache.get(
+                "verify", {**inputs, "verify": spec.verify.model_dump()},
+                lambda: complete_verification(spec, models()[0].to(device), splits.test, log),
+                item["trial_id"])
+            result["metrics"].update(verification_metrics(data))
+            artifacts["verification.npz"] = data
+        result["artifacts"] = artifacts
+        return result
