@@ -324,7 +324,7 @@ def _double(model: nn.Module) -> nn.Module:
 
 def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                     time_limit: float = 10.0, tolerance: float = 1e-5,
-                    attack_steps: int = 50, attack_restarts: int = 3, batch_size: int = 32,
+                    attack_steps: int = 50, attack_restarts: int = 3, batch_size: int = 1,
                     seed: int = 0, progress: Callable[[int, int], None] | None = None
                     ) -> CompleteVerification:
     """Decide each sample of (x, y) at radius eps: proved, falsified or undecided within
