@@ -53,7 +53,7 @@ from defenses.linear_relaxations import (_IDENTITY_MODULES, _INTERVAL_FUNCTIONS,
                                          _module_lines, _PiecewiseLinear)
 
 __all__ = ["Method", "bound_pass", "crown_lower", "crown_bounds", "margin_spec",
-           "crown_margins", "crown_margin_upper_bounds", "verified_crown", "certificates",
+           "crown_margins", "alpha_crown_margins", "crown_margin_upper_bounds", "verified_crown", "certificates",
            "check_crown"]
 
 Method = Literal["crown-ibp", "crown"]
@@ -151,8 +151,11 @@ class _Pass:
 
     # -- one backward pass
 
-    def lower(self, start: fx.Node, spec: torch.Tensor) -> torch.Tensor:
-        """Lower bounds [b, s] of ``spec[b, i] . value(start)`` over the box."""
+    def lower(self, start: fx.Node, spec: torch.Tensor,
+              slopes: dict[fx.Node, torch.Tensor] | None = None) -> torch.Tensor:
+        """Lower bounds [b, s] of ``spec[b, i] . value(start)`` over the box. ``slopes``: for
+        (leaky) ReLU nodes, the lower lines' slopes [b, s, *shape] to use instead of CROWN's
+        choice (alpha-CROWN; each must lie in [leak, 1] where the neuron is unstable)."""
         A: dict[fx.Node, torch.Tensor] = {start: spec}
         bias = spec.new_zeros(spec.shape[:2])
 
@@ -184,7 +187,8 @@ class _Pass:
                 lo, hi = self._bounds_of(source)
                 la, lb, ua, ub = payload(lo, hi)
                 pos, neg = a.clamp(min=0), a.clamp(max=0)
-                push(source, pos * la.unsqueeze(1) + neg * ua.unsqueeze(1))
+                low = slopes[node] if slopes and node in slopes else la.unsqueeze(1)
+                push(source, pos * low + neg * ua.unsqueeze(1))
                 bias = bias + dot(pos, lb) + dot(neg, ub)
                 continue
             if kind == "batchnorm":
@@ -237,6 +241,60 @@ class _Pass:
                 bound = self.lower(source, spec)
                 low[:, rows], high[:, rows] = bound[:, :r], -bound[:, r:]
             self.pre[source] = Interval(low.view_as(lo), high.view_as(hi))
+
+
+    def alpha_lower(self, start: fx.Node, spec: torch.Tensor, iterations: int = 20,
+                    lr: float = 0.1) -> torch.Tensor:
+        """alpha-CROWN (Xu et al. 2021, "Fast and Complete: Enabling Complete Neural Network
+        Verification with Rapid and Massively Parallel Incomplete Verifiers"): the lower
+        bounds of ``lower``, with the slope of every unstable (leaky) ReLU's lower line, one per
+        neuron and specification row, optimised by projected gradient ascent (Adam) on the
+        bound. Any slope in [leak, 1] gives a sound line through the origin below the
+        activation, so every iterate is a sound bound and the best of them, per row, is kept;
+        the first is CROWN's own choice, so the result is never looser than ``lower``. The
+        pre-activation bounds stay as they are (IBP's, or full CROWN's); only the lines of
+        the final backward pass are optimised."""
+        b, s = spec.shape[:2]
+        free: dict[fx.Node, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        for node in self.order[1:self.index[start] + 1]:
+            kind, lines = self._kind(node)
+            if kind != "lines" or not isinstance(lines, _PiecewiseLinear):
+                continue
+            (source,) = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
+            lo, hi = self._bounds_of(source)
+            unstable = ((lo < 0) & (hi > 0)).unsqueeze(1)
+            if not unstable.any():
+                continue
+            fixed = lines(lo, hi)[0].detach().unsqueeze(1).expand(b, s, *lo.shape[1:])
+            free[node] = (unstable, fixed, fixed.detach().clone().requires_grad_(True),
+                          lines.slope)
+        with torch.no_grad():
+            best = self.lower(start, spec)
+        if not free or iterations <= 0:
+            return best
+        params = [p for _, _, p, _ in free.values()]
+        optimiser = torch.optim.Adam(params, lr=lr)
+        with torch.enable_grad():
+            for _ in range(iterations):
+                slopes = {node: torch.where(unstable, p, fixed)
+                          for node, (unstable, fixed, p, _) in free.items()}
+                bound = self.lower(start, spec, slopes)
+                best = torch.maximum(best, bound.detach())
+                # the slopes' gradients only (never the model's; the bounds of the nodes may
+                # hold the model's graph, kept for the next iteration)
+                grads = torch.autograd.grad(-bound[torch.isfinite(bound)].sum(), params,
+                                            retain_graph=True, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optimiser.step()
+                with torch.no_grad():
+                    for _, _, p, leak in free.values():
+                        p.clamp_(leak, 1.0)
+            with torch.no_grad():
+                slopes = {node: torch.where(unstable, p, fixed)
+                          for node, (unstable, fixed, p, _) in free.items()}
+                best = torch.maximum(best, self.lower(start, spec, slopes))
+        return best
 
 
 def _batchnorm_affine(m: nn.Module, b: Interval) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +378,13 @@ def margin_spec(y: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tens
     return eye[y][:, None, :] - eye[None, :, :]
 
 
+def alpha_crown_margins(run: _Pass, y: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """Upper bounds [b, classes] of ``z_j - z_y`` by alpha-CROWN (``_Pass.alpha_lower``)."""
+    spec = margin_spec(y, _classes(run), run.box.lower.dtype)
+    bound = run.alpha_lower(run.plan.output, spec, iterations)
+    return -torch.nan_to_num(bound, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 def crown_margin_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                               method: Method = "crown-ibp") -> torch.Tensor:
     """Upper bounds [b, classes] of ``z_j - z_y`` (0 at j = y), the form of
@@ -340,15 +405,23 @@ def verified_crown(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 
 @torch.no_grad()
 def certificates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                 method: Method = "crown-ibp") -> dict[str, torch.Tensor]:
+                 method: Method = "crown-ibp", alpha: bool = False) -> dict[str, torch.Tensor]:
     """Bool [b] per certificate: ``ibp`` (IBP with the last layer elided), ``crown`` (CROWN
-    alone) and ``best``: every margin ``z_j - z_y`` bounded by the smaller of the two upper
-    bounds (both are sound, so their minimum is; neither method is always the tighter: CROWN's
-    linear lower lines dip below the interval at wide boxes, Zhang et al. 2020 section 3)."""
+    alone), with ``alpha`` also ``alpha_crown`` (alpha-CROWN on the same pre-activation
+    bounds), and ``best``: every margin ``z_j - z_y`` bounded by the smallest of the upper
+    bounds (all are sound, so their minimum is; neither IBP nor CROWN is always the tighter:
+    CROWN's linear lower lines dip below the interval at wide boxes, Zhang et al. 2020
+    section 3)."""
     run = _pass(model, x, eps, method)
     ibp, crown = run.ibp_margins(y), crown_margins(run, y)
-    return {"ibp": _proven(ibp, y), "crown": _proven(crown, y),
-            "best": _proven(torch.minimum(ibp, crown), y)}
+    out = {"ibp": _proven(ibp, y), "crown": _proven(crown, y)}
+    tightest = torch.minimum(ibp, crown)
+    if alpha:
+        optimised = alpha_crown_margins(run, y)
+        out["alpha_crown"] = _proven(optimised, y)
+        tightest = torch.minimum(tightest, optimised)
+    out["best"] = _proven(tightest, y)
+    return out
 
 
 def check_crown(model: nn.Module, input_shape: tuple[int, ...]) -> None:

@@ -37,7 +37,8 @@ def accuracy(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 512
 def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int = 20,
                         alpha: float | None = None, restarts: int = 1, verify: bool = False,
                         batch_size: int = 256, seed: int = 0,
-                        suite: AttackSuite | None = None) -> dict[str, float]:
+                        suite: AttackSuite | None = None, alpha_crown: bool = False
+                        ) -> dict[str, float]:
     """Clean, PGD (random start) and, with ``verify``, verified accuracy at ``eps``.
 
     Keys (the metric names a sweep reports): ``nominal_accuracy`` (clean inputs), ``pgd_accuracy``
@@ -45,7 +46,8 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
     ``restarts`` random starts) and, with verify, ``verified_accuracy`` and each certificate's
     figure (``verified_accuracy``'s function). With ``suite``, the
     keys of ``suite_accuracy`` too, its PGD run (the suite's steps, alpha and restarts) giving
-    ``pgd_accuracy``: PGD runs once.
+    ``pgd_accuracy``: PGD runs once. With ``alpha_crown`` (and verify), alpha-CROWN joins the
+    certificates (``verified_alpha_crown_accuracy``, and in ``verified_accuracy``'s best).
     """
     out = {"nominal_accuracy": accuracy(model, data, batch_size)}
     if suite is not None:
@@ -56,29 +58,30 @@ def evaluate_robustness(model: nn.Module, data: Dataset, eps: float, steps: int 
             out["pgd_accuracy"] = robust_accuracy(model, data, eps, alpha, steps, restarts,
                                                   batch_size, seed)
     if verify:
-        out.update(verified_accuracy(model, data, eps, batch_size))
+        out.update(verified_accuracy(model, data, eps, batch_size, alpha=alpha_crown))
     return out
 
 
 @torch.no_grad()
-def verified_accuracy(model: nn.Module, data: Dataset, eps: float, batch_size: int = 256
-                      ) -> dict[str, float]:
+def verified_accuracy(model: nn.Module, data: Dataset, eps: float, batch_size: int = 256,
+                      alpha: bool = False) -> dict[str, float]:
     """The fraction of ``data`` proven robust at ``eps``: ``verified_ibp_accuracy`` (IBP),
     ``verified_crown_accuracy`` (CROWN-IBP: CROWN's backward pass on IBP's pre-activation
-    bounds) and ``verified_accuracy``, the best sound certificate: each margin bounded by the
-    tighter of the two (``defenses.crown.certificates``), so never below either."""
+    bounds), with ``alpha`` ``verified_alpha_crown_accuracy`` (alpha-CROWN on the same
+    bounds), and ``verified_accuracy``, the best sound certificate: each margin bounded by the
+    tightest of them (``defenses.crown.certificates``), so never below any."""
     device = next(model.parameters()).device
-    proven = {"ibp": 0, "crown": 0, "best": 0}
+    proven = {"ibp": 0, "crown": 0, "best": 0, **({"alpha_crown": 0} if alpha else {})}
     total = 0
     with eval_mode(model):
         for x, y in DataLoader(data, batch_size=batch_size):
             x, y = x.to(device), y.to(device)
-            for name, hit in certificates(model, x, y, eps).items():
+            for name, hit in certificates(model, x, y, eps, alpha=alpha).items():
                 proven[name] += int(hit.sum())
             total += y.numel()
-    return {"verified_accuracy": proven["best"] / max(total, 1),
-            "verified_ibp_accuracy": proven["ibp"] / max(total, 1),
-            "verified_crown_accuracy": proven["crown"] / max(total, 1)}
+    names = {"best": "verified_accuracy", "ibp": "verified_ibp_accuracy",
+             "crown": "verified_crown_accuracy", "alpha_crown": "verified_alpha_crown_accuracy"}
+    return {names[k]: v / max(total, 1) for k, v in proven.items()}
 
 
 class AttackSuite(BaseModel):

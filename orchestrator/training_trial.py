@@ -92,12 +92,13 @@ def _checkpoint(trainers: list[Trainer], metrics: dict[str, float], folder: str,
 def evaluate_training(spec: SweepSpec, model: torch.nn.Module, data: Dataset, seed: int,
                       final: bool = True) -> dict[str, float]:
     """A training trial's figures on ``data``: nominal, PGD and (IBP) verified accuracy; with
-    ``final``, the attack suite's worst case and each attack's figure too, every figure with
-    its 95% interval."""
+    ``final``, the attack suite's worst case and each attack's figure too, and alpha-CROWN
+    among the certificates (too slow for every epoch), every figure with its 95% interval."""
     attack = spec.attack
     evaluated = evaluate_robustness(model, data, attack.eps, attack.steps, attack.alpha,
                                     attack.restarts, verify=spec.defense.verifies, seed=seed,
-                                    suite=attack.attack_suite() if final else None)
+                                    suite=attack.attack_suite() if final else None,
+                                    alpha_crown=final)
     metrics = {k: float(v) for k, v in evaluated.items() if k in spec.defense.metrics}
     return with_intervals(metrics, len(data)) if final else metrics
 

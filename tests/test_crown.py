@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from torch import nn
 
 from defenses.certified_training import certified_margins, fast_regularizer, ibp_init
-from defenses.crown import (bound_pass, certificates, check_crown, crown_bounds,
+from defenses.crown import (_pass, alpha_crown_margins, bound_pass, certificates, check_crown,
+                            crown_bounds, crown_margins,
                             crown_margin_upper_bounds, verified_crown)
 from defenses.ibp import elided_upper_bounds, interval_bounds, verified
 from defenses.models import ModelName, build_model
@@ -199,6 +200,37 @@ def test_the_best_certificate_takes_the_tighter_bound_per_margin(ibp_trained_cnn
         proven = certificates(model, x, y, eps)
     best = torch.minimum(crown, ibp).scatter(1, y[:, None], -math.inf)
     assert torch.equal(proven["best"], (best <= 0).all(1))
+
+
+@settings(max_examples=10, deadline=None)
+@given(kind=st.sampled_from(["conv", "basic", "custom"]), seed=st.integers(0, 10_000),
+       eps=st.floats(0.0, 0.3), method=st.sampled_from(["crown-ibp", "crown"]))
+def test_alpha_crown_is_sound_and_never_looser_than_crown(kind, seed, eps, method):
+    model = random_network(kind, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 2, 8, 8, generator=gen)
+    y = torch.randint(0, 5, (3,), generator=gen)
+    run = _pass(model, x, eps, method)
+    crown, optimised = crown_margins(run, y).detach(), alpha_crown_margins(run, y)
+    assert bool((optimised <= crown + 1e-6).all())
+    assert all(p.grad is None for p in model.parameters())  # only the slopes were optimised
+    with torch.no_grad():
+        for z in box_points(x, eps, gen, 30):
+            out = model(z)
+            assert bool((out - out.gather(1, y[:, None]) <= optimised + 1e-4).all())
+
+
+def test_alpha_crown_proves_more_than_crown_on_a_trained_cnn(ibp_trained_cnn):
+    model, x, y = ibp_trained_cnn
+    eps = 0.05  # the training radius
+    with torch.no_grad():
+        proven = certificates(model, x, y, eps, alpha=True)
+        crown = crown_margin_upper_bounds(model, x, y, eps)
+    optimised = alpha_crown_margins(_pass(model, x, eps, "crown-ibp"), y)
+    assert bool((optimised < crown - 1e-3).any())  # the optimised lines are tighter
+    assert bool((proven["alpha_crown"] >= proven["crown"]).all())
+    assert int(proven["alpha_crown"].sum()) > int(proven["crown"].sum())
+    assert bool((proven["best"] >= proven["alpha_crown"] | proven["ibp"]).all())
 
 
 # ------------------------------------------------------------------------------------------------
