@@ -18,7 +18,7 @@ from defenses.crown import certificates
 from defenses.data import load_dataset
 from tests.integration.conftest import ROOT, front_trials, run_ok, runs_of, sweep_args
 
-SAMPLES = 60
+SAMPLES = 360  # the whole test split: its figures compare with the sweep's own
 SPACE = textwrap.dedent(f"""
     name: complete
     family: ibp
@@ -52,6 +52,9 @@ def test_the_front_is_verified_completely_and_its_model_is_in_mlflow(tmp_path):
         pytest.approx(1.0))
     assert metrics["test_verified_complete_upper"] == pytest.approx(
         proved + metrics["test_undecided_rate"])
+    # the bracket: the best incomplete certificate <= proved <= the attack suite's worst case
+    assert metrics["test_verified_accuracy"] <= proved <= metrics["test_robust_accuracy"]
+    assert "test_verified_alpha_crown_accuracy" in metrics
 
     # the model, loaded in a fresh process from runs:/<run>/model
     run_id = child.info.run_id
