@@ -247,11 +247,13 @@ class _Program:
         integrality, bounds, constraints = self._assembled
         result = milp(cost, integrality=integrality, bounds=bounds, constraints=constraints,
                       options={"time_limit": max(time_limit, 1e-3), "disp": False})
-        if result.status == 0:
-            bound = float(result.fun)
+        # HiGHS's dual bound is what it proved (an "optimal" primal value may sit above the
+        # true minimum by the relative gap it accepts)
+        dual = result.get("mip_dual_bound")
+        if dual is not None and np.isfinite(dual):
+            bound = float(dual)
         else:
-            dual = result.get("mip_dual_bound")
-            bound = float(dual) if dual is not None and np.isfinite(dual) else -math.inf
+            bound = float(result.fun) if result.status == 0 and result.fun is not None else -math.inf
         x = None if result.x is None else result.x[self.block[self.run.plan.input]]
         return bound, x
 
@@ -260,9 +262,11 @@ class _Jacobians:
     """Each affine node's Jacobians (one per bounded argument, scipy CSR [out, in]), taken once
     per model, and its offset for a sample (``f(u) - J u`` at the sample's box centres)."""
 
-    def __init__(self, run: _Pass):
+    def __init__(self, run: _Pass,
+                 cache: dict[fx.Node, list[sparse.csr_matrix]] | None = None):
         self.run = run
-        self.cache: dict[fx.Node, list[sparse.csr_matrix]] = {}
+        # shared across the samples of one model (its nodes are the same plan's)
+        self.cache: dict[fx.Node, list[sparse.csr_matrix]] = {} if cache is None else cache
 
     def of(self, node: fx.Node, inputs: list[fx.Node], sample: int
            ) -> tuple[list[sparse.csr_matrix], np.ndarray]:
@@ -352,6 +356,7 @@ def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     plan = _plan(double)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    matrices: dict[fx.Node, list[sparse.csr_matrix]] = {}
     with eval_mode(model):
         for start in range(0, n, batch_size):
             rows = slice(start, min(start + batch_size, n))
@@ -372,7 +377,7 @@ def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                 certified = certified.cpu().numpy()
             found = _attack(model, xb, yb, eps, attack_steps, attack_restarts, generator)
             shared = (time.perf_counter() - began) / (rows.stop - rows.start)
-            jacobians = _Jacobians(run)
+            jacobians = _Jacobians(run, matrices)
             for k, i in enumerate(range(rows.start, rows.stop)):
                 began = time.perf_counter()
                 label = int(yb[k])
