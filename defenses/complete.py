@@ -253,7 +253,8 @@ class _Program:
         if dual is not None and np.isfinite(dual):
             bound = float(dual)
         else:
-            bound = float(result.fun) if result.status == 0 and result.fun is not None else -math.inf
+            solved = result.status == 0 and result.fun is not None
+            bound = float(result.fun) if solved else -math.inf
         x = None if result.x is None else result.x[self.block[self.run.plan.input]]
         return bound, x
 
