@@ -242,6 +242,11 @@ BAD = [
      r"verify.complete: complete verification proves a network's decision"),
     ("a time limit of 0", variant({"verify": {"complete": True, "time_limit": 0}},
                                   base=TRAINING), r"verify.time_limit: .*greater than 0"),
+    ("complete verification of max pooling", variant(
+        {"verify": {"complete": True}, "model": {"name": "resnet18", "options": {
+            "stem": "imagenet"}}}, base=TRAINING),
+     r"verify.complete: model resnet18: complete verification cannot encode module maxpool "
+     r"\(MaxPool2d\)"),
     ("complete verification of several seeds", variant(
         {"verify": {"complete": True}, "search.repeats": 2}, base=TRAINING),
      r"verify.complete: verifies one model per trial; set search.repeats to 1"),
