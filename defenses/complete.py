@@ -22,20 +22,25 @@ line naming the operation.
 
 Each sample goes through the cheap steps first, and the program only decides what they leave:
 1. a sample the model misclassifies is falsified by itself (x is in its ball);
-2. a margin ``z_y - z_j`` that an incomplete certificate (IBP with the last layer elided,
+2. PGD with restarts on the cross-entropy: a point the model misclassifies is a
+   counterexample;
+3. a margin ``z_y - z_j`` that an incomplete certificate (IBP with the last layer elided,
    CROWN-IBP, or alpha-CROWN on full CROWN's bounds) already bounds above 0 needs no program;
    all of them: proved;
-3. PGD with restarts on the cross-entropy: a misclassifying x' is a counterexample;
 4. for each margin left, the class with the weakest certified bound first, the program
    minimises ``z_y - z_j``. The margin is proved when HiGHS's bound on the minimum (its dual
-   bound, valid also when it stops at the time limit) exceeds ``tolerance``; the sample is
-   falsified when the program's minimiser, clipped to the box, is misclassified by the model's
-   own forward pass (never by the program's word alone). The time limit is the sample's, shared
-   by its margins; a sample not decided within it is undecided.
+   bound, valid also when it stops at the time limit) exceeds the threshold below; the sample
+   is falsified when the program's minimiser, clipped to the model's own box in the model's
+   dtype, is misclassified by the model's forward pass (never by the program's word alone).
+   The time limit is the sample's, shared by its margins; a sample not decided within it is
+   undecided (``by``: ``time limit``; ``tolerance`` when a margin's minimum is within the
+   threshold of 0 and its minimiser fools nothing; ``solver`` when HiGHS fails).
 
-The proof is of the model's arithmetic in float64, up to HiGHS's feasibility tolerances
-(1e-7): ``tolerance`` (default 1e-5) keeps a margin bound that rounding could cross from
-counting as proved.
+What is proved is the model in float64 arithmetic, up to HiGHS's tolerances (1e-7 on each
+row, which big-M rows of many terms can amplify): a margin counts as proved only when its
+bound exceeds ``tolerance * (1 + s)``, s the largest logit magnitude in the box (``tolerance``
+1e-5 by default), a guard against rounding, not a proof about the float32 model's own
+rounding.
 """
 
 from __future__ import annotations
@@ -72,9 +77,10 @@ MAX_JACOBIAN_ENTRIES = 50_000_000
 @dataclass(frozen=True)
 class CompleteVerification:
     """Per sample: ``status`` (UNDECIDED 0, PROVED 1, FALSIFIED 2), ``by`` (what decided it:
-    ``clean``, ``bounds``, ``attack``, ``milp`` or ``time limit``), ``x_adv`` (the
-    counterexample where falsified, NaN elsewhere), ``seconds`` (the sample's time, its share
-    of the batched bounds included) and ``programs`` (mixed-integer programs solved)."""
+    ``clean``, ``attack``, ``bounds`` or ``milp``; or why it is undecided: ``time limit``,
+    ``tolerance``, ``solver``), ``x_adv`` (the counterexample where falsified, NaN
+    elsewhere), ``seconds`` (the sample's whole time) and ``programs`` (mixed-integer programs
+    solved)."""
 
     status: np.ndarray
     by: list[str]
@@ -228,9 +234,9 @@ class _Program:
     # -- solving
 
     def minimise_margin(self, y: int, j: int, time_limit: float
-                        ) -> tuple[float, np.ndarray | None]:
+                        ) -> tuple[float, np.ndarray | None, bool]:
         """(a lower bound of min z_y - z_j over the box, the program's minimiser of the input
-        or None)."""
+        or None, whether HiGHS failed: infeasible or a numerical error)."""
         out = self.block[self.run.plan.output]
         cost = np.zeros(self.size)
         cost[out[y]] += 1.0
@@ -247,8 +253,12 @@ class _Program:
         integrality, bounds, constraints = self._assembled
         result = milp(cost, integrality=integrality, bounds=bounds, constraints=constraints,
                       options={"time_limit": max(time_limit, 1e-3), "disp": False})
+        if result.status not in (0, 1):
+            # infeasible (the sample itself is a feasible point: the bounds or the solver are
+            # wrong) or a numerical failure: nothing is claimed
+            return -math.inf, None, True
         # HiGHS's dual bound is what it proved (an "optimal" primal value may sit above the
-        # true minimum by the relative gap it accepts)
+        # true minimum by the relative gap it accepts); a pure LP has none: its optimum
         dual = result.get("mip_dual_bound")
         if dual is not None and np.isfinite(dual):
             bound = float(dual)
@@ -256,7 +266,7 @@ class _Program:
             solved = result.status == 0 and result.fun is not None
             bound = float(result.fun) if solved else -math.inf
         x = None if result.x is None else result.x[self.block[self.run.plan.input]]
-        return bound, x
+        return bound, x, False
 
 
 class _Jacobians:
@@ -330,20 +340,22 @@ def _double(model: nn.Module) -> nn.Module:
 
 def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                     time_limit: float = 10.0, tolerance: float = 1e-5,
-                    attack_steps: int = 50, attack_restarts: int = 3, batch_size: int = 1,
-                    seed: int = 0, progress: Callable[[int, int], None] | None = None
+                    attack_steps: int = 50, attack_restarts: int = 3, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None
                     ) -> CompleteVerification:
     """Decide each sample of (x, y) at radius eps: proved, falsified or undecided within
-    ``time_limit`` seconds of solver time (see the module's docstring for the steps).
+    ``time_limit`` seconds of its programs (see the module's docstring for the steps). One
+    sample at a time: full CROWN bounds the union of a batch's unstable neurons, so batching
+    costs more than it shares.
 
     Args:
         model: an eval-mode-ready network of affine operations and (leaky) ReLUs.
         x, y: inputs in [0, 1] and labels.
-        time_limit: the solver's seconds per sample, shared by its margins.
-        tolerance: a margin is proved when its bound exceeds this.
-        attack_steps, attack_restarts: the PGD run before any program (0 steps: none).
-        batch_size: samples whose bounds are computed together.
-        progress: called with (samples done, samples) after each batch.
+        time_limit: the programs' seconds per sample, shared by its margins.
+        tolerance: a margin is proved when its bound exceeds ``tolerance * (1 + s)``, s the
+            largest magnitude the logits can take in the box.
+        attack_steps, attack_restarts: the PGD run before any bound (0 steps: none).
+        progress: called with (samples done, samples) after each sample.
     """
     if eps < 0 or time_limit <= 0:
         raise ValueError(f"eps must be >= 0 and time_limit > 0, got {eps} and {time_limit}")
@@ -359,91 +371,97 @@ def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     device = next(model.parameters()).device
     matrices: dict[fx.Node, list[sparse.csr_matrix]] = {}
     with eval_mode(model):
-        for start in range(0, n, batch_size):
-            rows = slice(start, min(start + batch_size, n))
+        for i in range(n):
             began = time.perf_counter()
-            xb, yb = x[rows].to(device), y[rows].to(device)
+            xi, yi = x[i:i + 1].to(device), y[i:i + 1].to(device)
+            label = int(yi)
             with torch.no_grad():
-                clean = model(xb).argmax(1) != yb
-            run = _Pass(double, plan, _input_box(xb.to(torch.float64), eps))
-            with torch.no_grad():
-                classes = run.env[plan.output].lower.shape[1]
-                spec = margin_spec(yb, classes, torch.float64)
-                # [b, classes]: z_y - z_j >= each bound; every one is sound, so their maximum
-                # is: IBP, CROWN-IBP, then alpha-CROWN on full CROWN's pre-activation bounds
-                # (full CROWN's are not tighter everywhere)
-                certified = torch.maximum(-run.ibp_margins(yb), run.lower(plan.output, spec))
-                run.tighten()
-                certified = torch.maximum(certified, run.alpha_lower(plan.output, spec))
-                certified = certified.cpu().numpy()
-            found = _attack(model, xb, yb, eps, attack_steps, attack_restarts, generator)
-            shared = (time.perf_counter() - began) / (rows.stop - rows.start)
-            jacobians = _Jacobians(run, matrices)
-            for k, i in enumerate(range(rows.start, rows.stop)):
-                began = time.perf_counter()
-                label = int(yb[k])
-                if clean[k]:
-                    status[i], by[i] = FALSIFIED, "clean"
-                    x_adv[i] = xb[k].cpu().numpy()
-                elif found is not None and found[1][k]:
-                    status[i], by[i] = FALSIFIED, "attack"
-                    x_adv[i] = found[0][k].cpu().numpy()
-                else:
-                    open_margins = [j for j in np.argsort(certified[k]) if j != label
-                                    and not certified[k, j] > tolerance]
-                    if not open_margins:
-                        status[i], by[i] = PROVED, "bounds"
-                    else:
-                        status[i], by[i], found_x, programs[i] = _solve(
-                            model, run, k, label, open_margins, jacobians, xb[k], time_limit,
-                            tolerance)
-                        if found_x is not None:
-                            x_adv[i] = found_x
-                seconds[i] = shared + time.perf_counter() - began
+                clean = int(model(xi).argmax(1)) != label
+            found = None if clean else _attack(model, xi, yi, eps, attack_steps,
+                                                attack_restarts, generator)
+            if clean:
+                status[i], by[i] = FALSIFIED, "clean"
+                x_adv[i] = xi[0].cpu().numpy()
+            elif found is not None:
+                status[i], by[i] = FALSIFIED, "attack"
+                x_adv[i] = found.cpu().numpy()
+            else:
+                status[i], by[i], found_x, programs[i] = _decide(
+                    model, double, plan, xi, yi, eps, matrices, time_limit, tolerance)
+                if found_x is not None:
+                    x_adv[i] = found_x
+            seconds[i] = time.perf_counter() - began
             if progress is not None:
-                progress(rows.stop, n)
+                progress(i + 1, n)
     return CompleteVerification(status, by, x_adv, seconds, programs)
 
 
+def _decide(model: nn.Module, double: nn.Module, plan, x: torch.Tensor, y: torch.Tensor,
+            eps: float, matrices: dict, time_limit: float, tolerance: float
+            ) -> tuple[int, str, np.ndarray | None, int]:
+    """One sample no attack broke: its margins bounded (IBP, CROWN-IBP, then alpha-CROWN on
+    full CROWN's pre-activation bounds; each sound, so the largest is), then the programs."""
+    run = _Pass(double, plan, _input_box(x.to(torch.float64), eps))
+    label = int(y)
+    with torch.no_grad():
+        out = run.env[plan.output]
+        spec = margin_spec(y, out.lower.shape[1], torch.float64)
+        certified = torch.maximum(-run.ibp_margins(y), run.lower(plan.output, spec))
+        run.tighten()  # full CROWN's bounds are not tighter everywhere: both are kept
+        certified = torch.maximum(certified, run.alpha_lower(plan.output, spec))[0]
+        scale = float(torch.maximum(out.lower.abs(), out.upper.abs()).max())
+    threshold = tolerance * (1.0 + scale)
+    open_margins = [int(j) for j in torch.argsort(certified).tolist()
+                    if j != label and not float(certified[j]) > threshold]
+    if not open_margins:
+        return PROVED, "bounds", None, 0
+    return _solve(model, run, label, open_margins, _Jacobians(run, matrices), x[0], eps,
+                  time_limit, threshold)
+
+
 def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-            restarts: int, generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """PGD's points and which of them the model misclassifies, or None without steps."""
+            restarts: int, generator: torch.Generator) -> torch.Tensor | None:
+    """PGD's point [*input] when the model misclassifies it, else None (also without
+    steps)."""
     if steps <= 0 or eps == 0:
         return None
     adv = pgd(model, x, y, eps, default_alpha(eps, steps), steps, restarts=restarts,
               generator=generator)
     with torch.no_grad():
-        return adv, model(adv).argmax(1) != y
+        return adv[0] if int(model(adv).argmax(1)) != int(y) else None
 
 
-def _solve(model: nn.Module, run: _Pass, k: int, label: int, margins: list[int],
-           jacobians: _Jacobians, x: torch.Tensor, time_limit: float, tolerance: float
-           ) -> tuple[int, str, np.ndarray | None, int]:
-    """Programs for sample k's open margins, weakest first, within ``time_limit`` seconds:
+def _solve(model: nn.Module, run: _Pass, label: int, margins: list[int],
+           jacobians: _Jacobians, x: torch.Tensor, eps: float, time_limit: float,
+           threshold: float) -> tuple[int, str, np.ndarray | None, int]:
+    """Programs for the open margins, weakest first, within ``time_limit`` seconds:
     (status, what decided it, the counterexample or None, programs solved)."""
     began = time.perf_counter()
-    program = _Program(run, k, jacobians)
-    low, high = run.box.lower[k], run.box.upper[k]
+    program = _Program(run, 0, jacobians)
+    # the model's own box, in its dtype: a counterexample is clipped to it and checked there
+    low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
     solved, open_reason = 0, ""
     for j in margins:
         left = time_limit - (time.perf_counter() - began)
         if left <= 0:
             return UNDECIDED, "time limit", None, solved
-        bound, point = program.minimise_margin(label, int(j), left)
+        bound, point, failed = program.minimise_margin(label, j, left)
         solved += 1
-        if bound > tolerance:
+        if failed:
+            open_reason = "solver"
+            continue
+        if bound > threshold:
             continue
         if point is not None:
             candidate = torch.from_numpy(point).reshape(x.shape).to(x)
-            candidate = torch.min(torch.max(candidate, low.to(x)), high.to(x))
+            candidate = torch.min(torch.max(candidate, low), high)
             with torch.no_grad():
                 if int(model(candidate[None]).argmax(1)) != label:
                     return FALSIFIED, "milp", candidate.cpu().numpy(), solved
         # neither proved nor broken: the sample cannot be proved, but another margin may still
         # break it
-        open_reason = ("time limit" if time.perf_counter() - began >= time_limit
-                       else "tolerance")
+        open_reason = open_reason or ("time limit" if time.perf_counter() - began >= time_limit
+                                      else "tolerance")
     if open_reason:
         return UNDECIDED, open_reason, None, solved
     return PROVED, "milp", None, solved

@@ -213,47 +213,44 @@ def selection_gaps(front: list[dict[str, Any]], metrics: Sequence[str]
     return gaps
 
 
-def log_front_artifacts(client: MlflowClient, run_id: str, artifacts: dict[str, bytes]
-                        ) -> None:
-    """A front trial's final models, each with MLflow's PyTorch flavour under its name
-    (``runs:/<run>/model``; ``model_seed1``, ... for further seeds; pickled, so loading needs
-    this project, and a user model's factory package, installed), and its files
-    (``verification.npz``) as artifacts. Once: a resumed sweep finds the tag
-    ``model_logged``."""
+def log_front_artifacts(client: MlflowClient, run_id: str, artifacts: dict[str, bytes],
+                        log: Callable[[str], None] = print) -> None:
+    """A front trial's final models, each saved with MLflow's PyTorch flavour as the artifact
+    folder of its name (``mlflow.pytorch.load_model("runs:/<run>/model")``; ``model_seed1``,
+    ... for further seeds; pickled, so loading needs this project, and a user model's factory
+    package, installed), and its files (``verification.npz``). Once: a resumed sweep finds
+    the tag ``model_logged``. A model that cannot be saved costs one console line, never the
+    report; nothing global (tracking URI, active run) is touched."""
     if not artifacts or client.get_run(run_id).data.tags.get("model_logged") == "true":
         return
     import io
     import logging
 
-    import mlflow
-    import mlflow.pytorch
     import torch
 
-    files = {name: data for name, data in artifacts.items() if "." in name}
+    quiet = logging.getLogger("mlflow")
+    level = quiet.level
     with tempfile.TemporaryDirectory() as folder:
-        for name, data in files.items():
+        for name, data in artifacts.items():
             path = Path(folder) / name
-            path.write_bytes(data)
-            client.log_artifact(run_id, str(path))
-    models = {name: data for name, data in artifacts.items() if name not in files}
-    previous = mlflow.get_tracking_uri()
-    quiet = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model",
-                                            "mlflow.utils.environment")]
-    levels = [logger.level for logger in quiet]
-    try:
-        mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
-        for logger in quiet:
-            logger.setLevel(logging.ERROR)  # pickling's and the missing signature's warnings
-        with mlflow.start_run(run_id=run_id):
-            for name, data in models.items():
+            try:
+                if "." in name:  # a file
+                    path.write_bytes(data)
+                    client.log_artifact(run_id, str(path))
+                    continue
+                import mlflow.pytorch
+
+                quiet.setLevel(logging.ERROR)  # pickling's and the missing signature's warnings
                 model = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-                mlflow.pytorch.log_model(
-                    model, name=name, serialization_format="pickle",
+                mlflow.pytorch.save_model(
+                    model, str(path), serialization_format="pickle",
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
-        mlflow.set_tracking_uri(previous)
+                client.log_artifacts(run_id, str(path), artifact_path=name)
+            except Exception as exc:  # noqa: BLE001  (the front is reported regardless)
+                log(f"  run {run_id}: {name} not logged ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")
+            finally:
+                quiet.setLevel(level)
     client.set_tag(run_id, "model_logged", "true")
 
 
@@ -384,7 +381,7 @@ def report_front(spec: SweepSpec, name: str, grid, client: MlflowClient, experim
             values = {k: v for k, v in row.items() if k.startswith(TEST_PREFIX)}
             values.update({f"test_point_{key}": row[key] for key in family.point_keys})
             _log_metrics(client, run_id, values)
-            log_front_artifacts(client, run_id, front_artifacts.get(trial_id, {}))
+            log_front_artifacts(client, run_id, front_artifacts.get(trial_id, {}), log)
     with tempfile.TemporaryDirectory() as folder:
         csv_path = Path(folder) / "pareto_front.csv"
         tested_columns = ([f"{TEST_PREFIX}{c}" for c in (*metric_columns(spec),

@@ -155,3 +155,21 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="time_limit"):
         verify_complete(net, torch.rand(2, 2), torch.zeros(2, dtype=torch.long), 0.1,
                         time_limit=0)
+
+
+def test_a_sample_whose_programs_run_out_of_time_is_undecided_never_misjudged():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                        nn.Linear(40, 3)).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(3)
+    x = torch.rand(10, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    hurried = verify_complete(net, x, y, 0.1, time_limit=1e-3, attack_steps=0)
+    patient = verify_complete(net, x, y, 0.1, time_limit=60, attack_steps=0)
+    assert (patient.status != UNDECIDED).all() and "milp" in patient.by
+    undecided = hurried.status == UNDECIDED
+    assert undecided.any() and all(hurried.by[i] == "time limit" for i in np.flatnonzero(undecided))
+    decided = ~undecided  # what the hurried run decided, it decided as the patient one did
+    assert (hurried.status[decided] == patient.status[decided]).all()

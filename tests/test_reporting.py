@@ -130,3 +130,45 @@ def test_a_grid_of_objectives_reads_each_objectives_own_front_on_test(tmp_path):
     assert "objective ibp: its own front, 2 of 3 trials" in text
     assert "objective crown_ibp: its own front, 1 of 1 trials" in text
     assert text.count("test ") >= len(front) + 5  # every front row and objective-front row
+
+
+def test_a_front_model_is_logged_once_loadable_and_without_touching_mlflow_globals(tmp_path,
+                                                                                    monkeypatch):
+    import io
+    import os
+
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.reporting import log_front_artifacts
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    run_id = client.create_run(experiment).info.run_id
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    lines = []
+    before = mlflow.get_tracking_uri()
+    artifacts = {"model": buffer.getvalue(), "verification.npz": b"npz bytes",
+                 "model_seed1": b"not a pickle"}
+    log_front_artifacts(client, run_id, artifacts, lines.append)
+    log_front_artifacts(client, run_id, artifacts, lines.append)  # a resumed sweep: nothing new
+    assert mlflow.get_tracking_uri() == before and "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.active_run() is None
+    names = sorted(a.path for a in client.list_artifacts(run_id))
+    assert names == ["model", "verification.npz"]  # the broken pickle: one line, no artifact
+    assert len(lines) == 1 and "model_seed1 not logged" in lines[0]
+    assert client.get_run(run_id).data.tags["model_logged"] == "true"
+    assert client.get_run(run_id).info.status == "RUNNING"  # the trial's run is left as it was
+    mlflow.set_tracking_uri(uri)
+    try:
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(before)
+    x = torch.rand(4, 3)
+    assert torch.equal(loaded(x), model(x))

@@ -180,6 +180,7 @@ class TrainingFamily(DefenseFamily):
     def evaluate_test(self, spec, splits, device, cache, log, item, storage) -> dict[str, Any]:
         """The trial's final models (its newest checkpoint, one per seed) on the test split,
         the attack suite included (a stage: computed once, then read back)."""
+        import copy
         import hashlib
         import io
         import json
@@ -198,7 +199,8 @@ class TrainingFamily(DefenseFamily):
         state, _ = found
         inputs = {"split": "test", "dataset": spec.dataset.model_dump(),
                   "attack": spec.attack.model_dump(), "family": self.name,
-                  "checkpoint": hashlib.sha256(state).hexdigest()}
+                  "checkpoint": hashlib.sha256(state).hexdigest(),
+                  "certificates": "ibp, crown-ibp, alpha-crown"}
 
         built: list[Any] = []
 
@@ -216,12 +218,19 @@ class TrainingFamily(DefenseFamily):
         # the final models, one per seed, for the child run (MLflow's PyTorch flavour)
         artifacts: dict[str, bytes] = {}
         for r, model in enumerate(models()):
+            name = "model" if r == 0 else f"model_seed{r}"
             buffer = io.BytesIO()
-            torch.save(model.cpu(), buffer)
-            artifacts["model" if r == 0 else f"model_seed{r}"] = buffer.getvalue()
+            try:
+                torch.save(copy.deepcopy(model).cpu(), buffer)
+            except Exception as exc:  # noqa: BLE001  (e.g. a user model holding a lambda)
+                log(f"{name} cannot be pickled for MLflow ({type(exc).__name__}); its weights "
+                    f"stay in the trial's checkpoint")
+                continue
+            artifacts[name] = buffer.getvalue()
         if spec.verify.complete:
             data = cache.get(
-                "verify", {**inputs, "verify": spec.verify.model_dump()},
+                "verify", {**inputs, "verify": spec.verify.model_dump(),
+                           "seed": spec.training.seed},
                 lambda: complete_verification(spec, models()[0].to(device), splits.test, log),
                 item["trial_id"])
             result["metrics"].update(verification_metrics(data))

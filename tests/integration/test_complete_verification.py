@@ -88,6 +88,7 @@ def test_the_front_is_verified_completely_and_its_model_is_in_mlflow(tmp_path):
     assert (falsified == np.flatnonzero(status == FALSIFIED)).all()
     assert np.allclose(found["x"], x[falsified].numpy())
     assert (found["y"] == y[falsified].numpy()).all()
+    assert len(falsified)  # an IBP model at its training radius: some samples fall
     x_adv = torch.from_numpy(found["x_adv"])
     assert (x_adv - x[falsified]).abs().max() <= 0.1 + 1e-6
     assert (x_adv.min() >= 0) and (x_adv.max() <= 1)
