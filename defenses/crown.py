@@ -266,8 +266,9 @@ class _Pass:
             if not unstable.any():
                 continue
             fixed = lines(lo, hi)[0].detach().unsqueeze(1).expand(b, s, *lo.shape[1:])
-            free[node] = (unstable, fixed, fixed.detach().clone().requires_grad_(True),
-                          lines.slope)
+            mask = unstable.expand_as(fixed)
+            # one free slope per unstable neuron and row (Adam keeps state for these only)
+            free[node] = (mask, fixed, fixed[mask].clone().requires_grad_(True), lines.slope)
         with torch.no_grad():
             best = self.lower(start, spec)
         if not free or iterations <= 0:
@@ -276,8 +277,8 @@ class _Pass:
         optimiser = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for _ in range(iterations):
-                slopes = {node: torch.where(unstable, p, fixed)
-                          for node, (unstable, fixed, p, _) in free.items()}
+                slopes = {node: fixed.masked_scatter(mask, p)
+                          for node, (mask, fixed, p, _) in free.items()}
                 bound = self.lower(start, spec, slopes)
                 best = torch.maximum(best, bound.detach())
                 # the slopes' gradients only (never the model's; the bounds of the nodes may
@@ -291,8 +292,8 @@ class _Pass:
                     for _, _, p, leak in free.values():
                         p.clamp_(leak, 1.0)
             with torch.no_grad():
-                slopes = {node: torch.where(unstable, p, fixed)
-                          for node, (unstable, fixed, p, _) in free.items()}
+                slopes = {node: fixed.masked_scatter(mask, p)
+                          for node, (mask, fixed, p, _) in free.items()}
                 best = torch.maximum(best, self.lower(start, spec, slopes))
         return best
 
