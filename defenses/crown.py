@@ -26,8 +26,9 @@ box, starting at the output (A = C, c = 0) and pulled back through each node to 
 
 The pre-activation bounds l, u come from IBP (``method="crown-ibp"``, the CROWN-IBP setting) or
 from CROWN itself, bounding each activation's input in order with the identity specification
-(``method="crown"``, full CROWN: a backward pass per unstable hidden neuron, for verification of
-small models). Both agree with auto_LiRPA 0.7.1's ``CROWN-IBP`` and ``CROWN`` to rounding on
+(``method="crown"``, full CROWN: the unstable neurons of a layer as the specification rows of
+one backward pass, in chunks; a first layer's exact interval is kept as it is; for
+verification of small models). Both agree with auto_LiRPA 0.7.1's ``CROWN-IBP`` and ``CROWN`` to rounding on
 every built-in model (``benchmarks/crown_crosscheck.py``).
 
 The last layer needs no elision of its own: the specification ``e_y - e_j`` is pulled through it
