@@ -132,6 +132,8 @@ def _front_notes(result, spec) -> list[str]:
                                       ("base_robust_accuracy", "robust_accuracy"))
                     if prefix + key in base)
                 lines.append(f"the bare model ({split}): {figures}")
+    if result.tested and spec.verify.complete:
+        lines.extend(_bracket_lines(result.front))
     if result.tested:
         gaps = "; ".join(f"{m} {mean:+.3f} (largest {largest:+.3f})"
                          for m, (mean, largest) in result.selection_gap.items())
@@ -144,6 +146,32 @@ def _front_notes(result, spec) -> list[str]:
     if spec.search.repeats > 1:
         lines.append(f"each figure is the mean over {spec.search.repeats} seeds; sd: its "
                      "standard deviation across them")
+    return lines
+
+
+def _bracket_lines(front) -> list[str]:
+    """Each front trial's bracket on the test samples complete verification decided: the
+    exact robust accuracy lies between the proved rate and the smaller of proved + undecided
+    and the attacked figure (over the whole split; exact when nothing is undecided)."""
+    lines = []
+    for row in front:
+        proved = row.get(TEST_PREFIX + "verified_complete_accuracy")
+        if proved is None:
+            continue
+        undecided = row.get(TEST_PREFIX + "undecided_rate", math.nan)
+        attacked = row.get(TEST_PREFIX + "robust_accuracy", math.inf)
+        top = min(row.get(TEST_PREFIX + "verified_complete_upper", math.nan), attacked)
+        exact = (f"exactly {proved:.3f}" if undecided == 0
+                 else f"in [{proved:.3f}, {top:.3f}]")
+        cell = format_interval(proved, row.get(TEST_PREFIX + "verified_complete_accuracy_ci_low",
+                                               math.nan),
+                               row.get(TEST_PREFIX + "verified_complete_accuracy_ci_high",
+                                       math.nan))
+        lines.append(f"complete verification, trial {row['trial_id']} (test, "
+                     f"{row.get(TEST_PREFIX + 'verify_samples', math.nan):.0f} samples): proved "
+                     f"{cell}, undecided {undecided:.3f}, falsified "
+                     f"{row.get(TEST_PREFIX + 'falsified_rate', math.nan):.3f}; robust accuracy "
+                     f"{exact}")
     return lines
 
 

@@ -4,6 +4,7 @@ with MLflow's PyTorch flavour; the model loads in a fresh process, every stored 
 is in its ball and fools the logged model, and an independent attack breaks no proved sample."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,7 +40,10 @@ SPACE = textwrap.dedent(f"""
 def test_the_front_is_verified_completely_and_its_model_is_in_mlflow(tmp_path):
     args, uri = sweep_args(tmp_path, SPACE, "complete")
     done = run_ok(args, tmp_path)
-    assert "complete verification" in done.stdout
+    assert "complete verification at eps 0.1: proved" in done.stdout  # the trial's line
+    assert re.search(r"complete verification, trial \w+ \(test, 360 samples\): proved "
+                     r"[\d.]+ \([\d.]+-[\d.]+\), undecided [\d.]+, falsified [\d.]+; robust "
+                     r"accuracy (exactly|in \[)", done.stdout), done.stdout[-2000:]
     client, parents, children = runs_of(uri, "complete")
     (child,) = children
     assert front_trials(client, parents[0]) == {child.data.tags["ray_trial_id"]}
