@@ -24,9 +24,10 @@ stronger attack fooled it. The table gives both robust accuracies, their gap (de
 and the wall time of each, and, per point, how many extra samples each attack found.
 
 Several depths (``--space lesci_depths``, a depth such as ``stem+layer1``): the vote sums each
-depth's k nearest neighbours (Deep k-NN, Papernot & McDaniel 2018); the exact attacks use the library's margin
-of the summed vote, and ``lse`` an independent softening of it: every (j_1, ..., j_L) with
-j_1 + ... + j_L = n is enumerated, instead of the library's (max, min) recursion.
+depth's k nearest neighbours (Deep k-NN, Papernot & McDaniel 2018); the exact attacks use the
+library's margin of the summed vote, and ``lse`` an independent softening of it: every
+(j_1, ..., j_L) with j_1 + ... + j_L = n is enumerated, instead of the library's (max, min)
+recursion.
 
 Everything else is the space's (``--space``, default ``search_spaces/demo.yaml``), read from it
 so the two cannot drift apart: the base model (trained as the sweep trains it, cached under

@@ -24,7 +24,6 @@ order; the figures of each trial are fixed).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -140,31 +139,17 @@ def _table(summary: dict[str, Any]) -> str:
 def _from_sweep(name: str, mlflow_uri: str, storage_uri: str) -> Curves:
     """A finished full-budget sweep's curves (MLflow) and its trials' test figures (their
     final checkpoints in ``storage_uri``)."""
-    import torch
-    from mlflow.tracking import MlflowClient
+    from benchmarks.stored import final_model, open_sweep
+    from orchestrator.training_trial import evaluate_training
 
-    from orchestrator.space import SweepSpec
-    from orchestrator.storage import Storage
-    from orchestrator.sweep import SPACE_FILE
-    from orchestrator.training_trial import evaluate_training, newest_checkpoint, trial_models
-
-    storage = Storage.from_uri(storage_uri)
-    stored = storage.read_bytes(SPACE_FILE)
-    if stored is None:
-        raise SystemExit(f"--storage {storage_uri}: no sweep there (no {SPACE_FILE})")
-    spec = SweepSpec(**json.loads(stored))
+    spec, storage, client, experiment_id = open_sweep(name, mlflow_uri, storage_uri)
     if spec.defense.budget_unit is None:
         raise SystemExit(f"--storage {storage_uri}: family {spec.family!r} has no budget "
                          "unit to replay")
-    client = MlflowClient(mlflow_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise SystemExit(f"--name {name}: no such experiment in {mlflow_uri}")
-    children = [r for r in client.search_runs([experiment.experiment_id], max_results=10_000)
+    children = [r for r in client.search_runs([experiment_id], max_results=10_000)
                 if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
     epochs = spec.training.epochs
     splits = spec.dataset.load()
-    folders = storage.list("")
     val, test = {}, {}
     for child in children:
         trial_id = child.data.tags["ray_trial_id"]
@@ -176,11 +161,7 @@ def _from_sweep(name: str, mlflow_uri: str, storage_uri: str) -> Curves:
                              "stopping")
         val[trial_id] = [{m: histories[m][e] for m in spec.optimize}
                          for e in range(1, epochs + 1)]
-        folder = next((f for f in folders if f"_{trial_id}_" in f), None)
-        state = newest_checkpoint(storage.child(folder)) if folder else None
-        if state is None:
-            raise SystemExit(f"--storage {storage_uri}: no checkpoint of trial {trial_id}")
-        model = trial_models(spec, splits, state[0], torch.device("cpu"))[0]
+        model = final_model(spec, splits, storage, trial_id)
         final = any(m not in ("nominal_accuracy", "pgd_accuracy", "verified_accuracy",
                               "verified_ibp_accuracy", "verified_crown_accuracy")
                     for m in spec.optimize)

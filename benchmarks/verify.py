@@ -19,7 +19,6 @@ undecided). 95% intervals are Wilson's over the samples.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter
 from typing import Any
@@ -85,39 +84,21 @@ def _consistent(rows: list[tuple[str, dict[str, Any]]]) -> bool:
 
 def _from_sweep(name: str, mlflow_uri: str, storage_uri: str, samples: int,
                 time_limit: float, eps: float | None) -> list[tuple[str, dict[str, Any]]]:
-    from mlflow.tracking import MlflowClient
+    from benchmarks.stored import final_model, open_sweep
 
-    from orchestrator.space import SweepSpec
-    from orchestrator.storage import Storage
-    from orchestrator.sweep import SPACE_FILE
-    from orchestrator.training_trial import newest_checkpoint, trial_models
-
-    storage = Storage.from_uri(storage_uri)
-    stored = storage.read_bytes(SPACE_FILE)
-    if stored is None:
-        raise SystemExit(f"--storage {storage_uri}: no sweep there (no {SPACE_FILE})")
-    spec = SweepSpec(**json.loads(stored))
+    spec, storage, client, experiment_id = open_sweep(name, mlflow_uri, storage_uri)
     if spec.defense.surface:
         raise SystemExit(f"--storage {storage_uri}: a {spec.family} sweep; complete "
                          "verification is for the training families")
-    client = MlflowClient(mlflow_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise SystemExit(f"--name {name}: no such experiment in {mlflow_uri}")
-    front = [r for r in client.search_runs([experiment.experiment_id], max_results=10_000)
+    front = [r for r in client.search_runs([experiment_id], max_results=10_000)
              if r.data.tags.get("pareto_optimal") == "true"]
     if not front:
         raise SystemExit(f"--name {name}: no trial tagged pareto_optimal (an unfinished sweep?)")
     splits = spec.dataset.load()
-    folders = storage.list("")
     rows = []
     for child in sorted(front, key=lambda r: r.data.tags["ray_trial_id"]):
         trial_id = child.data.tags["ray_trial_id"]
-        folder = next((f for f in folders if f"_{trial_id}_" in f), None)
-        state = newest_checkpoint(storage.child(folder)) if folder else None
-        if state is None:
-            raise SystemExit(f"--storage {storage_uri}: no checkpoint of trial {trial_id}")
-        model = trial_models(spec, splits, state[0], torch.device("cpu"))[0]
+        model = final_model(spec, splits, storage, trial_id)
         objective = child.data.params.get("objective", "")
         print(f"  {trial_id} ({objective}): verifying {samples} test samples ...", flush=True)
         rows.append((f"{trial_id} {objective}".strip(), verify_model(

@@ -25,8 +25,9 @@ Each sample goes through the cheap steps first, and the program only decides wha
 2. PGD with restarts on the cross-entropy: a point the model misclassifies is a
    counterexample;
 3. a margin ``z_y - z_j`` that an incomplete certificate (IBP with the last layer elided,
-   CROWN-IBP, or alpha-CROWN on full CROWN's bounds) already bounds above 0 needs no program;
-   all of them: proved;
+   alpha-CROWN on IBP's or on full CROWN's pre-activation bounds; alpha-CROWN starts from
+   CROWN's own lines, so CROWN-IBP is included) already bounds above 0 needs no program; all
+   of them: proved;
 4. for each margin left, the class with the weakest certified bound first, the program
    minimises ``z_y - z_j``. The margin is proved when HiGHS's bound on the minimum (its dual
    bound, valid also when it stops at the time limit) exceeds the threshold below; the sample
@@ -59,7 +60,7 @@ from torch import fx, nn
 
 from defenses.attacks import default_alpha, pgd
 from defenses.crown import _Pass, margin_spec
-from defenses.ibp import _input_box, _no_rule, _plan, probe_input
+from defenses.ibp import _input_box, _operation, _plan, probe_input
 from defenses.interval_rules import Interval
 from defenses.linear_relaxations import _PiecewiseLinear
 from defenses.models import eval_mode
@@ -109,11 +110,11 @@ class CompleteVerification:
 
 
 class _Program:
-    """The exact mixed-integer encoding of one model, one sample's box and its bounds: variable
-    blocks per node, rows of constraints, integrality."""
+    """The exact mixed-integer encoding of one model, one sample's box (a pass over a batch of
+    one) and its bounds: variable blocks per node, rows of constraints, integrality."""
 
-    def __init__(self, run: _Pass, sample: int, jacobians: "_Jacobians"):
-        self.run, self.sample = run, sample
+    def __init__(self, run: _Pass, jacobians: "_Jacobians"):
+        self.run = run
         self.lower: list[np.ndarray] = []
         self.upper: list[np.ndarray] = []
         self.integer: list[np.ndarray] = []
@@ -160,11 +161,11 @@ class _Program:
         """The node's value bounds for this sample: IBP's, intersected with full CROWN's where
         it tightened them."""
         box = self.run.env[node]
-        low, high = box.lower[self.sample], box.upper[self.sample]
+        low, high = box.lower[0], box.upper[0]
         tight = self.run.pre.get(node)
         if tight is not None:
-            low = torch.maximum(low, tight.lower[self.sample])
-            high = torch.minimum(high, tight.upper[self.sample])
+            low = torch.maximum(low, tight.lower[0])
+            high = torch.minimum(high, tight.upper[0])
         low, high = _flat(low), _flat(high)
         return low, np.maximum(high, low)
 
@@ -191,7 +192,7 @@ class _Program:
         raise _refused(node, run.model)
 
     def _affine(self, node: fx.Node, inputs: list[fx.Node], jacobians: "_Jacobians") -> None:
-        matrices, offset = jacobians.of(node, inputs, self.sample)
+        matrices, offset = jacobians.of(node, inputs)
         out = self._variables(*self._bounds(node))
         self.block[node] = out
         # v - sum_k J_k u_k = c
@@ -271,7 +272,7 @@ class _Program:
 
 class _Jacobians:
     """Each affine node's Jacobians (one per bounded argument, scipy CSR [out, in]), taken once
-    per model, and its offset for a sample (``f(u) - J u`` at the sample's box centres)."""
+    per model, and its offset for the pass's sample (``f(u) - J u`` at its box centres)."""
 
     def __init__(self, run: _Pass,
                  cache: dict[fx.Node, list[sparse.csr_matrix]] | None = None):
@@ -279,11 +280,10 @@ class _Jacobians:
         # shared across the samples of one model (its nodes are the same plan's)
         self.cache: dict[fx.Node, list[sparse.csr_matrix]] = {} if cache is None else cache
 
-    def of(self, node: fx.Node, inputs: list[fx.Node], sample: int
+    def of(self, node: fx.Node, inputs: list[fx.Node]
            ) -> tuple[list[sparse.csr_matrix], np.ndarray]:
         run = self.run
-        centres = [((run.env[n].lower + run.env[n].upper) / 2)[sample:sample + 1]
-                   for n in inputs]
+        centres = [(run.env[n].lower + run.env[n].upper) / 2 for n in inputs]
 
         def f(*ts: torch.Tensor) -> torch.Tensor:
             return run._call(node, dict(zip(inputs, ts)))
@@ -312,8 +312,8 @@ def _flat(t: torch.Tensor) -> np.ndarray:
 
 
 def _refused(node: fx.Node, model: nn.Module) -> ValueError:
-    what = str(_no_rule(node, model)).split(": no rule for ", 1)[1].split(" (supported", 1)[0]
-    return ValueError(f"complete verification cannot encode {what}: only affine operations and "
+    return ValueError(f"complete verification cannot encode {_operation(node, model)} at node "
+                      f"{node.name!r}: only affine operations and "
                       f"ReLU / leaky ReLU activations have an exact mixed-integer encoding")
 
 
@@ -331,7 +331,7 @@ def check_complete(model: nn.Module, input_shape: Sequence[int]) -> None:
     x = probe_input(model, tuple(input_shape), torch.Generator().manual_seed(0))[:1]
     double = _double(model)
     run = _Pass(double, _plan(double), _input_box(x.to(torch.float64), 0.0))
-    _Program(run, 0, _Jacobians(run))
+    _Program(run, _Jacobians(run))
 
 
 def _double(model: nn.Module) -> nn.Module:
@@ -399,15 +399,17 @@ def verify_complete(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
 def _decide(model: nn.Module, double: nn.Module, plan, x: torch.Tensor, y: torch.Tensor,
             eps: float, matrices: dict, time_limit: float, tolerance: float
             ) -> tuple[int, str, np.ndarray | None, int]:
-    """One sample no attack broke: its margins bounded (IBP, CROWN-IBP, then alpha-CROWN on
+    """One sample no attack broke: its margins bounded (IBP, then alpha-CROWN on IBP's and on
     full CROWN's pre-activation bounds; each sound, so the largest is), then the programs."""
     run = _Pass(double, plan, _input_box(x.to(torch.float64), eps))
     label = int(y)
     with torch.no_grad():
         out = run.env[plan.output]
         spec = margin_spec(y, out.lower.shape[1], torch.float64)
-        certified = torch.maximum(-run.ibp_margins(y), run.lower(plan.output, spec))
-        run.tighten()  # full CROWN's bounds are not tighter everywhere: both are kept
+        # alpha-CROWN on IBP's pre-activation bounds (what the sweep's certificate uses) and
+        # on full CROWN's, which are not tighter everywhere: the tightest of each margin
+        certified = torch.maximum(-run.ibp_margins(y), run.alpha_lower(plan.output, spec))
+        run.tighten()
         certified = torch.maximum(certified, run.alpha_lower(plan.output, spec))[0]
         scale = float(torch.maximum(out.lower.abs(), out.upper.abs()).max())
     threshold = tolerance * (1.0 + scale)
@@ -437,7 +439,7 @@ def _solve(model: nn.Module, run: _Pass, label: int, margins: list[int],
     """Programs for the open margins, weakest first, within ``time_limit`` seconds:
     (status, what decided it, the counterexample or None, programs solved)."""
     began = time.perf_counter()
-    program = _Program(run, 0, jacobians)
+    program = _Program(run, jacobians)
     # the model's own box, in its dtype: a counterexample is clipped to it and checked there
     low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
     solved, open_reason = 0, ""

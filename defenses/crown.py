@@ -28,8 +28,8 @@ The pre-activation bounds l, u come from IBP (``method="crown-ibp"``, the CROWN-
 from CROWN itself, bounding each activation's input in order with the identity specification
 (``method="crown"``, full CROWN: the unstable neurons of a layer as the specification rows of
 one backward pass, in chunks; a first layer's exact interval is kept as it is; for
-verification of small models). Both agree with auto_LiRPA 0.7.1's ``CROWN-IBP`` and ``CROWN`` to rounding on
-every built-in model (``benchmarks/crown_crosscheck.py``).
+verification of small models). Both agree with auto_LiRPA 0.7.1's ``CROWN-IBP`` and ``CROWN``
+to rounding on every built-in model (``benchmarks/crown_crosscheck.py``).
 
 The last layer needs no elision of its own: the specification ``e_y - e_j`` is pulled through it
 like through any linear node, so margins ``z_y - z_j`` are bounded directly.
@@ -54,8 +54,8 @@ from defenses.linear_relaxations import (_IDENTITY_MODULES, _INTERVAL_FUNCTIONS,
                                          _module_lines, _PiecewiseLinear)
 
 __all__ = ["Method", "bound_pass", "crown_lower", "crown_bounds", "margin_spec",
-           "crown_margins", "alpha_crown_margins", "crown_margin_upper_bounds", "verified_crown", "certificates",
-           "check_crown"]
+           "crown_margins", "alpha_crown_margins", "crown_margin_upper_bounds", "verified_crown",
+           "certificates", "check_crown"]
 
 Method = Literal["crown-ibp", "crown"]
 METHODS = ("crown-ibp", "crown")
@@ -301,7 +301,6 @@ class _Pass:
                 bound = self.lower(source, spec)
                 low[:, rows], high[:, rows] = bound[:, :r], -bound[:, r:]
             self.pre[source] = Interval(low.view_as(lo), high.view_as(hi))
-
 
     def alpha_lower(self, start: fx.Node, spec: torch.Tensor, iterations: int = 20,
                     lr: float = 0.1) -> torch.Tensor:

@@ -185,13 +185,18 @@ def _plan(model: nn.Module) -> _Plan:
 # the interpreter
 
 
-def _no_rule(node: fx.Node, model: nn.Module, reason: str = "") -> ValueError:
+def _operation(node: fx.Node, model: nn.Module) -> str:
+    """What a node computes, for an error line: ``module conv1 (Conv2d)``, ``call_method
+    Tensor.view``, ``call_function torch.sigmoid``."""
     if node.op == "call_module":
-        what = f"module {node.target} ({type(model.get_submodule(node.target)).__name__})"
-    elif node.op == "call_method":
-        what = f"call_method Tensor.{node.target}"
-    else:
-        what = f"call_function {_function_name(node.target)}"
+        return f"module {node.target} ({type(model.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        return f"call_method Tensor.{node.target}"
+    return f"call_function {_function_name(node.target)}"
+
+
+def _no_rule(node: fx.Node, model: nn.Module, reason: str = "") -> ValueError:
+    what = _operation(node, model)
     reason = f": {reason}" if reason else ""
     return ValueError(f"interval bounds: no rule for {what}{reason} at node {node.name!r} "
                       f"(supported: {_supported(node.op)})")

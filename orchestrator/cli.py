@@ -160,7 +160,7 @@ def _bracket_lines(front) -> list[str]:
             continue
         undecided = row.get(TEST_PREFIX + "undecided_rate", math.nan)
         attacked = row.get(TEST_PREFIX + "robust_accuracy", math.inf)
-        top = min(row.get(TEST_PREFIX + "verified_complete_upper", math.nan), attacked)
+        top = min(proved + undecided, attacked)
         exact = (f"exactly {proved:.3f}" if undecided == 0
                  else f"in [{proved:.3f}, {top:.3f}]")
         cell = format_interval(proved, row.get(TEST_PREFIX + "verified_complete_accuracy_ci_low",

@@ -277,9 +277,9 @@ def lesci_trial(config: dict[str, Any], spec_json: dict[str, Any], storage_uri: 
     if spec.scheduler.name == "mo_asha":  # race the attacks against every trial's points
         race = SurfaceRace(storage, tune.get_context().get_trial_id() or "trial",
                            trial.params.depth, json.dumps(config, sort_keys=True, default=str),
-                           points, spec.optimize, {}, spec.scheduler.grace_period, spec.scheduler.reduction_factor, log,
-                           points_compared=spec.trial_count
-                           * spec.defense.largest_surface(spec))
+                           points, spec.optimize, {}, spec.scheduler.grace_period,
+                           spec.scheduler.reduction_factor, log,
+                           points_compared=spec.trial_count * spec.defense.largest_surface(spec))
     metrics, budget, base, size = lesci_figures(spec, trial, points, splits, "val", device,
                                                 _stage_cache(storage, log), log, race)
     rows = surface_rows(trial, size, points, metrics)

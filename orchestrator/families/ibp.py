@@ -18,8 +18,8 @@ class IBPFamily(TrainingFamily):
     name = "ibp"
     metrics = {name: "max" for name in (
         "nominal_accuracy", "verified_accuracy", "verified_ibp_accuracy",
-        "verified_crown_accuracy", "verified_alpha_crown_accuracy", "pgd_accuracy", "robust_accuracy", "apgd_ce_accuracy",
-        "apgd_t_accuracy", "square_accuracy")}
+        "verified_crown_accuracy", "verified_alpha_crown_accuracy", "pgd_accuracy",
+        "robust_accuracy", "apgd_ce_accuracy", "apgd_t_accuracy", "square_accuracy")}
     verifies = True
 
     def objective_space(self, spec) -> ObjectiveSpace:

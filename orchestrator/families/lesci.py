@@ -1,6 +1,6 @@
-"""LESCI: a kNN-vote projection layer at one depth, or a Deep k-NN vote
-over several (Papernot & McDaniel 2018). A trial is one (depth or depths, n_components, embedding size,
-centring, calibration); it evaluates its whole (k, m) surface from one k_max search per depth,
+"""LESCI: a kNN-vote projection layer at one depth, or a Deep k-NN vote over several (Papernot
+& McDaniel 2018). A trial is one (depth or depths, n_components, embedding size, centring,
+calibration); it evaluates its whole (k, m) surface from one k_max search per depth,
 so ``k`` and ``threshold`` span the surface instead of being searched."""
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class LESCIParams(BaseModel):
 
     ``depth`` may name several depths ("stem+layer1", written as a list in a space): each has
     its own PCA and space, and their k nearest neighbours vote together (Deep k-NN, Papernot &
-    McDaniel 2018). ``calibration``: a fraction of the training split (or a count) held out of the PCAs and
-    embedding spaces, which gives each (k, m) point its Deep k-NN credibility; unset: none
-    (the whole split builds the spaces, and credibility is not measured)."""
+    McDaniel 2018). ``calibration``: a fraction of the training split (or a count) held out of
+    the PCAs and embedding spaces, which gives each (k, m) point its Deep k-NN credibility;
+    unset: none (the whole split builds the spaces, and credibility is not measured)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -231,7 +231,7 @@ class TrainingFamily(DefenseFamily):
             data = cache.get(
                 "verify", {**inputs, "verify": spec.verify.model_dump(),
                            "seed": spec.training.seed},
-                lambda: complete_verification(spec, models()[0].to(device), splits.test, log),
+                lambda: complete_verification(spec, models()[0], splits.test, log),
                 item["trial_id"])
             result["metrics"].update(verification_metrics(data))
             artifacts["verification.npz"] = data
