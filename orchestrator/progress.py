@@ -89,7 +89,7 @@ class ConsoleProgress(tune.Callback):
     def _status(self, trials, ending=None, status: str = "") -> None:
         """``ending``: the trial whose end is being reported (Tune updates its status after
         the callbacks), counted as ``status``."""
-        counts = {"TERMINATED": 0, "RUNNING": 0, "ERROR": 0}
+        counts = {"TERMINATED": 0, "RUNNING": 0, "ERROR": 0, "PAUSED": 0}
         durations = []
         for trial in trials:
             now = status if trial is ending else trial.status
@@ -98,6 +98,8 @@ class ConsoleProgress(tune.Callback):
             if now == "TERMINATED" and trial.last_result:
                 durations.append(float(trial.last_result.get("time_total_s", 0.0)))
         done, running, failed = counts["TERMINATED"], counts["RUNNING"], counts["ERROR"]
+        # resting at a rung of a promoting scheduler (orchestrator.schedulers)
+        paused = f", {counts['PAUSED']} paused" if counts["PAUSED"] else ""
         elapsed = time.time() - self._start
         ended = done + failed
         left = ""
@@ -111,8 +113,8 @@ class ConsoleProgress(tune.Callback):
             left = f", about {format_seconds(estimate)} left"
         rows = [row for trial_rows in self._rows.values() for row in trial_rows]
         volume = f", front hypervolume {front_of(rows, self.optimize)[1]:.4f}" if rows else ""
-        self.log(f"[{format_seconds(elapsed)}] trials: {done} done, {running} running, "
-                 f"{failed} failed, of {self.total}{left}{volume}")
+        self.log(f"[{format_seconds(elapsed)}] trials: {done} done, {running} running"
+                 f"{paused}, {failed} failed, of {self.total}{left}{volume}")
         self._last_status = time.time()
 
     def _record(self, trial, result: dict[str, Any] | None) -> None:

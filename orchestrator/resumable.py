@@ -16,6 +16,11 @@ The table is what Tune resumes, so it is the truth: at restore the searcher's bo
 rebuilt from it. The trials it shows unfinished (pending, running, paused, or errored: sweeps
 resume with ``resume_errored=True``) are the live ones, each holding a slot until it ends; trials
 are handed out after the last one in the table, never again one it holds, none it lacks skipped.
+
+Under early stopping by promotion (``orchestrator.schedulers``), a trial resting at a rung is
+paused, not finished, and would keep its slot: with every slot held by resting trials no new
+trial would start, and nothing would promote them. ``max_concurrent`` therefore counts the
+live trials less those resting (``RESTING``, kept by the scheduler under the sweep's name).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from ray.tune.search.basic_variant import _TrialIterator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
-__all__ = ["SavedTrial", "saved_trials", "ResumableVariants", "ResumableSearch"]
+__all__ = ["SavedTrial", "saved_trials", "ResumableVariants", "ResumableSearch",
+           "SlotLimiter"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +91,35 @@ class _AgreesOnRestore:
             self.agree_with(trials)
 
 
+class _Resting:
+    """The live trials of a searcher, less those resting at a rung while the call runs."""
+
+    def __init__(self, owner: Any, attribute: str, sweep: str | None):
+        self.owner, self.attribute, self.sweep = owner, attribute, sweep
+
+    def __enter__(self) -> None:
+        from orchestrator.schedulers import RESTING
+
+        live = getattr(self.owner, self.attribute)
+        self.resting = live & RESTING.get(self.sweep, set()) if self.sweep else set()
+        setattr(self.owner, self.attribute, live - self.resting)
+
+    def __exit__(self, *exc: Any) -> None:
+        setattr(self.owner, self.attribute, getattr(self.owner, self.attribute) | self.resting)
+
+
 class ResumableVariants(_AgreesOnRestore, BasicVariantGenerator):
     """Tune's grid and random search (``BasicVariantGenerator``, ``max_concurrent`` trials at
-    once) whose restore agrees with the restored trial table (see the module docstring)."""
+    once, not counting those resting at a rung of sweep ``resting``) whose restore agrees with
+    the restored trial table (see the module docstring)."""
 
-    def __init__(self, max_concurrent: int = 0):
+    def __init__(self, max_concurrent: int = 0, resting: str | None = None):
         super().__init__(max_concurrent=max_concurrent)
+        self.resting = resting
+
+    def next_trial(self):
+        with _Resting(self, "_live_trials", getattr(self, "resting", None)):
+            return super().next_trial()
 
     def agree_with(self, trials: list[SavedTrial]) -> None:
         """Bring the generator in line with the restored table ``trials``."""
@@ -135,6 +164,19 @@ def _made_by(prefix: str, trials: list[SavedTrial]) -> int:
     indices = [int(t.trial_id[len(prefix):]) for t in trials
                if t.trial_id.startswith(prefix) and t.trial_id[len(prefix):].isdigit()]
     return max(indices) + 1 if indices else 0
+
+
+class SlotLimiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter``, not counting the trials resting at a rung of sweep
+    ``resting``."""
+
+    def __init__(self, searcher, max_concurrent: int, resting: str | None = None):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.resting = resting
+
+    def suggest(self, trial_id: str):
+        with _Resting(self, "live_trials", self.resting):
+            return super().suggest(trial_id)
 
 
 class ResumableSearch(_AgreesOnRestore, SearchGenerator):

@@ -7,8 +7,22 @@ budget. The first result of a trial at or past a rung is recorded there and rank
 every result recorded at that rung so far (itself included): by non-dominated sorting over
 the space's optimized metrics (front 1, then front 2 of the rest, ...), and inside a front by
 an epsilon-net, greedy farthest-point order in objective space normalised over the rung.
-The trial continues iff its rank r (0-based) satisfies ``r < n / reduction_factor`` for the n
-results at the rung.
+What happens next depends on the scheduler's ``type``:
+
+- ``stopping`` (Ray Tune's ASHA): the trial continues iff its rank r (0-based) satisfies
+  ``r < n / reduction_factor`` for the n results at the rung, and stops otherwise. A result
+  alone at its rung (the first trials of a sweep) always continues.
+- ``promotion`` (ASHA as Li et al. state it: a trial is promoted out of a rung while it is
+  among the rung's top ``floor(n / reduction_factor)``): a trial that is not pauses at the
+  rung (Tune's PAUSE; it resumes from its checkpoint), and every new result at the rung may
+  promote a resting one, which then runs before any new trial. A resting trial holds no slot
+  of ``search.max_concurrent`` (``RESTING``; ``orchestrator.searchers``), so the searcher
+  starts new trials meanwhile. When nothing else can run (the searcher has no trial left and
+  none runs), the highest rung that has promoted nobody promotes its best resting trial, so
+  that at least one trial reaches the full budget; once no such rung is left, every trial
+  still resting stops at its rung. Decisions wait for more results, so the first trials no
+  longer run to the end by arriving first; the price is that a model-based searcher hears of
+  a resting trial only when it ends (PRUNED, if it never went on).
 
 A rank is a function of the *set* of recorded results, never of the order they arrived in:
 every tie (equal distances, equal sums) is broken by the values themselves, and results with
@@ -40,7 +54,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from orchestrator.pareto import pareto_mask
 
 __all__ = ["rung_levels", "ranking", "rank_of", "MultiObjectiveASHA", "STATE_FILE",
-           "DECISION_LOG"]
+           "DECISION_LOG", "RESTING", "TYPES"]
 
 # in a folder of its own: Tune copies the top-level .json and .pkl files of a restored
 # experiment to its staging folder and uploads them back on every save, over newer ones
@@ -49,6 +63,12 @@ STATE_FILE = "scheduler/rungs.json"
 # sweep name -> where the driver prints a decision (the CLI's console); a restored scheduler
 # is unpickled by Tune, so it finds the log here rather than holding one
 DECISION_LOG: dict[str, Callable[[str], None]] = {}
+
+# sweep name -> the trials resting at a rung under ``type: promotion`` (paused, not promoted):
+# the searcher's concurrency limit does not count them (``orchestrator.searchers``)
+RESTING: dict[str, set[str]] = {}
+
+TYPES = ("promotion", "stopping")
 
 
 def rung_levels(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
@@ -121,13 +141,18 @@ class MultiObjectiveASHA(FIFOScheduler):
             min_step`` (the longest eps ramp of the space, in optimiser steps).
         state_uri: the sweep's storage; the rung records are kept in ``scheduler/rungs.json``.
         sweep: the sweep's name (where decisions are printed: ``DECISION_LOG``).
+        type: ``promotion`` (pause at a rung until among its top ``floor(n /
+            reduction_factor)``) or ``stopping`` (stop unless among its top ``n /
+            reduction_factor`` when it arrives); see the module docstring.
     """
 
     def __init__(self, metrics: Sequence[str], modes: Sequence[str], max_t: int,
                  grace_period: int = 1, reduction_factor: int = 3, time_attr: str = "epoch",
                  min_step: int = 0, step_attr: str = "optimizer_steps",
-                 state_uri: str | None = None, sweep: str = ""):
+                 state_uri: str | None = None, sweep: str = "", type: str = "stopping"):
         super().__init__()
+        if type not in TYPES:
+            raise ValueError(f"type must be one of {', '.join(TYPES)}, got {type!r}")
         if reduction_factor < 2:
             raise ValueError(f"reduction_factor must be >= 2, got {reduction_factor}")
         if not 1 <= grace_period < max_t:
@@ -138,11 +163,15 @@ class MultiObjectiveASHA(FIFOScheduler):
         self.reduction_factor = reduction_factor
         self.time_attr, self.min_step, self.step_attr = time_attr, min_step, step_attr
         self.milestones = rung_levels(max_t, grace_period, reduction_factor)
-        self.state_uri, self.sweep = state_uri, sweep
+        self.state_uri, self.sweep, self.type = state_uri, sweep, type
         # rung -> {trial_id: values}; trial_id -> {"rung", "at" (the budget it had then),
         # "rank", "of"}
         self.rungs: dict[int, dict[str, list[float]]] = {}
         self.stopped: dict[str, dict[str, int]] = {}
+        # promotion: trials resting at a rung (as ``stopped``), and the rungs each trial was
+        # promoted out of
+        self.resting: dict[str, dict[str, int]] = {}
+        self.promoted: dict[str, list[int]] = {}
         self._loaded = state_uri is None
 
     # -- state -----------------------------------------------------------------------------
@@ -163,29 +192,40 @@ class MultiObjectiveASHA(FIFOScheduler):
             state = json.loads(raw)
             self.rungs = {int(k): dict(v) for k, v in state.get("rungs", {}).items()}
             self.stopped = dict(state.get("stopped", {}))
+            self.resting = dict(state.get("resting", {}))
+            self.promoted = {k: list(v) for k, v in state.get("promoted", {}).items()}
         self._loaded = True
+        self._publish()
 
     def _save(self) -> None:
+        self._publish()
         if self.state_uri is not None:
             self._storage().write_bytes(STATE_FILE, json.dumps(
-                {"rungs": self.rungs, "stopped": self.stopped}, sort_keys=True).encode())
+                {"rungs": self.rungs, "stopped": self.stopped, "resting": self.resting,
+                 "promoted": self.promoted}, sort_keys=True).encode())
+
+    def _publish(self) -> None:
+        if self.type == "promotion":
+            RESTING[self.sweep] = set(self.resting)
 
     def reset_state(self) -> None:
         """Empty rungs, in memory and in the storage (a sweep starting its trials afresh)."""
-        self.rungs, self.stopped, self._loaded = {}, {}, True
+        self.rungs, self.stopped, self.resting, self.promoted = {}, {}, {}, {}
+        self._loaded = True
         self._save()
 
     # -- decisions -------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
         """What the parent run logs of the scheduler."""
-        return {"name": "mo_asha", "reduction_factor": self.reduction_factor,
+        return {"name": "mo_asha", "type": self.type, "reduction_factor": self.reduction_factor,
                 "grace_period": self.grace_period, "max_t": self.max_t,
                 "rungs": self.milestones, "min_step": self.min_step}
 
     def decide(self, trial_id: str, result: dict[str, Any]) -> str:
-        """CONTINUE or STOP for ``trial_id``'s ``result``; a trial once stopped stays
-        stopped (a result reported again after a restore gets the same answer)."""
+        """CONTINUE, STOP or (``promotion``) PAUSE for ``trial_id``'s ``result``; a trial once
+        stopped stays stopped, and one resting at a rung rests again (a result reported again
+        after a restore gets the same answer)."""
         self._load()
         if trial_id in self.stopped:
             return TrialScheduler.STOP
@@ -198,37 +238,127 @@ class MultiObjectiveASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE  # its whole budget is spent: nothing to save
         if result.get(self.step_attr, math.inf) < self.min_step:
             return TrialScheduler.CONTINUE  # inside the eps ramp: not comparable yet
-        action, changed = TrialScheduler.CONTINUE, False
+        promotion = self.type == "promotion"
+        action, changed, record = TrialScheduler.CONTINUE, False, None
         for milestone in self.milestones:
             if budget < milestone:
                 break
             rung = self.rungs.setdefault(milestone, {})
             if trial_id in rung:
-                continue  # ranked here before, and it continued
+                if promotion and trial_id in self.resting:
+                    return TrialScheduler.PAUSE  # still resting there (a restarted trial)
+                continue  # ranked here before, and it went on
             rung[trial_id] = [float(v) for v in values]
             changed = True
             ids = sorted(rung)
             table = np.array([rung[t] for t in ids])
             rank, n = rank_of(table, self.maximize, ids.index(trial_id)), len(ids)
+            record = {"rung": milestone, "at": budget, "rank": rank, "of": n}
+            if promotion:
+                if rank < n // self.reduction_factor:
+                    self.promoted.setdefault(trial_id, []).append(milestone)
+                    self._promote_at(milestone)  # one more result: the top may be wider
+                    continue
+                self.resting[trial_id] = record
+                self._promote_at(milestone)
+                action = TrialScheduler.PAUSE
+                break
             if not rank < n / self.reduction_factor:
-                self.stopped[trial_id] = {"rung": milestone, "at": budget, "rank": rank,
-                                          "of": n}
+                self.stopped[trial_id] = record
                 action = TrialScheduler.STOP
                 break
         if changed:
             self._save()  # before the decision takes effect
-        if action == TrialScheduler.STOP:
-            info = self.stopped[trial_id]
-            late = (f" (rung {info['rung']}, taken past the eps ramp)"
-                    if info["at"] != info["rung"] else "")
-            DECISION_LOG.get(self.sweep, print)(
-                f"  trial {trial_id} stopped at {self.time_attr} {info['at']:g}: behind "
-                f"{info['rank']} of {info['of']} results at that rung{late}")
+        if action != TrialScheduler.CONTINUE:
+            self._log(trial_id, record, "paused" if promotion else "stopped")
         return action
+
+    def _log(self, trial_id: str, info: dict[str, Any], verb: str) -> None:
+        late = (f" (rung {info['rung']}, taken past the eps ramp)"
+                if info["at"] != info["rung"] else "")
+        top = (f", where the top {info['of'] // self.reduction_factor} go on"
+               if verb == "paused" else "")
+        DECISION_LOG.get(self.sweep, print)(
+            f"  trial {trial_id} {verb} at {self.time_attr} {info['at']:g}: behind "
+            f"{info['rank']} of {info['of']} results at that rung{top}{late}")
+
+    def _rank_at(self, milestone: int, trial_id: str) -> tuple[int, int]:
+        """(0-based rank, number of results) of ``trial_id`` at rung ``milestone``."""
+        rung = self.rungs[milestone]
+        ids = sorted(rung)
+        table = np.array([rung[t] for t in ids])
+        return rank_of(table, self.maximize, ids.index(trial_id)), len(ids)
+
+    def _promote(self, trial_id: str, why: str) -> None:
+        info = self.resting.pop(trial_id)
+        self.promoted.setdefault(trial_id, []).append(info["rung"])
+        DECISION_LOG.get(self.sweep, print)(
+            f"  trial {trial_id} promoted past {self.time_attr} {info['at']:g}: {why}")
+
+    def _promote_at(self, milestone: int) -> None:
+        """Promote the trials resting at ``milestone`` that are now in its top
+        ``floor(n / reduction_factor)``."""
+        for trial_id in sorted(self.resting):
+            if self.resting[trial_id]["rung"] != milestone:
+                continue
+            rank, n = self._rank_at(milestone, trial_id)
+            if rank < n // self.reduction_factor:
+                self._promote(trial_id, f"now {rank + 1} of {n} results at that rung")
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         return self.decide(trial.trial_id, result)
 
+    def choose_trial_to_run(self, tune_controller):
+        """Tune's next trial to start: a promoted one first, then a new one. A trial resting
+        at a rung is never chosen. When nothing else can run (``promotion``), ``settle``."""
+        from ray.tune.experiment import Trial
+
+        if self.type != "promotion":
+            return super().choose_trial_to_run(tune_controller)
+        self._load()
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if (trial.status == Trial.PAUSED and trial.trial_id not in self.resting
+                    and trial.trial_id not in self.stopped):
+                return trial
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        if (any(trial.status == Trial.PAUSED for trial in trials)
+                and not any(trial.status in (Trial.RUNNING, Trial.PENDING) for trial in trials)
+                and tune_controller.search_alg.is_finished()):
+            for trial in self.settle(trial.trial_id for trial in trials
+                                     if trial.status == Trial.PAUSED):
+                tune_controller.stop_trial(trial_by_id(trials, trial))
+        return None
+
+    def settle(self, paused) -> list[str]:
+        """Nothing else can run: the highest rung that has promoted no trial promotes its best
+        resting one (so that some trial reaches the full budget); if there is none, the
+        resting trials among ``paused`` stop at their rungs. Returns the trials to stop."""
+        self._load()
+        for milestone in reversed(self.milestones):
+            waiting = [t for t in sorted(self.resting) if self.resting[t]["rung"] == milestone]
+            if waiting and not any(milestone in rungs for rungs in self.promoted.values()):
+                best = min(waiting, key=lambda t: self._rank_at(milestone, t)[0])
+                self._promote(best, "the best of its rung, which no other trial left")
+                self._save()
+                return []
+        stop = [t for t in paused if t in self.resting]
+        for trial_id in stop:
+            info = self.resting.pop(trial_id)
+            rank, n = self._rank_at(info["rung"], trial_id)  # among all the rung's results
+            self.stopped[trial_id] = {**info, "rank": rank, "of": n}
+        if stop:
+            self._save()
+            for trial_id in stop:
+                self._log(trial_id, self.stopped[trial_id], "stopped")
+        return stop
+
     def debug_string(self) -> str:
-        return (f"MO-ASHA: rungs {self.milestones} ({self.time_attr}), "
+        return (f"MO-ASHA ({self.type}): rungs {self.milestones} ({self.time_attr}), "
                 f"{len(self.stopped)} stopped")
+
+
+def trial_by_id(trials, trial_id: str):
+    return next(trial for trial in trials if trial.trial_id == trial_id)

@@ -17,12 +17,11 @@ from typing import Any
 
 import optuna
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.distributions import DIST_TYPES, Choice, Grid, IntRange, LogUniform, Uniform
 from orchestrator.params import branch_key
-from orchestrator.resumable import ResumableSearch, ResumableVariants
+from orchestrator.resumable import ResumableSearch, ResumableVariants, SlotLimiter
 from orchestrator.space import Algorithm, SweepSpec
 
 __all__ = ["param_space", "tune_config", "scheduler_of", "DefineByRun", "sampler_of",
@@ -195,7 +194,7 @@ def scheduler_of(spec: SweepSpec, state_uri: str | None = None, sweep: str = "")
                                   reduction_factor=spec.scheduler.reduction_factor,
                                   time_attr=family.budget_unit,
                                   min_step=family.ramp_steps(spec), state_uri=state_uri,
-                                  sweep=sweep)
+                                  sweep=sweep, type=spec.scheduler.type)
     return None
 
 
@@ -208,6 +207,8 @@ def tune_config(spec: SweepSpec, scheduler=None) -> tune.TuneConfig:
     concurrent = spec.search.max_concurrent
     stops = spec.scheduler.name != "none"
     budget = spec.defense.searcher_budget(spec) if stops else None
+    # a trial resting at a rung of a promoting scheduler holds no slot (orchestrator.resumable)
+    resting = scheduler.sweep if getattr(scheduler, "type", None) == "promotion" else None
     if _uses_optuna(spec):
         sampler = sampler_of(spec)
         # metric/mode go to the searcher only: TuneConfig's would make it single-objective
@@ -216,10 +217,10 @@ def tune_config(spec: SweepSpec, scheduler=None) -> tune.TuneConfig:
                                                 mode=modes[0] if single else modes,
                                                 sampler=sampler, budget=budget)
         # the wrappers Tune itself puts around a searcher for max_concurrent_trials
-        search_alg = ResumableSearch(ConcurrencyLimiter(optuna_search,
-                                                        max_concurrent=concurrent))
+        search_alg = ResumableSearch(SlotLimiter(optuna_search, max_concurrent=concurrent,
+                                                 resting=resting))
     else:  # Tune's grid and random search
-        search_alg = ResumableVariants(max_concurrent=concurrent)
+        search_alg = ResumableVariants(max_concurrent=concurrent, resting=resting)
     # reuse_actors: a trial's process serves the next trial (no new process importing torch
     # for every trial: 0.17 s of overhead per trial instead of 2.7 s, benchmarks/run.py)
     # (max_concurrent_trials stays unset: the searcher limits itself)

@@ -251,11 +251,14 @@ class ResourcesSpec(_Strict):
 class SchedulerSpec(_Strict):
     """Early stopping (``orchestrator.schedulers``): ``none``; ``asha`` (Tune's, one
     objective); ``mo_asha`` (several objectives: rungs at ``grace_period *
-    reduction_factor**i`` budget units, the top ``1/reduction_factor`` of each rung go on; on a
-    LESCI space the units are attack samples, and the points of the surfaces race,
-    ``orchestrator.racing``)."""
+    reduction_factor**i`` budget units, the top ``1/reduction_factor`` of each rung go on,
+    either promoted out of a rung where the others rest (``type: promotion``) or judged once on
+    arrival, the others stopped (``type: stopping``); on a LESCI space the units are attack
+    samples, the points of the surfaces race, ``orchestrator.racing``, and ``type`` has no
+    effect)."""
 
     name: Literal["none", "asha", "mo_asha"] = "none"
+    type: Literal["promotion", "stopping"] = "promotion"
     reduction_factor: int = Field(default=3, ge=2)
     grace_period: int = Field(default=1, ge=1)
 

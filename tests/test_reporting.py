@@ -62,6 +62,10 @@ def test_status_line_counts_the_ending_trial_and_estimates_time_left():
     # one waiting and half of one running, at 10 s each, over two slots
     assert "about 0:08 left" in line
     assert "front hypervolume 0.3750" in line  # (0.5, 0.5) and (1, 0.25): 0.25 + 0.125
+    # a trial resting at a rung (promotion) is counted as paused
+    pending.status = "PAUSED"
+    console.on_trial_complete(0, [done, ending, running, pending], running)
+    assert "trials: 2 done, 1 running, 1 paused, 0 failed, of 4" in lines[-1]
 
 
 def _front_result(tested: bool):

@@ -1,5 +1,6 @@
 """MO-ASHA (orchestrator.schedulers): ranks on hand-made rungs, order independence, ties,
-minimised metrics, the decisions, and their records surviving a new scheduler instance."""
+minimised metrics, the decisions (stopping and promotion), and their records surviving a new
+scheduler instance; the searcher's slots under promotion."""
 
 import pickle
 
@@ -10,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ray.tune.schedulers import TrialScheduler
 
-from orchestrator.schedulers import (STATE_FILE, MultiObjectiveASHA, rank_of, ranking,
+from orchestrator.resumable import ResumableVariants
+from orchestrator.schedulers import (RESTING, STATE_FILE, MultiObjectiveASHA, rank_of, ranking,
                                      rung_levels)
 from orchestrator.searchers import FinalMetricOptunaSearch
 
-CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+CONTINUE, STOP, PAUSE = TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.PAUSE
 MAX2 = [True, True]
 
 
@@ -160,6 +162,123 @@ def test_records_survive_a_new_instance_and_the_decisions_stand(tmp_path):
     fresh = _scheduler(tmp_path)
     fresh.reset_state()
     assert pickle.loads(pickle.dumps(fresh)).decide("b", _result(1, 0.4, 0.4)) == CONTINUE
+
+
+def _promoting(capsys=None, tmp_path=None):
+    """A promoting scheduler after four results at rung 1 (top floor(n/2) promoted):
+    b and a promoted (a lifted by d's arrival), c and d resting."""
+    s = _scheduler(tmp_path, type="promotion")
+    s.reset_state()
+    assert s.decide("a", _result(1, 0.5, 0.5)) == PAUSE  # alone: the top 0 of 1 go on
+    assert s.decide("b", _result(1, 0.9, 0.9)) == CONTINUE  # rank 0 of 2: top 1
+    assert s.decide("c", _result(1, 0.1, 0.1)) == PAUSE  # rank 2 of 3: top 1
+    assert s.decide("d", _result(1, 0.4, 0.4)) == PAUSE  # rank 2 of 4: top 2, which lifts a
+    return s
+
+
+def test_promotion_rests_a_trial_until_later_results_lift_it_into_the_top(capsys):
+    s = _promoting()
+    out = capsys.readouterr().out
+    assert ("trial a paused at epoch 1: behind 0 of 1 results at that rung, where the top 0 go "
+            "on") in out
+    assert "trial a promoted past epoch 1: now 2 of 4 results at that rung" in out
+    assert ("trial d paused at epoch 1: behind 2 of 4 results at that rung, where the top 2 "
+            "go on") in out
+    assert set(s.resting) == {"c", "d"} and s.promoted == {"b": [1], "a": [1]}
+    assert RESTING["t"] == {"c", "d"}  # their slots are free for new trials
+    # a trial restarted (after a restore) reports its rung again: the same answer
+    assert s.decide("a", _result(1, 0.5, 0.5)) == CONTINUE
+    assert s.decide("c", _result(1, 0.1, 0.1)) == PAUSE
+    assert s.stopped == {}
+
+
+def test_settling_promotes_the_best_of_a_rung_nobody_left_then_stops_the_rest(capsys):
+    s = _promoting()
+    assert s.decide("b", _result(2, 0.9, 0.9)) == PAUSE  # alone at rung 2
+    assert s.decide("a", _result(2, 0.6, 0.6)) == PAUSE  # rank 1 of 2; b is promoted
+    assert s.promoted["b"] == [1, 2]
+    # b runs on and ends; then nothing else can run. Rung 4 is empty, rung 2 promoted b,
+    # rung 1 promoted a and b: nobody more is promoted, and a, c and d stop where they rest
+    assert s.settle(["a", "c", "d"]) == ["a", "c", "d"]
+    assert s.stopped == {"a": {"rung": 2, "at": 2.0, "rank": 1, "of": 2},
+                         "c": {"rung": 1, "at": 1.0, "rank": 3, "of": 4},
+                         "d": {"rung": 1, "at": 1.0, "rank": 2, "of": 4}}
+    assert "trial d stopped at epoch 1: behind 2 of 4 results at that rung" in (
+        capsys.readouterr().out)
+    assert s.resting == {} and s.decide("c", _result(1, 0.99, 0.99)) == STOP
+    # a rung that promoted nobody promotes its best resting trial first
+    s = _promoting()
+    assert s.decide("a", _result(2, 0.6, 0.6)) == PAUSE  # alone at rung 2
+    assert s.decide("b", _result(2, 0.5, 0.5)) == PAUSE  # behind a, which is promoted
+    assert s.decide("a", _result(4, 0.6, 0.6)) == PAUSE  # alone at rung 4
+    assert s.settle(["a", "b", "c", "d"]) == []
+    assert s.promoted["a"] == [1, 2, 4] and "a" not in s.resting
+    assert "trial a promoted past epoch 4: the best of its rung" in capsys.readouterr().out
+
+
+def test_resting_and_promotions_survive_a_new_instance(tmp_path):
+    _promoting(tmp_path=tmp_path)
+    RESTING.clear()
+    restored = pickle.loads(pickle.dumps(_scheduler(tmp_path, type="promotion")))
+    assert restored.decide("c", _result(1, 0.1, 0.1)) == PAUSE  # rests again
+    assert restored.decide("a", _result(1, 0.5, 0.5)) == CONTINUE  # promoted before
+    assert RESTING["t"] == {"c", "d"}
+
+
+class _Trial:
+    def __init__(self, trial_id, status):
+        self.trial_id, self.status = trial_id, status
+
+
+class _Controller:
+    """What the scheduler uses of Tune's controller: its trials, its searcher's end, and
+    stopping a trial."""
+
+    def __init__(self, trials, finished):
+        self.trials, self.stopped = trials, []
+        self.search_alg = type("Search", (), {"is_finished": lambda _: finished})()
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def test_tune_runs_promoted_trials_first_and_never_a_resting_one():
+    s = _promoting()  # a and b promoted, c and d resting
+    trials = [_Trial("c", "PAUSED"), _Trial("e", "PENDING"), _Trial("a", "PAUSED")]
+    assert s.choose_trial_to_run(_Controller(trials, finished=False)).trial_id == "a"
+    trials[2].status = "RUNNING"
+    assert s.choose_trial_to_run(_Controller(trials, finished=False)).trial_id == "e"
+    trials[1].status = "TERMINATED"
+    # a runs, or the searcher has trials left: wait
+    assert s.choose_trial_to_run(_Controller(trials, finished=True)) is None
+    trials[2].status = "TERMINATED"
+    unfinished = _Controller(trials, finished=False)
+    assert s.choose_trial_to_run(unfinished) is None and unfinished.stopped == []
+    # nothing else can run: the resting trials stop
+    done = _Controller(trials + [_Trial("d", "PAUSED")], finished=True)
+    assert s.choose_trial_to_run(done) is None
+    assert done.stopped == ["c", "d"] and set(s.stopped) == {"c", "d"}
+
+
+def test_a_resting_trial_holds_no_slot_of_max_concurrent():
+    from ray import tune
+
+    generator = ResumableVariants(max_concurrent=1, resting="slots")
+    generator.add_configurations({"e": {"run": lambda config: None,
+                                        "config": {"x": tune.grid_search([1, 2, 3])}}})
+    first = generator.next_trial()
+    assert generator.next_trial() is None  # its one slot is held
+    RESTING["slots"] = {first.trial_id}
+    second = generator.next_trial()  # the first rests: its slot is free
+    assert second.config == {"x": 2} and generator.next_trial() is None
+    assert generator._live_trials == {first.trial_id, second.trial_id}
+    RESTING["slots"] = set()  # promoted: it holds its slot again, and none is free
+    generator.on_trial_complete(second.trial_id)
+    assert generator.next_trial() is None
 
 
 @pytest.mark.parametrize("epoch, state", [(4.0, optuna.trial.TrialState.PRUNED),

@@ -190,6 +190,9 @@ BAD = [
     ("mo_asha's reduction factor below 2", variant(
         {"scheduler": {"name": "mo_asha", "reduction_factor": 1}}, base=TRAINING),
      r"scheduler.reduction_factor: Input should be greater than or equal to 2"),
+    ("mo_asha of an unknown type", variant(
+        {"scheduler": {"name": "mo_asha", "type": "halving"}}, base=TRAINING),
+     r"scheduler.type: Input should be 'promotion' or 'stopping'"),
     ("mo_asha's grace period at the full budget", variant(
         {"scheduler": {"name": "mo_asha", "grace_period": 2}}, base=TRAINING),
      r"scheduler.grace_period: 2 is at or above the full budget \(2 epochs\)"),

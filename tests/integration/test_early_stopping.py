@@ -31,30 +31,15 @@ SPACE = textwrap.dedent("""
     attack: {eps: 0.1, steps: 2, suite: {apgd_steps: 3, targets: 1, square_queries: 10}}
     optimize: {verified_accuracy: max, nominal_accuracy: max}
     search: {algorithm: grid, max_concurrent: 2}
-    scheduler: {name: mo_asha, reduction_factor: 2, grace_period: 1}
+    scheduler: {name: mo_asha, type: stopping, reduction_factor: 2, grace_period: 1}
 """)
 
 
-def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with_it(tmp_path):
-    args, uri = sweep_args(tmp_path, SPACE, "mo")
-    storage = Storage(str(tmp_path / "sweeps")).child("mo")
-
-    driver = Driver(args, tmp_path, None)
-    assert driver.wait_for_line(r"trial \w+ stopped at epoch \d"), driver.output[-3000:]
-    # killed once Tune has saved its state (before it, a resume starts the trials afresh)
-    deadline = time.time() + 120
-    while saved_trials(str(tmp_path / "sweeps" / "mo")) is None and time.time() < deadline:
-        time.sleep(0.2)
-    driver.kill()
-    before = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
-    assert before
-
-    driver = Driver([*args, "--resume"], tmp_path, None)
-    assert driver.finish() == 0, driver.output[-3000:]
-    stopped = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
-    assert stopped.items() >= before.items()  # every decision taken before the kill stands
-
-    client, parents, children = runs_of(uri, "mo")
+def _check_stopped_trials(uri: str, name: str, stopped: dict):
+    """Each trial's epochs tracked once, none after its stop; the stopped ones tagged, off
+    the front and never read on test; the parent's counts and compute fraction. Returns the
+    parent run."""
+    client, parents, children = runs_of(uri, name)
     parent = parents[0]
     assert len(children) == 4 and len({c.data.tags["ray_trial_id"] for c in children}) == 4
     used = 0
@@ -79,14 +64,75 @@ def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with
                if float(c.data.params["lr"]) < 1e-4)
     assert parent.data.metrics["stopped_trials"] == len(stopped)
     assert parent.data.metrics["compute_fraction"] == pytest.approx(used / 16)
-    assert json.loads(parent.data.params["scheduler"]) == {
-        "name": "mo_asha", "reduction_factor": 2, "grace_period": 1}
     # the front: full-budget trials only, and only they read on test
     front = front_trials(client, parent)
     assert front and not front & set(stopped)
     assert all("test_verified_accuracy" not in c.data.metrics for c in children
                if c.data.tags["ray_trial_id"] in stopped)
+    return parent
+
+
+def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with_it(tmp_path):
+    args, uri = sweep_args(tmp_path, SPACE, "mo")
+    storage = Storage(str(tmp_path / "sweeps")).child("mo")
+
+    driver = Driver(args, tmp_path, None)
+    assert driver.wait_for_line(r"trial \w+ stopped at epoch \d"), driver.output[-3000:]
+    # killed once Tune has saved its state (before it, a resume starts the trials afresh)
+    deadline = time.time() + 120
+    while saved_trials(str(tmp_path / "sweeps" / "mo")) is None and time.time() < deadline:
+        time.sleep(0.2)
+    driver.kill()
+    before = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
+    assert before
+
+    driver = Driver([*args, "--resume"], tmp_path, None)
+    assert driver.finish() == 0, driver.output[-3000:]
+    stopped = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
+    assert stopped.items() >= before.items()  # every decision taken before the kill stands
+
+    parent = _check_stopped_trials(uri, "mo", stopped)
+    assert json.loads(parent.data.params["scheduler"]) == {
+        "name": "mo_asha", "type": "stopping", "reduction_factor": 2, "grace_period": 1}
     assert "stopped early by scheduler mo_asha" in driver.output
+
+
+
+def test_promotion_rests_trials_at_rungs_and_a_driver_killed_while_one_rests_resumes(
+        tmp_path):
+    """The same grid under ``type: promotion`` (the default): a trial not among its rung's
+    top half pauses there, and goes on only if later results lift it into that top half; the
+    rest stop at the end. A driver killed while a trial rests resumes with every record,
+    promotion and rest standing, and no epoch trained twice."""
+    space = SPACE.replace("type: stopping, ", "")
+    args, uri = sweep_args(tmp_path, space, "promo")
+    storage = Storage(str(tmp_path / "sweeps")).child("promo")
+
+    driver = Driver(args, tmp_path, None)
+    assert driver.wait_for_line(r"trial \w+ paused at epoch \d"), driver.output[-3000:]
+    deadline = time.time() + 120
+    while saved_trials(str(tmp_path / "sweeps" / "promo")) is None and time.time() < deadline:
+        time.sleep(0.2)
+    driver.kill()
+    before = json.loads(storage.read_bytes(STATE_FILE))
+    assert before["resting"]
+
+    driver = Driver([*args, "--resume"], tmp_path, None)
+    assert driver.finish() == 0, driver.output[-3000:]
+    after = json.loads(storage.read_bytes(STATE_FILE))
+    for rung, results in before["rungs"].items():  # no result recorded twice or changed
+        assert after["rungs"][rung].items() >= results.items()
+    for trial_id, rungs in before["promoted"].items():
+        assert set(after["promoted"][trial_id]) >= set(rungs)
+    # every trial that rested then either went on from that rung or stopped there
+    for trial_id, info in before["resting"].items():
+        assert (info["rung"] in after["promoted"].get(trial_id, [])
+                or after["stopped"][trial_id]["rung"] == info["rung"])
+    assert not after["resting"]
+    parent = _check_stopped_trials(uri, "promo", after["stopped"])
+    assert after["stopped"] and parent.data.metrics["compute_fraction"] < 1
+    assert json.loads(parent.data.params["scheduler"])["type"] == "promotion"
+    assert "promoted past epoch" in driver.output
 
 
 # LESCI under mo_asha races its attacks: two trials at the pooled features, one after the
