@@ -1,8 +1,9 @@
 """IBP, CROWN-IBP and the fast-IBP recipe at one training budget, and what each step costs.
 
-1. The cost of one optimiser step of the small CNN on 28x28 inputs (batch 100): nominal, IBP
-   and CROWN-IBP (beta 1: the backward pass every step), measured side by side in interleaved
-   rounds on this machine, as ratios to the nominal step.
+1. The cost of one optimiser step of the small CNN on 28x28 inputs (batch 100): nominal, IBP,
+   CROWN-IBP (beta 1: the backward pass every step), and SABR, MTL-IBP, CC-IBP and Exp-IBP
+   at their defaults, measured side by side in interleaved rounds on this machine, as ratios
+   to the nominal step (``--costs-only``: this part alone).
 2. Each recipe trains the small CNN on mnist5k at the same budget (ibp_mnist5k's: 40 epochs of
    30 steps, lr x0.1 late) at one point of the shipped spaces' schedule ranges (not searched
    here; ``search_spaces/crown_ibp_mnist5k*.yaml`` search them), and is evaluated on the test
@@ -12,6 +13,7 @@
    difference (Newcombe) on the same test samples.
 
     python -m benchmarks.certified_recipes [--eps 0.1 --eps 0.3] [--out DIR] [--smoke-test]
+        [--costs-only]
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def step_costs(rounds: int, steps: int) -> dict[str, float]:
         "IBP": make_objective("ibp", eps_train=0.1, kappa_final=0.5),
         "CROWN-IBP": make_objective("ibp", eps_train=0.1, kappa_final=0.5, bound="crown_ibp",
                                     beta_start=1.0, beta_end=1.0),
+        # at their defaults (SABR: PGD of 8 steps; the expressive losses: of 1 step)
+        **{name: make_objective(name, eps_train=0.1, batch_norm=False)
+           for name in ("sabr", "mtl_ibp", "cc_ibp", "exp_ibp")},
     }
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--smoke-test", action="store_true",
                         help="1 epoch per recipe, 64 test samples, a tiny attack budget")
+    parser.add_argument("--costs-only", action="store_true",
+                        help="only the cost of one step of each objective")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     suite = (AttackSuite(steps=2, apgd_steps=3, targets=1, square_queries=10)
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
           "rounds: " + ", ".join(f"{name} {t * 1000:.0f} ms ({t / base:.1f}x)"
                                  for name, t in costs.items()))
     results = {"step_seconds": costs, "rows": []}
-    for eps in args.eps or [0.1, 0.3]:
+    for eps in [] if args.costs_only else args.eps or [0.1, 0.3]:
         rows = run(eps, args.smoke_test, suite)
         results["rows"] += rows
         print(f"\nmnist5k, eps {eps}, test split ({rows[0]['samples']}), 95% intervals\n"

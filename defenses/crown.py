@@ -260,8 +260,9 @@ class _Pass:
     def _exact(self, node: fx.Node) -> bool:
         """IBP's interval of ``node`` is already exact: the node is one linear or
         convolutional layer of the input box, behind at most per-channel normalisation
-        (including eval-mode batch norm) and reshaping (a box's image under one linear map has each coordinate's extremes at
-        independent corners), so CROWN would find the same bounds at far greater cost (the
+        (including eval-mode batch norm) and reshaping (a box's image under one linear map
+        has each coordinate's extremes at independent corners, and a per-channel scale and
+        shift keeps them so), so CROWN would find the same bounds at far greater cost (the
         widest layer, the first, is the dearest to bound)."""
         mixing = 0
         while node is not self.plan.input:

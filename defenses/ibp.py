@@ -39,6 +39,7 @@ __all__ = [
     "interval_bounds",
     "penultimate_bounds",
     "elided_upper_bounds",
+    "box_upper_bounds",
     "verified",
     "ibp_loss",
     "layer_bound_widths",
@@ -376,6 +377,15 @@ def elided_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     Without an elidable last layer: ``upper_j - lower_y`` on the logit interval.
     """
     return _elided_margins(*_penultimate(model, _input_box(x, eps), _ignore), y)
+
+
+def box_upper_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+    """``elided_upper_bounds`` over the box [lower, upper] (any box, e.g. SABR's small box
+    around an adversarial point) instead of the eps-box around x."""
+    if bool((lower > upper).any()):
+        raise ValueError("box_upper_bounds: a lower bound above its upper bound")
+    return _elided_margins(*_penultimate(model, Interval(lower, upper), _ignore), y)
 
 
 def _elided_margins(b: Interval, last: tuple[torch.Tensor, torch.Tensor | None] | None,

@@ -19,12 +19,16 @@ from torch import nn
 
 from defenses.attacks import default_alpha, fgsm, pgd
 from defenses.certified_training import certified_margins, ibp_init
+from defenses.expressive import (Expressive, adversarial_point, expressive_loss,
+                                 sabr_margins)
+from defenses.ibp import elided_upper_bounds
 from defenses.ibp import ibp_loss
 from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
 __all__ = ["Objective", "ObjectiveName", "ObjectiveParams", "StandardParams", "FGSMParams",
            "FastFGSMParams", "PGDParams", "AdversarialRegularizationParams", "IBPParams",
-           "CrownIBPParams", "FastIBPParams", "IBP_OBJECTIVES", "GradientNorm", "Bound", "Init",
+           "CrownIBPParams", "FastIBPParams", "SABRParams", "MTLIBPParams", "CCIBPParams",
+           "ExpIBPParams", "IBP_OBJECTIVES", "GradientNorm", "Bound", "Init",
            "objective_params", "make_objective"]
 
 
@@ -37,6 +41,10 @@ class ObjectiveName(str, enum.Enum):
     IBP = "ibp"
     CROWN_IBP = "crown_ibp"  # IBP's objective with the CROWN-IBP bound (Zhang et al. 2020)
     FAST_IBP = "fast_ibp"  # IBP's objective with Shi et al. 2021's recipe
+    SABR = "sabr"  # IBP over a small box around an adversarial point (Mueller et al. 2023)
+    MTL_IBP = "mtl_ibp"  # the expressive losses (De Palma et al. 2024): (1-a) adv + a IBP
+    CC_IBP = "cc_ibp"  # ... the cross-entropy of the convex combination of the margins
+    EXP_IBP = "exp_ibp"  # ... adv^(1-a) IBP^a
 
 
 class Objective(Protocol):
@@ -362,19 +370,145 @@ class IBPObjective:
 
 
 # ------------------------------------------------------------------------------------------------
+# between the adversarial and the verified loss: SABR and the expressive losses
+
+
+class _BetweenParams(IBPParams):
+    """What SABR and the expressive losses share: IBP's eps and kappa ramps (the robust term
+    replaced by the recipe's loss; ``kappa_final`` 0 by default: the recipe's loss alone once
+    the ramp ends), IBP's bound only, and Shi et al.'s initialisation, batch norm and warm-up
+    regularisers by default, as both papers train. ``attack_steps``: PGD's steps for the
+    adversarial point (one random start, step ``2.5 radius / steps``)."""
+
+    kappa_final: float = Field(default=0.0, ge=0.0, le=1.0)
+    init: Init = Init.IBP
+    batch_norm: bool = True
+    fast_reg: float = Field(default=0.5, ge=0.0)
+    attack_steps: int = Field(default=1, ge=1)
+
+    def build(self) -> "BetweenObjective":
+        return BetweenObjective(self)
+
+
+def _ibp_bound(objective: str):
+    return _pinned(objective, "bound", Bound.IBP, "bounds by ibp")
+
+
+class SABRParams(_BetweenParams):
+    """SABR (Mueller et al. 2023; ``defenses.expressive``): IBP's loss over the box of radius
+    ``lam * eps`` (in (0, 1]; 1 is IBP) around PGD's point (``attack_steps`` steps, 8 by
+    default) in the ball of radius ``(1 - lam) * eps``. ``lam`` 0.4 by default (the paper's
+    choice for MNIST at eps 0.1; it tunes lam per setting: search it)."""
+
+    objective: Literal["sabr"] = "sabr"
+    lam: float = Field(default=0.4, gt=0.0, le=1.0)
+    attack_steps: int = Field(default=8, ge=1)
+    _bound = _ibp_bound("sabr")
+
+
+class _ExpressiveParams(_BetweenParams):
+    """``alpha`` in [0, 1]: 0 is the adversarial loss (PGD in the eps-ball, ``attack_steps``
+    steps, 1 by default), 1 IBP's; 0.5 by default, the paper's value for all three at CIFAR-10
+    eps 8/255. The paper tunes alpha per dataset and radius (search it): its MNIST values (0.01
+    for MTL-IBP, 0.1 for CC-IBP at eps 0.1) go with training at twice the test radius."""
+
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class MTLIBPParams(_ExpressiveParams):
+    """MTL-IBP (De Palma et al. 2024): ``(1 - alpha) L_adv + alpha L_IBP``."""
+
+    objective: Literal["mtl_ibp"] = "mtl_ibp"
+    _bound = _ibp_bound("mtl_ibp")
+
+
+class CCIBPParams(_ExpressiveParams):
+    """CC-IBP (De Palma et al. 2024): the cross-entropy of ``(1 - alpha)`` the adversarial
+    margins plus ``alpha`` IBP's worst-case margins."""
+
+    objective: Literal["cc_ibp"] = "cc_ibp"
+    _bound = _ibp_bound("cc_ibp")
+
+
+class ExpIBPParams(_ExpressiveParams):
+    """Exp-IBP (De Palma et al. 2024): ``L_adv^(1 - alpha) L_IBP^alpha`` of the batch's mean
+    losses. Its gradient weighs IBP's loss by ``alpha (L_adv / L_IBP)^(1 - alpha)``: once the
+    attack fails where IBP does not, a small alpha trains on the attack alone."""
+
+    objective: Literal["exp_ibp"] = "exp_ibp"
+    _bound = _ibp_bound("exp_ibp")
+
+
+_KINDS = {"mtl_ibp": Expressive.MTL, "cc_ibp": Expressive.CC, "exp_ibp": Expressive.EXP}
+
+
+class BetweenObjective:
+    """``kappa * L(z) + (1 - kappa) * L_recipe`` on IBP's eps and kappa ramps, plus the
+    warm-up regularisers while eps ramps (``fast_reg`` > 0), as ``IBPObjective``."""
+
+    def __init__(self, params: _BetweenParams):
+        self.params = params
+        self.name = params.objective
+
+    def robust(self, model, x, y, eps, generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The recipe's loss at radius eps, and its metrics."""
+        p = self.params
+        if isinstance(p, SABRParams):
+            return F.cross_entropy(sabr_margins(model, x, y, eps, p.lam, p.attack_steps,
+                                                generator), y), {}
+        kind = _KINDS[p.objective]
+        adv_logits = worst = None
+        metrics: dict[str, float] = {}
+        if p.alpha < 1:
+            adv_logits = model(adversarial_point(model, x, y, eps, p.attack_steps,
+                                                 generator=generator))
+            metrics["train_adv_accuracy"] = _acc(adv_logits, y)
+        if p.alpha > 0:
+            worst = elided_upper_bounds(model, x, y, eps)
+        if adv_logits is None:
+            adv_logits = torch.zeros_like(worst)  # weighted 0
+        if worst is None:
+            worst = torch.zeros_like(adv_logits)
+        return expressive_loss(kind, p.alpha, adv_logits, worst, y), metrics
+
+    def loss(self, model, x, y, step, generator):
+        p = self.params
+        eps = eps_schedule(step, p.eps_train, p.warmup, p.rampup, p.ramp)
+        kappa = kappa_schedule(step, p.kappa_final, p.warmup, p.rampup, p.ramp)
+        logits = model(x)
+        loss = kappa * F.cross_entropy(logits, y)
+        metrics = {"eps": eps, "kappa": kappa}
+        if kappa < 1:
+            robust, more = self.robust(model, x, y, eps, generator)
+            loss = loss + (1 - kappa) * robust
+            metrics.update(more)
+        if p.fast_reg > 0 and 0 < eps < p.eps_train:
+            _, reg = certified_margins(model, x, y, eps, 0.0, regularize=True)
+            loss = loss + p.fast_reg * (1 - eps / p.eps_train) * reg
+            metrics["fast_reg"] = float(reg.detach())
+        metrics.update(train_loss=float(loss.detach()), train_accuracy=_acc(logits, y))
+        return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------
 # the registry: the union of the parameter models
 
 
 ObjectiveParams = Annotated[Union[StandardParams, FGSMParams, FastFGSMParams, PGDParams,
                                   AdversarialRegularizationParams, IBPParams, CrownIBPParams,
-                                  FastIBPParams],
+                                  FastIBPParams, SABRParams, MTLIBPParams, CCIBPParams,
+                                  ExpIBPParams],
                             Field(discriminator="objective")]
 PARAMS: dict[ObjectiveName, type[_Params]] = {
     ObjectiveName(model.model_fields["objective"].default): model
     for model in (StandardParams, FGSMParams, FastFGSMParams, PGDParams,
-                  AdversarialRegularizationParams, IBPParams, CrownIBPParams, FastIBPParams)}
-# the IBP family's objectives: IBP and its named recipes (one IBPObjective, other defaults)
-IBP_OBJECTIVES = (ObjectiveName.IBP, ObjectiveName.CROWN_IBP, ObjectiveName.FAST_IBP)
+                  AdversarialRegularizationParams, IBPParams, CrownIBPParams, FastIBPParams,
+                  SABRParams, MTLIBPParams, CCIBPParams, ExpIBPParams)}
+# the IBP family's objectives: IBP and its named recipes (IBP's ramps and parameters, other
+# defaults and losses)
+IBP_OBJECTIVES = (ObjectiveName.IBP, ObjectiveName.CROWN_IBP, ObjectiveName.FAST_IBP,
+                  ObjectiveName.SABR, ObjectiveName.MTL_IBP, ObjectiveName.CC_IBP,
+                  ObjectiveName.EXP_IBP)
 
 
 def objective_params(name: str | ObjectiveName) -> type[_Params]:

@@ -13,7 +13,10 @@ from defenses.objectives import (AdversarialRegularizationParams, Bound, Init, O
 MINIMAL = {"standard": {}, "fgsm": {"eps": 0.1}, "fast_fgsm": {"eps": 0.1},
            "pgd": {"eps": 0.1, "steps": 2}, "adv_reg": {}, "ibp": {"eps_train": 0.1},
            "crown_ibp": {"eps_train": 0.1, "warmup": 1, "rampup": 8},
-           "fast_ibp": {"eps_train": 0.1, "warmup": 1, "rampup": 8}}
+           "fast_ibp": {"eps_train": 0.1, "warmup": 1, "rampup": 8},
+           "sabr": {"eps_train": 0.1, "rampup": 8, "attack_steps": 2},
+           "mtl_ibp": {"eps_train": 0.1, "rampup": 8}, "cc_ibp": {"eps_train": 0.1, "rampup": 8},
+           "exp_ibp": {"eps_train": 0.1, "rampup": 8}}
 
 
 def test_every_objective_has_a_parameter_model_named_after_it():
@@ -57,7 +60,8 @@ def test_unknown_and_inapplicable_parameters_are_rejected(name):
         make_objective(name, **MINIMAL[name], epsilon=0.3)
     inapplicable = {"standard": "eps", "fgsm": "steps", "fast_fgsm": "steps", "pgd": "mix",
                     "adv_reg": "alpha", "ibp": "eps", "crown_ibp": "eps",
-                    "fast_ibp": "eps"}[name]
+                    "fast_ibp": "eps", "sabr": "alpha", "mtl_ibp": "lam", "cc_ibp": "lam",
+                    "exp_ibp": "lam"}[name]
     with pytest.raises(ValidationError, match=inapplicable):
         make_objective(name, **{**MINIMAL[name], inapplicable: 0.01})
 

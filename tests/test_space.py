@@ -144,8 +144,17 @@ BAD = [
     ("ibp with another objective", variant({"family": "ibp", "params.objective": "pgd",
                                             "optimize": {"verified_accuracy": "max"}},
                                            base=TRAINING),
-     r"params.objective: family 'ibp' trains with ibp, crown_ibp, fast_ibp \(IBP and its "
-     r"named recipes\), got 'pgd'"),
+     r"params.objective: family 'ibp' trains with ibp, crown_ibp, fast_ibp, sabr, mtl_ibp, "
+     r"cc_ibp, exp_ibp \(IBP and its named recipes\), got 'pgd'"),
+    ("sabr's box ratio out of range", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"sabr": {"lam": 1.5}}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.objective.sabr.lam: Input should be less than or equal to 1"),
+    ("an expressive loss's alpha out of range", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "objective": {
+            "grid": {"mtl_ibp": {"alpha": {"grid": [0.5, -0.2]}}}}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.objective.mtl_ibp.alpha: Input should be greater than or equal to 0"),
     ("batch norms on a model that is no IBP CNN", variant(
         {"family": "ibp", "model": {"name": "resnet_digits"},
          "params": {"eps_train": 0.1, "batch_norm": {"choice": [False, True]}},

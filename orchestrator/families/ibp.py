@@ -1,7 +1,9 @@
 """IBP (Gowal et al. 2018): trials train with interval bound propagation and report verified
 accuracy beside the attacks'. The objective is ``ibp`` with its parameters at the top of
 ``params``, or a choice or grid of ``ibp`` and its named recipes (``crown_ibp``, ``fast_ibp``:
-IBP with other defaults) under ``params.objective``, each with its own parameters."""
+IBP with other defaults; ``sabr``, ``mtl_ibp``, ``cc_ibp``, ``exp_ibp``: IBP's ramps with a loss
+between the adversarial and the verified one, ``defenses.expressive``) under
+``params.objective``, each with its own parameters."""
 
 from __future__ import annotations
 
