@@ -73,7 +73,8 @@ def replay(curves: Curves, order: Sequence[str], reduction_factor: int, grace_pe
     metrics = list(curves.optimize)
     scheduler = MultiObjectiveASHA(metrics, list(curves.optimize.values()), curves.epochs,
                                    grace_period, reduction_factor,
-                                   min_step=curves.ramp_steps, sweep=_QUIET)
+                                   min_step=curves.ramp_steps, sweep=_QUIET,
+                                   type="stopping")  # one worker: nothing to wait for
     used, full = 0, []
     for trial in order:
         for epoch, figures in enumerate(curves.val[trial], start=1):

@@ -15,8 +15,9 @@ What happens next depends on the scheduler's ``type``:
 - ``promotion`` (ASHA as Li et al. state it: a trial is promoted out of a rung while it is
   among the rung's top ``floor(n / reduction_factor)``): a trial that is not pauses at the
   rung (Tune's PAUSE; it resumes from its checkpoint), and every new result at the rung may
-  promote a resting one, which then runs before any new trial. A resting trial holds no slot
-  of ``search.max_concurrent`` (``RESTING``; ``orchestrator.searchers``), so the searcher
+  promote a resting one, which then runs before any new trial once a slot is free. A resting
+  trial holds no slot of ``search.max_concurrent`` (``RESTING``; ``orchestrator.resumable``),
+  so the searcher
   starts new trials meanwhile. When nothing else can run (the searcher has no trial left and
   none runs), the highest rung that has promoted nobody promotes its best resting trial, so
   that at least one trial reaches the full budget; once no such rung is left, every trial
@@ -65,7 +66,7 @@ STATE_FILE = "scheduler/rungs.json"
 DECISION_LOG: dict[str, Callable[[str], None]] = {}
 
 # sweep name -> the trials resting at a rung under ``type: promotion`` (paused, not promoted):
-# the searcher's concurrency limit does not count them (``orchestrator.searchers``)
+# the searcher's concurrency limit does not count them (``orchestrator.resumable``)
 RESTING: dict[str, set[str]] = {}
 
 TYPES = ("promotion", "stopping")
@@ -144,12 +145,15 @@ class MultiObjectiveASHA(FIFOScheduler):
         type: ``promotion`` (pause at a rung until among its top ``floor(n /
             reduction_factor)``) or ``stopping`` (stop unless among its top ``n /
             reduction_factor`` when it arrives); see the module docstring.
+        max_concurrent: (promotion) a promoted trial resumes only while fewer trials than
+            this run (0: no limit).
     """
 
     def __init__(self, metrics: Sequence[str], modes: Sequence[str], max_t: int,
                  grace_period: int = 1, reduction_factor: int = 3, time_attr: str = "epoch",
                  min_step: int = 0, step_attr: str = "optimizer_steps",
-                 state_uri: str | None = None, sweep: str = "", type: str = "stopping"):
+                 state_uri: str | None = None, sweep: str = "", type: str = "promotion",
+                 max_concurrent: int = 0):
         super().__init__()
         if type not in TYPES:
             raise ValueError(f"type must be one of {', '.join(TYPES)}, got {type!r}")
@@ -164,6 +168,7 @@ class MultiObjectiveASHA(FIFOScheduler):
         self.time_attr, self.min_step, self.step_attr = time_attr, min_step, step_attr
         self.milestones = rung_levels(max_t, grace_period, reduction_factor)
         self.state_uri, self.sweep, self.type = state_uri, sweep, type
+        self.max_concurrent = max_concurrent
         # rung -> {trial_id: values}; trial_id -> {"rung", "at" (the budget it had then),
         # "rank", "of"}
         self.rungs: dict[int, dict[str, list[float]]] = {}
@@ -308,6 +313,12 @@ class MultiObjectiveASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         return self.decide(trial.trial_id, result)
 
+    def on_trial_error(self, tune_controller, trial) -> None:
+        """A trial that failed rests nowhere (it can no longer be promoted)."""
+        self._load()
+        if self.resting.pop(trial.trial_id, None) is not None:
+            self._save()
+
     def choose_trial_to_run(self, tune_controller):
         """Tune's next trial to start: a promoted one first, then a new one. A trial resting
         at a rung is never chosen. When nothing else can run (``promotion``), ``settle``."""
@@ -317,9 +328,11 @@ class MultiObjectiveASHA(FIFOScheduler):
             return super().choose_trial_to_run(tune_controller)
         self._load()
         trials = tune_controller.get_trials()
+        busy = sum(trial.status in (Trial.RUNNING, Trial.PENDING) for trial in trials)
         for trial in trials:
             if (trial.status == Trial.PAUSED and trial.trial_id not in self.resting
-                    and trial.trial_id not in self.stopped):
+                    and trial.trial_id not in self.stopped
+                    and not 0 < self.max_concurrent <= busy):
                 return trial
         for trial in trials:
             if trial.status == Trial.PENDING:
@@ -337,8 +350,10 @@ class MultiObjectiveASHA(FIFOScheduler):
         resting one (so that some trial reaches the full budget); if there is none, the
         resting trials among ``paused`` stop at their rungs. Returns the trials to stop."""
         self._load()
+        paused = list(paused)
         for milestone in reversed(self.milestones):
-            waiting = [t for t in sorted(self.resting) if self.resting[t]["rung"] == milestone]
+            waiting = [t for t in sorted(self.resting)
+                       if self.resting[t]["rung"] == milestone and t in paused]
             if waiting and not any(milestone in rungs for rungs in self.promoted.values()):
                 best = min(waiting, key=lambda t: self._rank_at(milestone, t)[0])
                 self._promote(best, "the best of its rung, which no other trial left")
@@ -361,4 +376,5 @@ class MultiObjectiveASHA(FIFOScheduler):
 
 
 def trial_by_id(trials, trial_id: str):
+    """The trial of ``trials`` with id ``trial_id``."""
     return next(trial for trial in trials if trial.trial_id == trial_id)

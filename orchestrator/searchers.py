@@ -194,7 +194,8 @@ def scheduler_of(spec: SweepSpec, state_uri: str | None = None, sweep: str = "")
                                   reduction_factor=spec.scheduler.reduction_factor,
                                   time_attr=family.budget_unit,
                                   min_step=family.ramp_steps(spec), state_uri=state_uri,
-                                  sweep=sweep, type=spec.scheduler.type)
+                                  sweep=sweep, type=spec.scheduler.type,
+                                  max_concurrent=spec.search.max_concurrent)
     return None
 
 

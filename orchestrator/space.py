@@ -255,7 +255,7 @@ class SchedulerSpec(_Strict):
     either promoted out of a rung where the others rest (``type: promotion``) or judged once on
     arrival, the others stopped (``type: stopping``); on a LESCI space the units are attack
     samples, the points of the surfaces race, ``orchestrator.racing``, and ``type`` has no
-    effect)."""
+    effect; nor has it under ``asha``)."""
 
     name: Literal["none", "asha", "mo_asha"] = "none"
     type: Literal["promotion", "stopping"] = "promotion"

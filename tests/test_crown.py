@@ -79,16 +79,21 @@ def test_equals_the_matrix_form_of_crown_ibp_and_of_full_crown_on_mlps(seed, eps
         want = -reference_crown(layers, x, eps, C, ibp_pre_bounds(layers, x, eps))
         got = crown_margin_upper_bounds(model, x, y, eps)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-        # full CROWN: every hidden layer's bounds by the reference on the prefix (the neurons
-        # IBP finds stable in every sample keep IBP's bounds: their lines are exact either way)
+        # full CROWN: every hidden layer's bounds by the reference on the prefix, for the
+        # neurons a sample has unstable under IBP carried on from the layers already bounded
+        # (the others keep those IBP bounds: their lines are exact either way)
         pre = []
-        for i, (lo, hi) in enumerate(ibp_pre_bounds(layers, x, eps)):
+        lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+        for i, layer in enumerate(layers[:-1]):
+            c, r = layer((hi + lo) / 2), F.linear((hi - lo) / 2, layer.weight.abs())
+            lo, hi = c - r, c + r
             n = lo.shape[1]
             eye = torch.eye(n).expand(3, n, n)
             low = reference_crown(layers[:i + 1], x, eps, eye, pre)
             high = -reference_crown(layers[:i + 1], x, eps, -eye, pre)
-            unstable = ((lo < 0) & (hi > 0)).any(0)
+            unstable = (lo < 0) & (hi > 0)
             pre.append((torch.where(unstable, low, lo), torch.where(unstable, high, hi)))
+            lo, hi = pre[-1][0].clamp(min=0), pre[-1][1].clamp(min=0)
         want = -reference_crown(layers, x, eps, C, pre)
         got = crown_margin_upper_bounds(model, x, y, eps, method="crown")
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -82,7 +82,7 @@ def _result(epoch, a, b, steps=None):
 
 
 def _scheduler(tmp_path=None, **kw):
-    options = {"max_t": 8, "grace_period": 1, "reduction_factor": 2, **kw}
+    options = {"max_t": 8, "grace_period": 1, "reduction_factor": 2, "type": "stopping", **kw}
     return MultiObjectiveASHA(["nominal_accuracy", "verified_accuracy"], ["max", "max"],
                               state_uri=str(tmp_path) if tmp_path else None, sweep="t",
                               **options)
@@ -260,8 +260,23 @@ def test_tune_runs_promoted_trials_first_and_never_a_resting_one():
     assert s.choose_trial_to_run(unfinished) is None and unfinished.stopped == []
     # nothing else can run: the resting trials stop
     done = _Controller(trials + [_Trial("d", "PAUSED")], finished=True)
+    assert s.max_concurrent == 0  # no limit given
     assert s.choose_trial_to_run(done) is None
     assert done.stopped == ["c", "d"] and set(s.stopped) == {"c", "d"}
+
+
+def test_a_promoted_trial_waits_for_a_free_slot_and_a_failed_one_rests_nowhere():
+    s = _promoting()  # a and b promoted, c and d resting
+    s.max_concurrent = 2
+    trials = [_Trial("a", "PAUSED"), _Trial("b", "RUNNING"), _Trial("e", "RUNNING")]
+    assert s.choose_trial_to_run(_Controller(trials, finished=False)) is None  # 2 run
+    trials[2].status = "PAUSED"  # e rests or ends: a slot is free
+    assert s.choose_trial_to_run(_Controller(trials, finished=False)).trial_id == "a"
+    s.on_trial_error(None, _Trial("c", "ERROR"))
+    assert set(s.resting) == {"d"}
+    # settling promotes only among the trials still paused
+    s.decide("b", _result(2, 0.9, 0.9))  # b rests alone at rung 2
+    assert s.settle(["d"]) == ["d"] and "b" in s.resting  # b is not paused: not promoted
 
 
 def test_a_resting_trial_holds_no_slot_of_max_concurrent():
@@ -279,6 +294,23 @@ def test_a_resting_trial_holds_no_slot_of_max_concurrent():
     RESTING["slots"] = set()  # promoted: it holds its slot again, and none is free
     generator.on_trial_complete(second.trial_id)
     assert generator.next_trial() is None
+
+
+def test_optunas_limiter_does_not_count_a_resting_trial_either():
+    from ray.tune.search import Searcher
+
+    from orchestrator.resumable import SlotLimiter
+
+    class Fixed(Searcher):
+        def suggest(self, trial_id):
+            return {"x": 1}
+
+    limiter = SlotLimiter(Fixed(metric="m", mode="max"), max_concurrent=1, resting="optuna")
+    assert limiter.suggest("t1") == {"x": 1} and limiter.suggest("t2") is None
+    RESTING["optuna"] = {"t1"}
+    assert limiter.suggest("t2") == {"x": 1} and limiter.live_trials == {"t1", "t2"}
+    RESTING["optuna"] = set()
+    assert limiter.suggest("t3") is None
 
 
 @pytest.mark.parametrize("epoch, state", [(4.0, optuna.trial.TrialState.PRUNED),
