@@ -16,52 +16,13 @@ from pathlib import Path
 
 from defenses.intervals import format_interval
 from orchestrator.reporting import TEST_PREFIX
-from orchestrator.loading import load_space, shipped_spaces
+from orchestrator.arguments import DEFAULT_STORAGE, parse_args
+from orchestrator.loading import load_space
 from orchestrator.space import SpaceError, check_sweep_name
 from orchestrator.storage import Storage, StorageError, redact
 from orchestrator.mlflow_client import (TrackingError, TrackingUnavailable,
                                         check_tracking_uri, tracking_failure)
 
-
-DEFAULT_STORAGE = "sweeps"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    shipped = ", ".join(sorted(shipped_spaces()))
-    parser = argparse.ArgumentParser(
-        prog="search.py",
-        description="Search defense hyperparameters (LESCI, IBP, adversarial training) with "
-                    "Ray Tune and Optuna, tracked in MLflow. With no arguments: the embedded "
-                    "LESCI demo on scikit-learn's digits.")
-    parser.add_argument("--space", default="demo",
-                        help=f"a shipped space ({shipped}) or a YAML file (default: demo)")
-    parser.add_argument("--name", help="sweep name: MLflow experiment and storage folder "
-                                       "(default: the space's name and the start time)")
-    parser.add_argument("--num-samples", type=int,
-                        help="the space's search.num_samples: trials drawn (of each grid point, "
-                             "each objective of a grid) (overrides the space)")
-    parser.add_argument("--max-concurrent", type=int,
-                        help="trials at once (overrides the space)")
-    parser.add_argument("--storage", default=DEFAULT_STORAGE,
-                        help="local folder or s3://bucket/prefix for sweep state, checkpoints "
-                             "and shared stages (default: ./sweeps)")
-    parser.add_argument("--mlflow-uri",
-                        help="MLflow tracking URI (default: sqlite:///mlflow.db in the working "
-                             "directory)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the sweep --name after a crash, Ctrl-C or lost head node")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="tiny and fast: the space's smoke_test overrides")
-    parser.add_argument("--no-test", action="store_true",
-                        help="do not evaluate the front on the test split after the search "
-                             "(no test_* figures)")
-    parser.add_argument("--list-depths", action="store_true",
-                        help="print every module path of the space's model (a LESCI depth) "
-                             "with its activation shape and dimension, and exit")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also show Ray Tune's trial tables, Ray's and MLflow's logs and "
-                             "the trials' own output")
-    return parser.parse_args(argv)
 
 
 def log(message: str) -> None:
@@ -209,8 +170,9 @@ def _importable_from_here() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*entries, cwd]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | argparse.Namespace | None = None) -> int:
+    """The sweep of ``argv`` (the command line's words, or them already parsed)."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     # Unless verbose: Tune's legacy reporter at verbosity 0 prints nothing (its new output
     # engine prints a heading and a TensorBoard hint even then), and MLflow's and Optuna's INFO
     # lines (store creation, migrations, a new study) stay out of the console.
@@ -300,9 +262,9 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
     return " ".join(words)
 
 
-def entry_point() -> None:
+def entry_point(args: argparse.Namespace | None = None) -> None:
     _importable_from_here()
-    code = main()
+    code = main(args)
     sys.stdout.flush()
     sys.stderr.flush()
     import ray

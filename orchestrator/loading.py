@@ -8,7 +8,6 @@ key, the value and what is allowed (``SpaceError``; the CLI exits with code 2).
 from __future__ import annotations
 
 import copy
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from orchestrator import probes
 from orchestrator.distributions import DIST_TYPES, Choice, Grid, first_error
 from orchestrator.params import check_params
 from orchestrator.space import Algorithm, SpaceError, SweepSpec
+from search_spaces import shipped_spaces
 
 __all__ = ["load_space", "shipped_spaces"]
 
@@ -33,12 +33,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def shipped_spaces() -> dict[str, Path]:
-    """The spaces shipped with the package (``search_spaces/*.yaml``), by name."""
-    folder = resources.files("search_spaces")
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
 def load_space(name_or_path: str | Path, smoke_test: bool = False,

@@ -443,3 +443,22 @@ def test_the_attack_race_needs_a_first_rung_below_the_val_split(tmp_path):
     with pytest.raises(SpaceError, match=r"scheduler.grace_period: 360 is at or above the 360 "
                                          r"attack samples of the val split"):
         load_space(path, check_data=True)
+
+
+def test_the_command_line_answers_before_the_heavy_imports():
+    """``search.py --help`` and a bad flag need no torch, Ray, MLflow or Optuna."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; from orchestrator.arguments import parse_args; "
+            "parse_args(['--space', 'demo']); "
+            "print([m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root, check=True)
+    assert done.stdout.strip() == "[]"
+    helped = subprocess.run([sys.executable, "search.py", "--help"], capture_output=True,
+                            text=True, cwd=root)
+    assert helped.returncode == 0 and "--space SPACE" in helped.stdout
+    assert "certified_mnist5k" in helped.stdout  # the shipped spaces, listed
