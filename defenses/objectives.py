@@ -386,6 +386,14 @@ class _BetweenParams(IBPParams):
     fast_reg: float = Field(default=0.5, ge=0.0)
     attack_steps: int = Field(default=1, ge=1)
 
+    @model_validator(mode="after")
+    def _no_beta(self) -> "_BetweenParams":
+        given = sorted({"beta_start", "beta_end"} & self.model_fields_set)
+        if given:
+            raise ValueError(f"{given[0]}: objective {self.objective} bounds by ibp alone; "
+                             "beta weighs CROWN-IBP in objective crown_ibp")
+        return self
+
     def build(self) -> "BetweenObjective":
         return BetweenObjective(self)
 

@@ -105,7 +105,8 @@ def test_every_parameter_gets_a_gradient(name, params, batch):
     ("mtl_ibp", {"alpha": 1.5}, "alpha"), ("cc_ibp", {"alpha": -0.1}, "alpha"),
     ("exp_ibp", {"alpha": 2}, "alpha"), ("sabr", {"lam": 0.0}, "lam"),
     ("sabr", {"lam": 1.2}, "lam"), ("sabr", {"bound": "crown_ibp"}, "bound"),
-    ("mtl_ibp", {"attack_steps": 0}, "attack_steps")])
+    ("mtl_ibp", {"attack_steps": 0}, "attack_steps"),
+    ("cc_ibp", {"beta_start": 0.5}, "beta_start: objective cc_ibp bounds by ibp alone")])
 def test_out_of_range_parameters_are_refused_by_name(name, params, key):
     with pytest.raises(ValidationError, match=key):
         make_objective(name, eps_train=EPS, **params)
