@@ -102,13 +102,13 @@ def tasks(lirpa: Any, name: str, model: nn.Module, x: torch.Tensor, crown_x: tor
     ptb = lirpa.PerturbationLpNorm(norm=float("inf"), x_L=(x - eps).clamp(0, 1),
                                    x_U=(x + eps).clamp(0, 1))
     bounded = lirpa.BoundedTensor(x.contiguous(), ptb)
-    others = spec[~torch.nn.functional.one_hot(y, CLASSES).bool()].view(len(x), CLASSES - 1,
-                                                                         CLASSES)
+    wrong = ~F.one_hot(y, CLASSES).bool()  # the margins j != y
+    others = spec[wrong].view(len(x), CLASSES - 1, CLASSES)
 
     def ours_step():
         ours_opt.zero_grad()
         upper, _ = certified_margins(model, x, y, eps, beta=1.0)  # upper(z_j - z_y)
-        picked = upper[~torch.nn.functional.one_hot(y, CLASSES).bool()].view(len(x), -1)
+        picked = upper[wrong].view(len(x), -1)
         _loss(-picked).backward()
         ours_opt.step()
 

@@ -47,7 +47,7 @@ from torch import fx, nn
 from defenses.models import Normalize, eval_mode
 from defenses.ibp import (_elided_margins, _eval, _input_box, _last_layer, _no_rule, _plan, _Plan,
                           _submodule, probe_input)
-from defenses.interval_rules import Interval, _module_rule
+from defenses.interval_rules import Interval, _module_rule, batchnorm_affine, fixed_batchnorm
 from defenses.linear_relaxations import (_IDENTITY_MODULES, _INTERVAL_FUNCTIONS,
                                          _INTERVAL_MODULES, _NONLINEAR_FUNCTIONS,
                                          _NONLINEAR_MODULES, _PURE, _function_lines,
@@ -95,8 +95,7 @@ class _Pass:
             if isinstance(m, _NONLINEAR_MODULES):
                 lines = _module_lines(m)
                 return ("lines", lines) if lines is not None else ("interval", None)
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
-                    m.training or m.running_mean is None):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not fixed_batchnorm(m):
                 return "batchnorm", m
             if _module_rule(m) is None:
                 raise _no_rule(node, self.model)
@@ -232,15 +231,10 @@ class _Pass:
         if type(m) is nn.Linear:
             g = a @ m.weight
             constant = a @ m.bias if m.bias is not None else None
-        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and not m.training and (
-                m.running_mean is not None):  # eval mode: a fixed affine map per channel
-            scale = torch.rsqrt(m.running_var + m.eps)
-            if m.weight is not None:
-                scale = scale * m.weight
-            shift = -m.running_mean * scale + (m.bias if m.bias is not None else 0)
-            view = (1, 1, -1) + (1,) * (a.dim() - 3)
-            g = a * scale.view(view)
-            constant = (a.flatten(3).sum(-1) if a.dim() > 3 else a) @ shift
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and fixed_batchnorm(m):
+            scale, shift = _batchnorm_affine(m, self.env[inputs[0]])
+            g = a * scale
+            constant = (a.flatten(3).sum(-1) if a.dim() > 3 else a) @ shift.flatten()
         elif type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(
                 m.padding, str):
             shape = self.env[inputs[0]].lower.shape[1:]
@@ -273,9 +267,8 @@ class _Pass:
                 m = _submodule(self.model, node.target)
                 if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d):
                     mixing += 1
-                elif not (isinstance(m, (*_IDENTITY_MODULES, nn.Flatten, Normalize)) or (
-                        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.training
-                        and m.running_mean is not None)):  # eval-mode batch norm: per channel
+                elif not (isinstance(m, (*_IDENTITY_MODULES, nn.Flatten, Normalize))
+                          or fixed_batchnorm(m)):
                     return False
             elif not (node.op == "call_function" and node.target is torch.flatten):
                 return False
@@ -292,47 +285,49 @@ class _Pass:
         looser and finds more unstable neurons): before a ReLU only the neurons a sample has
         unstable under it (l < 0 < u) are bounded by CROWN, as that sample's own rows of the
         specification, and the others keep its bounds (their lines are exact already). As
-        auto_LiRPA does, CROWN's bound is kept even where
-        IBP's is tighter (the intersection is not always better: it moves the ReLU's lines,
-        and the final bound can come out looser; ``certificates`` takes the tighter bound at
-        the output)."""
+        auto_LiRPA does, CROWN's bound is kept even where IBP's is tighter (the intersection
+        is not always better: it moves the ReLU's lines, and the final bound can come out
+        looser; ``certificates`` takes the tighter bound at the output)."""
         carried = dict(self.env)  # IBP from the tightened bounds on
         for node in self.order:
             if node is self.plan.input:
                 continue
+            self._tighten_input(node, carried, budget)
             if self.pre:  # something upstream was tightened: IBP again from it
-                value = self.pre.get(node) or _eval(self.model, self.plan, node, carried)
-                carried[node] = value
-            kind, lines = self._kind(node)
-            if kind != "lines":
-                continue
-            (source,) = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
-            if source in self.pre or source is self.plan.input or self._exact(source):
-                continue
-            lo, hi = carried[source]
-            b, n = lo.shape[0], lo[0].numel()
-            low, high = lo.flatten(1).clone(), hi.flatten(1).clone()
-            wanted = ((low < 0) & (high > 0) if isinstance(lines, _PiecewiseLinear)
-                      else torch.ones_like(low, dtype=torch.bool))
-            # each sample's own unstable neurons as its rows (not the batch's union: a
-            # trained network has few per sample), padded to the largest count; a padding
-            # row's bound is computed and dropped
-            counts = wanted.sum(1)
-            most = int(counts.max())
-            order = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :most]
-            chunk = max(1, budget // (2 * b * n))
-            for start in range(0, most, chunk):
-                rows = order[:, start:start + chunk]  # [b, r]
-                r = rows.shape[1]
-                eye = lo.new_zeros(b, r, n).scatter_(2, rows.unsqueeze(2), 1.0)
-                spec = torch.cat([eye, -eye], 1).view(b, 2 * r, *lo.shape[1:])
-                bound = self.lower(source, spec)
-                real = torch.arange(start, start + r, device=lo.device) < counts.unsqueeze(1)
-                low.scatter_(1, rows, torch.where(real, bound[:, :r], low.gather(1, rows)))
-                high.scatter_(1, rows, torch.where(real, -bound[:, r:], high.gather(1, rows)))
-            self.pre[source] = Interval(low.view_as(lo), high.view_as(hi))
-            carried[source] = self.pre[source]
-            carried[node] = _eval(self.model, self.plan, node, carried)
+                carried[node] = self.pre.get(node) or _eval(self.model, self.plan, node,
+                                                            carried)
+
+    def _tighten_input(self, node: fx.Node, carried: dict[fx.Node, Any], budget: int) -> None:
+        """``tighten``'s step at an activation ``node``: its input's bounds by CROWN."""
+        kind, lines = self._kind(node)
+        if kind != "lines":
+            return
+        (source,) = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
+        if source in self.pre or source is self.plan.input or self._exact(source):
+            return
+        lo, hi = carried[source]
+        b, n = lo.shape[0], lo[0].numel()
+        low, high = lo.flatten(1).clone(), hi.flatten(1).clone()
+        wanted = ((low < 0) & (high > 0) if isinstance(lines, _PiecewiseLinear)
+                  else torch.ones_like(low, dtype=torch.bool))
+        # each sample's own unstable neurons as its rows (not the batch's union: a
+        # trained network has few per sample), padded to the largest count; a padding
+        # row's bound is computed and dropped
+        counts = wanted.sum(1)
+        most = int(counts.max())
+        order = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :most]
+        chunk = max(1, budget // (2 * b * n))
+        for start in range(0, most, chunk):
+            rows = order[:, start:start + chunk]  # [b, r]
+            r = rows.shape[1]
+            eye = lo.new_zeros(b, r, n).scatter_(2, rows.unsqueeze(2), 1.0)
+            spec = torch.cat([eye, -eye], 1).view(b, 2 * r, *lo.shape[1:])
+            bound = self.lower(source, spec)
+            real = torch.arange(start, start + r, device=lo.device) < counts.unsqueeze(1)
+            low.scatter_(1, rows, torch.where(real, bound[:, :r], low.gather(1, rows)))
+            high.scatter_(1, rows, torch.where(real, -bound[:, r:], high.gather(1, rows)))
+        self.pre[source] = Interval(low.view_as(lo), high.view_as(hi))
+        carried[source] = self.pre[source]  # (``tighten`` carries IBP on from here)
 
     def alpha_lower(self, start: fx.Node, spec: torch.Tensor, iterations: int = 20,
                     lr: float = 0.1) -> torch.Tensor:
@@ -390,16 +385,10 @@ class _Pass:
 
 
 def _batchnorm_affine(m: nn.Module, b: Interval) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) broadcastable to [b, s, C, *spatial]: batch norm with the statistics of
-    the box centres' batch, as ``interval_rules._batchnorm`` computes it in train mode."""
-    c = (b.lower + b.upper) / 2
-    dims = (0, *range(2, c.dim()))
-    mean, var = c.mean(dim=dims), c.var(dim=dims, unbiased=False)
-    scale = torch.rsqrt(var + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight
-    shift = -mean * scale + (m.bias if m.bias is not None else 0)
-    view = (1, 1, -1) + (1,) * (c.dim() - 2)
+    """(scale, shift) of ``interval_rules.batchnorm_affine`` broadcastable to [b, s, C,
+    *spatial]."""
+    scale, shift = batchnorm_affine(m, b)
+    view = (1, 1, -1) + (1,) * (b.lower.dim() - 2)
     return scale.view(view), shift.view(view)
 
 

@@ -73,35 +73,32 @@ def sabr_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 
 def adversarial_point(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                      steps: int, step_size: float | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """PGD's point in the eps-ball (one random start; step ``default_alpha`` unless given); x
-    itself at eps 0."""
+                      steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD's point in the eps-ball (one random start, step ``default_alpha``); x itself at eps
+    0."""
     if eps == 0:
         return x
-    return pgd(model, x, y, eps, step_size or default_alpha(eps, steps), steps,
-               random_start=True, generator=generator).detach()
+    return pgd(model, x, y, eps, default_alpha(eps, steps), steps, random_start=True,
+               generator=generator).detach()
 
 
-def expressive_loss(kind: Expressive, alpha: float, adv_logits: torch.Tensor,
-                    worst: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def expressive_loss(kind: Expressive, alpha: float, adv_logits: torch.Tensor | None,
+                    worst: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """MTL-IBP's, CC-IBP's or Exp-IBP's loss (module docstring) from the logits at the
-    adversarial point and IBP's worst-case margins ``worst`` (upper bounds of ``z_j - z_y``)."""
+    adversarial point and IBP's worst-case margins ``worst`` (upper bounds of ``z_j - z_y``);
+    at alpha 0 ``worst`` is not needed, at alpha 1 ``adv_logits`` is not (either may be
+    None)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0:
+        return F.cross_entropy(adv_logits, y)
+    if alpha == 1:
+        return F.cross_entropy(worst, y)
     kind = Expressive(kind)
     if kind is Expressive.CC:
         adv_margins = adv_logits - adv_logits.gather(1, y[:, None])
         return F.cross_entropy((1 - alpha) * adv_margins + alpha * worst, y)
-    if kind is Expressive.MTL:
-        if alpha == 0:
-            return F.cross_entropy(adv_logits, y)
-        if alpha == 1:
-            return F.cross_entropy(worst, y)
-        return (1 - alpha) * F.cross_entropy(adv_logits, y) + alpha * F.cross_entropy(worst, y)
     adv, ver = F.cross_entropy(adv_logits, y), F.cross_entropy(worst, y)
-    if alpha == 0:
-        return adv
-    if alpha == 1:
-        return ver
+    if kind is Expressive.MTL:
+        return (1 - alpha) * adv + alpha * ver
     return adv.clamp_min(_TINY).pow(1 - alpha) * ver.clamp_min(_TINY).pow(alpha)

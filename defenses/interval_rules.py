@@ -102,21 +102,33 @@ def _conv(m: nn.Conv1d | nn.Conv2d, b: Interval) -> Interval:
                      dilation=m.dilation, groups=m.groups)
 
 
-def _batchnorm(m: nn.BatchNorm1d | nn.BatchNorm2d, b: Interval) -> Interval:
-    """Affine with running statistics in eval mode; in train mode, with the statistics of the
-    box centres' batch, held constant (as IBP implementations do). [b, C, *spatial]."""
-    lower, upper = b
-    if m.training or m.running_mean is None:
-        c = (lower + upper) / 2
-        dims = (0, *range(2, c.dim()))
-        mean = c.mean(dim=dims)
-        var = c.var(dim=dims, unbiased=False)
-    else:
+def fixed_batchnorm(m: nn.Module) -> bool:
+    """A batch norm that computes a fixed per-channel affine map: eval mode, running stats."""
+    return (isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.training
+            and m.running_mean is not None)
+
+
+def batchnorm_affine(m: nn.BatchNorm1d | nn.BatchNorm2d, b: Interval
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [C] of a batch norm on the box ``b`` [b, C, *spatial]: with its running
+    statistics in eval mode; in train mode, with the statistics of the box centres' batch,
+    held constant (as IBP implementations do)."""
+    if fixed_batchnorm(m):
         mean, var = m.running_mean, m.running_var
+    else:
+        c = (b.lower + b.upper) / 2
+        dims = (0, *range(2, c.dim()))
+        mean, var = c.mean(dim=dims), c.var(dim=dims, unbiased=False)
     scale = torch.rsqrt(var + m.eps)
     if m.weight is not None:
         scale = scale * m.weight
-    shift = -mean * scale + (m.bias if m.bias is not None else 0)
+    return scale, -mean * scale + (m.bias if m.bias is not None else 0)
+
+
+def _batchnorm(m: nn.BatchNorm1d | nn.BatchNorm2d, b: Interval) -> Interval:
+    """The per-channel affine map of ``batchnorm_affine``. [b, C, *spatial]."""
+    lower, upper = b
+    scale, shift = batchnorm_affine(m, b)
     view = (1, -1) + (1,) * (lower.dim() - 2)
     return _affine(lower, upper, lambda c: c * scale.view(view) + shift.view(view),
                    lambda r: r * scale.abs().view(view))

@@ -21,7 +21,6 @@ from defenses.attacks import default_alpha, fgsm, pgd
 from defenses.certified_training import certified_margins, ibp_init
 from defenses.expressive import (Expressive, adversarial_point, expressive_loss,
                                  sabr_margins)
-from defenses.ibp import elided_upper_bounds
 from defenses.ibp import ibp_loss
 from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
@@ -339,6 +338,14 @@ class FastIBPParams(IBPParams):
 
 
 class IBPObjective:
+    """``kappa * L(z) + (1 - kappa) * robust`` on the eps and kappa ramps, plus the warm-up
+    regularisers while eps ramps (``fast_reg`` > 0); ``robust`` is the cross-entropy of the
+    certified margins here, a recipe's own loss in a subclass."""
+
+    # Gowal et al.'s loss through ``defenses.ibp.ibp_loss`` when the bound is IBP's and no
+    # regulariser is on (a subclass with a robust term of its own sets False)
+    plain_ibp = True
+
     def __init__(self, params: IBPParams):
         self.params = params
         self.name = params.objective
@@ -348,7 +355,7 @@ class IBPObjective:
         eps = eps_schedule(step, p.eps_train, p.warmup, p.rampup, p.ramp)
         kappa = kappa_schedule(step, p.kappa_final, p.warmup, p.rampup, p.ramp)
         regularize = p.fast_reg > 0 and 0 < eps < p.eps_train
-        if p.bound is Bound.IBP and not regularize:  # Gowal et al.'s loss as it always was
+        if self.plain_ibp and p.bound is Bound.IBP and not regularize:
             loss, logits, _ = ibp_loss(model, x, y, eps, kappa)
             return loss, {"train_loss": float(loss.detach()), "train_accuracy": _acc(logits, y),
                           "eps": eps, "kappa": kappa}
@@ -358,15 +365,25 @@ class IBPObjective:
         loss = kappa * F.cross_entropy(logits, y)
         metrics = {"eps": eps, "kappa": kappa, "beta": beta}
         if kappa < 1 or regularize:
-            worst, reg = certified_margins(model, x, y, eps, beta, regularize)
-            if kappa < 1:
-                loss = loss + (1 - kappa) * F.cross_entropy(worst, y)
+            robust, reg, more = self.robust(model, x, y, eps, beta, kappa < 1, regularize,
+                                            generator)
+            if robust is not None:
+                loss = loss + (1 - kappa) * robust
             if reg is not None:
                 weight = p.fast_reg * (1 - eps / p.eps_train)
                 loss = loss + weight * reg
                 metrics["fast_reg"] = float(reg.detach())
+            metrics.update(more)
         metrics.update(train_loss=float(loss.detach()), train_accuracy=_acc(logits, y))
         return loss, metrics
+
+    def robust(self, model, x, y, eps, beta, loss, regularize, generator
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+        """(the robust term at radius eps if ``loss``, the warm-up regularisers if
+        ``regularize``, metrics): here the cross-entropy of the certified margins, both from
+        one bound pass."""
+        worst, reg = certified_margins(model, x, y, eps, beta, regularize)
+        return (F.cross_entropy(worst, y) if loss else None), reg, {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,52 +467,28 @@ class ExpIBPParams(_ExpressiveParams):
 _KINDS = {"mtl_ibp": Expressive.MTL, "cc_ibp": Expressive.CC, "exp_ibp": Expressive.EXP}
 
 
-class BetweenObjective:
-    """``kappa * L(z) + (1 - kappa) * L_recipe`` on IBP's eps and kappa ramps, plus the
-    warm-up regularisers while eps ramps (``fast_reg`` > 0), as ``IBPObjective``."""
+class BetweenObjective(IBPObjective):
+    """``IBPObjective`` with the recipe's loss as its robust term."""
 
-    def __init__(self, params: _BetweenParams):
-        self.params = params
-        self.name = params.objective
+    plain_ibp = False
 
-    def robust(self, model, x, y, eps, generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """The recipe's loss at radius eps, and its metrics."""
+    def robust(self, model, x, y, eps, beta, loss, regularize, generator):
         p = self.params
-        if isinstance(p, SABRParams):
-            return F.cross_entropy(sabr_margins(model, x, y, eps, p.lam, p.attack_steps,
-                                                generator), y), {}
-        kind = _KINDS[p.objective]
-        adv_logits = worst = None
         metrics: dict[str, float] = {}
+        if isinstance(p, SABRParams):  # the regularisers are of the whole eps-box
+            reg = certified_margins(model, x, y, eps, 0.0, True)[1] if regularize else None
+            robust = (F.cross_entropy(sabr_margins(model, x, y, eps, p.lam, p.attack_steps,
+                                                   generator), y) if loss else None)
+            return robust, reg, metrics
+        worst = reg = adv_logits = None
+        if (loss and p.alpha > 0) or regularize:  # one IBP pass for both
+            worst, reg = certified_margins(model, x, y, eps, 0.0, regularize)
+        if not loss:
+            return None, reg, metrics
         if p.alpha < 1:
-            adv_logits = model(adversarial_point(model, x, y, eps, p.attack_steps,
-                                                 generator=generator))
+            adv_logits = model(adversarial_point(model, x, y, eps, p.attack_steps, generator))
             metrics["train_adv_accuracy"] = _acc(adv_logits, y)
-        if p.alpha > 0:
-            worst = elided_upper_bounds(model, x, y, eps)
-        if adv_logits is None:
-            adv_logits = torch.zeros_like(worst)  # weighted 0
-        if worst is None:
-            worst = torch.zeros_like(adv_logits)
-        return expressive_loss(kind, p.alpha, adv_logits, worst, y), metrics
-
-    def loss(self, model, x, y, step, generator):
-        p = self.params
-        eps = eps_schedule(step, p.eps_train, p.warmup, p.rampup, p.ramp)
-        kappa = kappa_schedule(step, p.kappa_final, p.warmup, p.rampup, p.ramp)
-        logits = model(x)
-        loss = kappa * F.cross_entropy(logits, y)
-        metrics = {"eps": eps, "kappa": kappa}
-        if kappa < 1:
-            robust, more = self.robust(model, x, y, eps, generator)
-            loss = loss + (1 - kappa) * robust
-            metrics.update(more)
-        if p.fast_reg > 0 and 0 < eps < p.eps_train:
-            _, reg = certified_margins(model, x, y, eps, 0.0, regularize=True)
-            loss = loss + p.fast_reg * (1 - eps / p.eps_train) * reg
-            metrics["fast_reg"] = float(reg.detach())
-        metrics.update(train_loss=float(loss.detach()), train_accuracy=_acc(logits, y))
-        return loss, metrics
+        return expressive_loss(_KINDS[p.objective], p.alpha, adv_logits, worst, y), reg, metrics
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,11 +17,10 @@ What happens next depends on the scheduler's ``type``:
   rung (Tune's PAUSE; it resumes from its checkpoint), and every new result at the rung may
   promote a resting one, which then runs before any new trial once a slot is free. A resting
   trial holds no slot of ``search.max_concurrent`` (``RESTING``; ``orchestrator.resumable``),
-  so the searcher
-  starts new trials meanwhile. When nothing else can run (the searcher has no trial left and
-  none runs), the highest rung that has promoted nobody promotes its best resting trial, so
-  that at least one trial reaches the full budget; once no such rung is left, every trial
-  still resting stops at its rung. Decisions wait for more results, so the first trials no
+  so the searcher starts new trials meanwhile. When nothing else can run (the searcher has
+  no trial left and none runs), the highest rung that has promoted nobody promotes its best
+  resting trial, so that at least one trial reaches the full budget; once no such rung is
+  left, every trial still resting stops at its rung. Decisions wait for more results, so the first trials no
   longer run to the end by arriving first; the price is that a model-based searcher hears of
   a resting trial only when it ends (PRUNED, if it never went on).
 
@@ -255,17 +254,14 @@ class MultiObjectiveASHA(FIFOScheduler):
                 continue  # ranked here before, and it went on
             rung[trial_id] = [float(v) for v in values]
             changed = True
-            ids = sorted(rung)
-            table = np.array([rung[t] for t in ids])
-            rank, n = rank_of(table, self.maximize, ids.index(trial_id)), len(ids)
+            rank, n = self._rank_at(milestone, trial_id)
             record = {"rung": milestone, "at": budget, "rank": rank, "of": n}
             if promotion:
+                self._promote_at(milestone)  # one more result: the top may be wider
                 if rank < n // self.reduction_factor:
                     self.promoted.setdefault(trial_id, []).append(milestone)
-                    self._promote_at(milestone)  # one more result: the top may be wider
                     continue
                 self.resting[trial_id] = record
-                self._promote_at(milestone)
                 action = TrialScheduler.PAUSE
                 break
             if not rank < n / self.reduction_factor:
@@ -337,12 +333,10 @@ class MultiObjectiveASHA(FIFOScheduler):
         for trial in trials:
             if trial.status == Trial.PENDING:
                 return trial
-        if (any(trial.status == Trial.PAUSED for trial in trials)
-                and not any(trial.status in (Trial.RUNNING, Trial.PENDING) for trial in trials)
-                and tune_controller.search_alg.is_finished()):
-            for trial in self.settle(trial.trial_id for trial in trials
-                                     if trial.status == Trial.PAUSED):
-                tune_controller.stop_trial(trial_by_id(trials, trial))
+        paused = {trial.trial_id: trial for trial in trials if trial.status == Trial.PAUSED}
+        if paused and not busy and tune_controller.search_alg.is_finished():
+            for trial_id in self.settle(paused):
+                tune_controller.stop_trial(paused[trial_id])
         return None
 
     def settle(self, paused) -> list[str]:
@@ -350,7 +344,7 @@ class MultiObjectiveASHA(FIFOScheduler):
         resting one (so that some trial reaches the full budget); if there is none, the
         resting trials among ``paused`` stop at their rungs. Returns the trials to stop."""
         self._load()
-        paused = list(paused)
+        paused = set(paused)
         for milestone in reversed(self.milestones):
             waiting = [t for t in sorted(self.resting)
                        if self.resting[t]["rung"] == milestone and t in paused]
@@ -359,7 +353,7 @@ class MultiObjectiveASHA(FIFOScheduler):
                 self._promote(best, "the best of its rung, which no other trial left")
                 self._save()
                 return []
-        stop = [t for t in paused if t in self.resting]
+        stop = sorted(paused & set(self.resting))
         for trial_id in stop:
             info = self.resting.pop(trial_id)
             rank, n = self._rank_at(info["rung"], trial_id)  # among all the rung's results
@@ -373,8 +367,3 @@ class MultiObjectiveASHA(FIFOScheduler):
     def debug_string(self) -> str:
         return (f"MO-ASHA ({self.type}): rungs {self.milestones} ({self.time_attr}), "
                 f"{len(self.stopped)} stopped")
-
-
-def trial_by_id(trials, trial_id: str):
-    """The trial of ``trials`` with id ``trial_id``."""
-    return next(trial for trial in trials if trial.trial_id == trial_id)

@@ -72,23 +72,30 @@ def _check_stopped_trials(uri: str, name: str, stopped: dict):
     return parent
 
 
-def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with_it(tmp_path):
-    args, uri = sweep_args(tmp_path, SPACE, "mo")
-    storage = Storage(str(tmp_path / "sweeps")).child("mo")
-
+def _kill_and_resume(tmp_path, space: str, name: str, line: str) -> tuple[dict, dict, str, Driver]:
+    """Sweep ``name`` of ``space``, its driver killed after a console line matching ``line``
+    once Tune has saved its state (before it, a resume starts the trials afresh), then resumed
+    to its end: (the scheduler's records at the kill, at the end; the MLflow URI; the resumed
+    driver)."""
+    args, uri = sweep_args(tmp_path, space, name)
+    storage = Storage(str(tmp_path / "sweeps")).child(name)
     driver = Driver(args, tmp_path, None)
-    assert driver.wait_for_line(r"trial \w+ stopped at epoch \d"), driver.output[-3000:]
-    # killed once Tune has saved its state (before it, a resume starts the trials afresh)
+    assert driver.wait_for_line(line), driver.output[-3000:]
     deadline = time.time() + 120
-    while saved_trials(str(tmp_path / "sweeps" / "mo")) is None and time.time() < deadline:
+    while saved_trials(str(tmp_path / "sweeps" / name)) is None and time.time() < deadline:
         time.sleep(0.2)
     driver.kill()
-    before = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
-    assert before
-
+    before = json.loads(storage.read_bytes(STATE_FILE))
     driver = Driver([*args, "--resume"], tmp_path, None)
     assert driver.finish() == 0, driver.output[-3000:]
-    stopped = json.loads(storage.read_bytes(STATE_FILE))["stopped"]
+    return before, json.loads(storage.read_bytes(STATE_FILE)), uri, driver
+
+
+def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with_it(tmp_path):
+    before, after, uri, driver = _kill_and_resume(tmp_path, SPACE, "mo",
+                                                  r"trial \w+ stopped at epoch \d")
+    before, stopped = before["stopped"], after["stopped"]
+    assert before
     assert stopped.items() >= before.items()  # every decision taken before the kill stands
 
     parent = _check_stopped_trials(uri, "mo", stopped)
@@ -97,29 +104,15 @@ def test_dominated_trials_stop_and_a_driver_killed_after_a_decision_resumes_with
     assert "stopped early by scheduler mo_asha" in driver.output
 
 
-
 def test_promotion_rests_trials_at_rungs_and_a_driver_killed_while_one_rests_resumes(
         tmp_path):
     """The same grid under ``type: promotion`` (the default): a trial not among its rung's
     top half pauses there, and goes on only if later results lift it into that top half; the
     rest stop at the end. A driver killed while a trial rests resumes with every record,
     promotion and rest standing, and no epoch trained twice."""
-    space = SPACE.replace("type: stopping, ", "")
-    args, uri = sweep_args(tmp_path, space, "promo")
-    storage = Storage(str(tmp_path / "sweeps")).child("promo")
-
-    driver = Driver(args, tmp_path, None)
-    assert driver.wait_for_line(r"trial \w+ paused at epoch \d"), driver.output[-3000:]
-    deadline = time.time() + 120
-    while saved_trials(str(tmp_path / "sweeps" / "promo")) is None and time.time() < deadline:
-        time.sleep(0.2)
-    driver.kill()
-    before = json.loads(storage.read_bytes(STATE_FILE))
+    before, after, uri, driver = _kill_and_resume(tmp_path, SPACE.replace("type: stopping, ", ""),
+                                                  "promo", r"trial \w+ paused at epoch \d")
     assert before["resting"]
-
-    driver = Driver([*args, "--resume"], tmp_path, None)
-    assert driver.finish() == 0, driver.output[-3000:]
-    after = json.loads(storage.read_bytes(STATE_FILE))
     for rung, results in before["rungs"].items():  # no result recorded twice or changed
         assert after["rungs"][rung].items() >= results.items()
     for trial_id, rungs in before["promoted"].items():
