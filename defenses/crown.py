@@ -27,9 +27,11 @@ box, starting at the output (A = C, c = 0) and pulled back through each node to 
 The pre-activation bounds l, u come from IBP (``method="crown-ibp"``, the CROWN-IBP setting) or
 from CROWN itself, bounding each activation's input in order with the identity specification
 (``method="crown"``, full CROWN: the unstable neurons of a layer as the specification rows of
-one backward pass, in chunks; a first layer's exact interval is kept as it is; for
-verification of small models). Both agree with auto_LiRPA 0.7.1's ``CROWN-IBP`` and ``CROWN``
-to rounding on every built-in model (``benchmarks/crown_crosscheck.py``).
+one backward pass, in chunks; behind a chain of convolutions each row is carried as its
+receptive-field window of every layer rather than the whole layer, auto_LiRPA's patches mode;
+a first layer's exact interval is kept as it is; for verification of small models). Both
+agree with auto_LiRPA 0.7.1's ``CROWN-IBP`` and ``CROWN`` to rounding on every built-in model
+(``benchmarks/crown_crosscheck.py``).
 
 The last layer needs no elision of its own: the specification ``e_y - e_j`` is pulled through it
 like through any linear node, so margins ``z_y - z_j`` are bounded directly.
@@ -77,6 +79,7 @@ class _Pass:
             self.order.append(node)
         self.index = {node: i for i, node in enumerate(self.order)}
         self.pre: dict[fx.Node, Interval] = {}  # tightened pre-activation bounds
+        self._chains: dict[fx.Node, list[tuple[fx.Node, str, Any]] | None] = {}
 
     # -- what each node does backward
 
@@ -316,18 +319,139 @@ class _Pass:
         counts = wanted.sum(1)
         most = int(counts.max())
         order = torch.argsort((~wanted).to(torch.int8), dim=1, stable=True)[:, :most]
-        chunk = max(1, budget // (2 * b * n))
+        chain = self._patch_chain(source)
+        width = n if chain is None else _patch_width(self, chain)
+        chunk = max(1, budget // (2 * b * width))
         for start in range(0, most, chunk):
             rows = order[:, start:start + chunk]  # [b, r]
             r = rows.shape[1]
-            eye = lo.new_zeros(b, r, n).scatter_(2, rows.unsqueeze(2), 1.0)
-            spec = torch.cat([eye, -eye], 1).view(b, 2 * r, *lo.shape[1:])
-            bound = self.lower(source, spec)
+            if chain is not None:
+                bound = self._patches_lower(chain, torch.cat([rows, rows], 1),
+                                            torch.cat([lo.new_ones(b, r), -lo.new_ones(b, r)], 1))
+            else:
+                eye = lo.new_zeros(b, r, n).scatter_(2, rows.unsqueeze(2), 1.0)
+                spec = torch.cat([eye, -eye], 1).view(b, 2 * r, *lo.shape[1:])
+                bound = self.lower(source, spec)
             real = torch.arange(start, start + r, device=lo.device) < counts.unsqueeze(1)
             low.scatter_(1, rows, torch.where(real, bound[:, :r], low.gather(1, rows)))
             high.scatter_(1, rows, torch.where(real, -bound[:, r:], high.gather(1, rows)))
         self.pre[source] = Interval(low.view_as(lo), high.view_as(hi))
         carried[source] = self.pre[source]  # (``tighten`` carries IBP on from here)
+
+    # -- patches mode: the identity specification of a convolutional layer's neurons
+
+    def _patch_chain(self, start: fx.Node) -> list[tuple[fx.Node, str, Any]] | None:
+        """The nodes from ``start`` back to the input box, each with what it does backward
+        (``'identity'``, ``'lines'``, ``'scale'`` (a per-channel affine map: eval or train
+        batch norm, ``Normalize``), ``'conv'`` (a zero-padded ``nn.Conv2d``) or ``'input'``),
+        when they form a chain of such nodes over [b, C, H, W] values (each with one bounded
+        argument): then a row of the identity specification at ``start`` stays a small window
+        of each node's value (the neuron's receptive field), and ``_patches_lower`` bounds it
+        there (auto_LiRPA's patches mode). None otherwise (a linear layer, a residual sum, a
+        max pool, ...): the dense ``lower`` takes it."""
+        if start in self._chains:
+            return self._chains[start]
+        chain: list[tuple[fx.Node, str, Any]] | None = []
+        node = start
+        while chain is not None:
+            kind, payload = self._kind(node)
+            if kind == "input":
+                chain.append((node, "input", None))
+                break
+            bounded = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
+            if len(bounded) != 1 or self.env[bounded[0]].lower.dim() != 4:
+                chain = None
+                break
+            m = _submodule(self.model, node.target) if node.op == "call_module" else None
+            if kind in ("identity", "lines"):
+                step = (node, kind, payload)
+            elif kind == "batchnorm" or (kind == "affine" and (
+                    fixed_batchnorm(m) or isinstance(m, Normalize))):
+                step = (node, "scale", m)
+            elif (kind == "affine" and type(m) is nn.Conv2d and m.padding_mode == "zeros"
+                  and not isinstance(m.padding, str) and len(node.args) == 1 and not node.kwargs):
+                step = (node, "conv", m)
+            elif kind == "affine" and type(m) is nn.ZeroPad2d and min(m.padding) >= 0:
+                step = (node, "pad", m)
+            else:
+                chain = None
+                break
+            chain.append(step)
+            node = bounded[0]
+        self._chains[start] = chain
+        return chain
+
+    def _patches_lower(self, chain: list[tuple[fx.Node, str, Any]], rows: torch.Tensor,
+                       signs: torch.Tensor) -> torch.Tensor:
+        """``lower`` for the specification ``signs[b, i] * e_{rows[b, i]}`` at ``chain``'s
+        start (a row: one neuron, flat index into its [C, H, W] value, with sign +-1), kept
+        as a window of each node's value: ``P`` [b, s, C, kh, kw] at top-left corner
+        ``(oy, ox)`` [b, s] of the node's grid, zero wherever the window leaves the grid. A
+        convolution pulls a window back by a transposed convolution of the window alone (its
+        receptive field grows by the kernel); activations, per-channel maps and the input box
+        act on the same window of their own tensors. Where a window would cover more than
+        the whole grid it becomes the grid (the dense form, offset 0). The same numbers as the
+        dense pass (``tests/test_crown.py``), at a cost per row of the receptive field rather
+        than of the whole layer."""
+        start = chain[0][0]
+        b, s = rows.shape
+        C, H, W = self.env[start].lower.shape[1:]
+        P = F.one_hot(rows // (H * W), C).to(signs.dtype) * signs.unsqueeze(2)
+        P = P.view(b, s, C, 1, 1)
+        oy, ox = (rows % (H * W)) // W, rows % W
+        bias = signs.new_zeros(b, s)
+
+        def window(t: torch.Tensor) -> torch.Tensor:  # t [b or 1, C, H, W] -> like P
+            return _windows(t.expand(b, *t.shape[1:]), oy, ox, P.shape[3], P.shape[4])
+
+        for node, kind, payload in chain:
+            if kind == "identity":
+                continue
+            if kind in ("input", "lines"):
+                pos, neg = P.clamp(min=0), P.clamp(max=0)
+                if kind == "input":
+                    lo, hi = self.box
+                    bias = bias + (pos * window(lo) + neg * window(hi)).sum((2, 3, 4))
+                    break
+                (source,) = [n for n in node.all_input_nodes
+                             if isinstance(self.env[n], Interval)]
+                lo, hi = self._bounds_of(source)
+                la, lb, ua, ub = (t.expand_as(lo) for t in payload(lo, hi))
+                bias = bias + (pos * window(lb) + neg * window(ub)).sum((2, 3, 4))
+                P = pos * window(la) + neg * window(ua)
+                continue
+            (source,) = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
+            m = payload
+            if kind == "scale":
+                if isinstance(m, Normalize):
+                    scale, shift = 1 / m.std.flatten(), -m.mean.flatten() / m.std.flatten()
+                    scale, shift = (t.expand(P.shape[2]) for t in (scale, shift))
+                else:
+                    scale, shift = batchnorm_affine(m, self.env[source])
+                bias = bias + P.sum((3, 4)) @ shift.to(P.dtype)
+                P = P * scale.view(1, 1, -1, 1, 1)
+                continue
+            h, w = self.env[source].lower.shape[2:]
+            if kind == "pad":  # the same window, moved onto the unpadded grid and cut to it
+                left, _, top, _ = m.padding
+                oy, ox = oy - top, ox - left
+                P = _cut(P, oy, ox, h, w)
+                continue
+            # a convolution: the window through the transposed kernel, then the padding cut
+            if m.bias is not None:
+                bias = bias + P.sum((3, 4)) @ m.bias
+            if P.shape[3:] == (1, 1) and m.groups == 1 and m.dilation == (1, 1):
+                # a one-pixel window (a layer's own neurons): a product with the kernels
+                P = (P.flatten(2) @ m.weight.flatten(1)).view(b, s, *m.weight.shape[1:])
+            else:
+                P = F.conv_transpose2d(P.reshape(b * s, *P.shape[2:]), m.weight, None,
+                                       m.stride, 0, 0, m.groups, m.dilation)
+                P = P.view(b, s, *P.shape[1:])
+            oy, ox = oy * m.stride[0] - m.padding[0], ox * m.stride[1] - m.padding[1]
+            P = _cut(P, oy, ox, h, w)
+            if P.shape[3] * P.shape[4] >= h * w:  # the dense form is no larger
+                P, oy, ox = _to_grid(P, oy, ox, h, w), oy.new_zeros(b, s), ox.new_zeros(b, s)
+        return bias
 
     def alpha_lower(self, start: fx.Node, spec: torch.Tensor, iterations: int = 20,
                     lr: float = 0.1) -> torch.Tensor:
@@ -382,6 +506,68 @@ class _Pass:
                           for node, (mask, fixed, p, _) in free.items()}
                 best = torch.maximum(best, self.lower(start, spec, slopes))
         return best
+
+
+def _patch_width(run: _Pass, chain: list[tuple[fx.Node, str, Any]]) -> int:
+    """The most entries a row of ``_Pass._patches_lower`` holds along ``chain``."""
+    C, _, _ = run.env[chain[0][0]].lower.shape[1:]
+    kh = kw = 1
+    most = C
+    for node, kind, m in chain:
+        if kind == "conv":
+            (source,) = [n for n in node.all_input_nodes if isinstance(run.env[n], Interval)]
+            c, h, w = run.env[source].lower.shape[1:]
+            kh = (kh - 1) * m.stride[0] + m.dilation[0] * (m.kernel_size[0] - 1) + 1
+            kw = (kw - 1) * m.stride[1] + m.dilation[1] * (m.kernel_size[1] - 1) + 1
+            most = max(most, c * kh * kw)
+            if kh * kw >= h * w:
+                kh, kw = h, w
+    return most
+
+
+def _cut(P: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Windows P [b, s, C, kh, kw] at (oy, ox) with their entries outside the h x w grid (a
+    padding's) set to 0."""
+    ys = oy.unsqueeze(2) + torch.arange(P.shape[3], device=P.device)
+    xs = ox.unsqueeze(2) + torch.arange(P.shape[4], device=P.device)
+    inside = ((ys >= 0) & (ys < h)).unsqueeze(3) & ((xs >= 0) & (xs < w)).unsqueeze(2)
+    return P * inside.unsqueeze(2)
+
+
+def _windows(t: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: int
+             ) -> torch.Tensor:
+    """[b, s, C, kh, kw]: the window of t [b, C, H, W] with top-left corner (oy, ox) [b, s]
+    for each row, zero outside the grid."""
+    b, C, H, W = t.shape
+    if (kh, kw) == (H, W) and not (oy.any() or ox.any()):
+        return t.unsqueeze(1)
+    padded = F.pad(t, (kw - 1, kw - 1, kh - 1, kh - 1))
+    wide = W + 2 * (kw - 1)
+    # the grid index of each entry of each row's window in the padded grid (a window wholly
+    # outside the grid is all zero in P, so where it is read from does not matter)
+    corner = ((oy.clamp(-(kh - 1), H - 1) + kh - 1) * wide
+              + ox.clamp(-(kw - 1), W - 1) + kw - 1)
+    offsets = (torch.arange(kh, device=t.device).unsqueeze(1) * wide
+               + torch.arange(kw, device=t.device)).flatten()
+    index = (corner.unsqueeze(2) + offsets).flatten(1)  # [b, s * kh * kw]
+    flat = padded.flatten(2).transpose(1, 2)  # [b, grid, C]
+    picked = flat.gather(1, index.unsqueeze(2).expand(-1, -1, C))
+    return picked.view(b, *oy.shape[1:], kh, kw, C).permute(0, 1, 4, 2, 3)
+
+
+def _to_grid(P: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int
+             ) -> torch.Tensor:
+    """Windows P [b, s, C, kh, kw] at (oy, ox), zero outside the grid, as [b, s, C, h, w]."""
+    b, s, C, kh, kw = P.shape
+    wide = w + 2 * (kw - 1)
+    corner = (oy + kh - 1) * wide + ox + kw - 1
+    offsets = (torch.arange(kh, device=P.device).unsqueeze(1) * wide
+               + torch.arange(kw, device=P.device)).flatten()
+    index = (corner.unsqueeze(2) + offsets).view(b, s, 1, kh * kw).expand(b, s, C, kh * kw)
+    canvas = P.new_zeros(b, s, C, (h + 2 * (kh - 1)) * wide)
+    canvas.scatter_(3, index, P.reshape(b, s, C, kh * kw))
+    canvas = canvas.view(b, s, C, h + 2 * (kh - 1), wide)
+    return canvas[:, :, :, kh - 1:kh - 1 + h, kw - 1:kw - 1 + w]
 
 
 def _batchnorm_affine(m: nn.Module, b: Interval) -> tuple[torch.Tensor, torch.Tensor]:

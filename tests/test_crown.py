@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from torch import nn
 
 from defenses.certified_training import certified_margins, fast_regularizer, ibp_init
+from defenses import crown
 from defenses.crown import (_pass, alpha_crown_margins, bound_pass, certificates, check_crown,
                             crown_bounds, crown_margins,
                             crown_margin_upper_bounds, verified_crown)
 from defenses.ibp import elided_upper_bounds, interval_bounds, verified
-from defenses.models import ModelName, build_model
+from defenses.models import ModelName, Normalize, build_model
 from defenses.objectives import make_objective
 from defenses.trainer import TrainConfig, Trainer
 from tests.test_ibp import BUILT_IN, box_points, random_network, tame, user_net
@@ -138,6 +139,64 @@ def test_sound_on_a_user_module_with_a_residual_sum(seed, eps, batch):
     y = torch.randint(0, 5, (batch,), generator=gen)
     for method in ("crown-ibp", "crown"):
         assert_sound(model, x, y, eps, gen, method)
+
+
+def conv_chain(seed):
+    """A random chain of convolutions (strides, paddings, dilations, groups; zero padding of
+    their own or as a module), batch norms in either mode, input normalisation and activations
+    with and without kinks, then a head."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa
+    layers, c, size = [Normalize((0.5, 0.4), (0.3, 0.2))], 2, 12
+    for _ in range(int(torch.randint(2, 4, (1,), generator=gen))):
+        out = pick([2, 4, 6])
+        groups = pick([1, 2]) if c % 2 == 0 and out % 2 == 0 else 1
+        k, st, p, d = pick([1, 2, 3]), pick([1, 2]), pick([0, 1, 2]), pick([1, 2])
+        if (size + 2 * p - d * (k - 1) - 1) // st + 1 < 2:  # keep at least 2 x 2
+            k, st, p, d = 1, 1, 0, 1
+        size = (size + 2 * p - d * (k - 1) - 1) // st + 1
+        if pick([True, False]):  # as a module of its own (TensorFlow's SAME), uneven sides
+            layers.append(nn.ZeroPad2d((2 * p, 0, 0, 2 * p)))
+            p = 0
+        layers.append(nn.Conv2d(c, out, k, stride=st, padding=p, dilation=d, groups=groups))
+        if pick([True, False]):
+            bn = nn.BatchNorm2d(out)
+            bn.running_mean.uniform_(-0.3, 0.3, generator=gen)
+            bn.running_var.uniform_(0.5, 2.0, generator=gen)
+            bn.weight.data.uniform_(0.5, 1.5, generator=gen)
+            bn.train(pick([True, False]))
+            layers.append(bn)
+        layers.append(pick([nn.ReLU(), nn.LeakyReLU(0.2), nn.Tanh()]))
+        c = out
+    model = nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(5))
+    model(torch.rand(2, 2, 12, 12))  # sizes the head; keeps each batch norm's mode
+    return model
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0.001, 0.2))
+def test_patches_mode_gives_the_dense_passs_bounds(seed, eps):
+    """Full CROWN bounds a convolutional layer's neurons by their receptive-field windows
+    (patches mode); the dense backward pass of the whole layer is the reference."""
+    model = conv_chain(seed).double()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 2, 12, 12, dtype=torch.float64, generator=gen)
+    chains = []
+    find = crown._Pass._patch_chain
+
+    def found(self, start):
+        chains.append(find(self, start))
+        return chains[-1]
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crown._Pass, "_patch_chain", found)
+        windowed = crown_bounds(model, x, eps, "crown")
+        mp.setattr(crown._Pass, "_patch_chain", lambda self, start: None)
+        dense = crown_bounds(model, x, eps, "crown")
+    assert any(chain is not None for chain in chains)  # the second convolution's neurons
+    torch.testing.assert_close(windowed.lower, dense.lower, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(windowed.upper, dense.upper, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", list(ModelName), ids=[m.value for m in ModelName])
