@@ -1,9 +1,10 @@
 """IBP, CROWN-IBP and the fast-IBP recipe at one training budget, and what each step costs.
 
 1. The cost of one optimiser step of the small CNN on 28x28 inputs (batch 100): nominal, IBP,
-   CROWN-IBP (beta 1: the backward pass every step), and SABR, MTL-IBP, CC-IBP and Exp-IBP
-   at their defaults, measured side by side in interleaved rounds on this machine, as ratios
-   to the nominal step (``--costs-only``: this part alone).
+   CROWN-IBP (beta 1: the backward pass every step), and SABR, MTL-IBP, CC-IBP, Exp-IBP, TAPS
+   and STAPS at their defaults (TAPS's cut after the convolutions), measured side by side in
+   interleaved rounds on this machine, as ratios to the nominal step (``--costs-only``: this
+   part alone).
 2. Each recipe trains the small CNN on mnist5k at the same budget (ibp_mnist5k's: 40 epochs of
    30 steps, lr x0.1 late) at one point of the shipped spaces' schedule ranges (not searched
    here; ``search_spaces/crown_ibp_mnist5k*.yaml`` search them), and is evaluated on the test
@@ -63,6 +64,9 @@ def step_costs(rounds: int, steps: int) -> dict[str, float]:
         # at their defaults (SABR: PGD of 8 steps; the expressive losses: of 1 step)
         **{name: make_objective(name, eps_train=0.1, batch_norm=False)
            for name in ("sabr", "mtl_ibp", "cc_ibp", "exp_ibp")},
+        # TAPS and STAPS cut after the convolutions (latent PGD: 10 steps x 3 restarts)
+        **{name: make_objective(name, eps_train=0.1, batch_norm=False,
+                                split="layers.relu_conv2") for name in ("taps", "staps")},
     }
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)

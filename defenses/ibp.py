@@ -39,6 +39,7 @@ __all__ = [
     "interval_bounds",
     "penultimate_bounds",
     "elided_upper_bounds",
+    "box_bounds",
     "box_upper_bounds",
     "verified",
     "ibp_loss",
@@ -377,6 +378,16 @@ def elided_upper_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     Without an elidable last layer: ``upper_j - lower_y`` on the logit interval.
     """
     return _elided_margins(*_penultimate(model, _input_box(x, eps), _ignore), y)
+
+
+def box_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> Interval:
+    """The interval of the model's output over the box [lower, upper] (any box, e.g. a
+    latent one; nothing elided)."""
+    if bool((lower > upper).any()):
+        raise ValueError("box_bounds: a lower bound above its upper bound")
+    plan = _plan(model)
+    return _sound(*_as_interval(_run(model, plan, plan.full, Interval(lower, upper), _ignore)[
+        plan.output], model))
 
 
 def box_upper_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,

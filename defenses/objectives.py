@@ -22,6 +22,7 @@ from defenses.certified_training import certified_margins, ibp_init
 from defenses.expressive import (Expressive, adversarial_point, expressive_loss,
                                  sabr_margins)
 from defenses.ibp import ibp_loss
+from defenses.taps import taps_loss
 from defenses.schedules import Ramp, eps_schedule, kappa_schedule, ramp
 
 __all__ = ["Objective", "ObjectiveName", "ObjectiveParams", "StandardParams", "FGSMParams",
@@ -44,6 +45,8 @@ class ObjectiveName(str, enum.Enum):
     MTL_IBP = "mtl_ibp"  # the expressive losses (De Palma et al. 2024): (1-a) adv + a IBP
     CC_IBP = "cc_ibp"  # ... the cross-entropy of the convex combination of the margins
     EXP_IBP = "exp_ibp"  # ... adv^(1-a) IBP^a
+    TAPS = "taps"  # IBP to a cut, PGD through the head (Mao et al. 2023)
+    STAPS = "staps"  # ... over SABR's small box
 
 
 class Objective(Protocol):
@@ -464,6 +467,35 @@ class ExpIBPParams(_ExpressiveParams):
     _bound = _ibp_bound("exp_ibp")
 
 
+class TAPSParams(_BetweenParams):
+    """TAPS (Mao et al. 2023; ``defenses.taps``): IBP through the model up to the output of
+    module ``split`` (a module path of the model, e.g. ``layers.relu_conv2``: a single cut of
+    its graph, checked at load), PGD through the rest over that latent box (``attack_steps``
+    steps, ``restarts`` random starts; 10 and 3, the paper's code's MNIST setting), the
+    gradient connector with threshold ``c`` (0.5), the estimated loss's gradient scaled by
+    ``grad_scale`` (4, its MNIST setting) and, with ``ibp_multiplier`` (the default), multiplied
+    by IBP's loss. While eps ramps the loss is IBP's, as the paper's code anneals."""
+
+    objective: Literal["taps"] = "taps"
+    split: str = Field(min_length=1)
+    attack_steps: int = Field(default=10, ge=1)
+    restarts: int = Field(default=3, ge=1)
+    c: float = Field(default=0.5, gt=0.0, le=1.0)
+    grad_scale: float = Field(default=4.0, gt=0.0)
+    ibp_multiplier: bool = True
+    _bound = _ibp_bound("taps")
+
+
+class STAPSParams(TAPSParams):
+    """STAPS (Mao et al. 2023): TAPS over SABR's small box of radius ``lam * eps`` (in (0, 1];
+    0.4, the paper's code's MNIST setting) around PGD's point (``attack_steps`` steps) in the
+    ball of radius ``(1 - lam) * eps``; while eps ramps, SABR's loss."""
+
+    objective: Literal["staps"] = "staps"
+    lam: float = Field(default=0.4, gt=0.0, le=1.0)
+    _bound = _ibp_bound("staps")
+
+
 _KINDS = {"mtl_ibp": Expressive.MTL, "cc_ibp": Expressive.CC, "exp_ibp": Expressive.EXP}
 
 
@@ -475,12 +507,20 @@ class BetweenObjective(IBPObjective):
     def robust(self, model, x, y, eps, beta, loss, regularize, generator):
         p = self.params
         metrics: dict[str, float] = {}
-        if isinstance(p, SABRParams):  # the regularisers are of the whole eps-box
+        staps = isinstance(p, STAPSParams)
+        if isinstance(p, TAPSParams) and loss and eps >= p.eps_train:  # the ramp is over
+            return taps_loss(model, p.split, x, y, eps, p.attack_steps, p.restarts, p.c,
+                             p.grad_scale, p.ibp_multiplier, p.lam if staps else None,
+                             p.attack_steps, generator), None, metrics
+        if isinstance(p, (SABRParams, STAPSParams)):  # the regularisers are of the eps-box
             reg = certified_margins(model, x, y, eps, 0.0, True)[1] if regularize else None
             robust = (F.cross_entropy(sabr_margins(model, x, y, eps, p.lam, p.attack_steps,
                                                    generator), y) if loss else None)
             return robust, reg, metrics
         worst = reg = adv_logits = None
+        if isinstance(p, TAPSParams):  # while eps ramps: IBP's loss
+            worst, reg = certified_margins(model, x, y, eps, 0.0, regularize)
+            return (F.cross_entropy(worst, y) if loss else None), reg, metrics
         if (loss and p.alpha > 0) or regularize:  # one IBP pass for both
             worst, reg = certified_margins(model, x, y, eps, 0.0, regularize)
         if not loss:
@@ -498,18 +538,19 @@ class BetweenObjective(IBPObjective):
 ObjectiveParams = Annotated[Union[StandardParams, FGSMParams, FastFGSMParams, PGDParams,
                                   AdversarialRegularizationParams, IBPParams, CrownIBPParams,
                                   FastIBPParams, SABRParams, MTLIBPParams, CCIBPParams,
-                                  ExpIBPParams],
+                                  ExpIBPParams, TAPSParams, STAPSParams],
                             Field(discriminator="objective")]
 PARAMS: dict[ObjectiveName, type[_Params]] = {
     ObjectiveName(model.model_fields["objective"].default): model
     for model in (StandardParams, FGSMParams, FastFGSMParams, PGDParams,
                   AdversarialRegularizationParams, IBPParams, CrownIBPParams, FastIBPParams,
-                  SABRParams, MTLIBPParams, CCIBPParams, ExpIBPParams)}
+                  SABRParams, MTLIBPParams, CCIBPParams, ExpIBPParams, TAPSParams,
+                  STAPSParams)}
 # the IBP family's objectives: IBP and its named recipes (IBP's ramps and parameters, other
 # defaults and losses)
 IBP_OBJECTIVES = (ObjectiveName.IBP, ObjectiveName.CROWN_IBP, ObjectiveName.FAST_IBP,
                   ObjectiveName.SABR, ObjectiveName.MTL_IBP, ObjectiveName.CC_IBP,
-                  ObjectiveName.EXP_IBP)
+                  ObjectiveName.EXP_IBP, ObjectiveName.TAPS, ObjectiveName.STAPS)
 
 
 def objective_params(name: str | ObjectiveName) -> type[_Params]:

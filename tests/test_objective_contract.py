@@ -16,7 +16,12 @@ MINIMAL = {"standard": {}, "fgsm": {"eps": 0.1}, "fast_fgsm": {"eps": 0.1},
            "fast_ibp": {"eps_train": 0.1, "warmup": 1, "rampup": 8},
            "sabr": {"eps_train": 0.1, "rampup": 8, "attack_steps": 2},
            "mtl_ibp": {"eps_train": 0.1, "rampup": 8}, "cc_ibp": {"eps_train": 0.1, "rampup": 8},
-           "exp_ibp": {"eps_train": 0.1, "rampup": 8}}
+           "exp_ibp": {"eps_train": 0.1, "rampup": 8},
+           # the ramp over by step 5, so that TAPS's own loss is what is tested
+           "taps": {"eps_train": 0.1, "warmup": 1, "rampup": 2, "split": "layers.relu_conv2",
+                    "attack_steps": 2, "restarts": 2},
+           "staps": {"eps_train": 0.1, "warmup": 1, "rampup": 2, "split": "layers.relu_conv2",
+                     "attack_steps": 2, "restarts": 2}}
 
 
 def test_every_objective_has_a_parameter_model_named_after_it():
@@ -61,7 +66,7 @@ def test_unknown_and_inapplicable_parameters_are_rejected(name):
     inapplicable = {"standard": "eps", "fgsm": "steps", "fast_fgsm": "steps", "pgd": "mix",
                     "adv_reg": "alpha", "ibp": "eps", "crown_ibp": "eps",
                     "fast_ibp": "eps", "sabr": "alpha", "mtl_ibp": "lam", "cc_ibp": "lam",
-                    "exp_ibp": "lam"}[name]
+                    "exp_ibp": "lam", "taps": "lam", "staps": "alpha"}[name]
     with pytest.raises(ValidationError, match=inapplicable):
         make_objective(name, **{**MINIMAL[name], inapplicable: 0.01})
 

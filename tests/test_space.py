@@ -145,7 +145,7 @@ BAD = [
                                             "optimize": {"verified_accuracy": "max"}},
                                            base=TRAINING),
      r"params.objective: family 'ibp' trains with ibp, crown_ibp, fast_ibp, sabr, mtl_ibp, "
-     r"cc_ibp, exp_ibp \(IBP and its named recipes\), got 'pgd'"),
+     r"cc_ibp, exp_ibp, taps, staps \(IBP and its named recipes\), got 'pgd'"),
     ("sabr's box ratio out of range", variant(
         {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"sabr": {"lam": 1.5}}},
          "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
@@ -155,6 +155,26 @@ BAD = [
             "grid": {"mtl_ibp": {"alpha": {"grid": [0.5, -0.2]}}}}},
          "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
      r"params.objective.mtl_ibp.alpha: Input should be greater than or equal to 0"),
+    ("TAPS without its split", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"taps": {}}},
+         "optimize": {"verified_accuracy": "max"}}, base=TRAINING),
+     r"params.objective.taps: split is required"),
+    ("TAPS split at a module the model does not have", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"grid": {
+            "ibp": {}, "staps": {"split": {"grid": ["layers.relu_conv2", "layers.conv9"]}}}}},
+         "search": {"algorithm": "grid"}, "optimize": {"verified_accuracy": "max"},
+         "model.options": {"padding": "same"}}, base=TRAINING),
+     r"params.objective.staps.split: no module 'layers.conv9' in IBPCNN"),
+    ("TAPS split at a container, no single step of the graph", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"taps": {
+            "split": "layers"}}}, "optimize": {"verified_accuracy": "max"},
+         "model.options": {"padding": "same"}}, base=TRAINING),
+     r"params.objective.taps.split: module 'layers' of IBPCNN is not one step of its graph"),
+    ("TAPS's gradient connector threshold out of range", variant(
+        {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"taps": {
+            "split": "layers.relu_conv2", "c": 0}}}, "optimize": {"verified_accuracy": "max"}},
+        base=TRAINING),
+     r"params.objective.taps.c: Input should be greater than 0"),
     ("batch norms on a model that is no IBP CNN", variant(
         {"family": "ibp", "model": {"name": "resnet_digits"},
          "params": {"eps_train": 0.1, "batch_norm": {"choice": [False, True]}},

@@ -2,7 +2,8 @@
 accuracy beside the attacks'. The objective is ``ibp`` with its parameters at the top of
 ``params``, or a choice or grid of ``ibp`` and its named recipes (``crown_ibp``, ``fast_ibp``:
 IBP with other defaults; ``sabr``, ``mtl_ibp``, ``cc_ibp``, ``exp_ibp``: IBP's ramps with a loss
-between the adversarial and the verified one, ``defenses.expressive``) under
+between the adversarial and the verified one, ``defenses.expressive``; ``taps``, ``staps``: IBP
+to a cut of the model and an attack through the rest, ``defenses.taps``) under
 ``params.objective``, each with its own parameters."""
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class IBPFamily(TrainingFamily):
         return ObjectiveSpace(kind="choice", branches={ObjectiveName.IBP.value: {}})
 
     def _origin(self, name: str) -> str:
-        return "params"
+        # plain ibp's parameters sit at the top of params; a recipe's own under its name
+        return "params" if name == ObjectiveName.IBP.value else f"params.objective.{name}"
 
     def _not_shared(self) -> str:
         return ""
@@ -82,4 +84,27 @@ class IBPFamily(TrainingFamily):
             check_crown(model, input_shape)
         except ValueError as exc:
             raise ValueError(f"model {spec.model.label}: {exc}") from None
+        self._check_splits(spec, model, input_shape)
         super().check_model(spec, model, input_shape)
+
+    def _check_splits(self, spec, model, input_shape) -> None:
+        """TAPS's and STAPS's ``split``: a single cut of the model's graph (of the model with
+        a batch norm after every layer too, where the recipe adds them)."""
+        from defenses.taps import split_model
+
+        for name in self.objective_space(spec).names:
+            if name not in (ObjectiveName.TAPS.value, ObjectiveName.STAPS.value):
+                continue
+            where, splits = self._set(spec, name, "split")
+            models = [model]
+            if any(self._set(spec, name, "batch_norm")[1]) and not spec.model.factory:
+                c = input_shape[0]
+                models.append(spec.model.model_copy(update={"options": {
+                    **spec.model.options, "batch_norm": True}}).build(
+                        10, input_shape, (0.5,) * c, (0.25,) * c))
+            for split in splits:
+                for each in models:
+                    try:
+                        split_model(each, split)
+                    except ValueError as exc:
+                        raise ValueError(f"{where}: {exc}") from None
