@@ -31,7 +31,7 @@ from defenses.objectives import make_objective
 from defenses.trainer import TrainConfig, Trainer
 
 EPS = 0.1
-# the suite's budget: AttackSuite's defaults (README states them beside the table)
+# the suite's budget: AttackSuite's defaults (docs/results/training.md states them beside the table)
 SUITE = AttackSuite()
 
 

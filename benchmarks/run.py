@@ -540,8 +540,8 @@ def bench_sweep() -> list[dict]:
 
 def machine_calibration(device: str | None = None) -> float:
     """Seconds per 256-row update of a 64-component torch StreamingPCA at 262,144 dims (the
-    README's PCA figure), measured in a fresh process: how fast this machine is, so that a
-    time measured here can be read against another machine's."""
+    PCA figure of docs/performance.md), measured in a fresh process: how fast this machine is,
+    so that a time measured here can be read against another machine's."""
     with tempfile.TemporaryDirectory() as tmp:
         measured = _run_worker(["pca", "torch", "262144", "64", "256", "3", f"{tmp}/c.npy",
                                 device or "", "float32", "lowrank"])

@@ -1,5 +1,5 @@
-"""LESCI: a kNN-vote projection layer on PCA-compressed activations (README, "Parameters of
-`lesci`").
+"""LESCI: a kNN-vote projection layer on PCA-compressed activations (docs/search-spaces.md,
+"Parameters of `lesci`").
 
 At a named depth of a trained classifier, compress the activation with PCA, find its ``k`` most
 cosine-similar rows of an *embedding space* (compressed activations of correctly classified

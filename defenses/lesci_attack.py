@@ -1,6 +1,6 @@
 """Attacking LESCI's real decision: an exact margin of the kNN vote, APGD on it, and a suite
 whose per-sample worst case over every (k, m) point of a surface is the robust accuracy
-(README, "Parameters of `lesci`").
+(docs/search-spaces.md, "Parameters of `lesci`").
 
 The margin. With s_c(j) the j-th largest cosine similarity between the query's code and class
 c's embeddings, and s_~c(r) the r-th largest over every other class, "at least j of the k

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "sklearn.decomposition.tests.test_incremental_pca"
 BACKENDS = {"torch": "float64", "sklearn": None}  # backend -> dtype of the adapter
-# Tests of the module that cannot apply, with the reason (README lists them). None today:
+# Tests of the module that cannot apply, with the reason (docs/tests.md lists them). None today:
 # fit and transform accept sparse input (densified batch by batch, as scikit-learn does).
 NOT_APPLICABLE: dict[str, str] = {}
 _ENV_BACKEND, _ENV_REPORT = "STREAMING_PCA_SKLEARN_BACKEND", "STREAMING_PCA_SKLEARN_REPORT"

@@ -1,8 +1,8 @@
 """A researcher's own model and data, end to end through the real CLI (local Ray, MLflow's
 SQLite store): a package that is not this project's (``tests/own_package.py``: nested
 ``nn.Sequential`` stages, a residual addition in ``forward``), its weights saved the way other
-code saves them, images in class folders and arrays in an .npz; and README's worked example
-(``examples/own_model``) run as README says."""
+code saves them, images in class folders and arrays in an .npz; and the worked example of
+docs/own-model.md (``examples/own_model``) run as it says."""
 
 import shutil
 import sys
