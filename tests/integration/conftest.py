@@ -244,21 +244,26 @@ class MlflowServer:
     workers): ``stop()`` suspends the whole group (the port still accepts connections,
     nothing answers, as with a stalled or unreachable server), ``resume()`` continues it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, app: str | None = None, env: dict | None = None,
+                 serve_artifacts: bool = False):
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.auth = app is not None
         folder.mkdir(parents=True, exist_ok=True)
         self.log = folder / "server.log"
+        artifacts = (["--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"]
+                     if serve_artifacts else ["--default-artifact-root", str(folder / "artifacts")])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-             "--default-artifact-root", str(folder / "artifacts")],
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", *artifacts,
+             *(["--app-name", app] if app else [])],
             # no job runner (its ten consumers are for GenAI jobs, not tracking)
-            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})),
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.error
         import urllib.request
 
         deadline = time.time() + timeout
@@ -270,6 +275,10 @@ class MlflowServer:
                 with urllib.request.urlopen(probe, timeout=2) as response:
                     if response.status == 200:
                         return
+            except urllib.error.HTTPError as refused:  # the auth app answers, anonymously 401
+                if self.auth and refused.code == 401:
+                    return
+                time.sleep(0.3)
             except OSError:
                 time.sleep(0.3)
         raise RuntimeError(f"mlflow server did not answer in {timeout} s: "

@@ -41,16 +41,39 @@ def test_dockerfile_uses_the_pinned_ray_gpu_image():
     assert "torchvision" not in text.replace("torchvision is not needed", "")
 
 
-def test_compose_config_is_accepted():
+def test_compose_config_is_accepted_publishes_only_mlflow_and_needs_every_secret():
     compose = shutil.which("docker-compose")
     if compose is None:
         if os.environ.get("REQUIRE_SYSTEM_SERVICES") == "1":
             pytest.fail("docker-compose is not installed (.ci/run installs it)")
         pytest.skip("docker-compose is not installed")
-    env = dict(os.environ, POSTGRES_PASSWORD="p", MINIO_ROOT_USER="u", MINIO_ROOT_PASSWORD="pw")
-    done = subprocess.run([compose, "-f", str(DOCKER / "compose.yaml"), "config"],
-                          capture_output=True, text=True, env=env)
+    secrets = {"POSTGRES_PASSWORD": "p", "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "pw",
+               "MLFLOW_ADMIN_PASSWORD": "a-long-admin-password",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}
+    bare = {k: v for k, v in os.environ.items() if k not in secrets}
+
+    def config(env):
+        return subprocess.run([compose, "-f", str(DOCKER / "compose.yaml"), "config"],
+                              capture_output=True, text=True, env=env, cwd=DOCKER)
+
+    done = config(dict(bare, **secrets))
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
     assert {"postgres", "minio", "mlflow"} <= set(services)
-    assert "postgresql://" in str(services["mlflow"]["command"])
+    mlflow = services["mlflow"]
+    assert "postgresql://" in str(mlflow["command"])
+    assert "--app-name basic-auth" in str(mlflow["command"])
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/config/mlflow-auth.ini"
+    # only MLflow is published, and on the loopback interface (the site's proxy fronts it)
+    published = {name: service.get("ports", []) for name, service in services.items()
+                 if service.get("ports")}
+    assert list(published) == ["mlflow"]
+    (port,) = published["mlflow"]
+    if isinstance(port, str):  # docker-compose 1's short form, "127.0.0.1:5000:5000/tcp"
+        port = dict(zip(("host_ip", "published", "target"), port.split("/")[0].split(":")))
+    assert (port.get("host_ip"), str(port.get("published")), str(port.get("target"))) == (
+        "127.0.0.1", "5000", "5000")
+    # without any one secret the stack does not start
+    for missing in secrets:
+        refused = config(dict(bare, **{k: v for k, v in secrets.items() if k != missing}))
+        assert refused.returncode != 0 and missing in refused.stderr, missing
