@@ -49,6 +49,10 @@ class TrialsEnded(tune.Callback):
         _ENDED_AFTER_STEP[self.sweep] = sum(trial.is_finished() for trial in trials)
 
 
+class RayAuthError(SpaceError):
+    """The Ray cluster to attach to wants a token this process does not have."""
+
+
 class SweepInterrupted(Exception):
     """The search stopped before its trials ended (Ctrl-C, or SIGUSR1, which Tune turns into a
     saved stop): no front is chosen and the test split stays unread; ``--resume`` goes on."""
@@ -67,8 +71,23 @@ def _init_ray(verbose: bool) -> None:
     # elsewhere it starts a local one. Unless verbose, Ray's own warnings and the trials'
     # output stay out of the console (the trials send their lines through the coordinator).
     # (a failed trial's reason is printed by ConsoleProgress, without Ray's traceback)
-    ray.init(include_dashboard=False, logging_level="INFO" if verbose else "CRITICAL",
-             log_to_driver=verbose)
+    try:
+        ray.init(include_dashboard=False, logging_level="INFO" if verbose else "CRITICAL",
+                 log_to_driver=verbose)
+    except (ray.exceptions.AuthenticationError, RuntimeError, ConnectionError) as exc:
+        causes, link = [], exc
+        while link is not None:
+            causes.append(link)
+            link = link.__cause__ or link.__context__
+        if not any(isinstance(c, ray.exceptions.AuthenticationError)
+                   or "authentication token" in str(c).lower() for c in causes):
+            raise
+        # a cluster started with RAY_AUTH_MODE=token (docker/cluster-*.yaml), and this
+        # machine without its token or the mode
+        raise RayAuthError(
+            "Ray: the cluster requires its authentication token: set RAY_AUTH_MODE=token and "
+            "put the cluster's token in ~/.ray/auth_token (`ray get-auth-token` on the machine "
+            "that ran `ray up` prints it) or in RAY_AUTH_TOKEN") from None
 
 
 def _same_space(stored: dict, spec: SweepSpec) -> bool:

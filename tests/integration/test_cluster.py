@@ -80,6 +80,17 @@ class Processes:
                     continue
 
 
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
 @pytest.fixture(scope="module")
 def submitted(tmp_path_factory):
     """Services up, a sweep submitted through ``ray submit``; yields what the tests check."""
@@ -154,6 +165,10 @@ def submitted(tmp_path_factory):
             command.replace("ray ", f"{RAY} ", 1)
             for command in cluster["head_start_ray_commands"]]
         config.write_text(yaml.safe_dump(cluster))
+        # the cluster's token, generated on "the user's machine" as its YAML says (kept if
+        # there is one); file_mounts copies it to the head
+        subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, check=True,
+                       timeout=60)
         up = subprocess.run([RAY, "up", "-y", "--no-config-cache", str(config)],
                             capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -163,8 +178,13 @@ def submitted(tmp_path_factory):
              "--mlflow-uri", f"http://127.0.0.1:{mlflow_port}"],
             capture_output=True, text=True, timeout=600)
         (tmp / "submit.log").write_text(submit.stdout + submit.stderr)
+        # the head's job API (its dashboard, on the head's loopback) while the cluster runs:
+        # without the token, and with it
+        jobs = "http://127.0.0.1:8265/api/jobs/"
+        anonymous = _http_status(jobs)
+        with_token = _http_status(jobs, {"Authorization": f"Bearer {token.read_text().strip()}"})
         yield {"submit": submit, "s3": s3, "mlflow": f"http://127.0.0.1:{mlflow_port}",
-               "tmp": tmp}
+               "tmp": tmp, "jobs": (anonymous, with_token), "home": home}
     finally:
         if config.exists():
             subprocess.run([RAY, "down", "-y", str(config)], capture_output=True, timeout=300)
@@ -199,9 +219,23 @@ def test_ray_up_submit_down_with_s3_storage_and_mlflow_server(submitted):
         "pareto_front.csv", "pareto_front.png"}
     assert any(k.startswith("mlflow/") and k.endswith("pareto_front.png") for k in keys)
     # no secret in what MLflow holds or what the sweep printed
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     for run in runs:
-        assert "cluster-secret-key" not in str(run.data.params) + str(run.data.tags)
-    assert "cluster-secret-key" not in submit.stdout + submit.stderr
+        for secret in ("cluster-secret-key", token):
+            assert secret not in str(run.data.params) + str(run.data.tags)
+    for secret in ("cluster-secret-key", token):
+        assert secret not in submit.stdout + submit.stderr
+
+
+def test_the_cluster_runs_with_token_authentication(submitted):
+    """Every node started with RAY_AUTH_MODE=token and the user's token (file_mounts): the
+    sweep above attached to it and completed, and its job API refuses a request without the
+    token and answers one with it."""
+    anonymous, with_token = submitted["jobs"]
+    assert anonymous in (401, 403), anonymous
+    assert with_token == 200, with_token
+    assert (submitted["home"] / ".ray" / "auth_token").read_text().strip() == (
+        Path.home() / ".ray" / "auth_token").read_text().strip()
 
 
 def test_mlflow_ui_lists_child_runs_with_metrics(submitted):

@@ -41,6 +41,18 @@ def test_dockerfile_uses_the_pinned_ray_gpu_image():
     assert "torchvision" not in text.replace("torchvision is not needed", "")
 
 
+@pytest.mark.parametrize("name", ["cluster-aws.yaml", "cluster-local.yaml"])
+def test_every_node_of_a_cluster_runs_with_token_authentication(name):
+    config = yaml.safe_load((DOCKER / name).read_text())
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+    # the driver, started by ray submit in a login shell, too
+    assert any("export RAY_AUTH_MODE=token" in c and ".bashrc" in c
+               for c in config["setup_commands"])
+
+
 def test_compose_config_is_accepted_publishes_only_mlflow_and_needs_every_secret():
     compose = shutil.which("docker-compose")
     if compose is None:
