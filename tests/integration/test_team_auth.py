@@ -3,7 +3,8 @@ basic-auth`` with the project's auth config (docker/mlflow-auth.ini) and artifac
 through MLflow, on 127.0.0.1. Anonymous requests are refused; a sweep as user A completes and
 owns its experiment; user B sees nothing of it until granted, and then cannot change it; a
 wrong password is one line and exit 2 with nothing stored; and no password or key reaches
-anything stored or printed."""
+anything stored (the tracking and auth stores, the artifacts, the sweep's state in an
+S3-compatible bucket) or printed."""
 
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def status_of(uri: str, path: str) -> int:
 
 
 def test_a_team_server_lets_in_only_the_team_and_no_secret_is_stored_or_printed(
-        tmp_path, team_server, monkeypatch):
+        tmp_path, team_server, s3_server, monkeypatch):
     uri = team_server.uri
+    s3_env, s3, _ = s3_server
+    secrets = (*SECRETS, s3_env["AWS_SECRET_ACCESS_KEY"])
     printed = []
     # anonymous: refused, for the tracking API and for artifacts
     assert status_of(uri, "/api/2.0/mlflow/experiments/search?max_results=1") == 401
@@ -90,10 +93,11 @@ def test_a_team_server_lets_in_only_the_team_and_no_secret_is_stored_or_printed(
     assert not_admin.returncode == 2 and "PERMISSION_DENIED" in not_admin.stderr
     printed += [short.stderr, not_admin.stderr]
 
-    # a sweep as alice: it completes, its artifacts through the server
-    args, _ = sweep_args(tmp_path, training_space(1, 64, 1, None, 1, 0), "team-sweep")
+    # a sweep as alice: it completes, its state in S3, its artifacts through the server
+    args, _ = sweep_args(tmp_path, training_space(1, 64, 1, None, 1, 0), "team-sweep",
+                         storage="s3://sweeps/team")
     args[args.index("--mlflow-uri") + 1] = uri
-    done = cli(args, tmp_path, env={**as_user("alice", ALICE)})
+    done = cli(args, tmp_path, env={**as_user("alice", ALICE), **s3_env})
     printed += [done.stdout, done.stderr]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -143,12 +147,16 @@ def test_a_team_server_lets_in_only_the_team_and_no_secret_is_stored_or_printed(
     assert not (tmp_path / "wrong-storage").exists()
 
     # no password or key in anything stored (the tracking and auth stores, the artifacts,
-    # the sweep's storage, the server's log) or printed
-    for path in Path(tmp_path).rglob("*"):
-        if path.is_file() and path.name != "auth.ini":
-            blob = path.read_bytes()
-            for secret in SECRETS:
-                assert secret.encode() not in blob, (secret, path)
+    # the sweep's state in the bucket, the server's log) or printed
+    blobs = [(str(path), path.read_bytes()) for path in Path(tmp_path).rglob("*")
+             if path.is_file() and path.name != "auth.ini"]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="sweeps")
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("team/team-sweep/") for k in keys)
+    blobs += [(key, s3.get_object(Bucket="sweeps", Key=key)["Body"].read()) for key in keys]
+    for where, blob in blobs:
+        for secret in secrets:
+            assert secret.encode() not in blob, (secret, where)
     for text in printed:
-        for secret in SECRETS:
+        for secret in secrets:
             assert secret not in text
