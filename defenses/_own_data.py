@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from defenses.data import (ArrayDataset, DatasetError, DeferredDataset, ImageFolderDataset, Splits,
+from defenses.datasets import (ArrayDataset, DatasetError, DeferredDataset, ImageFolderDataset, Splits,
                            _one_line, carve_validation, default_val_size)
 
 __all__ = ["STATS_SAMPLE"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defenses.data import (DEFAULT_VAL, INPUT_SHAPES, ArrayDataset, DatasetError, DeferredDataset,
+from defenses.datasets import (DEFAULT_VAL, INPUT_SHAPES, ArrayDataset, DatasetError, DeferredDataset,
                            ImageFolderDataset, Splits, _array_splits, carve_validation)
 
 __all__ = ["read_idx"]

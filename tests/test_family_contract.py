@@ -199,6 +199,32 @@ class _Toy(DefenseFamily):
         return self.Params(width=config.get("width", width) if not isinstance(width, int)
                            else width)
 
+    def trainable(self):
+        return _toy_trial
+
+    def evaluate_test(self, spec, splits, device, cache, log, item, storage):
+        return {"metrics": {"score": 1.0}}
+
+
+def _toy_trial(config, spec_json, storage_uri):
+    from ray import tune
+
+    tune.report({"score": 1.0 / (1 + config.get("width", 1))})
+
+
+def test_a_family_without_its_trial_function_cannot_be_made():
+    class Half(DefenseFamily):
+        name = "half"
+
+        def check_params(self, spec):
+            pass
+
+        def trial_params(self, spec, config):
+            return None
+
+    with pytest.raises(TypeError, match="abstract.*evaluate_test"):
+        Half()
+
 
 @pytest.fixture
 def toy():

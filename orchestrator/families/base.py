@@ -10,14 +10,17 @@ one ``register`` call (``orchestrator.families``).
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable
 
 __all__ = ["DefenseFamily"]
 
 
-class DefenseFamily:
+class DefenseFamily(abc.ABC):
     """A defense family. Class attributes describe it; methods take the validated space
-    (``orchestrator.space.SweepSpec``) as ``spec``."""
+    (``orchestrator.space.SweepSpec``) as ``spec``. A family implements the abstract methods
+    (its parameters, its trial function, its test-split evaluation); the others have the
+    defaults of a family of one row per trial without early stopping."""
 
     name: str = ""
     # every metric a trial reports, in the order tables show them, with its direction (max:
@@ -41,6 +44,9 @@ class DefenseFamily:
     # True: the trials stop their own work under ``scheduler: mo_asha`` (LESCI's attack race)
     # and the sweep runs no Tune scheduler
     stops_in_trial: bool = False
+    # True: a trial proves robustness too (verified accuracy by certificates beside the
+    # attacks'), so its evaluation runs the verifiers
+    verifies: bool = False
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -48,15 +54,15 @@ class DefenseFamily:
         """The space's ``params`` (distributions parsed) in the family's canonical form."""
         return params
 
+    @abc.abstractmethod
     def check_params(self, spec) -> None:
         """Every family key of ``params`` applies, and every value a searcher can draw is
         accepted by the family's typed models (``ValueError`` naming the key otherwise); the
         training fields are checked by ``orchestrator.params.check_params``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def trial_params(self, spec, config: dict[str, Any]):
         """The family's typed parameters of the trial whose Tune config is ``config``."""
-        raise NotImplementedError
 
     def objective_space(self, spec):
         """The training objectives the trials choose from (``ObjectiveSpace``), or None."""
@@ -151,15 +157,20 @@ class DefenseFamily:
 
     # -- running ---------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def trainable(self) -> Callable[..., None]:
         """The Tune function trainable: ``fn(config, spec_json, storage_uri)``."""
-        raise NotImplementedError
 
     def test_item(self, item: dict[str, Any], row: dict[str, Any]) -> None:
         """Add a front row to its trial's test-split work item (``orchestrator.holdout``)."""
 
+    @abc.abstractmethod
     def evaluate_test(self, spec, splits, device, cache, log, item: dict[str, Any],
                       storage) -> dict[str, Any]:
         """One front trial's figures on the test split: ``{"rows": [...], "base": ...,
         "budget": ...}`` with a surface, else ``{"metrics": {...}}``."""
-        raise NotImplementedError
+
+    def surface_points(self, spec, depths: int) -> list:
+        """The operating points of one trial's surface over ``depths`` voting depths (a family
+        with ``surface``); none otherwise."""
+        return []

@@ -23,7 +23,6 @@ class TrainingFamily(DefenseFamily):
     parameters, at the top of ``params`` when shared by all of them."""
 
     # the trial's model is verified (IBP bounds) as well as attacked
-    verifies: bool = False
     budget_unit = "epoch"
     rung_unit = "epochs"
 
