@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from defenses.datasets import (ArrayDataset, DatasetError, DeferredDataset, ImageFolderDataset, Splits,
-                           _one_line, carve_validation, default_val_size)
+from defenses.datasets import (ArrayDataset, DatasetError, DeferredDataset, ImageFolderDataset,
+                               Splits, _one_line, carve_validation, default_val_size)
 
 __all__ = ["STATS_SAMPLE"]
 

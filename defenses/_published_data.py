@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from defenses.datasets import (DEFAULT_VAL, INPUT_SHAPES, ArrayDataset, DatasetError, DeferredDataset,
-                           ImageFolderDataset, Splits, _array_splits, carve_validation)
+from defenses.datasets import (DEFAULT_VAL, INPUT_SHAPES, ArrayDataset, DatasetError,
+                               DeferredDataset, ImageFolderDataset, Splits, _array_splits,
+                               carve_validation)
 
 __all__ = ["read_idx"]
 

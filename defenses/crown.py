@@ -560,7 +560,10 @@ def _to_grid(P: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int
     """Windows P [b, s, C, kh, kw] at (oy, ox), zero outside the grid, as [b, s, C, h, w]."""
     b, s, C, kh, kw = P.shape
     wide = w + 2 * (kw - 1)
-    corner = (oy + kh - 1) * wide + ox + kw - 1
+    # a window wholly outside the grid is all zero: where it is written does not matter, as
+    # long as it stays on the canvas
+    corner = ((oy.clamp(-(kh - 1), h - 1) + kh - 1) * wide
+              + ox.clamp(-(kw - 1), w - 1) + kw - 1)
     offsets = (torch.arange(kh, device=P.device).unsqueeze(1) * wide
                + torch.arange(kw, device=P.device)).flatten()
     index = (corner.unsqueeze(2) + offsets).view(b, s, 1, kh * kw).expand(b, s, C, kh * kw)

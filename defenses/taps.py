@@ -226,7 +226,11 @@ def latent_margins(model: nn.Module, split: str, lower: torch.Tensor, upper: tor
     lo, hi = latent.lower.detach(), latent.upper.detach()
     # in train mode the head's batch norms normalise the points by their batch's statistics
     # and leave the running statistics alone (the nominal forward keeps those)
-    held = {m: m.momentum for m in head.modules()
+    # (momentum 0 keeps the running means and variances; the count of batches seen, which a
+    # cumulative average (momentum None) weighs by, is put back as it was)
+    held = {m: (m.momentum, None if m.num_batches_tracked is None
+                else m.num_batches_tracked.clone())
+            for m in head.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training}
     try:
         for m in held:
@@ -235,8 +239,10 @@ def latent_margins(model: nn.Module, split: str, lower: torch.Tensor, upper: tor
         linked = _Connector.apply(latent.lower, latent.upper, points, c)
         estimated = _head_margins(head, linked, y, wrong)
     finally:
-        for m, momentum in held.items():
+        for m, (momentum, seen) in held.items():
             m.momentum = momentum
+            if seen is not None:
+                m.num_batches_tracked.copy_(seen)
     out = torch.zeros_like(ibp).scatter(1, wrong, estimated)
     return out, ibp
 

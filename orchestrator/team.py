@@ -19,7 +19,7 @@ import argparse
 import getpass
 import sys
 
-from orchestrator.mlflow_client import redact
+from orchestrator.mlflow_client import TrackingError, check_tracking_uri, redact
 
 __all__ = ["main"]
 
@@ -35,7 +35,7 @@ def _refused(uri: str, what: str, exc: Exception) -> TeamError:
     password), on one line."""
     code = getattr(exc, "error_code", "") or type(exc).__name__
     message = str(getattr(exc, "message", "") or exc).removeprefix(f"{code}: ")
-    message = " ".join(message.split())[:200]
+    message = redact(" ".join(message.split()))[:200]  # it may repeat the URI
     hint = ("; the admin's MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD must be set"
             if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else "")
     return TeamError(f"--mlflow-uri {redact(uri)}: {what} refused ({code}: {message}){hint}")
@@ -106,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.mlflow_uri.startswith(("http://", "https://")):
         print(f"error: --mlflow-uri {redact(args.mlflow_uri)}: users live on a tracking "
               "server (http:// or https://)", file=sys.stderr)
+        return 2
+    try:
+        # one quick request first: an unreachable server or refused credentials are one line
+        # at once, without MLflow's retries
+        check_tracking_uri(args.mlflow_uri)
+    except TrackingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         if args.command == "add-user":

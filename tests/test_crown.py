@@ -199,6 +199,23 @@ def test_patches_mode_gives_the_dense_passs_bounds(seed, eps):
     torch.testing.assert_close(windowed.upper, dense.upper, rtol=1e-9, atol=1e-9)
 
 
+def test_patches_mode_with_windows_wholly_in_a_padding():
+    """A convolution padded by more than its kernel reaches (rows of the layer after it whose
+    windows lie wholly in the padding), on a grid smaller than the windows (the dense form)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 4), nn.Tanh(), nn.Conv2d(3, 3, 1, padding=2),
+                          nn.Tanh(), nn.Flatten(), nn.LazyLinear(4)).double()
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model(x)
+    model.eval()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        windowed = crown_bounds(model, x, 0.1, "crown")
+        mp.setattr(crown._Pass, "_patch_chain", lambda self, start: None)
+        dense = crown_bounds(model, x, 0.1, "crown")
+    torch.testing.assert_close(windowed.lower, dense.lower, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(windowed.upper, dense.upper, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", list(ModelName), ids=[m.value for m in ModelName])
 def test_sound_and_no_looser_than_ibp_on_every_built_in_model(name):
     shape, options = BUILT_IN[name]

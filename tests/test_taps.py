@@ -182,3 +182,20 @@ def test_out_of_range_parameters_are_refused_by_name(params, key):
         make_objective("taps", eps_train=0.1, **params)
     with pytest.raises(ValueError, match="lam"):
         make_objective("staps", eps_train=0.1, split="layers.relu_conv2", lam=0.0)
+
+
+def test_the_latent_search_leaves_the_heads_batch_norm_statistics_as_they_were(batch):
+    model, x, y = batch
+    model.train()
+    try:
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        norms[0].momentum = None  # a cumulative average counts the batches it has seen
+        before = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+        latent_margins(model, "layers.relu_conv2", (x - 0.1).clamp(0, 1),
+                       (x + 0.1).clamp(0, 1), y, 3, 2, 0.5, torch.Generator().manual_seed(0))
+        for m, state in zip(norms, before):
+            for key, value in m.state_dict().items():
+                assert torch.equal(value, state[key]), key
+    finally:
+        norms[0].momentum = 0.1
+        model.eval()
