@@ -49,7 +49,8 @@ from torch import fx, nn
 from defenses.models import Normalize, eval_mode
 from defenses.ibp import (_elided_margins, _eval, _input_box, _last_layer, _no_rule, _plan, _Plan,
                           _submodule, probe_input)
-from defenses.interval_rules import Interval, _module_rule, batchnorm_affine, fixed_batchnorm
+from defenses.interval_rules import (Interval, _module_rule, batchnorm_affine, fixed_batchnorm,
+                                     normalize_affine)
 from defenses.linear_relaxations import (_IDENTITY_MODULES, _INTERVAL_FUNCTIONS,
                                          _INTERVAL_MODULES, _NONLINEAR_FUNCTIONS,
                                          _NONLINEAR_MODULES, _PURE, _function_lines,
@@ -340,7 +341,7 @@ class _Pass:
 
     # -- patches mode: the identity specification of a convolutional layer's neurons
 
-    def _patch_chain(self, start: fx.Node) -> list[tuple[fx.Node, str, Any]] | None:
+    def _patch_chain(self, start: fx.Node) -> list[tuple[fx.Node, str, Any, fx.Node]] | None:
         """The nodes from ``start`` back to the input box, each with what it does backward
         (``'identity'``, ``'lines'``, ``'scale'`` (a per-channel affine map: eval or train
         batch norm, ``Normalize``), ``'conv'`` (a zero-padded ``nn.Conv2d``) or ``'input'``),
@@ -351,12 +352,12 @@ class _Pass:
         max pool, ...): the dense ``lower`` takes it."""
         if start in self._chains:
             return self._chains[start]
-        chain: list[tuple[fx.Node, str, Any]] | None = []
+        chain: list[tuple[fx.Node, str, Any, fx.Node]] | None = []
         node = start
         while chain is not None:
             kind, payload = self._kind(node)
             if kind == "input":
-                chain.append((node, "input", None))
+                chain.append((node, "input", None, node))
                 break
             bounded = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
             if len(bounded) != 1 or self.env[bounded[0]].lower.dim() != 4:
@@ -364,24 +365,24 @@ class _Pass:
                 break
             m = _submodule(self.model, node.target) if node.op == "call_module" else None
             if kind in ("identity", "lines"):
-                step = (node, kind, payload)
+                step = kind
             elif kind == "batchnorm" or (kind == "affine" and (
                     fixed_batchnorm(m) or isinstance(m, Normalize))):
-                step = (node, "scale", m)
+                step, payload = "scale", m
             elif (kind == "affine" and type(m) is nn.Conv2d and m.padding_mode == "zeros"
                   and not isinstance(m.padding, str) and len(node.args) == 1 and not node.kwargs):
-                step = (node, "conv", m)
+                step, payload = "conv", m
             elif kind == "affine" and type(m) is nn.ZeroPad2d and min(m.padding) >= 0:
-                step = (node, "pad", m)
+                step, payload = "pad", m
             else:
                 chain = None
                 break
-            chain.append(step)
+            chain.append((node, step, payload, bounded[0]))
             node = bounded[0]
         self._chains[start] = chain
         return chain
 
-    def _patches_lower(self, chain: list[tuple[fx.Node, str, Any]], rows: torch.Tensor,
+    def _patches_lower(self, chain: list[tuple[fx.Node, str, Any, fx.Node]], rows: torch.Tensor,
                        signs: torch.Tensor) -> torch.Tensor:
         """``lower`` for the specification ``signs[b, i] * e_{rows[b, i]}`` at ``chain``'s
         start (a row: one neuron, flat index into its [C, H, W] value, with sign +-1), kept
@@ -404,7 +405,7 @@ class _Pass:
         def window(t: torch.Tensor) -> torch.Tensor:  # t [b or 1, C, H, W] -> like P
             return _windows(t.expand(b, *t.shape[1:]), oy, ox, P.shape[3], P.shape[4])
 
-        for node, kind, payload in chain:
+        for node, kind, payload, source in chain:
             if kind == "identity":
                 continue
             if kind in ("input", "lines"):
@@ -413,21 +414,15 @@ class _Pass:
                     lo, hi = self.box
                     bias = bias + (pos * window(lo) + neg * window(hi)).sum((2, 3, 4))
                     break
-                (source,) = [n for n in node.all_input_nodes
-                             if isinstance(self.env[n], Interval)]
                 lo, hi = self._bounds_of(source)
                 la, lb, ua, ub = (t.expand_as(lo) for t in payload(lo, hi))
                 bias = bias + (pos * window(lb) + neg * window(ub)).sum((2, 3, 4))
                 P = pos * window(la) + neg * window(ua)
                 continue
-            (source,) = [n for n in node.all_input_nodes if isinstance(self.env[n], Interval)]
             m = payload
             if kind == "scale":
-                if isinstance(m, Normalize):
-                    scale, shift = 1 / m.std.flatten(), -m.mean.flatten() / m.std.flatten()
-                    scale, shift = (t.expand(P.shape[2]) for t in (scale, shift))
-                else:
-                    scale, shift = batchnorm_affine(m, self.env[source])
+                scale, shift = (normalize_affine(m, P.shape[2]) if isinstance(m, Normalize)
+                                else batchnorm_affine(m, self.env[source]))
                 bias = bias + P.sum((3, 4)) @ shift.to(P.dtype)
                 P = P * scale.view(1, 1, -1, 1, 1)
                 continue
@@ -508,19 +503,21 @@ class _Pass:
         return best
 
 
-def _patch_width(run: _Pass, chain: list[tuple[fx.Node, str, Any]]) -> int:
+def _grown(size: int, m: nn.Conv2d, axis: int) -> int:
+    """The side of a window of side ``size`` pulled back through convolution ``m``."""
+    return (size - 1) * m.stride[axis] + m.dilation[axis] * (m.kernel_size[axis] - 1) + 1
+
+
+def _patch_width(run: _Pass, chain: list[tuple[fx.Node, str, Any, fx.Node]]) -> int:
     """The most entries a row of ``_Pass._patches_lower`` holds along ``chain``."""
-    C, _, _ = run.env[chain[0][0]].lower.shape[1:]
+    most = run.env[chain[0][0]].lower.shape[1]
     kh = kw = 1
-    most = C
-    for node, kind, m in chain:
+    for _, kind, m, source in chain:
         if kind == "conv":
-            (source,) = [n for n in node.all_input_nodes if isinstance(run.env[n], Interval)]
             c, h, w = run.env[source].lower.shape[1:]
-            kh = (kh - 1) * m.stride[0] + m.dilation[0] * (m.kernel_size[0] - 1) + 1
-            kw = (kw - 1) * m.stride[1] + m.dilation[1] * (m.kernel_size[1] - 1) + 1
+            kh, kw = _grown(kh, m, 0), _grown(kw, m, 1)
             most = max(most, c * kh * kw)
-            if kh * kw >= h * w:
+            if kh * kw >= h * w:  # the dense form, as _patches_lower takes it
                 kh, kw = h, w
     return most
 
@@ -534,6 +531,20 @@ def _cut(P: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int) ->
     return P * inside.unsqueeze(2)
 
 
+def _window_index(oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: int, h: int, w: int
+                  ) -> torch.Tensor:
+    """[b, s, kh * kw]: the flat index of each entry of each row's window (top-left corner
+    (oy, ox) [b, s]) in the h x w grid padded by kh - 1 rows and kw - 1 columns on each side.
+    A window wholly outside the grid is all zero in P, so it is moved to the nearest place
+    that stays on the padded grid."""
+    wide = w + 2 * (kw - 1)
+    corner = ((oy.clamp(-(kh - 1), h - 1) + kh - 1) * wide
+              + ox.clamp(-(kw - 1), w - 1) + kw - 1)
+    offsets = (torch.arange(kh, device=oy.device).unsqueeze(1) * wide
+               + torch.arange(kw, device=oy.device)).flatten()
+    return corner.unsqueeze(2) + offsets
+
+
 def _windows(t: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: int
              ) -> torch.Tensor:
     """[b, s, C, kh, kw]: the window of t [b, C, H, W] with top-left corner (oy, ox) [b, s]
@@ -541,17 +552,9 @@ def _windows(t: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: i
     b, C, H, W = t.shape
     if (kh, kw) == (H, W) and not (oy.any() or ox.any()):
         return t.unsqueeze(1)
-    padded = F.pad(t, (kw - 1, kw - 1, kh - 1, kh - 1))
-    wide = W + 2 * (kw - 1)
-    # the grid index of each entry of each row's window in the padded grid (a window wholly
-    # outside the grid is all zero in P, so where it is read from does not matter)
-    corner = ((oy.clamp(-(kh - 1), H - 1) + kh - 1) * wide
-              + ox.clamp(-(kw - 1), W - 1) + kw - 1)
-    offsets = (torch.arange(kh, device=t.device).unsqueeze(1) * wide
-               + torch.arange(kw, device=t.device)).flatten()
-    index = (corner.unsqueeze(2) + offsets).flatten(1)  # [b, s * kh * kw]
-    flat = padded.flatten(2).transpose(1, 2)  # [b, grid, C]
-    picked = flat.gather(1, index.unsqueeze(2).expand(-1, -1, C))
+    padded = F.pad(t, (kw - 1, kw - 1, kh - 1, kh - 1)).flatten(2).transpose(1, 2)  # [b, n, C]
+    index = _window_index(oy, ox, kh, kw, H, W).flatten(1)  # [b, s * kh * kw]
+    picked = padded.gather(1, index.unsqueeze(2).expand(-1, -1, C))
     return picked.view(b, *oy.shape[1:], kh, kw, C).permute(0, 1, 4, 2, 3)
 
 
@@ -559,17 +562,10 @@ def _to_grid(P: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int
              ) -> torch.Tensor:
     """Windows P [b, s, C, kh, kw] at (oy, ox), zero outside the grid, as [b, s, C, h, w]."""
     b, s, C, kh, kw = P.shape
-    wide = w + 2 * (kw - 1)
-    # a window wholly outside the grid is all zero: where it is written does not matter, as
-    # long as it stays on the canvas
-    corner = ((oy.clamp(-(kh - 1), h - 1) + kh - 1) * wide
-              + ox.clamp(-(kw - 1), w - 1) + kw - 1)
-    offsets = (torch.arange(kh, device=P.device).unsqueeze(1) * wide
-               + torch.arange(kw, device=P.device)).flatten()
-    index = (corner.unsqueeze(2) + offsets).view(b, s, 1, kh * kw).expand(b, s, C, kh * kw)
-    canvas = P.new_zeros(b, s, C, (h + 2 * (kh - 1)) * wide)
+    index = _window_index(oy, ox, kh, kw, h, w).unsqueeze(2).expand(b, s, C, kh * kw)
+    canvas = P.new_zeros(b, s, C, (h + 2 * (kh - 1)) * (w + 2 * (kw - 1)))
     canvas.scatter_(3, index, P.reshape(b, s, C, kh * kw))
-    canvas = canvas.view(b, s, C, h + 2 * (kh - 1), wide)
+    canvas = canvas.view(b, s, C, h + 2 * (kh - 1), w + 2 * (kw - 1))
     return canvas[:, :, :, kh - 1:kh - 1 + h, kw - 1:kw - 1 + w]
 
 

@@ -134,6 +134,13 @@ def _batchnorm(m: nn.BatchNorm1d | nn.BatchNorm2d, b: Interval) -> Interval:
                    lambda r: r * scale.abs().view(view))
 
 
+def normalize_affine(m: Normalize, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [channels] of ``Normalize``: ``(x - mean) / std = x / std - mean / std``
+    (a one-channel mean and std apply to every channel)."""
+    scale, shift = 1 / m.std.flatten(), -m.mean.flatten() / m.std.flatten()
+    return scale.expand(channels), shift.expand(channels)
+
+
 def _normalize(m: Normalize, b: Interval) -> Interval:
     lower, upper = b
     return Interval((lower - m.mean) / m.std, (upper - m.mean) / m.std)  # std > 0: order kept

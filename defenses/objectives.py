@@ -414,8 +414,6 @@ class _BetweenParams(IBPParams):
                              "beta weighs CROWN-IBP in objective crown_ibp")
         return self
 
-    def build(self) -> "BetweenObjective":
-        return BetweenObjective(self)
 
 
 def _ibp_bound(objective: str):
@@ -433,6 +431,9 @@ class SABRParams(_BetweenParams):
     attack_steps: int = Field(default=8, ge=1)
     _bound = _ibp_bound("sabr")
 
+    def build(self) -> "SABRObjective":
+        return SABRObjective(self)
+
 
 class _ExpressiveParams(_BetweenParams):
     """``alpha`` in [0, 1]: 0 is the adversarial loss (PGD in the eps-ball, ``attack_steps``
@@ -441,6 +442,9 @@ class _ExpressiveParams(_BetweenParams):
     for MTL-IBP, 0.1 for CC-IBP at eps 0.1) go with training at twice the test radius."""
 
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    def build(self) -> "ExpressiveObjective":
+        return ExpressiveObjective(self)
 
 
 class MTLIBPParams(_ExpressiveParams):
@@ -485,6 +489,9 @@ class TAPSParams(_BetweenParams):
     ibp_multiplier: bool = True
     _bound = _ibp_bound("taps")
 
+    def build(self) -> "TAPSObjective":
+        return TAPSObjective(self)
+
 
 class STAPSParams(TAPSParams):
     """STAPS (Mao et al. 2023): TAPS over SABR's small box of radius ``lam * eps`` (in (0, 1];
@@ -495,33 +502,38 @@ class STAPSParams(TAPSParams):
     lam: float = Field(default=0.4, gt=0.0, le=1.0)
     _bound = _ibp_bound("staps")
 
+    def build(self) -> "STAPSObjective":
+        return STAPSObjective(self)
+
 
 _KINDS = {"mtl_ibp": Expressive.MTL, "cc_ibp": Expressive.CC, "exp_ibp": Expressive.EXP}
 
 
-class BetweenObjective(IBPObjective):
-    """``IBPObjective`` with the recipe's loss as its robust term."""
+class SABRObjective(IBPObjective):
+    """``IBPObjective`` with SABR's loss as its robust term (the warm-up regularisers are of the
+    whole eps-box)."""
 
     plain_ibp = False
 
     def robust(self, model, x, y, eps, beta, loss, regularize, generator):
         p = self.params
-        metrics: dict[str, float] = {}
-        staps = isinstance(p, STAPSParams)
-        if isinstance(p, TAPSParams) and loss and eps >= p.eps_train:  # the ramp is over
-            return taps_loss(model, p.split, x, y, eps, p.attack_steps, p.restarts, p.c,
-                             p.grad_scale, p.ibp_multiplier, p.lam if staps else None,
-                             p.attack_steps, generator), None, metrics
-        if isinstance(p, (SABRParams, STAPSParams)):  # the regularisers are of the eps-box
-            reg = certified_margins(model, x, y, eps, 0.0, True)[1] if regularize else None
-            robust = (F.cross_entropy(sabr_margins(model, x, y, eps, p.lam, p.attack_steps,
-                                                   generator), y) if loss else None)
-            return robust, reg, metrics
+        reg = certified_margins(model, x, y, eps, 0.0, True)[1] if regularize else None
+        robust = (F.cross_entropy(sabr_margins(model, x, y, eps, p.lam, p.attack_steps,
+                                               generator), y) if loss else None)
+        return robust, reg, {}
+
+
+class ExpressiveObjective(IBPObjective):
+    """``IBPObjective`` with MTL-IBP's, CC-IBP's or Exp-IBP's loss as its robust term (IBP's
+    margins and the regularisers from one bound pass)."""
+
+    plain_ibp = False
+
+    def robust(self, model, x, y, eps, beta, loss, regularize, generator):
+        p = self.params
         worst = reg = adv_logits = None
-        if isinstance(p, TAPSParams):  # while eps ramps: IBP's loss
-            worst, reg = certified_margins(model, x, y, eps, 0.0, regularize)
-            return (F.cross_entropy(worst, y) if loss else None), reg, metrics
-        if (loss and p.alpha > 0) or regularize:  # one IBP pass for both
+        metrics: dict[str, float] = {}
+        if (loss and p.alpha > 0) or regularize:
             worst, reg = certified_margins(model, x, y, eps, 0.0, regularize)
         if not loss:
             return None, reg, metrics
@@ -529,6 +541,26 @@ class BetweenObjective(IBPObjective):
             adv_logits = model(adversarial_point(model, x, y, eps, p.attack_steps, generator))
             metrics["train_adv_accuracy"] = _acc(adv_logits, y)
         return expressive_loss(_KINDS[p.objective], p.alpha, adv_logits, worst, y), reg, metrics
+
+
+class TAPSObjective(IBPObjective):
+    """``IBPObjective`` with TAPS's loss as its robust term once eps has ramped up; IBP's
+    before, as the paper's code anneals."""
+
+    plain_ibp = False
+
+    def robust(self, model, x, y, eps, beta, loss, regularize, generator):
+        p = self.params
+        if not (loss and eps >= p.eps_train):  # the ramp (the only time regularisers run)
+            return super().robust(model, x, y, eps, beta, loss, regularize, generator)
+        return taps_loss(model, p.split, x, y, eps, p.attack_steps, p.restarts, p.c,
+                         p.grad_scale, p.ibp_multiplier, getattr(p, "lam", None),
+                         p.attack_steps, generator), None, {}
+
+
+class STAPSObjective(TAPSObjective, SABRObjective):
+    """TAPS over SABR's box; SABR's loss while eps ramps (``SABRObjective`` after TAPS in the
+    method order)."""
 
 
 # ------------------------------------------------------------------------------------------------

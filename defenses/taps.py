@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from defenses.expressive import small_box
-from defenses.ibp import _Tracer, box_bounds, box_upper_bounds
+from defenses.ibp import _attr, _plan, _submodule, box_bounds, box_upper_bounds
 
 __all__ = ["split_model", "latent_margins", "taps_loss"]
 
@@ -68,8 +68,8 @@ def _cut(model: nn.Module, split: str) -> tuple[fx.GraphModule, fx.GraphModule]:
         model.get_submodule(split)
     except AttributeError:
         raise ValueError(f"no module {split!r} in {name}") from None
-    graph = _Tracer().trace(model)
-    nodes = list(graph.nodes)
+    plan = _plan(model)  # IBP's trace of the model (cached; captured constants kept apart)
+    nodes = list(plan.output.graph.nodes)
     calls = [n for n in nodes if n.op == "call_module" and n.target == split]
     if not calls:
         called = [n.target for n in nodes if n.op == "call_module"]
@@ -106,11 +106,18 @@ def _cut(model: nn.Module, split: str) -> tuple[fx.GraphModule, fx.GraphModule]:
     for node in nodes:
         if node in needed:
             copied[node] = head.node_copy(node, lambda n: copied[n])
-    parts = fx.GraphModule(model, extractor), fx.GraphModule(model, head)
-    for part in parts:
+    parts = []
+    for graph in (extractor, head):
+        # the model's own modules and tensors by their names (and the constants the trace
+        # captured), so that both parts hold the live parameters
+        root = {n.target: (_submodule(model, n.target) if n.op == "call_module"
+                           else _attr(model, plan, n.target))
+                for n in graph.nodes if n.op in ("call_module", "get_attr")}
+        part = fx.GraphModule(root, graph)
         part.graph.eliminate_dead_code()
         part.recompile()
-    return parts
+        parts.append(part)
+    return parts[0], parts[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,10 +199,11 @@ def _pivotal_points(head: nn.Module, lower: torch.Tensor, upper: torch.Tensor, y
         points = lower.unsqueeze(1) + width * noise.to(lower.device, lower.dtype)
         lr = max(0.2, 2 / steps) if steps else 0.0
         for it in range(steps + 1):
-            points.requires_grad_(True)
-            with torch.enable_grad():
+            last = it == steps  # the final points are judged, not stepped: no backward
+            with torch.set_grad_enabled(not last):
+                points.requires_grad_(not last)
                 margins = _head_margins(head, points, y, wrong)
-                grad = (torch.autograd.grad(margins.sum(), points)[0] if it < steps else None)
+                grad = None if last else torch.autograd.grad(margins.sum(), points)[0]
             with torch.no_grad():
                 better = margins.detach() > best
                 best = torch.where(better, margins.detach(), best)

@@ -301,6 +301,24 @@ def test_bad_space_is_one_clear_line(tmp_path, capsys, case, text, message):
     assert not storage.exists() and not (tmp_path / "m.db").exists()
 
 
+def test_taps_split_is_checked_on_the_model_its_trials_build(tmp_path):
+    """A split at a batch norm that the recipe's ``batch_norm`` adds loads; with the batch
+    norms off, the same split names no module and is refused."""
+    path = tmp_path / "space.yaml"
+    for batch_norm, ok in ((True, True), (False, False)):
+        path.write_text(variant(
+            {"family": "ibp", "params": {"eps_train": 0.1, "objective": {"taps": {
+                "split": "layers.bn_fc1", "batch_norm": batch_norm}}},
+             "optimize": {"verified_accuracy": "max"}, "model.options": {"padding": "same"}},
+            base=TRAINING))
+        if ok:
+            load_space(path)
+        else:
+            with pytest.raises(SpaceError, match="params.objective.taps.split: no module "
+                                                 "'layers.bn_fc1'"):
+                load_space(path)
+
+
 def test_verifying_more_samples_than_the_test_split_is_refused_before_anything_runs(
         tmp_path, capsys):
     path = tmp_path / "space.yaml"

@@ -199,3 +199,22 @@ def test_the_latent_search_leaves_the_heads_batch_norm_statistics_as_they_were(b
     finally:
         norms[0].momentum = 0.1
         model.eval()
+
+
+class WithConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+
+def test_a_forward_with_constants_splits_and_keeps_them_out_of_the_model():
+    model = WithConstant()
+    extractor, head = split_model(model, "act")
+    x = torch.rand(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(head(extractor(x)), model(x))
+    assert not [k for k in vars(model) if "constant" in k]  # fx's capture stays out of it
+    assert head.b.weight is model.b.weight

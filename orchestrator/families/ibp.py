@@ -88,20 +88,23 @@ class IBPFamily(TrainingFamily):
         super().check_model(spec, model, input_shape)
 
     def _check_splits(self, spec, model, input_shape) -> None:
-        """TAPS's and STAPS's ``split``: a single cut of the model's graph (of the model with
-        a batch norm after every layer too, where the recipe adds them)."""
+        """TAPS's and STAPS's ``split``: a single cut of the model each trial builds (with a
+        batch norm after every layer where the recipe's ``batch_norm`` adds them)."""
         from defenses.taps import split_model
+        from orchestrator.probes import probe_model
 
+        with_norms = None
         for name in self.objective_space(spec).names:
             if name not in (ObjectiveName.TAPS.value, ObjectiveName.STAPS.value):
                 continue
             where, splits = self._set(spec, name, "split")
-            models = [model]
-            if any(self._set(spec, name, "batch_norm")[1]) and not spec.model.factory:
-                c = input_shape[0]
-                models.append(spec.model.model_copy(update={"options": {
-                    **spec.model.options, "batch_norm": True}}).build(
-                        10, input_shape, (0.5,) * c, (0.25,) * c))
+            models = []
+            for batch_norm in set(self._set(spec, name, "batch_norm")[1]):
+                if batch_norm and with_norms is None:  # built as the trials build it
+                    with_norms = probe_model(spec.model_copy(update={
+                        "model": spec.model.model_copy(update={"options": {
+                            **spec.model.options, "batch_norm": True}})}))[0]
+                models.append(with_norms if batch_norm else model)
             for split in splits:
                 for each in models:
                     try:
